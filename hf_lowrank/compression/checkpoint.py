@@ -1,0 +1,296 @@
+"""Factorized checkpoints that round-trip through ``save_pretrained`` / ``from_pretrained``.
+
+A compressed model's ``config.json`` carries ``quantization_config = {"quant_method": "hf_lowrank", "ranks":
+{module: rank}, ...}``. hf-lowrank registers a transformers quantizer plugin for that method, which rebuilds the
+``LowRankLinear`` modules on the meta device before the weights load. No ``trust_remote_code`` and nothing unusual in
+the repo files, so the same checkpoint works from a local folder or the Hub, once ``hf_lowrank`` is imported.
+
+Without the import, transformers only logs "Unknown quantization type" and loads random weights into dense
+layers; :func:`load_compressed` (and the CLI) always import the plugin and also verify that every factor loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..modules import LowRankLinear
+
+__all__ = [
+    "FORMAT_VERSION",
+    "QUANT_METHOD",
+    "CompressedCheckpointError",
+    "LowRankConfig",
+    "LowRankHfQuantizer",
+    "decompress_model",
+    "load_compressed",
+    "check_safetensors_file",
+    "mark_compressed",
+]
+
+QUANT_METHOD = "hf_lowrank"
+FORMAT_VERSION = 1
+
+
+class CompressedCheckpointError(ValueError):
+    """A factorized checkpoint is missing, truncated, inconsistent or from an incompatible format."""
+
+
+class LowRankConfig(QuantizationConfigMixin):
+    """``quantization_config`` of a factorized checkpoint.
+
+    Args:
+        ranks: ``{module_name: rank}`` of every ``LowRankLinear`` in the model.
+        method: how the factors were obtained (``"svd"``, ``"fwsvd"``, ``"welore"``, ...), informational.
+        format_version: version of this layout; a newer major version is refused with a clear message.
+    """
+
+    def __init__(
+        self, ranks: dict[str, int] | None = None, method: str = "svd", format_version: int = FORMAT_VERSION, **kwargs
+    ):
+        self.quant_method = QUANT_METHOD
+        self.ranks = {str(k): int(v) for k, v in (ranks or {}).items()}
+        self.method = method
+        self.format_version = int(format_version)
+        self.extra = dict(kwargs.pop("extra", {}) or {})
+        if self.format_version > FORMAT_VERSION:
+            raise CompressedCheckpointError(
+                f"This checkpoint uses hf-lowrank format version {self.format_version}, newer than the version "
+                f"{FORMAT_VERSION} this installation reads. Upgrade hf-lowrank (pip install -U hf-lowrank)."
+            )
+        for name, rank in self.ranks.items():
+            if rank < 1:
+                raise CompressedCheckpointError(f"Rank {rank} recorded for '{name}' is not positive: the config.json "
+                                                "was edited or corrupted. Re-create the checkpoint.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "ranks": dict(self.ranks),
+            "method": self.method,
+            "format_version": self.format_version,
+            "extra": dict(self.extra),
+        }
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+
+def _resolve_name(model: nn.Module, name: str) -> str | None:
+    """Map a recorded module name onto ``model`` (also when saved with / loaded without the task head wrapper)."""
+    names = dict(model.named_modules())
+    if name in names:
+        return name
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in names:
+        return name[len(prefix) + 1 :]
+    if prefix and f"{prefix}.{name}" in names:
+        return f"{prefix}.{name}"
+    return None
+
+
+def _replace_with_factorized(model: nn.Module, ranks: dict[str, int]) -> None:
+    from .compress import set_submodule
+
+    for recorded, rank in ranks.items():
+        name = _resolve_name(model, recorded)
+        if name is None:
+            raise CompressedCheckpointError(
+                f"The checkpoint records a factorized module '{recorded}' that this model class does not have: it "
+                "was saved from another architecture. Load it with the model class it was saved from."
+            )
+        module = model.get_submodule(name)
+        if isinstance(module, LowRankLinear):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise CompressedCheckpointError(f"Module '{name}' is a {type(module).__name__}, not a Linear layer.")
+        limit = min(module.in_features, module.out_features)
+        if not 1 <= rank <= limit:
+            raise CompressedCheckpointError(
+                f"Rank {rank} recorded for '{name}' is out of bounds for its ({module.out_features}, "
+                f"{module.in_features}) weight (must be in [1, {limit}]): config.json was edited or belongs to "
+                "another model. Re-create the checkpoint."
+            )
+        device = module.weight.device
+        dtype = module.weight.dtype
+        new = LowRankLinear(
+            module.in_features, module.out_features, rank, bias=module.bias is not None, device=device, dtype=dtype
+        )
+        set_submodule(model, name, new)
+
+
+class LowRankHfQuantizer(HfQuantizer):
+    """transformers quantizer plugin that rebuilds ``LowRankLinear`` modules before the weights load."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: LowRankConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        return None
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        _replace_with_factorized(model, self.quantization_config.ranks)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
+
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+    def _dequantize(self, model, dtype=None):
+        return decompress_model(model)
+
+
+def _register() -> None:
+    # Idempotent: transformers raises on a second registration of the same name.
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not LowRankConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(LowRankConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not LowRankHfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantizer(QUANT_METHOD)(LowRankHfQuantizer)
+
+
+_register()
+
+
+def mark_compressed(model: nn.Module, ranks: dict[str, int], *, method: str = "svd", extra: dict | None = None) -> None:
+    """Record ``ranks`` in ``model.config.quantization_config`` so ``save_pretrained`` writes a factorized checkpoint.
+
+    Merges with ranks already recorded (a model compressed twice). A plain ``nn.Module`` without a transformers
+    config is left alone.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    previous = getattr(model, "hf_quantizer", None)
+    merged: dict[str, int] = {}
+    if previous is not None and isinstance(previous.quantization_config, LowRankConfig):
+        merged.update(previous.quantization_config.ranks)
+    # Record every LowRankLinear actually present (names as in this model), so the map is always complete.
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            merged[name] = module.rank
+    merged.update(ranks)
+    if not merged:
+        return
+    qconfig = LowRankConfig(ranks=merged, method=method, extra=extra)
+    config.quantization_config = qconfig
+    model.hf_quantizer = LowRankHfQuantizer(qconfig, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+
+
+def decompress_model(model: nn.Module) -> nn.Module:
+    """Replace every ``LowRankLinear`` by a dense ``nn.Linear`` (``up @ down``) and drop the quantization config."""
+    from .compress import set_submodule
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankLinear):
+            set_submodule(model, name, module.to_dense())
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    return model
+
+
+def _check_files(path: Path) -> None:
+    if not path.exists():
+        raise CompressedCheckpointError(f"No checkpoint at '{path}': the folder does not exist. Check the path.")
+    if not (path / "config.json").is_file():
+        raise CompressedCheckpointError(
+            f"'{path}' has no config.json, so it is not a saved model. Save with model.save_pretrained('{path}')."
+        )
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise CompressedCheckpointError(
+            f"'{path}' has no *.safetensors weights (missing, or saved with pickle). Re-save with "
+            "model.save_pretrained(path) (safetensors is the default)."
+        )
+    for shard in shards:
+        if not shard.name.startswith("."):
+            check_safetensors_file(shard)
+
+
+def check_safetensors_file(shard: Path) -> None:
+    """Refuse a safetensors file whose header is unreadable or whose data is shorter than its header says."""
+    size = shard.stat().st_size
+    try:
+        with open(shard, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header length past the end of the file")
+            header = json.loads(fh.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CompressedCheckpointError(
+            f"The weights file '{shard}' is unreadable ({exc}); it is probably truncated or corrupted. "
+            "Copy, download or save it again."
+        ) from exc
+    if 8 + header_len + end > size:
+        raise CompressedCheckpointError(
+            f"The weights file '{shard}' is truncated ({size} bytes, its header needs {8 + header_len + end}). "
+            "Copy, download or save it again."
+        )
+
+
+def load_compressed(path: str | os.PathLike, model_class: Any = None, **kwargs) -> nn.Module:
+    """Load a factorized checkpoint with the plugin guaranteed active and every factor verified.
+
+    Args:
+        path: local folder (or Hub repo id) written by ``save_pretrained`` after compression.
+        model_class: a transformers auto class or model class (default ``AutoModelForCausalLM``).
+        **kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+
+    Raises:
+        CompressedCheckpointError: missing/truncated files, or weights that did not load into the factors.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model_class = model_class or AutoModelForCausalLM
+    local = Path(path)
+    if local.exists() or os.sep in str(path) or str(path).startswith("."):
+        _check_files(local)
+    model, info = model_class.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    missing = [k for k in info.get("missing_keys", []) if ".down." in k or ".up." in k]
+    quant = getattr(model.config, "quantization_config", None)
+    if quant is None or not isinstance(getattr(model, "hf_quantizer", None), LowRankHfQuantizer):
+        factor_keys = [k for k in info.get("unexpected_keys", []) if k.endswith((".down.weight", ".up.weight"))]
+        if factor_keys:
+            raise CompressedCheckpointError(
+                f"'{path}' holds factorized weights ({factor_keys[0]}, ...) but its config.json has no hf_lowrank "
+                "quantization_config, so they were not loaded. Restore config.json from the original save."
+            )
+    if missing:
+        raise CompressedCheckpointError(
+            f"{len(missing)} factor weights of '{path}' are missing (e.g. {missing[0]}): the weights file does not "
+            "match its config.json. Re-save the compressed model."
+        )
+    for name, param in model.named_parameters():
+        if (".down." in name or ".up." in name) and not torch.isfinite(param).all():
+            raise CompressedCheckpointError(f"Factor '{name}' in '{path}' contains NaN/inf values; re-create it.")
+    return model

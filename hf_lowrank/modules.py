@@ -1,0 +1,156 @@
+"""``LowRankLinear``: a Linear layer stored as two factors, ``y = up(down(x))``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops.svd import split_factors, truncated_svd
+
+__all__ = ["LowRankLinear", "dense_weight"]
+
+
+def dense_weight(linear: nn.Module) -> torch.Tensor:
+    """The dense ``(out, in)`` weight of a Linear-like module, dequantized when it is a bitsandbytes 4/8-bit layer.
+
+    Args:
+        linear: an ``nn.Linear`` (or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``).
+
+    Returns:
+        ``(out, in)`` floating tensor (a fresh tensor for quantized layers, the parameter's data otherwise).
+    """
+    weight = linear.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes Params4bit
+        import bitsandbytes.functional as bnbF
+
+        return bnbF.dequantize_4bit(weight.data, quant_state).reshape(linear.out_features, linear.in_features)
+    if weight.dtype == torch.int8 and getattr(weight, "SCB", None) is not None:  # bitsandbytes Int8Params
+        return weight.data.float() * weight.SCB.float()[:, None] / 127.0
+    return weight.data
+
+
+class LowRankLinear(nn.Module):
+    """A rank-``r`` factorization of an ``(out, in)`` Linear: ``y = x @ down.T @ up.T + bias``.
+
+    The factors are ordinary ``nn.Linear`` submodules (``down: in -> r`` without bias, ``up: r -> out`` with the
+    original bias), so they train, cast, shard and save like any other Linear, and peft can target them by name.
+
+    Args:
+        in_features: input width of the replaced Linear.
+        out_features: output width of the replaced Linear.
+        rank: inner dimension, ``1 <= rank <= min(in_features, out_features)``.
+        bias: whether the layer has a bias (kept on ``up``).
+        device, dtype: as for ``nn.Linear``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        limit = min(in_features, out_features)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+            raise ValueError(
+                f"LowRankLinear rank must be an integer in [1, {limit}] for a ({out_features}, {in_features}) "
+                f"weight, got {rank!r}."
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def rank(self) -> int:
+        return self.down.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The ``(out, in)`` product ``up @ down`` (a fresh tensor; for inspection, not for training)."""
+        return self.up.weight @ self.down.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.up.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+    @classmethod
+    def from_factors(
+        cls, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None = None, *, dtype: torch.dtype | None = None
+    ) -> LowRankLinear:
+        """Build from factors ``down (r, in)`` and ``up (out, r)`` (and an optional ``(out,)`` bias)."""
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(
+                f"Factors must be down (r, in) and up (out, r) with the same r, got {tuple(down.shape)} and "
+                f"{tuple(up.shape)}."
+            )
+        dtype = dtype or down.dtype
+        layer = cls(down.shape[1], up.shape[0], down.shape[0], bias=bias is not None, device=down.device, dtype=dtype)
+        with torch.no_grad():
+            layer.down.weight.copy_(down)
+            layer.up.weight.copy_(up)
+            if bias is not None:
+                layer.up.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Module,
+        rank: int,
+        *,
+        row_weights: torch.Tensor | None = None,
+        col_weights: torch.Tensor | None = None,
+        exponent: float = 0.5,
+        eps: float = 1e-6,
+        method: str = "auto",
+        dtype: torch.dtype | None = None,
+        name: str | None = None,
+    ) -> LowRankLinear:
+        """Factorize a dense (or bitsandbytes-quantized) Linear by truncated SVD, optionally Fisher-weighted.
+
+        Args:
+            linear: the Linear to replace; its weight is ``(out, in)``.
+            rank: kept rank.
+            row_weights: optional ``(out,)`` importance per output row (e.g. accumulated Fisher); the SVD then
+                minimises ``||D_out (W - W_hat) D_in||_F`` with ``D = diag(importance ** exponent)`` (FWSVD).
+            col_weights: optional ``(in,)`` importance per input column.
+            exponent, eps: see :func:`hf_lowrank.ops.fisher.fisher_weights`.
+            method: ``"auto"``, ``"exact"`` or ``"randomized"`` (see :func:`hf_lowrank.ops.svd.truncated_svd`).
+            dtype: dtype of the new factors (default: the weight's dtype, float32 for quantized layers).
+            name: module name for error messages.
+        """
+        W = dense_weight(linear)
+        out_dtype = dtype or (W.dtype if W.is_floating_point() else torch.float32)
+        if row_weights is None and col_weights is None:
+            down, up = split_factors(*truncated_svd(W, rank, method=method, name=name))
+        else:
+            from .ops.fisher import fwsvd
+
+            down, up = fwsvd(
+                W, rank, row_fisher=row_weights, col_fisher=col_weights, exponent=exponent, eps=eps, method=method,
+                name=name,
+            )
+        bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
+        layer = cls.from_factors(down.to(out_dtype), up.to(out_dtype), bias, dtype=out_dtype)
+        return layer.to(W.device)
+
+    def to_dense(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``up @ down`` (and the bias), in the factors' dtype and device."""
+        w = self.up.weight
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            dense.weight.copy_((self.up.weight.float() @ self.down.weight.float()).to(w.dtype))
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
