@@ -13,6 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import hf_lowrank  # noqa: E402,F401  (registers the PEFT types and the checkpoint format)
 
+# Small LAPACK calls oversubscribe badly on 2-core machines (a 90x60 SVD went from 5 ms to 0.5 s with 2 threads
+# under load); tests use one thread unless told otherwise.
+torch.set_num_threads(int(os.environ.get("HF_LOWRANK_TEST_THREADS", "1")))
+
 
 @pytest.fixture(autouse=True)
 def seed_all():

@@ -1,0 +1,197 @@
+"""The ``hf-lowrank`` command: compress, inspect, residual, plot.
+
+``MODEL`` arguments accept a local folder, a Hub id, or ``smollm2`` for the embedded offline SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "load_model_for_cli"]
+
+# Modules that contribute subcommands through `add_parser(subparsers)`; each is optional at import time so one
+# method's missing extra (e.g. matplotlib for plots) never breaks the others.
+_PLUGIN_MODULES = ("hf_lowrank.compression.residual_cli", "hf_lowrank.plotting")
+
+_MODEL_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "seq-cls": "AutoModelForSequenceClassification",
+    "base": "AutoModel",
+}
+
+
+def _model_path(model: str) -> str:
+    if model == "smollm2":
+        from .offline import smollm2_dir
+
+        return str(smollm2_dir())
+    return model
+
+
+def load_model_for_cli(model: str, *, model_class: str = "causal-lm", gguf_file: str | None = None, dtype=None):
+    """Load ``model`` (folder, Hub id or ``smollm2``) with its tokenizer when one is there."""
+    import torch
+    import transformers
+
+    from .compression.checkpoint import load_compressed
+
+    path = _model_path(model)
+    cls = getattr(transformers, _MODEL_CLASSES[model_class])
+    kwargs = {"dtype": dtype or torch.float32}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+        net = cls.from_pretrained(path, **kwargs)
+        quantizer = getattr(net, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(net)
+    else:
+        config = transformers.AutoConfig.from_pretrained(path)
+        if getattr(config, "quantization_config", None) and (
+            (config.quantization_config or {}).get("quant_method") == "hf_lowrank"
+        ):
+            net = load_compressed(path, cls, **kwargs)
+        else:
+            net = cls.from_pretrained(path, **kwargs)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError):
+        tok = None
+    return net, tok
+
+
+def _ranks_arg(args) -> int | float | dict:
+    if args.rank is not None:
+        return args.rank
+    return args.keep
+
+
+def _cmd_compress(args) -> int:
+    from .compression.compress import compress_model
+    from .io import atomic_directory
+
+    model, tok = load_model_for_cli(args.model, model_class=args.model_class, gguf_file=args.gguf_file)
+    targets = args.target_modules.split(",") if args.target_modules else None
+    started = time.perf_counter()
+    if args.method == "svd":
+        report = compress_model(model, _ranks_arg(args), target_modules=targets, method=args.svd)
+    elif args.method == "fwsvd":
+        if not args.fisher:
+            raise SystemExit("--method fwsvd needs --fisher FILE (the Fisher state a FisherCollectorCallback saved).")
+        from .fisher_cli import compress_with_fisher_file
+
+        report = compress_with_fisher_file(
+            model, args.fisher, _ranks_arg(args), weighting=args.weighting, target_modules=targets, method=args.svd
+        )
+    elif args.method == "welore":
+        from .peft_configs.welore import welore_ranks_for_model
+
+        ranks, allocation = welore_ranks_for_model(model, args.reduction, target_modules=targets)
+        report = compress_model(model, ranks, method=args.svd, report_method="welore")
+        print(f"WeLore: target reduction {args.reduction:.3f}, achieved {allocation.achieved_reduction:.4f}")
+    else:  # argparse restricts the choices
+        raise SystemExit(f"unknown method {args.method}")
+    elapsed = time.perf_counter() - started
+    with atomic_directory(args.out) as tmp:
+        model.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        report.save(Path(tmp) / "compression_report.json")
+    print(report.summary())
+    print(f"compressed in {elapsed:.1f}s; saved to {args.out}")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from .compression.checkpoint import check_safetensors_file
+    from .io import read_json
+
+    path = Path(args.path)
+    cfg = read_json(path / "config.json", what="model config")
+    qcfg = cfg.get("quantization_config") or {}
+    if qcfg.get("quant_method") != "hf_lowrank":
+        print(f"{path}: not an hf-lowrank factorized checkpoint (no hf_lowrank quantization_config).")
+        return 1
+    shards = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
+    for shard in shards:
+        check_safetensors_file(shard)
+    size = sum(p.stat().st_size for p in shards)
+    report_path = path / "compression_report.json"
+    report = read_json(report_path, what="compression report") if report_path.is_file() else None
+    per_module = {m["name"]: m for m in (report or {}).get("modules", [])}
+    rows = []
+    for name, rank in qcfg.get("ranks", {}).items():
+        info = per_module.get(name, {})
+        rows.append((name, rank, info.get("shape"), info.get("params_after"), info.get("rel_error")))
+    summary = {
+        "path": str(path),
+        "method": qcfg.get("method"),
+        "format_version": qcfg.get("format_version"),
+        "factorized_modules": len(rows),
+        "file_bytes": size,
+        "params_before": (report or {}).get("params_before"),
+        "params_after": (report or {}).get("params_after"),
+        "kept_fraction": (report or {}).get("kept_fraction"),
+    }
+    if args.json:
+        summary["modules"] = [dict(zip(("name", "rank", "shape", "params", "rel_error"), r)) for r in rows]
+        print(json.dumps(summary, indent=2))
+        return 0
+    for key, value in summary.items():
+        print(f"{key:>18}: {value}")
+    print(f"\n{'module':<48} {'rank':>5} {'shape':>12} {'params':>10} {'rel.err':>8}")
+    for name, rank, shape, params, err in rows:
+        shape_s = "x".join(map(str, shape)) if shape else "-"
+        err_s = f"{err:.4f}" if err is not None else "-"
+        print(f"{name:<48} {rank:>5} {shape_s:>12} {params if params is not None else '-':>10} {err_s:>8}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-lowrank", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="factorize a model's Linear layers and save a factorized checkpoint")
+    c.add_argument("model", help="model folder, Hub id, or 'smollm2' for the embedded offline SmolLM2")
+    c.add_argument("--out", required=True, help="output folder (written atomically)")
+    c.add_argument("--method", choices=("svd", "fwsvd", "welore"), default="svd")
+    size = c.add_mutually_exclusive_group()
+    size.add_argument("--keep", type=float, default=0.8, help="fraction of each module's parameters kept (svd/fwsvd)")
+    size.add_argument("--rank", type=int, default=None, help="one rank for every target module (svd/fwsvd)")
+    c.add_argument("--reduction", type=float, default=0.3, help="achieved effective rank reduction (welore)")
+    c.add_argument("--fisher", default=None, help="Fisher state file saved by FisherCollectorCallback (fwsvd)")
+    c.add_argument("--weighting", choices=("row", "two_sided"), default=None, help="FisherLoRA weighting (fwsvd)")
+    c.add_argument("--target-modules", default=None, help="comma-separated module names or suffixes")
+    c.add_argument("--svd", choices=("auto", "exact", "randomized"), default="auto", help="SVD algorithm")
+    c.add_argument("--gguf-file", default=None, help="GGUF file inside MODEL to read the weights from")
+    c.add_argument("--model-class", choices=tuple(_MODEL_CLASSES), default="causal-lm")
+    c.set_defaults(func=_cmd_compress)
+
+    i = sub.add_parser("inspect", help="ranks, parameters, size and per-module error of a factorized checkpoint")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=_cmd_inspect)
+
+    for module_name in _PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Fisher-weighted SVD (FWSVD) and the Fisher of a LoRA product.
+
+Pure math on torch tensors (see METHODS.md section 1).
+
+Conventions: a Linear weight ``W`` has shape ``(out, in)``; the factor pair is ``down (r, in)`` and ``up (out, r)``
+with ``W ~= up @ down``. PEFT LoRA: ``A (r, in)``, ``B (out, r)``, ``dW = s * B @ A``.
+
+Fisher-weighted SVD solves ``min ||D_out (W - W_hat) D_in||_F`` over rank-``r`` matrices ``W_hat`` exactly: take
+the truncated SVD of ``D_out W D_in = U S V^T`` and divide the weights back out of the factors,
+``up = D_out^{-1} U sqrt(S)``, ``down = sqrt(S) V^T D_in^{-1}``. With only ``D_out`` this is FWSVD (Hsu et al.
+2022); with both sides it is the two-sided weighting of the FisherLoRA authors' code.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .svd import SVDError, SVDMethod, split_factors, truncated_svd
+
+__all__ = [
+    "fisher_weights",
+    "fwsvd",
+    "lora_fisher_to_weights",
+    "weighted_relative_error",
+]
+
+FisherMode = Literal["row", "two_sided"]
+
+
+def _where(name: str | None) -> str:
+    return f" for module '{name}'" if name else ""
+
+
+@torch.no_grad()
+def fisher_weights(f: torch.Tensor, *, exponent: float = 0.5, eps: float = 1e-6) -> torch.Tensor:
+    """Turn accumulated Fisher sums into strictly positive, finite weights.
+
+    Steps: non-finite entries (inf/NaN from an overflowed or broken gradient) are set to 0; the values are divided
+    by their mean (the overall scale of a Fisher sum cancels in the weighted SVD, and this makes ``eps`` relative);
+    then ``w = (f / mean(f) + eps) ** exponent``. An all-zero (or all non-finite) input gives all ones, i.e. no
+    weighting. ``exponent=0.5`` turns a squared-gradient sum into the ``sqrt(F)`` scaling of FWSVD.
+
+    Args:
+        f: Fisher sums of any shape, ``>= 0`` (e.g. ``(out,)`` row sums).
+        exponent: power applied to the normalised Fisher, ``>= 0``.
+        eps: floor added before the power, ``> 0``; keeps zero-Fisher rows strictly positive (weight
+            ``eps ** exponent`` relative to a row of average importance).
+
+    Returns:
+        Weights of the same shape as ``f``, float32 (float64 for a float64 input), all finite and ``> 0``.
+
+    Raises:
+        ValueError: for negative Fisher values or invalid ``exponent`` / ``eps``.
+    """
+    if not isinstance(f, torch.Tensor):
+        raise ValueError(f"Fisher values must be a torch.Tensor, got {type(f).__name__}.")
+    if not (exponent >= 0 and exponent < float("inf")):
+        raise ValueError(f"exponent must be a finite number >= 0 (0.5 is the FWSVD default), got {exponent!r}.")
+    if not (eps > 0 and eps < float("inf")):
+        raise ValueError(f"eps must be a finite number > 0 (default 1e-6), got {eps!r}.")
+    out_dtype = torch.float64 if f.dtype == torch.float64 else torch.float32
+    x = f.detach().to(torch.float64)
+    x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    if bool((x < 0).any()):
+        raise ValueError(
+            f"Fisher values must be >= 0 (sums of squared gradients), got a minimum of {float(x.min()):.3g}. "
+            "Accumulate grad**2, not grad."
+        )
+    if x.numel() == 0:
+        return x.to(out_dtype)
+    mean = x.mean()
+    if not bool(mean > 0):
+        return torch.ones_like(x, dtype=out_dtype)
+    w = (x / mean + eps).pow(exponent)
+    return w.to(out_dtype)
+
+
+def _side_weights(
+    fisher: torch.Tensor | None, size: int, side: str, exponent: float, eps: float, name: str | None
+) -> torch.Tensor | None:
+    if fisher is None:
+        return None
+    if not isinstance(fisher, torch.Tensor) or fisher.ndim != 1 or fisher.shape[0] != size:
+        shape = tuple(fisher.shape) if isinstance(fisher, torch.Tensor) else type(fisher).__name__
+        dim = 1 if side == "row" else 0
+        raise ValueError(
+            f"{side}_fisher{_where(name)} must be a 1-D tensor of length {size}, got {shape}. "
+            f"Reduce a full (out, in) Fisher with .sum(dim={dim})."
+        )
+    return fisher_weights(fisher, exponent=exponent, eps=eps)
+
+
+@torch.no_grad()
+def fwsvd(
+    W: torch.Tensor,
+    rank: int,
+    *,
+    row_fisher: torch.Tensor | None = None,
+    col_fisher: torch.Tensor | None = None,
+    exponent: float = 0.5,
+    eps: float = 1e-6,
+    method: SVDMethod = "auto",
+    name: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fisher-weighted truncated SVD of a Linear weight, split into a balanced factor pair.
+
+    With ``d_out = fisher_weights(row_fisher)`` and ``d_in = fisher_weights(col_fisher)`` (identity when absent),
+    computes the rank-``rank`` SVD of ``diag(d_out) @ W @ diag(d_in) = U S V^T`` and returns
+    ``down = sqrt(S) V^T diag(d_in)^{-1}`` and ``up = diag(d_out)^{-1} U sqrt(S)``. With the exact SVD,
+    ``up @ down`` is the minimiser of ``||diag(d_out) (W - W_hat) diag(d_in)||_F`` over rank-``rank`` matrices.
+    Row-only weighting is FWSVD; column-only and two-sided are the generalisations. Without any Fisher this is the
+    plain SVD split ``split_factors(*truncated_svd(W, rank))``.
+
+    Args:
+        W: ``(out, in)`` weight, any floating dtype.
+        rank: kept rank, ``1 <= rank <= min(out, in)``.
+        row_fisher: optional ``(out,)`` Fisher sums per output row (``F.sum(dim=1)``), ``>= 0``.
+        col_fisher: optional ``(in,)`` Fisher sums per input column (``F.sum(dim=0)``), ``>= 0``.
+        exponent: power applied to the normalised Fisher (see :func:`fisher_weights`).
+        eps: floor of the normalised Fisher (see :func:`fisher_weights`).
+        method: ``"auto"``, ``"exact"`` or ``"randomized"`` (see :func:`~hf_lowrank.ops.svd.truncated_svd`).
+        name: module name used in error messages.
+
+    Returns:
+        ``(down, up)`` with ``down (rank, in)`` and ``up (out, rank)``, float32 (float64 for a float64 ``W``).
+
+    Raises:
+        ValueError: bad shapes or rank. SVDError: non-finite ``W`` or factors (names the module).
+    """
+    if not isinstance(W, torch.Tensor) or W.ndim != 2:
+        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ValueError(f"fwsvd needs a 2-D (out, in) weight{_where(name)}, got {shape}.")
+    out_f, in_f = W.shape
+    d_out = _side_weights(row_fisher, out_f, "row", exponent, eps, name)
+    d_in = _side_weights(col_fisher, in_f, "col", exponent, eps, name)
+    if d_out is None and d_in is None:
+        return split_factors(*truncated_svd(W, rank, method=method, name=name))
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    A = W.detach().to(dtype)
+    if d_out is not None:
+        d_out = d_out.to(device=A.device, dtype=dtype)
+        A = d_out[:, None] * A
+    if d_in is not None:
+        d_in = d_in.to(device=A.device, dtype=dtype)
+        A = A * d_in[None, :]
+    down, up = split_factors(*truncated_svd(A, rank, method=method, name=name))
+    if d_out is not None:
+        up = up / d_out[:, None]
+    if d_in is not None:
+        down = down / d_in[None, :]
+    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+        raise SVDError(
+            f"Fisher-weighted SVD{_where(name)} produced non-finite factors; the Fisher weights span too wide a "
+            "range. Raise eps or lower exponent."
+        )
+    return down.contiguous(), up.contiguous()
+
+
+@torch.no_grad()
+def lora_fisher_to_weights(
+    fisher_A: torch.Tensor, fisher_B: torch.Tensor, mode: FisherMode = "row"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fisher sums of a LoRA pair mapped to per-row (and per-column) Fisher of the adapted weight ``W``.
+
+    Derivation. With ``dW = s B A`` and ``G = dL/dW (out, in)`` the gradient with respect to the full weight, the
+    chain rule gives ``grad_B = s G A^T`` ``(out, r)`` and ``grad_A = s B^T G`` ``(r, in)``. So
+    ``F_B[o, j] = sum_t (s G_t[o, :] . A[j, :])^2`` measures how much output row ``o`` of ``G`` lies in the row space
+    of ``A`` (an output-side importance), and ``F_A[j, i] = sum_t (s B[:, j] . G_t[:, i])^2`` how much input column
+    ``i`` of ``G`` lies in the column space of ``B`` (an input-side importance). The scale ``s`` and whether the
+    accumulation is a sum or a mean cancel in :func:`fisher_weights`.
+
+    - ``"row"`` (the paper, eq. 4 and 6): the element Fisher of ``W`` is approximated by the product of the two
+      factor Fishers, ``F_W ~= F_B @ F_A`` ``(out, in)``; its row sums are the FWSVD row importance
+      ``f = F_W.sum(1) = F_B @ F_A.sum(1)`` ``(out,)``, with no column side.
+    - ``"two_sided"`` (the authors' published code, made explicit here): output side ``F_B.sum(1)`` ``(out,)`` (the
+      total output-row sensitivity over all ``r`` directions), input side ``F_A.sum(0)`` ``(in,)`` (the total
+      input-column sensitivity); feed both to :func:`fwsvd` as ``row_fisher`` and ``col_fisher``.
+
+    Args:
+        fisher_A: ``(r, in)`` accumulated ``grad(A)**2``.
+        fisher_B: ``(out, r)`` accumulated ``grad(B)**2``.
+        mode: ``"row"`` or ``"two_sided"``.
+
+    Returns:
+        ``(row_fisher (out,), col_fisher (in,) or None)``, float64 (so that sums of large squared gradients cannot
+        overflow); ``col_fisher`` is ``None`` in ``"row"`` mode.
+
+    Raises:
+        ValueError: unknown mode or inconsistent shapes.
+    """
+    if mode not in ("row", "two_sided"):
+        raise ValueError(f"mode must be 'row' (paper eq. 4/6) or 'two_sided' (authors' code), got {mode!r}.")
+    for label, t in (("fisher_A", fisher_A), ("fisher_B", fisher_B)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{label} must be a 2-D tensor, got {shape}. Pass the accumulated grad**2 of the factor.")
+    if fisher_B.shape[1] != fisher_A.shape[0]:
+        raise ValueError(
+            f"LoRA Fisher shapes disagree: fisher_A is {tuple(fisher_A.shape)} (r, in) and fisher_B is "
+            f"{tuple(fisher_B.shape)} (out, r); their ranks must match. Pass lora_A's Fisher first, lora_B's second."
+        )
+    FA = fisher_A.detach().to(torch.float64)
+    FB = fisher_B.detach().to(device=FA.device, dtype=torch.float64)
+    if mode == "row":
+        return FB @ FA.sum(dim=1), None
+    return FB.sum(dim=1), FA.sum(dim=0)
+
+
+@torch.no_grad()
+def weighted_relative_error(
+    W: torch.Tensor,
+    W_hat: torch.Tensor,
+    row_weights: torch.Tensor | None = None,
+    col_weights: torch.Tensor | None = None,
+) -> float:
+    """Relative weighted Frobenius error ``||D_r (W - W_hat) D_c||_F / ||D_r W D_c||_F``.
+
+    Args:
+        W: ``(out, in)`` reference.
+        W_hat: ``(out, in)`` approximation.
+        row_weights: optional ``(out,)`` weights ``D_r`` (identity when absent).
+        col_weights: optional ``(in,)`` weights ``D_c`` (identity when absent).
+
+    Returns:
+        The relative error as a float (0 when both norms are 0, inf when only the reference's is 0).
+    """
+    if W.shape != W_hat.shape or W.ndim != 2:
+        raise ValueError(
+            f"W and W_hat must be 2-D with the same shape, got {tuple(W.shape)} and {tuple(W_hat.shape)}."
+        )
+    A = W.detach().to(torch.float64)
+    diff = A - W_hat.detach().to(device=A.device, dtype=torch.float64)
+    if row_weights is not None:
+        r = row_weights.detach().to(device=A.device, dtype=torch.float64).reshape(-1, 1)
+        A, diff = A * r, diff * r
+    if col_weights is not None:
+        c = col_weights.detach().to(device=A.device, dtype=torch.float64).reshape(1, -1)
+        A, diff = A * c, diff * c
+    denom = torch.linalg.matrix_norm(A)
+    num = torch.linalg.matrix_norm(diff)
+    if denom == 0:
+        return 0.0 if num == 0 else float("inf")
+    return float(num / denom)
