@@ -1,6 +1,7 @@
 """hf-lowrank: low-rank compression and memory-efficient fine-tuning inside transformers, peft and trl.
 
-Importing the package registers its PEFT types with peft and its factorized-checkpoint format with transformers.
+Importing the package registers its PEFT types (``FISHER_LORA``, ``WELORE_LRC``, ``SPSFT``) with peft and its
+factorized-checkpoint format (``quant_method: hf_lowrank``) with transformers.
 """
 
 from .compression import (
@@ -12,18 +13,70 @@ from .compression import (
     find_target_linears,
     load_compressed,
 )
+from .compression.residual import (
+    BaseMismatchError,
+    EREResidual,
+    ResidualError,
+    decode_residual,
+    encode_residual,
+    export_residual_as_lora,
+    load_residual,
+    save_residual_on_save,
+)
 from .modules import LowRankLinear
+from .peft_configs.fisher_lora import (
+    FisherLoRAConfig,
+    FisherLoraModel,
+    FisherState,
+    compress_peft_model,
+)
+from .peft_configs.spsft import SPSFTConfig, SPSFTModel, export_spsft_as_lora, spsft_importance
+from .peft_configs.welore import WeLoreLRCConfig, WeLoreModel, welore_ranks_for_model
+from .trainer_mixins import CompressOnSaveCallback, FisherCollectorCallback, LowRankTrainer, LowRankTrainerMixin
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BaseMismatchError",
+    "CompressOnSaveCallback",
     "CompressedCheckpointError",
     "CompressionReport",
+    "EREResidual",
+    "FisherCollectorCallback",
+    "FisherLoRAConfig",
+    "FisherLoraModel",
+    "FisherState",
     "LowRankConfig",
     "LowRankLinear",
+    "LowRankSFTTrainer",
+    "LowRankTrainer",
+    "LowRankTrainerMixin",
+    "ResidualError",
+    "SPSFTConfig",
+    "SPSFTModel",
+    "WeLoreLRCConfig",
+    "WeLoreModel",
     "__version__",
     "compress_model",
+    "compress_peft_model",
+    "decode_residual",
     "decompress_model",
+    "encode_residual",
+    "export_residual_as_lora",
+    "export_spsft_as_lora",
     "find_target_linears",
     "load_compressed",
+    "load_residual",
+    "save_residual_on_save",
+    "spsft_importance",
+    "welore_ranks_for_model",
 ]
+
+
+def __getattr__(name: str):
+    # LowRankSFTTrainer subclasses trl.SFTTrainer: trl (an extra) is imported on first use only.
+    if name == "LowRankSFTTrainer":
+        from .trainer_mixins.mixins import LowRankSFTTrainer
+
+        return LowRankSFTTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,226 @@
+"""The main job (``make demo``): compress the embedded SmolLM2-135M and compare rank choices side by side.
+
+For each method the model is compressed to the same target fraction of its transformer-block Linear parameters,
+saved with ``save_pretrained``, reloaded with ``AutoModelForCausalLM.from_pretrained`` (the hf-lowrank plugin
+rebuilds the factorized layers), and evaluated on held-out bundled WordNet prose. Printed: one table, and a JSON
+line with the same figures.
+
+Methods:
+- ``dense``: the uncompressed model.
+- ``svd``: uniform plain SVD, the same fraction of parameters kept in every module.
+- ``welore``: WeLore's data-free non-uniform ranks (global threshold on normalised spectra), with the reduction
+  bisected so the parameter count matches the target; then a short fine-tune of only its low-rank components.
+- ``fisher_lora``: FisherLoRA: a short LoRA SFT on the bundled definitions collects Fisher from the adapter
+  gradients; on save the merged model is compressed by Fisher-weighted SVD (the seed's pipeline).
+
+Run: ``python examples/demo.py [--keep 0.9] [--texts 48] [--steps 40] [--out runs/demo]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def _block_linear_params(model) -> int:
+    from hf_lowrank import LowRankLinear, find_target_linears
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            total += module.down.weight.numel() + module.up.weight.numel()
+    for module in find_target_linears(model).values():
+        total += module.weight.numel()
+    return total
+
+
+def _save_reload_eval(name, model, tok, out: Path, texts, args, rows, extra=None):
+    from transformers import AutoModelForCausalLM
+
+    from hf_lowrank.evaluation import perplexity
+    from hf_lowrank.io import atomic_directory
+
+    folder = out / name
+    with atomic_directory(folder) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    start = time.perf_counter()
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - start
+    ppl = perplexity(reloaded, tok, texts, max_length=args.max_length, batch_size=8, progress=True)
+    row = {
+        "method": name,
+        "linear_params": _block_linear_params(reloaded),
+        "total_params": sum(p.numel() for p in reloaded.parameters()),
+        "file_mb": round(_dir_bytes(folder) / 2**20, 1),
+        "perplexity": round(ppl, 2),
+        "load_s": round(load_s, 2),
+    }
+    row.update(extra or {})
+    rows.append(row)
+    print(f"  {name}: perplexity {ppl:.2f}, {row['file_mb']} MB, reloaded in {load_s:.2f}s")
+    return reloaded
+
+
+def _print_table(rows, dense_linear):
+    print()
+    header = f"{'method':<14}{'block Linear params':>20}{'kept':>8}{'total params':>15}{'file MB':>9}{'ppl':>10}{'load s':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        kept = r["linear_params"] / dense_linear
+        print(f"{r['method']:<14}{r['linear_params']:>20,}{kept:>8.1%}{r['total_params']:>15,}{r['file_mb']:>9}"
+              f"{r['perplexity']:>10.2f}{r['load_s']:>8.2f}")
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", type=float, default=0.9, help="fraction of block Linear parameters kept")
+    parser.add_argument("--texts", type=int, default=32, help="held-out prose paragraphs for perplexity")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps for the methods that train")
+    parser.add_argument("--methods", default="svd,welore,fisher_lora")
+    parser.add_argument("--out", default="runs/demo")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    from hf_lowrank import bundled
+    from hf_lowrank.offline import load_smollm2
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print("Loading the embedded SmolLM2-135M-Instruct (converted from GGUF once, then cached) ...")
+    start = time.perf_counter()
+    dense, tok = load_smollm2()
+    print(f"  loaded in {time.perf_counter() - start:.1f}s")
+    texts = bundled.prose_texts("test", n=args.texts)
+    dense_linear = _block_linear_params(dense)
+    rows: list[dict] = []
+    print("[dense] evaluating ...")
+    _save_reload_eval("dense", dense, tok, out, texts, args, rows)
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:
+        print(f"[{method}] compressing to {args.keep:.0%} of block Linear parameters ...")
+        runner = METHODS[method]
+        model, extra = runner(copy.deepcopy(dense), tok, args)
+        _save_reload_eval(method, model, tok, out, texts, args, rows, extra)
+        del model
+
+    _print_table(rows, dense_linear)
+    print(json.dumps({"keep": args.keep, "texts": len(texts), "rows": rows}))
+    if os.environ.get("HF_LOWRANK_DEMO_CLEAN", "1") == "1":
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _mean_error(report) -> float:
+    errs = [m.rel_error for m in report.modules if m.rel_error is not None]
+    return round(sum(errs) / max(1, len(errs)), 4)
+
+
+def run_svd(model, tok, args):
+    """Uniform plain SVD: every block Linear keeps the same fraction of its parameters."""
+    from hf_lowrank import compress_model
+
+    report = compress_model(model, args.keep)
+    return model, {"mean_rel_error": _mean_error(report)}
+
+
+def _lm_trainer_inputs(tok, texts, max_length):
+    from transformers import DataCollatorForLanguageModeling
+
+    rows = [{"input_ids": tok(t, truncation=True, max_length=max_length).input_ids} for t in texts]
+    return rows, DataCollatorForLanguageModeling(tok, mlm=False)
+
+
+def _training_args(args, name):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(Path(args.out) / f"{name}-run"), max_steps=args.steps, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=10, save_strategy="no", report_to=[],
+        use_cpu=not torch.cuda.is_available(), seed=0, lr_scheduler_type="constant",
+    )
+
+
+def run_welore(model, tok, args):
+    """WeLore at the same parameter budget (reduction bisected), then a short fine-tune of only the LRC factors."""
+    from peft import get_peft_model
+    from transformers import Trainer
+
+    from hf_lowrank import WeLoreLRCConfig, bundled, find_target_linears, welore_ranks_for_model
+    from hf_lowrank.ops.svd import break_even_rank
+
+    shapes = {n: (m.out_features, m.in_features) for n, m in find_target_linears(model).items()}
+    budget = args.keep * sum(o * i for o, i in shapes.values())
+
+    def params(ranks):
+        return sum(
+            ranks[n] * (o + i) if n in ranks and ranks[n] <= break_even_rank(o, i) else o * i
+            for n, (o, i) in shapes.items()
+        )
+
+    lo, hi = 0.01, 0.95  # achieved reduction -> parameters is monotone: bisect for the budget
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        ranks, _ = welore_ranks_for_model(model, mid, progress=False)
+        lo, hi = (lo, mid) if params(ranks) <= budget else (mid, hi)
+    reduction = hi
+    peft_model = get_peft_model(model, WeLoreLRCConfig(reduction=reduction))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    rows, collator = _lm_trainer_inputs(tok, bundled.prose_texts("train", n=8 * args.steps), 128)
+    Trainer(model=peft_model, args=_training_args(args, "welore"), train_dataset=rows, data_collator=collator).train()
+    merged = peft_model.merge_and_unload()
+    return merged, {"reduction": round(reduction, 4), "trainable_params": trainable}
+
+
+def run_fisher_lora(model, tok, args):
+    """FisherLoRA: LoRA SFT on the bundled definitions collects Fisher; save compresses the merged model (FWSVD)."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from hf_lowrank import FisherLoRAConfig, LowRankSFTTrainer, bundled
+
+    config = FisherLoRAConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM",
+                              compress_keep=args.keep)
+    trainer = LowRankSFTTrainer(
+        model=model,
+        args=SFTConfig(
+            output_dir=str(Path(args.out) / "fisher_lora-run"), max_steps=args.steps, per_device_train_batch_size=4,
+            gradient_accumulation_steps=2, learning_rate=1e-3, max_length=96, logging_steps=10, save_strategy="no",
+            report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
+        ),
+        train_dataset=Dataset.from_list(bundled.sft_examples("train", n=8 * args.steps)),
+        processing_class=tok,
+        peft_config=config,
+    )
+    trainer.train()
+    folder = Path(args.out) / "fisher_lora-compressed"
+    trainer.save_model(str(folder))  # merge, Fisher-weighted SVD, factorized checkpoint
+    from hf_lowrank import load_compressed
+
+    compressed = load_compressed(folder)
+    report = trainer.compression_report
+    return compressed, {"mean_rel_error": _mean_error(report), "fisher_weighting": config.fisher_weighting}
+
+
+METHODS = {"svd": run_svd, "welore": run_welore, "fisher_lora": run_fisher_lora}
+
+
+if __name__ == "__main__":
+    main()
