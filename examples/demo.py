@@ -51,13 +51,10 @@ def _block_linear_params(model) -> int:
 def _save_reload_eval(name, model, tok, out: Path, texts, args, rows, extra=None):
     from transformers import AutoModelForCausalLM
 
+    from hf_lowrank import save_compressed
     from hf_lowrank.evaluation import perplexity
-    from hf_lowrank.io import atomic_directory
 
-    folder = out / name
-    with atomic_directory(folder) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    folder = save_compressed(model, out / name, tokenizer=tok)
     start = time.perf_counter()
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     load_s = time.perf_counter() - start

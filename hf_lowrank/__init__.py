@@ -12,6 +12,7 @@ from .compression import (
     decompress_model,
     find_target_linears,
     load_compressed,
+    save_compressed,
 )
 from .compression.residual import (
     BaseMismatchError,
@@ -67,6 +68,7 @@ __all__ = [
     "find_target_linears",
     "load_compressed",
     "load_residual",
+    "save_compressed",
     "save_residual_on_save",
     "spsft_importance",
     "welore_ranks_for_model",

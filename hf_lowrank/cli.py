@@ -71,8 +71,8 @@ def _ranks_arg(args) -> int | float | dict:
 
 
 def _cmd_compress(args) -> int:
+    from .compression.checkpoint import save_compressed
     from .compression.compress import compress_model
-    from .io import atomic_directory
 
     model, tok = load_model_for_cli(args.model, model_class=args.model_class, gguf_file=args.gguf_file)
     targets = args.target_modules.split(",") if args.target_modules else None
@@ -96,11 +96,7 @@ def _cmd_compress(args) -> int:
     else:  # argparse restricts the choices
         raise SystemExit(f"unknown method {args.method}")
     elapsed = time.perf_counter() - started
-    with atomic_directory(args.out) as tmp:
-        model.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        report.save(Path(tmp) / "compression_report.json")
+    save_compressed(model, args.out, tokenizer=tok, report=report)
     print(report.summary())
     print(f"compressed in {elapsed:.1f}s; saved to {args.out}")
     return 0

@@ -1,6 +1,6 @@
 """Compression of whole models: factorize Linear layers, save and reload factorized checkpoints."""
 
-from .checkpoint import CompressedCheckpointError, LowRankConfig, decompress_model, load_compressed
+from .checkpoint import CompressedCheckpointError, LowRankConfig, decompress_model, load_compressed, save_compressed
 from .compress import CompressionReport, ModuleReport, compress_model, find_target_linears
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "decompress_model",
     "find_target_linears",
     "load_compressed",
+    "save_compressed",
 ]

@@ -34,6 +34,7 @@ __all__ = [
     "load_compressed",
     "check_safetensors_file",
     "mark_compressed",
+    "save_compressed",
 ]
 
 QUANT_METHOD = "hf_lowrank"
@@ -256,6 +257,33 @@ def check_safetensors_file(shard: Path) -> None:
             f"The weights file '{shard}' is truncated ({size} bytes, its header needs {8 + header_len + end}). "
             "Copy, download or save it again."
         )
+
+
+def save_compressed(
+    model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None, report: Any = None, **kwargs
+) -> Path:
+    """``model.save_pretrained(path)`` made crash-safe: everything is written to a temporary sibling folder first.
+
+    The folder replaces ``path`` only once every file is complete, so a crash or kill mid-save leaves the previous
+    checkpoint at ``path`` intact and loadable.
+
+    Args:
+        model: a transformers model (compressed or not).
+        path: destination folder.
+        tokenizer: optional tokenizer/processor saved beside the weights.
+        report: optional :class:`~hf_lowrank.compression.compress.CompressionReport`, saved as
+            ``compression_report.json``.
+        **kwargs: passed to ``save_pretrained``.
+    """
+    from ..io import atomic_directory
+
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            report.save(Path(tmp) / "compression_report.json")
+    return Path(path)
 
 
 def load_compressed(path: str | os.PathLike, model_class: Any = None, **kwargs) -> nn.Module:
