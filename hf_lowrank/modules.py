@@ -79,7 +79,21 @@ class LowRankLinear(nn.Module):
         return self.up.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        """``up(down(x))`` for ``x`` of shape ``(..., in)``; returns ``(..., out)`` in ``x``'s dtype.
+
+        Factors stored in another floating dtype than the activations (e.g. fp16 factors in an fp32 model, from
+        ``compress_model(..., dtype=torch.float16)``) get ``x`` cast to the factor dtype and the output cast back.
+        Under autocast the input is left alone (autocast already picks the matmul dtype).
+        """
+        weight = getattr(self.down, "weight", None)
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) else x.dtype
+        if (
+            x.dtype == dtype
+            or not (x.is_floating_point() and dtype.is_floating_point)
+            or torch.is_autocast_enabled(x.device.type)
+        ):
+            return self.up(self.down(x))
+        return self.up(self.down(x.to(dtype))).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

@@ -110,8 +110,10 @@ def find_target_linears(
         ``{qualified_name: module}`` in model order (bitsandbytes 4/8-bit Linears included).
 
     Raises:
-        ValueError: when nothing matches, or a list entry names no Linear of the model.
+        ValueError: when nothing matches, a list entry names no Linear of the model, ``target_modules`` is not a
+            string, a list/tuple/set of strings or ``None``, is an empty list, or is a regex that does not compile.
     """
+    _check_target_modules(target_modules)
     linears: dict[str, nn.Module] = {}
     owned = set()
     for name, module in model.named_modules():
@@ -130,7 +132,13 @@ def find_target_linears(
     if isinstance(target_modules, str):
         if target_modules == "all-linear":
             return find_target_linears(model, None)
-        pattern = re.compile(target_modules)
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(
+                f"target_modules {target_modules!r} is not a valid regular expression ({exc}). Pass a valid regex "
+                "matched against full module names, or a list of module names."
+            ) from None
         chosen = {n: m for n, m in linears.items() if pattern.fullmatch(n)}
         if not chosen:
             raise ValueError(
@@ -150,6 +158,35 @@ def find_target_linears(
     return {n: m for n, m in linears.items() if n in chosen}
 
 
+def _check_target_modules(target_modules: object) -> None:
+    if target_modules is None or isinstance(target_modules, str):
+        return
+    if not isinstance(target_modules, (list, tuple, set, frozenset)):
+        raise ValueError(
+            f"target_modules must be None, a regex string or a list of module names, got "
+            f"{type(target_modules).__name__} {target_modules!r}."
+        )
+    if not target_modules:
+        raise ValueError(
+            "target_modules is an empty list, which selects nothing to compress; name at least one module (e.g. "
+            "['q_proj', 'v_proj']) or pass None for every Linear in the transformer blocks."
+        )
+    bad = [e for e in target_modules if not isinstance(e, str) or not e]
+    if bad:
+        raise ValueError(
+            f"target_modules entries must be non-empty module names (str), got {bad[:5]!r}. Pass e.g. ['q_proj']."
+        )
+
+
+def _check_rank_keys(ranks: Mapping) -> None:
+    bad = [k for k in ranks if not isinstance(k, str)]
+    if bad:
+        raise ValueError(
+            f"A rank dict maps module names (str) to ranks, got key(s) {bad[:5]!r}. Use the full module names from "
+            "model.named_modules(), e.g. {'model.layers.0.mlp.up_proj': 16}."
+        )
+
+
 def _preview(names: Mapping[str, object], limit: int = 8) -> str:
     keys = list(names)
     suffixes = sorted({k.rsplit(".", 1)[-1] for k in keys})
@@ -166,10 +203,11 @@ def resolve_ranks(targets: Mapping[str, nn.Module], ranks: RankSpec) -> dict[str
             ``(0, 1]``, or a ``{name: rank}`` mapping (names must be among the targets).
 
     Raises:
-        ValueError: rank below 1 or above ``min(out, in)``, keep outside ``(0, 1]``, unknown names.
+        ValueError: rank below 1 or above ``min(out, in)``, keep outside ``(0, 1]``, unknown or non-str names.
     """
     resolved: dict[str, int | None] = {}
     if isinstance(ranks, Mapping):
+        _check_rank_keys(ranks)
         unknown = [n for n in ranks if n not in targets]
         if unknown:
             raise ValueError(
@@ -240,13 +278,17 @@ def compress_model(
             the dict's names are the targets.
         method: SVD method, ``"auto"``, ``"exact"`` or ``"randomized"``.
         exponent, eps: Fisher weighting, ``D = diag((fisher / mean + eps) ** exponent)``.
-        dtype: dtype of the factors (default: the replaced weight's dtype).
+        dtype: dtype of the factors (default: the replaced weight's dtype). It may differ from the rest of the
+            model: ``LowRankLinear.forward`` casts its input to the factor dtype and its output back to the
+            input's dtype.
         report_method: label recorded in the report and the checkpoint (default ``"svd"`` or ``"fwsvd"``).
         progress: show a progress bar.
 
     Returns:
         A :class:`CompressionReport`.
     """
+    if isinstance(ranks, Mapping):
+        _check_rank_keys(ranks)
     if isinstance(ranks, Mapping) and target_modules is None:
         if not ranks:
             raise ValueError("An empty rank map compresses nothing; name at least one module.")

@@ -49,7 +49,9 @@ def fisher_weights(f: torch.Tensor, *, exponent: float = 0.5, eps: float = 1e-6)
             ``eps ** exponent`` relative to a row of average importance).
 
     Returns:
-        Weights of the same shape as ``f``, float32 (float64 for a float64 input), all finite and ``> 0``.
+        Weights of the same shape as ``f``, float32 (float64 for a float64 input), all finite and ``> 0``:
+        values outside the output dtype's range (an extreme ``exponent`` / ``eps``) are clamped to
+        ``[finfo.tiny, finfo.max]`` of that dtype.
 
     Raises:
         ValueError: for negative Fisher values or invalid ``exponent`` / ``eps``.
@@ -74,7 +76,10 @@ def fisher_weights(f: torch.Tensor, *, exponent: float = 0.5, eps: float = 1e-6)
     if not bool(mean > 0):
         return torch.ones_like(x, dtype=out_dtype)
     w = (x / mean + eps).pow(exponent)
-    return w.to(out_dtype)
+    # an extreme exponent / eps can leave the output dtype's range (eps=1e-12, exponent=4 underflows float32 to 0;
+    # exponent=200 overflows it): clamp so that the promise "finite and > 0" holds (monotonicity is kept)
+    info = torch.finfo(out_dtype)
+    return w.clamp(info.tiny, info.max).to(out_dtype)
 
 
 def _side_weights(
@@ -89,7 +94,10 @@ def _side_weights(
             f"{side}_fisher{_where(name)} must be a 1-D tensor of length {size}, got {shape}. "
             f"Reduce a full (out, in) Fisher with .sum(dim={dim})."
         )
-    return fisher_weights(fisher, exponent=exponent, eps=eps)
+    try:
+        return fisher_weights(fisher, exponent=exponent, eps=eps)
+    except ValueError as exc:
+        raise ValueError(f"{side}_fisher{_where(name)}: {exc}") from None
 
 
 @torch.no_grad()
@@ -225,11 +233,19 @@ def weighted_relative_error(
 
     Returns:
         The relative error as a float (0 when both norms are 0, inf when only the reference's is 0).
+
+    Raises:
+        ValueError: mismatched shapes, or weights whose length is not ``out`` / ``in``.
     """
     if W.shape != W_hat.shape or W.ndim != 2:
         raise ValueError(
             f"W and W_hat must be 2-D with the same shape, got {tuple(W.shape)} and {tuple(W_hat.shape)}."
         )
+    sides = (("row_weights", row_weights, W.shape[0], "out"), ("col_weights", col_weights, W.shape[1], "in"))
+    for label, wts, size, side in sides:
+        if wts is not None and (not isinstance(wts, torch.Tensor) or wts.numel() != size):
+            shape = tuple(wts.shape) if isinstance(wts, torch.Tensor) else type(wts).__name__
+            raise ValueError(f"{label} must hold one weight per {side} feature ({size}) of W, got {shape}.")
     A = W.detach().to(torch.float64)
     diff = A - W_hat.detach().to(device=A.device, dtype=torch.float64)
     if row_weights is not None:

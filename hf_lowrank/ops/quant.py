@@ -9,7 +9,8 @@ elements along the last dimension. Each group stores an ``offset`` (its minimum)
 ``2**bits`` levels over exactly the group's range. The stored fp16 ``offset`` is rounded toward ``-inf`` and the
 stored ``scale`` toward ``+inf`` and the codes are computed against those stored values, so the stored grid always
 covers the group and every element is within half a stored step of its original: ``|x - x_hat| <= scale / 2``
-(up to float32 arithmetic). Tensors whose range does not fit fp16 use float32 scales automatically. The last
+(up to float32 arithmetic). Tensors whose range does not fit fp16 use float32 scales automatically (float64
+scales for a float64 tensor beyond float32). The last
 group of a row whose length is not a multiple of ``group_size`` is simply shorter.
 
 Packing: codes are written as one little-endian bit stream (element ``i`` occupies bits ``[i*bits, (i+1)*bits)``,
@@ -36,6 +37,7 @@ __all__ = [
 
 _SCHEME_VERSION = 1
 _FP16_MAX = float(torch.finfo(torch.float16).max)
+_FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _check_bits(bits: int) -> int:
@@ -227,10 +229,18 @@ def quantize_rtn(
         bits: code width, 2..8.
         group_size: elements per group along the last dimension, ``> 0``.
         scale_dtype: ``torch.float16`` (default) or ``torch.float32`` for scales and offsets; float32 is used
-            anyway when the tensor's range does not fit fp16.
+            anyway when the tensor's values or range do not fit fp16, and float64 when they do not fit float32
+            (only possible for a float64 input).
+
+    Group minima, maxima and ranges are computed in float64, and the codes too when a group's range comes near
+    the float32 limit, so a finite float32 tensor spanning ``[-3e38, 3e38]`` quantizes correctly.
 
     Returns:
         :class:`QuantizedTensor` with ``|dequantize_rtn(q) - x| <= q.scales / 2`` per element.
+
+    Raises:
+        ValueError: invalid ``bits`` / ``group_size`` / ``scale_dtype``, inf or NaN values, or a float64 group
+            whose range (max - min) overflows float64.
     """
     _check_bits(bits)
     _check_group_size(group_size)
@@ -254,22 +264,36 @@ def quantize_rtn(
         )
     cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     g, _ = _grouped(x.detach().reshape(rows, n).to(cdtype), group_size)
-    gmin, gmax = g.amin(dim=2), g.amax(dim=2)
-    if scale_dtype == torch.float16:
-        big = max(float(gmin.abs().max()), float(gmax.abs().max()), float((gmax - gmin).max()) / levels)
-        if big * 1.01 >= _FP16_MAX:
-            scale_dtype = torch.float32
-    # Directed rounding of the per-group parameters (small: numel / group_size), done on the CPU where
+    # group statistics in float64 (min/max are exact in any dtype; the range of a float32 group can exceed float32)
+    gmin, gmax = g.amin(dim=2).double(), g.amax(dim=2).double()
+    span = gmax - gmin
+    if not bool(torch.isfinite(span).all()):
+        raise ValueError(
+            f"quantize_rtn: the range (max - min) of a group of {group_size} elements exceeds float64 "
+            f"({float(gmin.min()):.3g} to {float(gmax.max()):.3g}), so no finite scale exists. Rescale the tensor "
+            "(e.g. divide it by its largest magnitude) before quantizing."
+        )
+    big = max(float(gmin.abs().max()), float(gmax.abs().max()), float(span.max()))
+    if cdtype == torch.float32 and big >= 0.25 * _FP32_MAX:
+        cdtype = torch.float64  # x - offset (up to 2 * float32 max) would overflow float32 arithmetic
+        g = g.double()
+    step = float(span.max()) / levels
+    big = max(float(gmin.abs().max()), float(gmax.abs().max()), step)
+    if scale_dtype == torch.float16 and big * 1.01 >= _FP16_MAX:
+        scale_dtype = torch.float32
+    if scale_dtype == torch.float32 and big * 1.01 >= _FP32_MAX:
+        scale_dtype = torch.float64  # only reachable for a float64 input whose values or range exceed float32
+    # Directed rounding of the per-group parameters (small: numel / group_size), done on the CPU in float64 where
     # torch.nextafter supports every float dtype. The offset rounds toward -inf so the grid starts at or below
     # the group minimum; the scale toward +inf so the grid reaches the group maximum.
     gmin_c, gmax_c = gmin.cpu(), gmax.cpu()
     off = gmin_c.to(scale_dtype)
-    down = off.to(cdtype) > gmin_c
+    down = off.double() > gmin_c
     if bool(down.any()):
         off = torch.where(down, torch.nextafter(off, torch.full_like(off, -float("inf"))), off)
-    off_c = off.to(cdtype)
+    off_c = off.double()
     scale = ((gmax_c - off_c) / levels).to(scale_dtype)
-    up = scale.to(cdtype) * levels + off_c < gmax_c
+    up = scale.double() * levels + off_c < gmax_c
     if bool(up.any()):
         scale = torch.where(up, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
     tiny = torch.finfo(scale_dtype).tiny
@@ -299,7 +323,8 @@ def dequantize_rtn(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> to
         dtype: output floating dtype.
 
     Returns:
-        Tensor of shape ``q.shape`` and dtype ``dtype``, ``offset + code * scale`` per element.
+        Tensor of shape ``q.shape`` and dtype ``dtype``, ``offset + code * scale`` per element (computed in float64
+        when that would overflow float32, and saturated to the finite range of ``dtype``).
     """
     _check_bits(q.bits)
     _check_group_size(q.group_size)
@@ -316,9 +341,16 @@ def dequantize_rtn(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> to
     if pad:
         codes = torch.cat([codes, codes.new_zeros(rows, pad)], dim=1)
     cdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    levels = (1 << q.bits) - 1
+    top = float(q.offsets.double().abs().max()) + levels * float(q.scales.double().abs().max())
+    if q.scales.dtype == torch.float64 or top >= 0.25 * _FP32_MAX:
+        cdtype = torch.float64  # offset + code * scale would overflow float32 arithmetic
     scale = q.scales.reshape(rows, n_groups, 1).to(cdtype)
     off = q.offsets.reshape(rows, n_groups, 1).to(cdtype)
     x = off + codes.reshape(rows, n_groups, gs).to(cdtype) * scale
+    if dtype != cdtype and dtype.is_floating_point:
+        info = torch.finfo(dtype)  # saturate: the grid may reach a hair beyond the largest finite value
+        x = x.clamp(-info.max, info.max)
     return x.reshape(rows, n_groups * gs)[:, :n].reshape(shape).to(dtype)
 
 

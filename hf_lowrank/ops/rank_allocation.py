@@ -124,7 +124,7 @@ def welore_ranks(
         spectra: ``{name: (k_l,) singular values}`` (full spectra: ``k_l = min(out, in)``).
         reduction: target achieved reduction, in ``(0, 1)``.
         tol: accept a threshold as soon as ``|achieved - target| <= tol``.
-        max_iter: cap on bisection steps.
+        max_iter: cap on bisection steps, ``>= 1``.
 
     Returns:
         :class:`WeLoreAllocation`.
@@ -133,6 +133,8 @@ def welore_ranks(
         raise ValueError(f"reduction must be in (0, 1) (e.g. 0.3 removes 30% of the ranks), got {reduction!r}.")
     if not spectra:
         raise ValueError("spectra is empty: pass {module name: singular values} for at least one module.")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1 (the cap on bisection steps, default 100), got {max_iter!r}.")
     names = sorted(spectra)
     norm = [normalized_spectrum(_check_spectrum(n, spectra[n])) for n in names]
     # ascending copies for searchsorted: count(s >= k) = len - searchsorted(asc, k, side="left")
@@ -309,7 +311,9 @@ def ere_ranks(
     whole spectrum 1.012-7311x. Points with ``f < 1e-12 f(0)`` (rounding noise) are left out. ``fit_range``
     overrides the range with fractions ``(lo, hi)`` of ``k``. Guards: a zero spectrum gets rank 0 (nothing to
     encode); a numerically rank-1 tail is modelled as dropping by ``1e-12`` after one rank; slopes are kept
-    ``< 0``.
+    ``< 0``. All spectra are first divided by their common maximum (the allocation does not depend on one common
+    scale, and this keeps the squared tail energies inside float64); :attr:`EREAllocation.fit` and ``lam`` refer
+    to these normalised spectra.
 
     Args:
         spectra: ``{name: (k_l,) singular values}`` of the matrices to encode (e.g. residuals ``W_ft - W_base``).
@@ -349,7 +353,11 @@ def ere_ranks(
         S_all.append(S)
         cost.append(out_f + in_f)
         cap.append(len(S))
-        fits[n] = _fit_tail(S, r_avg, fit_range)
+    # the allocation is invariant to one common scale of every spectrum: divide by the global maximum so that the
+    # squared tail energies can neither overflow (spectra above ~1e154) nor underflow (below ~1e-154) float64
+    g_max = max(float(S[0]) for S in S_all)
+    for n, S in zip(names, S_all):
+        fits[n] = _fit_tail(S / g_max if g_max > 0 else S, r_avg, fit_range)
     budget = float(r_avg) * sum(cost)
     active = [i for i, n in enumerate(names) if fits[n] is not None]
     a = torch.tensor([fits[names[i]][0] for i in active], dtype=torch.float64)

@@ -11,6 +11,7 @@ Conventions: a Linear weight ``W`` has shape ``(out, in)``; ``down`` is ``(r, in
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal, NamedTuple
 
 import torch
@@ -124,7 +125,15 @@ def full_svd(A: torch.Tensor, *, name: str | None = None) -> SVDResult:
             errors.append(f"{label}: {exc}")
             continue
         if _finite(U, S, Vh):
-            return SVDResult(U.to(dtype), S.to(dtype), Vh.to(dtype))
+            out = SVDResult(U.to(dtype), S.to(dtype), Vh.to(dtype))
+            if _finite(*out):
+                return out
+            # a float64 fallback whose spectrum exceeds the float32 range: no other path can fix that
+            raise SVDError(
+                f"SVD{_where(name)} of a {tuple(A.shape)} matrix: the singular values (largest "
+                f"{float(S.max()):.3g}) do not fit {dtype}, so the factors would contain inf. Rescale the weight or "
+                "pass it as float64."
+            )
         errors.append(f"{label}: non-finite factors")
     raise SVDError(f"SVD failed{_where(name)} on a {tuple(A.shape)} matrix; tried " + "; ".join(errors))
 
@@ -229,6 +238,12 @@ def tail_energy(S: torch.Tensor) -> torch.Tensor:
     return torch.cat([tail, tail.new_zeros(1)]).to(S.dtype if S.is_floating_point() else torch.float64)
 
 
+def _check_sizes(out_features: int, in_features: int) -> None:
+    for label, v in (("out_features", out_features), ("in_features", in_features)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{label} must be an integer >= 1 (the weight shape is (out, in)), got {v!r}.")
+
+
 def factorized_params(out_features: int, in_features: int, rank: int) -> int:
     """Parameters of a rank-``rank`` factor pair replacing an ``(out, in)`` matrix (no bias)."""
     return rank * (out_features + in_features)
@@ -238,7 +253,11 @@ def break_even_rank(out_features: int, in_features: int) -> int:
     """Largest rank whose factor pair has strictly fewer parameters than the dense ``(out, in)`` matrix.
 
     Factorization only saves memory when ``rank < out * in / (out + in)``; returns 0 when no rank does.
+
+    Raises:
+        ValueError: if ``out_features`` or ``in_features`` is not an integer >= 1.
     """
+    _check_sizes(out_features, in_features)
     return max(0, math.ceil(out_features * in_features / (out_features + in_features)) - 1)
 
 
@@ -249,6 +268,7 @@ def rank_for_keep(out_features: int, in_features: int, keep: float) -> int:
         out_features, in_features: shape of the dense weight.
         keep: fraction of parameters kept, in ``(0, 1]``.
     """
+    _check_sizes(out_features, in_features)
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep!r}.")
     r = math.floor(keep * out_features * in_features / (out_features + in_features))
@@ -261,7 +281,19 @@ def relative_error(A: torch.Tensor, A_hat: torch.Tensor, weights: torch.Tensor |
 
     Args:
         A: ``(m, n)`` reference; A_hat: ``(m, n)`` approximation; weights: optional ``(m,)`` row weights.
+
+    Raises:
+        ValueError: if the shapes of ``A`` and ``A_hat`` differ or ``weights`` is not ``(m,)``.
     """
+    if A.shape != A_hat.shape:
+        raise ValueError(
+            f"relative_error needs A and A_hat of the same shape, got {tuple(A.shape)} and {tuple(A_hat.shape)}."
+        )
+    if weights is not None and (weights.ndim != 1 or A.ndim < 1 or weights.shape[0] != A.shape[0]):
+        raise ValueError(
+            f"weights must be a 1-D tensor with one entry per row of A ({A.shape[0] if A.ndim else 0}), got shape "
+            f"{tuple(weights.shape)}."
+        )
     A64, B64 = A.double(), A_hat.double()
     diff = A64 - B64
     if weights is not None:
