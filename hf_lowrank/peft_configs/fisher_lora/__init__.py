@@ -1,0 +1,49 @@
+"""FisherLoRA (seed 000): FWSVD compression with Fisher information collected from LoRA / QLoRA adapters.
+
+Importing this package registers ``PeftType.FISHER_LORA`` with peft, so ``get_peft_model(model,
+FisherLoRAConfig(...))``, ``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` handle it.
+"""
+
+from .._registry import register_method
+from .compress import (
+    compress_peft_model,
+    compress_with_fisher,
+    export_lora_adapter,
+    plan_ranks,
+    resolve_fisher,
+    save_compressed_model,
+    shared_weight_copy,
+)
+from .config import FISHER_SOURCES, FISHER_WEIGHTINGS, FisherLoRAConfig
+from .fisher import (
+    FISHER_STATE_NAME,
+    FisherCollector,
+    FisherState,
+    FisherStateError,
+    fisher_state_filename,
+    lora_linear_modules,
+)
+from .model import FisherLoraModel
+
+PEFT_TYPE = register_method(name="fisher_lora", config_cls=FisherLoRAConfig, model_cls=FisherLoraModel, prefix="lora_")
+
+__all__ = [
+    "FISHER_SOURCES",
+    "FISHER_STATE_NAME",
+    "FISHER_WEIGHTINGS",
+    "PEFT_TYPE",
+    "FisherCollector",
+    "FisherLoRAConfig",
+    "FisherLoraModel",
+    "FisherState",
+    "FisherStateError",
+    "compress_peft_model",
+    "compress_with_fisher",
+    "export_lora_adapter",
+    "fisher_state_filename",
+    "lora_linear_modules",
+    "plan_ranks",
+    "resolve_fisher",
+    "save_compressed_model",
+    "shared_weight_copy",
+]

@@ -1,0 +1,194 @@
+"""Configuration of FisherLoRA: LoRA training that also collects the Fisher information FWSVD compression needs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from peft import LoraConfig
+
+from .._registry import ensure_peft_type
+
+__all__ = ["FISHER_SOURCES", "FISHER_WEIGHTINGS", "FisherLoRAConfig"]
+
+FISHER_SOURCES = ("lora", "full", "none")
+FISHER_WEIGHTINGS = ("row", "two_sided")
+_SVD_METHODS = ("auto", "exact", "randomized")
+_DTYPES = ("float32", "float16", "bfloat16")
+
+# Registered here as well as in __init__ so that the config class can set its peft_type on its own.
+ensure_peft_type("FISHER_LORA")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_keep(x) -> bool:
+    return isinstance(x, float) and 0 < x <= 1
+
+
+@dataclass
+class FisherLoRAConfig(LoraConfig):
+    """FisherLoRA (seed 000, METHODS.md section 1): FWSVD compression with Fisher information from LoRA adapters.
+
+    Everything :class:`peft.LoraConfig` has (the adapter layers ARE peft LoRA layers, their weights stay
+    LoRA-compatible; see :meth:`to_lora_config`), plus where compression goes, where its Fisher comes from, and how
+    the Fisher weights the SVD. Training collects ``sum grad(A)**2`` and ``sum grad(B)**2`` per micro-batch
+    (``FisherCollectorCallback``, attached by ``LowRankTrainer``); saving compresses every adapted Linear with
+    Fisher-weighted SVD.
+
+    Pipelines (seed section 5.3): ``merge_before_compress=True`` (default, "VRAM-unlimited"): train LoRA on the
+    task, merge ``dW`` into ``W``, compress ``W + dW``. ``False`` ("VRAM-limited"): the base is already fine-tuned;
+    LoRA only collects Fisher and the original ``W`` is compressed. A bitsandbytes 4-bit base (QLoRA) is dequantized
+    at compression time and saved in ``compress_dtype``.
+
+    Compression target: one of ``compress_rank`` (same rank everywhere) or ``compress_keep`` (fraction of each
+    module's parameters kept), optionally overridden per module by ``compress_rank_pattern``. With none of them the
+    trainer saves the adapter and the Fisher state, and compression is left to ``compress_peft_model`` or
+    ``hf-lowrank compress --method fwsvd --fisher``.
+    """
+
+    compress_rank: int | None = field(
+        default=None,
+        metadata={"help": "Rank kept in every compressed module (an int >= 1). Exclusive with compress_keep."},
+    )
+    compress_keep: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of each compressed module's parameters kept, in (0, 1]: rank = floor(keep * out * in / "
+            "(out + in)). Exclusive with compress_rank."
+        },
+    )
+    compress_rank_pattern: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-module override {key: rank (int) or keep fraction (float)}; a key matches a module whose "
+            "name equals it, ends with '.' + key, or fully matches it as a regex."
+        },
+    )
+    fisher_source: str = field(
+        default="lora",
+        metadata={
+            "help": "Where the Fisher comes from: 'lora' (grad(A)**2 and grad(B)**2 of the adapters, the paper), "
+            "'full' (grad(W)**2 of the adapted dense weights: the full-gradient FWSVD baseline, needs full-size "
+            "gradient memory), 'none' (no Fisher: plain truncated SVD baseline)."
+        },
+    )
+    fisher_weighting: str = field(
+        default="two_sided",
+        metadata={
+            "help": "'two_sided' (default): output weights from F_B.sum(1) and input weights from F_A.sum(0) (the "
+            "authors' code); 'row': output-row weights from F_B @ F_A.sum(1) (paper eq. 4/6, FWSVD). The default "
+            "was chosen from benchmarks/fisher_lora.py: two-sided is far better on SmolLM2 SFT and on par on the "
+            "classifier. See METHODS.md section 1."
+        },
+    )
+    fisher_exponent: float = field(
+        default=0.5,
+        metadata={"help": "Weights are (fisher / mean + eps) ** exponent; 0.5 is FWSVD's sqrt(F). >= 0."},
+    )
+    fisher_eps: float = field(
+        default=1e-6,
+        metadata={"help": "Floor of the normalised Fisher, > 0: rows without Fisher keep a small positive weight."},
+    )
+    merge_before_compress: bool = field(
+        default=True,
+        metadata={
+            "help": "True: merge the trained LoRA delta into W, then compress (VRAM-unlimited pipeline). False: "
+            "compress the original W with the LoRA Fisher (VRAM-limited pipeline, base already fine-tuned)."
+        },
+    )
+    compress_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype of the saved compressed model: 'float32', 'bfloat16' or 'float16'. None keeps the model's "
+            "floating dtype (a 4-bit base is saved in its non-quantized parameters' dtype)."
+        },
+    )
+    compress_svd_method: str = field(
+        default="auto",
+        metadata={"help": "SVD used for compression: 'auto', 'exact' or 'randomized'."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("FISHER_LORA")
+        self._validate_fisher_fields()
+
+    def _validate_fisher_fields(self) -> None:
+        if self.compress_rank is not None and self.compress_keep is not None:
+            raise ValueError(
+                f"FisherLoRAConfig got both compress_rank={self.compress_rank!r} and compress_keep="
+                f"{self.compress_keep!r}; set only one of them (a rank, or a fraction of parameters kept)."
+            )
+        if self.compress_rank is not None and not (_is_int(self.compress_rank) and self.compress_rank >= 1):
+            raise ValueError(f"compress_rank must be an integer >= 1, got {self.compress_rank!r}.")
+        if isinstance(self.compress_keep, int) and not isinstance(self.compress_keep, bool):
+            self.compress_keep = float(self.compress_keep)
+        if self.compress_keep is not None and not _is_keep(self.compress_keep):
+            raise ValueError(
+                f"compress_keep is the fraction of parameters kept and must be a float in (0, 1], got "
+                f"{self.compress_keep!r}. Use compress_rank for an absolute rank."
+            )
+        if not isinstance(self.compress_rank_pattern, dict):
+            raise ValueError(
+                f"compress_rank_pattern must be a dict {{module key: rank or keep fraction}}, got "
+                f"{type(self.compress_rank_pattern).__name__}."
+            )
+        for key, value in self.compress_rank_pattern.items():
+            if not ((_is_int(value) and value >= 1) or _is_keep(value)):
+                raise ValueError(
+                    f"compress_rank_pattern[{key!r}] = {value!r}: use an int rank >= 1 or a float keep fraction in "
+                    "(0, 1]."
+                )
+        if self.fisher_source not in FISHER_SOURCES:
+            raise ValueError(
+                f"fisher_source must be one of {FISHER_SOURCES} ('lora': the paper; 'full': full-gradient FWSVD; "
+                f"'none': plain SVD), got {self.fisher_source!r}."
+            )
+        if self.fisher_weighting not in FISHER_WEIGHTINGS:
+            raise ValueError(
+                f"fisher_weighting must be 'row' (paper eq. 4/6) or 'two_sided' (authors' code), got "
+                f"{self.fisher_weighting!r}."
+            )
+        if not (isinstance(self.fisher_exponent, (int, float)) and 0 <= self.fisher_exponent < math.inf):
+            raise ValueError(f"fisher_exponent must be a finite number >= 0 (0.5 = FWSVD), got {self.fisher_exponent!r}.")
+        if not (isinstance(self.fisher_eps, (int, float)) and 0 < self.fisher_eps < math.inf):
+            raise ValueError(f"fisher_eps must be a finite number > 0 (default 1e-6), got {self.fisher_eps!r}.")
+        if self.compress_dtype is not None and self.compress_dtype not in _DTYPES:
+            raise ValueError(f"compress_dtype must be None or one of {_DTYPES}, got {self.compress_dtype!r}.")
+        if self.compress_svd_method not in _SVD_METHODS:
+            raise ValueError(f"compress_svd_method must be one of {_SVD_METHODS}, got {self.compress_svd_method!r}.")
+        if self.use_dora:
+            raise ValueError(
+                "FisherLoRA does not support use_dora=True: a DoRA update is not the additive B @ A whose Fisher "
+                "FWSVD uses. Set use_dora=False."
+            )
+        if getattr(self, "lora_bias", False):
+            raise ValueError("FisherLoRA does not support lora_bias=True (the bias delta is not compressed). Set it "
+                             "to False.")
+
+    @property
+    def has_compression_target(self) -> bool:
+        """Whether the config says how much to compress (a rank, a keep fraction or a rank pattern)."""
+        return self.compress_rank is not None or self.compress_keep is not None or bool(self.compress_rank_pattern)
+
+    def to_lora_config(self):
+        """The same adapter as a vanilla :class:`peft.LoraConfig` (the FisherLoRA fields dropped).
+
+        The adapter weights are peft LoRA weights (``lora_A`` / ``lora_B`` with the same names and shapes), so
+        ``PeftModel.from_pretrained(base, folder, config=cfg.to_lora_config())`` loads a FisherLoRA adapter folder
+        with plain peft; :func:`~hf_lowrank.peft_configs.fisher_lora.export_lora_adapter` writes such a folder.
+        """
+        names = {f.name for f in fields(LoraConfig) if f.init}
+        kwargs = {k: v for k, v in self.to_dict().items() if k in names and k != "peft_type"}
+        return LoraConfig(**kwargs)
+
+
+def _fisher_field_names() -> set[str]:
+    lora = {f.name for f in fields(LoraConfig)}
+    return {f.name for f in fields(FisherLoRAConfig)} - lora
+
+
+FISHER_FIELDS: frozenset[str] = frozenset(_fisher_field_names())

@@ -1,0 +1,588 @@
+"""Collecting empirical Fisher information during training: per micro-batch squared gradients.
+
+:class:`FisherCollector` registers gradient hooks on a model and accumulates ``grad**2`` of
+
+- ``source="lora"``: the LoRA factors of every adapted Linear, ``F_A = sum grad(A)**2`` ``(r, in)`` and
+  ``F_B = sum grad(B)**2`` ``(out, r)`` (the paper's FisherLoRA: memory of the order of the adapter);
+- ``source="full"``: the dense weight of every target Linear, ``F_W = sum grad(W)**2`` ``(out, in)`` (the FWSVD
+  baseline; a frozen weight, e.g. the base weight under a LoRA adapter, gets a gradient for the Fisher only: it is
+  squared and dropped, so the optimizer, gradient clipping and the adapter training are unaffected).
+
+Why tensor hooks: a hook registered with ``Tensor.register_hook`` on a parameter fires once per backward pass with
+THAT backward's gradient, before it is added into ``param.grad``. So with gradient accumulation each micro-batch is
+squared on its own (the empirical Fisher), never the sum of the micro-batches, and gradient clipping (which the
+Trainer applies to the accumulated ``.grad`` after the last micro-batch) never touches what is squared.
+
+Accumulators are float32 on the parameter's device. A gradient tensor of one micro-batch that contains inf/NaN (or
+whose squares overflow float32) is dropped for that parameter and counted in ``skipped``; nothing in the hook
+synchronises with the device. The state (:class:`FisherState`) saves to and loads from a safetensors file, keyed by
+module names of the base transformers model (``model.layers.0.mlp.up_proj``), so it applies to the merged model,
+to a model reloaded with ``AutoModelForCausalLM`` and to the ``hf-lowrank compress --fisher`` command.
+
+Scale: the accumulated values are sums over micro-batches of squared gradients of the loss as it is
+back-propagated (the Trainer divides it by the number of accumulation steps or tokens). Any overall factor cancels
+in the Fisher weights (:func:`hf_lowrank.ops.fisher.fisher_weights` normalises by the mean). An fp16 loss scale is
+divided out when the collector knows the ``GradScaler`` (``LowRankTrainer`` sets it).
+
+Distributed training: each process accumulates the gradients of its own micro-batches (the hooks fire before DDP's
+all-reduce). :meth:`FisherCollector.reduced_state` sums the processes' states (a collective call: every process
+must call it) and is what compression uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...io import atomic_save_safetensors
+from ...ops.fisher import lora_fisher_to_weights
+
+__all__ = [
+    "FISHER_STATE_NAME",
+    "FisherCollector",
+    "FisherState",
+    "FisherStateError",
+    "fisher_state_filename",
+    "lora_linear_modules",
+    "unwrap_model",
+]
+
+logger = logging.getLogger(__name__)
+
+FISHER_STATE_NAME = "fisher_state.safetensors"
+_FORMAT = "hf_lowrank.fisher"
+_VERSION = 1
+_KINDS = {"A": ".fisher_A", "B": ".fisher_B", "W": ".fisher_W"}
+SOURCES = ("lora", "full")
+
+
+class FisherStateError(ValueError):
+    """A Fisher state file is missing, corrupt, or does not belong to the model it is applied to."""
+
+
+def fisher_state_filename(process_index: int = 0, world_size: int = 1) -> str:
+    """File name of the Fisher state in a checkpoint folder (one file per process when there are several)."""
+    if world_size <= 1:
+        return FISHER_STATE_NAME
+    return f"fisher_state.rank{process_index}.safetensors"
+
+
+@dataclass
+class FisherState:
+    """Accumulated squared gradients, keyed by module name, plus counters.
+
+    Attributes:
+        source: ``"lora"`` (tensors ``<module>.fisher_A`` ``(r, in)`` and ``<module>.fisher_B`` ``(out, r)``) or
+            ``"full"`` (tensors ``<module>.fisher_W`` ``(out, in)``).
+        tensors: the accumulators (float32).
+        micro_batches: forward passes with gradients enabled in training mode that were observed.
+        samples: examples in those micro-batches (leading dimension of the input).
+        skipped: (micro-batch, parameter) gradient tensors dropped because they were not finite.
+        global_step: optimizer step at which the state was saved (used to check a resume).
+        adapter_name: the LoRA adapter the Fisher belongs to (``"lora"`` source).
+    """
+
+    source: str = "lora"
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    micro_batches: int = 0
+    samples: int = 0
+    skipped: int = 0
+    global_step: int = 0
+    adapter_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise FisherStateError(f"Fisher source must be one of {SOURCES}, got {self.source!r}.")
+
+    # ----------------------------------------------------------------------------------------------- access
+    @property
+    def modules(self) -> list[str]:
+        """Names of the modules that have Fisher, in insertion order."""
+        seen: dict[str, None] = {}
+        for key in self.tensors:
+            for suffix in _KINDS.values():
+                if key.endswith(suffix):
+                    seen[key[: -len(suffix)]] = None
+        return list(seen)
+
+    def module_fisher(self, name: str) -> dict[str, torch.Tensor]:
+        """``{"A": ..., "B": ...}`` or ``{"W": ...}`` for module ``name`` (empty when it has none)."""
+        return {k: self.tensors[name + s] for k, s in _KINDS.items() if name + s in self.tensors}
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no gradient was accumulated (no tensors, or all zero)."""
+        return not self.tensors or all(not bool(t.any()) for t in self.tensors.values())
+
+    def row_col(self, name: str, weighting: str = "two_sided") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fisher per output row ``(out,)`` and, for ``"two_sided"``, per input column ``(in,)`` of module ``name``.
+
+        LoRA source: :func:`~hf_lowrank.ops.fisher.lora_fisher_to_weights`. Full source: ``F_W.sum(1)`` and
+        ``F_W.sum(0)``. Float64 results.
+        """
+        parts = self.module_fisher(name)
+        if not parts:
+            raise FisherStateError(f"The Fisher state has no entry for module '{name}'.")
+        if weighting not in ("row", "two_sided"):
+            raise ValueError(f"weighting must be 'row' or 'two_sided', got {weighting!r}.")
+        if "W" in parts:
+            F = parts["W"].detach().to(torch.float64)
+            return F.sum(dim=1), (F.sum(dim=0) if weighting == "two_sided" else None)
+        return lora_fisher_to_weights(parts["A"], parts["B"], mode=weighting)
+
+    def weights(
+        self, weighting: str = "two_sided", names: Iterable[str] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(row_fisher, col_fisher)`` dicts for ``names`` (default: all), as ``compress_model`` takes them."""
+        rows: dict[str, torch.Tensor] = {}
+        cols: dict[str, torch.Tensor] = {}
+        for name in self.modules if names is None else names:
+            row, col = self.row_col(name, weighting)
+            rows[name] = row
+            if col is not None:
+                cols[name] = col
+        return rows, cols
+
+    def check_shapes(self, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """Verify that every module in ``shapes`` (``{name: (out, in)}``) has Fisher of a matching shape.
+
+        Raises:
+            FisherStateError: a module has no Fisher, or its Fisher has another shape (collected on another model).
+        """
+        missing = [n for n in shapes if not self.module_fisher(n)]
+        if missing:
+            have = self.modules
+            raise FisherStateError(
+                f"The Fisher state has no entry for {len(missing)} of the {len(shapes)} modules to compress (e.g. "
+                f"'{missing[0]}'; it has {len(have)} modules, e.g. {have[:2]}). It was collected on another model or "
+                "on other target modules: collect it on this model with the same target_modules."
+            )
+        for name, (out_f, in_f) in shapes.items():
+            parts = self.module_fisher(name)
+            if "W" in parts:
+                ok = tuple(parts["W"].shape) == (out_f, in_f)
+                got = f"F_W {tuple(parts['W'].shape)}"
+            else:
+                a, b = parts.get("A"), parts.get("B")
+                ok = (
+                    a is not None and b is not None and a.ndim == 2 and b.ndim == 2 and a.shape[1] == in_f
+                    and b.shape[0] == out_f and a.shape[0] == b.shape[1]
+                )
+                got = f"F_A {tuple(a.shape) if a is not None else None}, F_B {tuple(b.shape) if b is not None else None}"
+            if not ok:
+                raise FisherStateError(
+                    f"The Fisher for module '{name}' ({got}) does not fit its ({out_f}, {in_f}) weight: it was "
+                    "collected on a model of another shape. Collect the Fisher again on this model."
+                )
+
+    # ------------------------------------------------------------------------------------------ persistence
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            "format": _FORMAT,
+            "version": str(_VERSION),
+            "source": self.source,
+            "micro_batches": str(int(self.micro_batches)),
+            "samples": str(int(self.samples)),
+            "skipped": str(int(self.skipped)),
+            "global_step": str(int(self.global_step)),
+            "adapter_name": self.adapter_name or "",
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the state as one safetensors file (atomically)."""
+        atomic_save_safetensors({k: v.float() for k, v in self.tensors.items()}, path, metadata=self.to_metadata())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> FisherState:
+        """Read a state written by :meth:`save` (a file, or a folder holding ``fisher_state.safetensors``).
+
+        Raises:
+            FisherStateError: missing, unreadable or not a Fisher state.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / FISHER_STATE_NAME
+        if not path.is_file():
+            raise FisherStateError(
+                f"No Fisher state at '{path}'. It is written by FisherCollectorCallback into each checkpoint folder "
+                f"and next to a model saved by LowRankTrainer ('{FISHER_STATE_NAME}'); check the path."
+            )
+        try:
+            with safe_open(str(path), framework="pt", device=str(device or "cpu")) as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        except Exception as exc:  # safetensors raises several exception types for corrupt files
+            raise FisherStateError(f"The Fisher state '{path}' is unreadable ({exc}); it is corrupt or truncated.") from exc
+        if meta.get("format") != _FORMAT:
+            raise FisherStateError(
+                f"'{path}' is a safetensors file but not a hf-lowrank Fisher state (format={meta.get('format')!r})."
+            )
+        if int(meta.get("version", "0")) > _VERSION:
+            raise FisherStateError(
+                f"'{path}' uses Fisher state version {meta['version']}, newer than {_VERSION}; upgrade hf-lowrank."
+            )
+        return cls(
+            source=meta.get("source", "lora"),
+            tensors={k: v.float() for k, v in tensors.items()},
+            micro_batches=int(meta.get("micro_batches", 0)),
+            samples=int(meta.get("samples", 0)),
+            skipped=int(meta.get("skipped", 0)),
+            global_step=int(meta.get("global_step", 0)),
+            adapter_name=meta.get("adapter_name") or None,
+        )
+
+    def clone(self) -> FisherState:
+        return FisherState(
+            source=self.source,
+            tensors={k: v.detach().clone() for k, v in self.tensors.items()},
+            micro_batches=self.micro_batches,
+            samples=self.samples,
+            skipped=self.skipped,
+            global_step=self.global_step,
+            adapter_name=self.adapter_name,
+        )
+
+    def summary(self) -> dict:
+        return {
+            "fisher_source": self.source,
+            "modules": len(self.modules),
+            "micro_batches": int(self.micro_batches),
+            "samples": int(self.samples),
+            "skipped": int(self.skipped),
+            "global_step": int(self.global_step),
+        }
+
+
+# ------------------------------------------------------------------------------------------------ model walking
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP / ``torch.compile`` wrappers and a ``PeftModel`` (its LoRA layers stay)."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and hasattr(model, "module"):
+            model = model.module
+        else:
+            break
+    try:
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            return model.get_base_model()
+    except ImportError:  # pragma: no cover - peft is a dependency
+        pass
+    return model
+
+
+def lora_linear_modules(model: nn.Module, adapter_name: str | None = None) -> tuple[dict[str, nn.Module], str | None]:
+    """LoRA-adapted Linear layers of ``model`` (names as in the base transformers model) and the adapter name.
+
+    Args:
+        model: a ``PeftModel`` or a model with peft LoRA layers injected.
+        adapter_name: the adapter; default the first active adapter found.
+
+    Returns:
+        ``({name: lora_layer}, adapter_name)``; only layers whose base layer is an ``nn.Linear`` (bitsandbytes
+        4/8-bit Linears included) and that carry the adapter.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = unwrap_model(model)
+    found: dict[str, nn.Module] = {}
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if adapter_name is None:
+            active = [a for a in module.active_adapters if a in module.lora_A]
+            if not active:
+                continue
+            adapter_name = active[0]
+        if adapter_name in module.lora_A and isinstance(module.get_base_layer(), nn.Linear):
+            found[name] = module
+    return found, adapter_name
+
+
+def _full_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
+    """``{name: Linear}`` whose dense weight gets full-gradient Fisher (base layers of LoRA layers first)."""
+    base = unwrap_model(model)
+    lora, _ = lora_linear_modules(base)
+    if lora and target_modules is None:
+        return {name: m.get_base_layer() for name, m in lora.items()}
+    from ...compression.compress import find_target_linears
+
+    found = find_target_linears(base, target_modules)
+    return {name.removesuffix(".base_layer"): m for name, m in found.items()}
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for key in ("input_ids", "inputs_embeds", "pixel_values", "input_features", "labels"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return int(value.shape[0])
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return int(value.shape[0])
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- collector
+class FisherCollector:
+    """Accumulates per micro-batch squared gradients of a model's LoRA factors (or dense weights).
+
+    Works in any training loop: ``collector.attach(model)`` before training, ``collector.detach()`` after;
+    ``collector.state`` holds the result. ``FisherCollectorCallback`` drives it from a ``transformers.Trainer``.
+
+    Args:
+        source: ``"lora"`` or ``"full"`` (see the module docstring).
+        adapter_name: LoRA adapter to collect (default: the active one).
+        target_modules: for ``"full"`` on a model without LoRA layers: which Linears (see
+            :func:`hf_lowrank.find_target_linears`; default every Linear in the transformer blocks).
+    """
+
+    def __init__(self, source: str = "lora", *, adapter_name: str | None = None, target_modules=None) -> None:
+        if source not in SOURCES:
+            raise ValueError(
+                f"FisherCollector source must be 'lora' (LoRA factor gradients) or 'full' (dense weight gradients), "
+                f"got {source!r}. For plain SVD ('none') no Fisher is collected."
+            )
+        self.source = source
+        self.adapter_name = adapter_name
+        self.target_modules = target_modules
+        self.state = FisherState(source=source, adapter_name=adapter_name)
+        self.grad_scaler = None  # a torch GradScaler whose scale is divided out (set by LowRankTrainer)
+        # None: sync-free masked accumulation on accelerators, a host-side finiteness check on the CPU (no
+        # temporaries). True / False force one of the two paths.
+        self.sync_free: bool | None = None
+        self._inv_scale: float | None = None
+        self._skip: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+        self._unfrozen: list[nn.Parameter] = []
+        self._model: nn.Module | None = None
+
+    # ------------------------------------------------------------------------------------------- hooks
+    @property
+    def attached(self) -> bool:
+        return self._model is not None
+
+    def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        if self.source == "lora":
+            modules, adapter = lora_linear_modules(model, self.adapter_name)
+            if not modules:
+                raise ValueError(
+                    "FisherCollector(source='lora') found no LoRA-adapted Linear layer in the model"
+                    + (f" for adapter '{self.adapter_name}'" if self.adapter_name else "")
+                    + ". Wrap the model with get_peft_model(model, FisherLoRAConfig(target_modules=...)) first, or "
+                    "use source='full' for a model trained without adapters."
+                )
+            self.adapter_name = adapter
+            self.state.adapter_name = adapter
+            params = {}
+            for name, m in modules.items():
+                params[name + _KINDS["A"]] = m.lora_A[adapter].weight
+                params[name + _KINDS["B"]] = m.lora_B[adapter].weight
+            return params
+        targets = _full_targets(model, self.target_modules)
+        params = {}
+        for name, m in targets.items():
+            w = m.weight
+            if not w.is_floating_point() or getattr(w, "quant_state", None) is not None:
+                raise ValueError(
+                    f"Full-gradient Fisher needs a floating-point weight, but '{name}' is quantized ({w.dtype}). "
+                    "With a 4/8-bit base use fisher_source='lora' (FisherLoRA exists for this case)."
+                )
+            params[name + _KINDS["W"]] = w
+        return params
+
+    def attach(self, model: nn.Module) -> FisherCollector:
+        """Register the gradient hooks (idempotent for the same model) and create missing accumulators.
+
+        Raises:
+            ValueError: no LoRA layer (``"lora"``), no target Linear (``"full"``), or a loaded state whose shapes
+                do not fit this model.
+        """
+        if self._model is model:
+            return self
+        if self._model is not None:
+            self.detach()
+        params = self._params(model)
+        for key, p in params.items():
+            acc = self.state.tensors.get(key)
+            if acc is not None and tuple(acc.shape) != tuple(p.shape):
+                raise FisherStateError(
+                    f"The Fisher state holds '{key}' of shape {tuple(acc.shape)} but the model's parameter is "
+                    f"{tuple(p.shape)}: the state was collected on a model of another shape. Reset it "
+                    "(collector.reset()) or load the state of this model."
+                )
+            if acc is None:
+                acc = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            self.state.tensors[key] = acc.to(device=p.device, dtype=torch.float32)
+            self._skip[key] = torch.zeros((), dtype=torch.int64, device=p.device)
+            if p.requires_grad:
+                self._handles.append(p.register_hook(self._tensor_hook(key)))
+            else:
+                # Frozen dense weight ("full" Fisher under an adapter): compute its gradient, square it, drop it.
+                p.requires_grad_(True)
+                self._unfrozen.append(p)
+                self._handles.append(p.register_post_accumulate_grad_hook(self._drop_hook(key)))
+        self._handles.append(model.register_forward_pre_hook(self._count_hook, with_kwargs=True))
+        self._model = model
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks (the accumulated state stays) and re-freeze weights unfrozen for ``"full"``."""
+        self._commit_skipped()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for p in self._unfrozen:
+            p.requires_grad_(False)
+            p.grad = None
+        self._unfrozen.clear()
+        self._model = None
+
+    def _tensor_hook(self, key: str):
+        def hook(grad: torch.Tensor) -> None:
+            self._accumulate(key, grad)
+
+        return hook
+
+    def _drop_hook(self, key: str):
+        def hook(param: torch.Tensor) -> None:
+            if param.grad is not None:
+                self._accumulate(key, param.grad)
+                param.grad = None
+
+        return hook
+
+    def _count_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled() and module.training:
+            self.state.micro_batches += 1
+            self.state.samples += _batch_size(args, kwargs)
+
+    @torch.no_grad()
+    def _accumulate(self, key: str, grad: torch.Tensor) -> None:
+        g = grad.detach()
+        if self._inv_scale is not None:
+            g = g.float() * self._inv_scale
+        acc = self.state.tensors[key]
+        if not (self.sync_free if self.sync_free is not None else g.device.type != "cpu"):
+            # Host: checking finiteness costs no synchronisation, and no gradient-sized temporary is allocated
+            # (temporaries interleaved with the backward's own buffers fragment the CPU heap).
+            if bool(torch.isfinite(torch.linalg.vector_norm(g))):
+                acc.addcmul_(g, g)
+            else:
+                self._skip[key] += 1
+            return
+        # Accelerator: no host synchronisation per hook; a non-finite (or overflowing) square is masked to zero.
+        sq = g.float().square()
+        ok = torch.isfinite(sq.sum())
+        acc.add_(sq.masked_fill_(~ok, 0.0).to(acc.device))
+        skip = self._skip[key]
+        skip.add_((~ok).to(device=skip.device, dtype=skip.dtype))
+
+    def update_loss_scale(self) -> None:
+        """Read the current loss scale of ``grad_scaler`` (call once per optimizer step, before backward)."""
+        scaler = self.grad_scaler
+        if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
+            scale = float(scaler.get_scale())
+            self._inv_scale = 1.0 / scale if scale > 0 else None
+        else:
+            self._inv_scale = None
+
+    # ------------------------------------------------------------------------------------------- state
+    def _commit_skipped(self) -> None:
+        if self._skip:
+            total = sum(int(t.item()) for t in self._skip.values())
+            self.state.skipped += total
+            for t in self._skip.values():
+                t.zero_()
+
+    def snapshot(self) -> FisherState:
+        """The live state with the skip counters brought up to date (tensors are not copied)."""
+        self._commit_skipped()
+        return self.state
+
+    def reset(self) -> None:
+        """Zero the accumulators and counters (keeps the hooks)."""
+        for t in self.state.tensors.values():
+            t.zero_()
+        for t in self._skip.values():
+            t.zero_()
+        self.state.micro_batches = self.state.samples = self.state.skipped = 0
+        self.state.global_step = 0
+        if self._model is None:
+            self.state.tensors.clear()
+
+    def load_state(self, state: FisherState | str | os.PathLike) -> None:
+        """Replace the accumulated state (e.g. from a checkpoint on resume); keeps the hooks.
+
+        Raises:
+            FisherStateError: the state's source or shapes do not match this collector's model.
+        """
+        if not isinstance(state, FisherState):
+            state = FisherState.load(state)
+        if state.source != self.source:
+            raise FisherStateError(
+                f"Cannot load a '{state.source}' Fisher state into a '{self.source}' collector; use a collector "
+                f"with source='{state.source}'."
+            )
+        for t in self._skip.values():
+            t.zero_()
+        if self._model is not None:
+            missing = [k for k in self.state.tensors if k not in state.tensors]
+            if missing:
+                raise FisherStateError(
+                    f"The Fisher state lacks {len(missing)} tensors this model needs (e.g. '{missing[0]}'): it "
+                    "belongs to another model or other target modules."
+                )
+            for key, acc in self.state.tensors.items():
+                new = state.tensors[key]
+                if tuple(new.shape) != tuple(acc.shape):
+                    raise FisherStateError(
+                        f"Fisher state tensor '{key}' has shape {tuple(new.shape)}, the model needs "
+                        f"{tuple(acc.shape)}: it was collected on a model of another shape."
+                    )
+                acc.copy_(new.to(acc.device))
+            extra = [k for k in state.tensors if k not in self.state.tensors]
+            if extra:
+                logger.warning("Fisher state has %d tensors this model does not use (e.g. %s).", len(extra), extra[0])
+        else:
+            self.state.tensors = {k: v.detach().clone().float() for k, v in state.tensors.items()}
+        self.state.micro_batches = state.micro_batches
+        self.state.samples = state.samples
+        self.state.skipped = state.skipped
+        self.state.global_step = state.global_step
+        if state.adapter_name:
+            self.state.adapter_name = state.adapter_name
+
+    def save(self, path: str | os.PathLike, *, global_step: int | None = None) -> None:
+        """Write the state to ``path`` (a safetensors file), atomically."""
+        state = self.snapshot()
+        if global_step is not None:
+            state.global_step = int(global_step)
+        state.save(path)
+
+    def reduced_state(self) -> FisherState:
+        """The state summed over all processes (a collective: every process must call it); a copy.
+
+        Single process: a copy of the local state. This is the one place where distributed Fisher is combined.
+        """
+        state = self.snapshot().clone()
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return state
+        for key in sorted(state.tensors):
+            dist.all_reduce(state.tensors[key], op=dist.ReduceOp.SUM)
+        device = next(iter(state.tensors.values())).device if state.tensors else torch.device("cpu")
+        counts = torch.tensor([state.micro_batches, state.samples, state.skipped], dtype=torch.int64, device=device)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        state.micro_batches, state.samples, state.skipped = (int(x) for x in counts.tolist())
+        return state

@@ -1,0 +1,29 @@
+"""SPSFT: structured-pruning-based sparse fine-tuning (seed 004, METHODS.md section 4) as a PEFT method.
+
+Importing this package registers ``PeftType.SPSFT`` with peft, so ``get_peft_model(model, SPSFTConfig(...))``,
+``save_pretrained`` and ``PeftModel.from_pretrained`` work as for any built-in method.
+"""
+
+from hf_lowrank.peft_configs._registry import register_method
+
+from .config import IMPORTANCE_METHODS, SPSFTConfig
+from .importance import SPSFTImportanceCallback, spsft_importance
+from .layer import Linear, QuantizedMergeError, SelectedRowsAdd, SPSFTLayer, selected_rows_add
+from .model import SPSFTModel, export_spsft_as_lora, spsft_to_lora
+
+__all__ = [
+    "IMPORTANCE_METHODS",
+    "Linear",
+    "QuantizedMergeError",
+    "SPSFTConfig",
+    "SPSFTImportanceCallback",
+    "SPSFTLayer",
+    "SPSFTModel",
+    "SelectedRowsAdd",
+    "export_spsft_as_lora",
+    "selected_rows_add",
+    "spsft_importance",
+    "spsft_to_lora",
+]
+
+register_method(name="spsft", config_cls=SPSFTConfig, model_cls=SPSFTModel, prefix="spsft_")

@@ -1,0 +1,190 @@
+"""Configuration of WeLoreLRC: data-free non-uniform rank reduction, then fine-tuning of the low-rank components."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from peft.config import PeftConfig
+
+from .._registry import ensure_peft_type
+
+__all__ = ["WeLoreLRCConfig"]
+
+_SVD_METHODS = ("auto", "exact", "randomized")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class WeLoreLRCConfig(PeftConfig):
+    """WeLore (seed 001, METHODS.md section 2) as a PEFT method.
+
+    ``get_peft_model(model, WeLoreLRCConfig(reduction=0.3))`` computes the singular values of every target weight
+    (cached), bisects one global threshold on the min-max normalised spectra so that the ACHIEVED effective rank
+    reduction over the targets equals ``reduction``, replaces each low-rank component (LRC: kept rank below
+    ``lrc_ratio * min(out, in)``) by a trainable factor pair initialised from its truncated SVD, and freezes
+    everything else. Only the LRC factors train, so gradients and optimizer state are low-rank.
+
+    The fields below the line are written by ``get_peft_model`` (the resolved allocation) and saved in
+    ``adapter_config.json``; ``PeftModel.from_pretrained`` rebuilds the layers from them without any SVD. Leave them
+    unset when creating a config.
+    """
+
+    reduction: float = field(
+        default=0.3,
+        metadata={
+            "help": (
+                "Target ACHIEVED effective rank reduction over the target layers, in (0, 1): sum of removed ranks / "
+                "sum of full ranks, counting only what is really removed (N-LRCs kept exact remove nothing)."
+            )
+        },
+    )
+    target_modules: Union[list[str], str] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Layers WeLore considers. None (default) or 'all-linear': every Linear inside the transformer "
+                "blocks (attention and MLP projections), not embeddings or the LM head. A string is a regex "
+                "fully matched against module names; a list matches names equal to or ending with an entry."
+            )
+        },
+    )
+    lrc_ratio: float = field(
+        default=0.5,
+        metadata={
+            "help": "A layer is a low-rank component (LRC) when its kept rank is below lrc_ratio * min(out, in); "
+            "in (0, 1]."
+        },
+    )
+    nlrc: str = field(
+        default="keep",
+        metadata={
+            "help": "What happens to non-low-rank components: 'keep' (exact and frozen, as in the authors' code) or "
+            "'truncate' (cut to their threshold rank, stored dense, frozen)."
+        },
+    )
+    rank_pattern: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "Pin ranks: {regex: rank}; a key matches a module whose name ends with it (peft's convention). "
+            "Pinned modules count towards the reduction and are split into LRC / N-LRC by the same rule."
+        },
+    )
+    keep_dense: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Keep the dense weight of each replaced layer. False (default) drops it, so the PEFT model IS the "
+                "compressed model in memory (the point of WeLore); disable_adapter() and unload() then refuse, "
+                "merge_and_unload() still works. True keeps it so disable_adapter(), unmerge() and unload() give "
+                "the dense model back, at the cost of the dense weights' memory."
+            )
+        },
+    )
+    svd_method: str = field(
+        default="auto",
+        metadata={"help": "Truncated SVD used to initialise the LRC factors: 'auto', 'exact' or 'randomized'."},
+    )
+    spectra_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder caching singular values on disk (keyed by a hash of each weight) so that a later "
+            "get_peft_model of the same model skips the SVDs; None: memory only (or $HF_LOWRANK_SPECTRA_CACHE)."
+        },
+    )
+    progress: bool = field(
+        default=True, metadata={"help": "Show progress bars and print the allocation summary on stderr."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Extra modules trained in full and saved (e.g. a freshly initialised classifier head)."},
+    )
+    # ---- resolved by get_peft_model; saved so that from_pretrained restores without SVDs ----
+    rank_map: dict | None = field(
+        default=None,
+        metadata={
+            "help": "Resolved: {module name: kept rank} for every target (full rank for N-LRCs kept exact). "
+            "Written by get_peft_model; do not set by hand."
+        },
+    )
+    lrc_modules: list[str] | None = field(
+        default=None, metadata={"help": "Resolved: names of the low-rank components (trainable factor pairs)."}
+    )
+    achieved_reduction: float | None = field(
+        default=None, metadata={"help": "Resolved: achieved effective rank reduction (informational)."}
+    )
+    welore_threshold: float | None = field(
+        default=None, metadata={"help": "Resolved: the global threshold on normalised singular values."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("WELORE_LRC")
+        r = self.reduction
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1:
+            raise ValueError(
+                f"reduction must be a fraction in (0, 1): the share of the target layers' ranks to remove, e.g. "
+                f"reduction=0.3; got {r!r}."
+            )
+        q = self.lrc_ratio
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
+            raise ValueError(
+                f"lrc_ratio must be in (0, 1] (a layer is a low-rank component when its kept rank is below "
+                f"lrc_ratio * min(out, in); WeLore uses 0.5); got {q!r}."
+            )
+        if self.nlrc not in ("keep", "truncate"):
+            raise ValueError(f"nlrc must be 'keep' or 'truncate', got {self.nlrc!r}.")
+        if self.svd_method not in _SVD_METHODS:
+            raise ValueError(f"svd_method must be one of {_SVD_METHODS}, got {self.svd_method!r}.")
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+        if self.rank_pattern is None:
+            self.rank_pattern = {}
+        if not isinstance(self.rank_pattern, dict):
+            raise ValueError(f"rank_pattern must be a dict {{regex: rank}}, got {type(self.rank_pattern).__name__}.")
+        for key, rank in self.rank_pattern.items():
+            if not _is_int(rank) or rank < 1:
+                raise ValueError(f"rank_pattern['{key}'] must be a positive int rank, got {rank!r}.")
+        if self.rank_map is not None:
+            if not isinstance(self.rank_map, dict) or not all(
+                _is_int(v) and v >= 1 for v in self.rank_map.values()
+            ):
+                raise ValueError(
+                    "rank_map must map module names to positive int ranks; it is written by get_peft_model, so this "
+                    "adapter_config.json was edited or corrupted. Re-create the adapter."
+                )
+            lrc = self.lrc_modules or []
+            missing = [n for n in lrc if n not in self.rank_map]
+            if missing:
+                raise ValueError(
+                    f"lrc_modules names {missing[:3]} that rank_map lacks: adapter_config.json is inconsistent. "
+                    "Re-create the adapter."
+                )
+        elif self.lrc_modules is not None:
+            raise ValueError("lrc_modules is set without rank_map; leave both unset when creating a config.")
+
+    def with_fisher(
+        self,
+        row_fisher: Mapping[str, torch.Tensor] | None = None,
+        col_fisher: Mapping[str, torch.Tensor] | None = None,
+    ) -> WeLoreLRCConfig:
+        """Weight WeLore by Fisher information (e.g. from a FisherLoRA run); returns ``self``.
+
+        ``get_peft_model`` then thresholds the spectra of ``D_out W D_in`` (``D = diag(fisher_weights(F))``) instead
+        of ``W``, and initialises the LRC factors (and truncated N-LRCs) with the Fisher-weighted SVD, so rank goes
+        where the data puts weight. The tensors are not saved; the ranks they lead to are (``rank_map``).
+
+        Args:
+            row_fisher: ``{module name: (out,) accumulated Fisher per output row}``.
+            col_fisher: ``{module name: (in,) accumulated Fisher per input column}``.
+        """
+        for what, f in (("row_fisher", row_fisher), ("col_fisher", col_fisher)):
+            if f is not None and not all(isinstance(v, torch.Tensor) and v.ndim == 1 for v in f.values()):
+                raise ValueError(f"{what} must map module names to 1-D tensors of accumulated Fisher.")
+        object.__setattr__(self, "_welore_fisher", (dict(row_fisher or {}), dict(col_fisher or {})))
+        return self

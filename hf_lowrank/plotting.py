@@ -1,0 +1,301 @@
+"""Pictures of WeLore's view of a model: normalised spectra per layer type and the kept-rank map.
+
+``plot_spectra`` draws the min-max normalised singular values of every target weight, one panel per layer type
+(``self_attn.q_proj``, ``mlp.down_proj``, ...) and one curve per transformer block (the seed's Figure 4); a heavy
+tail (a curve that drops fast) marks a low-rank-friendly layer. ``plot_ranks`` draws the kept rank of every target as
+a fraction of its full rank, per layer type and block, low-rank components in green and the rest in red (the
+seed's Figure 6).
+
+Both render with matplotlib's Agg canvas (no display, no global backend switch) and write the PNG atomically. The
+``hf-lowrank plot spectra|ranks`` subcommands come from :func:`add_parser`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from .io import atomic_write_bytes
+
+__all__ = ["add_parser", "plot_ranks", "plot_spectra", "ranks_from_adapter"]
+
+_BLOCK = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<kind>.+)$")
+
+
+def _block_and_kind(name: str) -> tuple[int, str]:
+    """``model.layers.3.self_attn.q_proj`` -> ``(3, "self_attn.q_proj")``; names outside blocks get block -1."""
+    m = _BLOCK.match(name)
+    if m is None:
+        return -1, name
+    return int(m.group("index")), m.group("kind")
+
+
+def _group(names: Sequence[str]) -> dict[str, list[tuple[int, str]]]:
+    groups: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for name in names:
+        block, kind = _block_and_kind(name)
+        groups[kind].append((block, name))
+    return {k: sorted(v) for k, v in groups.items()}
+
+
+def _figure(n_panels: int, *, panel_w: float = 3.6, panel_h: float = 2.8, max_cols: int = 4):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(max_cols, max(n_panels, 1))
+    rows = (n_panels + cols - 1) // cols
+    fig = Figure(figsize=(panel_w * cols, panel_h * rows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def _save(fig, out: str | Path, dpi: int) -> Path:
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"the output must be a .png file, got '{out}'.")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def plot_spectra(
+    spectra: Mapping[str, torch.Tensor],
+    out: str | Path,
+    *,
+    threshold: float | None = None,
+    title: str | None = None,
+    dpi: int = 110,
+) -> Path:
+    """PNG of min-max normalised singular values, one panel per layer type, one curve per block.
+
+    Args:
+        spectra: ``{module name: (k,) singular values}`` (e.g. from
+            :func:`hf_lowrank.peft_configs.welore.compute_spectra`).
+        out: the ``.png`` path to write.
+        threshold: optional WeLore threshold ``k`` drawn as a line: values above it are kept (green), below removed
+            (red).
+        title: figure title.
+        dpi: resolution.
+
+    Returns:
+        The written path.
+    """
+    from matplotlib import colormaps
+
+    from .ops.rank_allocation import normalized_spectrum
+
+    if not spectra:
+        raise ValueError("spectra is empty: nothing to plot.")
+    groups = _group(list(spectra))
+    fig, axes = _figure(len(groups))
+    cmap = colormaps["viridis"]
+    blocks = sorted({b for members in groups.values() for b, _ in members})
+    span = max(len(blocks) - 1, 1)
+    for ax, (kind, members) in zip(axes, sorted(groups.items())):
+        for block, name in members:
+            s = normalized_spectrum(spectra[name]).numpy()
+            x = torch.linspace(0, 1, len(s)).numpy()
+            ax.plot(x, s, color=cmap(blocks.index(block) / span), lw=0.9, alpha=0.85)
+        if threshold is not None:
+            ax.axhspan(threshold, 1.0, color="tab:green", alpha=0.08)
+            ax.axhspan(0.0, threshold, color="tab:red", alpha=0.08)
+            ax.axhline(threshold, color="tab:red", lw=1.0, ls="--")
+        ax.set_title(kind, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("singular value index / rank", fontsize=8)
+        ax.set_ylabel("normalised value", fontsize=8)
+        ax.tick_params(labelsize=7)
+    if len(blocks) > 1:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        sm = ScalarMappable(norm=Normalize(min(blocks), max(blocks)), cmap=cmap)
+        fig.colorbar(sm, ax=list(axes), label="transformer block", shrink=0.8)
+    suffix = f" (threshold k = {threshold:.3f})" if threshold is not None else ""
+    fig.suptitle((title or "Normalised singular values per layer type") + suffix, fontsize=11)
+    return _save(fig, out, dpi)
+
+
+def plot_ranks(
+    ranks: Mapping[str, int],
+    shapes: Mapping[str, tuple[int, int]],
+    out: str | Path,
+    *,
+    lrc: Sequence[str] | None = None,
+    title: str | None = None,
+    dpi: int = 110,
+) -> Path:
+    """PNG of kept rank / full rank per block, one panel per layer type; LRCs green, N-LRCs red.
+
+    Args:
+        ranks: ``{module name: kept rank}``.
+        shapes: ``{module name: (out, in)}``.
+        out: the ``.png`` path to write.
+        lrc: names of the low-rank components (default: every module whose rank is below its full rank).
+        title: figure title.
+        dpi: resolution.
+
+    Returns:
+        The written path.
+    """
+    if not ranks:
+        raise ValueError("ranks is empty: nothing to plot.")
+    missing = [n for n in ranks if n not in shapes]
+    if missing:
+        raise ValueError(f"no shape for {missing[:3]}: shapes must cover every module in ranks.")
+    from matplotlib.ticker import MaxNLocator
+
+    lrc_set = set(lrc) if lrc is not None else {n for n, r in ranks.items() if r < min(shapes[n])}
+    groups = _group(list(ranks))
+    fig, axes = _figure(len(groups))
+    kept_total = sum(ranks.values())
+    full_total = sum(min(shapes[n]) for n in ranks)
+    for ax, (kind, members) in zip(axes, sorted(groups.items())):
+        xs = [b for b, _ in members]
+        ys = [ranks[n] / min(shapes[n]) for _, n in members]
+        colors = ["tab:green" if n in lrc_set else "tab:red" for _, n in members]
+        ax.bar(xs, ys, color=colors, width=0.85)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(kind, fontsize=9)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("transformer block", fontsize=8)
+        ax.set_ylabel("kept rank / full rank", fontsize=8)
+        ax.tick_params(labelsize=7)
+    from matplotlib.patches import Patch
+
+    fig.legend(
+        handles=[Patch(color="tab:green", label="low-rank component (LRC)"), Patch(color="tab:red", label="N-LRC")],
+        loc="outside lower center", ncols=2, fontsize=8,
+    )
+    fig.suptitle(
+        (title or "Kept rank per layer") + f" (rank reduction {1 - kept_total / max(full_total, 1):.1%})", fontsize=11
+    )
+    return _save(fig, out, dpi)
+
+
+def ranks_from_adapter(path: str | Path) -> tuple[dict[str, int], dict[str, tuple[int, int]], list[str]]:
+    """Ranks, shapes and LRC names of a saved WeLoreLRC adapter, read without loading any model.
+
+    Shapes come from the tensor headers of ``adapter_model.safetensors`` (LRC factors and truncated N-LRCs); an
+    N-LRC kept exact has its full rank recorded, which is all the rank map needs.
+    """
+    from .io import read_json
+
+    path = Path(path)
+    cfg = read_json(path / "adapter_config.json", what="adapter config")
+    if cfg.get("peft_type") != "WELORE_LRC" or not cfg.get("rank_map"):
+        raise ValueError(f"'{path}' is not a WeLoreLRC adapter (peft_type {cfg.get('peft_type')!r}).")
+    ranks = {k: int(v) for k, v in cfg["rank_map"].items()}
+    weights = path / "adapter_model.safetensors"
+    header: dict = {}
+    if weights.is_file():
+        with open(weights, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    down, up, dense = {}, {}, {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        name = key.removeprefix("base_model.model.")
+        for tag, store in ((".welore_down", down), (".welore_up", up), (".welore_weight", dense)):
+            if name.endswith(tag):
+                store[name[: -len(tag)]] = meta["shape"]
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, rank in ranks.items():
+        if name in down and name in up:
+            shapes[name] = (up[name][0], down[name][1])
+        elif name in dense:
+            shapes[name] = tuple(dense[name])
+        else:
+            shapes[name] = (rank, rank)  # kept exact: full rank recorded, the aspect ratio does not matter here
+    return ranks, shapes, list(cfg.get("lrc_modules") or [])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _targets_arg(value: str | None):
+    if not value:
+        return None
+    return value if any(c in value for c in "\\*[]()^$|+?") else value.split(",")
+
+
+def _cmd_spectra(args) -> int:
+    from .cli import load_model_for_cli
+    from .compression.compress import find_target_linears
+    from .peft_configs.welore.spectra import compute_spectra, default_spectra_cache, welore_allocation
+
+    model, _ = load_model_for_cli(args.model)
+    targets = find_target_linears(model, _targets_arg(args.target_modules))
+    spectra = compute_spectra(targets, cache=default_spectra_cache(args.cache_dir), progress=True)
+    threshold = None
+    if args.reduction is not None:
+        shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
+        threshold = welore_allocation(spectra, shapes, args.reduction, lrc_ratio=args.lrc_ratio).threshold
+    out = plot_spectra(spectra, args.out, threshold=threshold, title=f"{Path(args.model).name}: normalised spectra")
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_ranks(args) -> int:
+    source = Path(args.model)
+    if (source / "adapter_config.json").is_file():
+        ranks, shapes, lrc = ranks_from_adapter(source)
+        title = f"{source.name}: WeLoreLRC adapter"
+    else:
+        from .cli import load_model_for_cli
+        from .peft_configs.welore.spectra import default_spectra_cache, welore_ranks_for_model
+
+        if args.reduction is None:
+            raise SystemExit("plot ranks MODEL needs --reduction (e.g. 0.3), or pass a saved WeLoreLRC adapter folder.")
+        model, _ = load_model_for_cli(args.model)
+        _, alloc = welore_ranks_for_model(
+            model, args.reduction, _targets_arg(args.target_modules), lrc_ratio=args.lrc_ratio, nlrc=args.nlrc,
+            cache=default_spectra_cache(args.cache_dir),
+        )
+        ranks, shapes, lrc = alloc.ranks, alloc.shapes, alloc.lrc
+        title = f"{Path(args.model).name}: WeLore at {args.reduction:.0%}"
+        print(alloc.summary())
+    out = plot_ranks(ranks, shapes, args.out, lrc=lrc, title=title)
+    print(f"wrote {out}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Add ``plot spectra`` and ``plot ranks`` to the ``hf-lowrank`` command."""
+    p = subparsers.add_parser("plot", help="PNG pictures: normalised spectra per layer type, WeLore kept-rank map")
+    sub = p.add_subparsers(dest="plot_command", required=True)
+
+    common = dict(
+        target_modules=dict(default=None, help="comma-separated module names or a regex (default: block Linears)"),
+        cache_dir=dict(default=None, help="folder caching spectra between runs (default: $HF_LOWRANK_SPECTRA_CACHE)"),
+        lrc_ratio=dict(type=float, default=0.5, help="LRC criterion: kept rank < lrc_ratio * full rank"),
+    )
+    s = sub.add_parser("spectra", help="normalised singular values per layer type (WeLore Figure 4)")
+    s.add_argument("model", help="model folder, Hub id, or 'smollm2'")
+    s.add_argument("--out", required=True, help="PNG file to write")
+    s.add_argument("--reduction", type=float, default=None, help="also draw the WeLore threshold for this reduction")
+    for flag, kw in common.items():
+        s.add_argument("--" + flag.replace("_", "-"), dest=flag, **kw)
+    s.set_defaults(func=_cmd_spectra)
+
+    r = sub.add_parser("ranks", help="kept rank per layer, LRC vs N-LRC (WeLore Figure 6)")
+    r.add_argument("model", help="a saved WeLoreLRC adapter folder, or a model (folder, Hub id, 'smollm2')")
+    r.add_argument("--out", required=True, help="PNG file to write")
+    r.add_argument("--reduction", type=float, default=None, help="WeLore target reduction (needed for a model)")
+    r.add_argument("--nlrc", choices=("keep", "truncate"), default="keep", help="what happens to N-LRCs")
+    for flag, kw in common.items():
+        r.add_argument("--" + flag.replace("_", "-"), dest=flag, **kw)
+    r.set_defaults(func=_cmd_ranks)

@@ -1,0 +1,268 @@
+"""Trainer callbacks: Fisher collection with checkpoint/resume, and compression when training ends.
+
+Both work with a plain ``transformers.Trainer`` / ``trl.SFTTrainer``; ``LowRankTrainer`` / ``LowRankSFTTrainer``
+attach :class:`FisherCollectorCallback` by themselves and compress in ``save_model``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..peft_configs.fisher_lora.fisher import (
+    FisherCollector,
+    FisherState,
+    FisherStateError,
+    fisher_state_filename,
+    lora_linear_modules,
+)
+
+__all__ = ["CompressOnSaveCallback", "FisherCollectorCallback"]
+
+logger = logging.getLogger(__name__)
+
+
+class FisherCollectorCallback(TrainerCallback):
+    """Accumulate per micro-batch squared gradients during ``Trainer.train`` and keep them across checkpoints.
+
+    Gradient hooks are registered on the training model at ``on_train_begin`` (see
+    :class:`~hf_lowrank.peft_configs.fisher_lora.FisherCollector`): each micro-batch's gradient of the LoRA factors
+    (``source="lora"``) or of the dense target weights (``source="full"``) is squared BEFORE gradient accumulation
+    sums it and before gradient clipping, and added to float32 accumulators on the parameter's device.
+
+    Checkpoints: at every save the state goes into the checkpoint folder as ``fisher_state.safetensors`` (one file
+    per process, ``fisher_state.rank{i}.safetensors``, in multi-process runs). On resume the state is read back from
+    the checkpoint, so a resumed run ends with the same Fisher as an uninterrupted one. The checkpoint folder is
+    ``resume_from`` when set (``LowRankTrainer.train`` sets it from ``resume_from_checkpoint``), else
+    ``args.resume_from_checkpoint``, else ``<output_dir>/checkpoint-<global step>``, which covers
+    ``trainer.train(resume_from_checkpoint=True)`` and explicit paths inside ``output_dir``. With a plain Trainer and
+    a checkpoint elsewhere, set ``callback.resume_from = path`` before ``train``.
+
+    After training, ``callback.state`` is the accumulated :class:`FisherState`; compress with
+    ``hf_lowrank.compress_peft_model(trainer.model, fisher=callback)``.
+
+    Args:
+        source: ``"lora"`` (FisherLoRA) or ``"full"`` (full-gradient FWSVD baseline).
+        adapter_name: LoRA adapter to collect (default: the active one).
+        target_modules: for ``"full"`` on a model without adapters: which Linears (default: every Linear in the
+            transformer blocks).
+        reset_on_train_begin: start from zero when a run starts at step 0 (default). False keeps collecting across
+            several ``train()`` calls.
+        strict_resume: when resuming (step > 0) and no Fisher state is found in the checkpoint, raise (default)
+            instead of continuing with an incomplete Fisher.
+    """
+
+    def __init__(
+        self,
+        source: str = "lora",
+        *,
+        adapter_name: str | None = None,
+        target_modules=None,
+        reset_on_train_begin: bool = True,
+        strict_resume: bool = True,
+    ) -> None:
+        self.collector = FisherCollector(source, adapter_name=adapter_name, target_modules=target_modules)
+        self.reset_on_train_begin = reset_on_train_begin
+        self.strict_resume = strict_resume
+        self.resume_from: str | os.PathLike | None = None
+
+    @property
+    def state(self) -> FisherState:
+        """The accumulated Fisher (live; counters up to date)."""
+        return self.collector.snapshot()
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Load a saved Fisher state now (a file, or a checkpoint folder)."""
+        self.collector.load_state(self._file_in(path, 0, 1) if Path(path).is_dir() else path)
+
+    @staticmethod
+    def _file_in(folder, process_index: int, world_size: int) -> Path:
+        return Path(folder) / fisher_state_filename(process_index, world_size)
+
+    # ---------------------------------------------------------------------------------------------- events
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("FisherCollectorCallback needs the model at on_train_begin; use it with a Trainer.")
+        self.collector.attach(model)
+        if state.global_step > 0:
+            self._restore(args, state)
+        elif self.reset_on_train_begin:
+            self.collector.reset()
+
+    def _restore(self, args, state) -> None:
+        explicit = [p for p in (self.resume_from, getattr(args, "resume_from_checkpoint", None)) if isinstance(p, (str, os.PathLike))]
+        default = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        rank, world = getattr(args, "process_index", 0), getattr(args, "world_size", 1)
+        for folder in [*explicit, default]:
+            path = self._file_in(folder, rank, world)
+            if not path.is_file():
+                if folder is not default and Path(folder).is_dir() and Path(folder).resolve() != default.resolve():
+                    if self.strict_resume:
+                        raise FisherStateError(
+                            f"Resuming from '{folder}' but it holds no Fisher state ({path.name}): it was saved without "
+                            "FisherCollectorCallback, so the Fisher of the steps before it is lost. Resume from a "
+                            "checkpoint saved with the callback, or pass strict_resume=False to collect from here on."
+                        )
+                continue
+            loaded = FisherState.load(path)
+            if loaded.global_step != state.global_step:
+                raise FisherStateError(
+                    f"The Fisher state in '{path}' was saved at step {loaded.global_step}, but training resumes at step "
+                    f"{state.global_step}: it belongs to another checkpoint. Resume from the folder it came from."
+                )
+            self.collector.load_state(loaded)
+            logger.info("Fisher state restored from %s (step %d)", path, loaded.global_step)
+            return
+        if self.strict_resume:
+            raise FisherStateError(
+                f"Resuming at step {state.global_step} but no Fisher state was found (looked in {explicit or []} and "
+                f"'{default}'). Set callback.resume_from = <checkpoint folder> before trainer.train(), or pass "
+                "strict_resume=False to collect from here on."
+            )
+        logger.warning("No Fisher state found for step %d; collecting from zero.", state.global_step)
+        self.collector.reset()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.collector.grad_scaler is not None:
+            self.collector.update_loss_scale()
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if not folder.is_dir():
+            logger.warning("Checkpoint folder %s not found; the Fisher state was not saved with it.", folder)
+            return
+        self.collector.save(
+            self._file_in(folder, getattr(args, "process_index", 0), getattr(args, "world_size", 1)),
+            global_step=state.global_step,
+        )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.collector.snapshot().global_step = state.global_step
+        self.collector.detach()
+
+
+class CompressOnSaveCallback(TrainerCallback):
+    """Write a compressed copy of the trained model when training ends (and, optionally, into every checkpoint).
+
+    The training model is not modified: compression works on a copy that shares the untouched tensors.
+
+    Methods:
+        - ``"fwsvd"``: Fisher-weighted SVD with the Fisher of ``fisher`` (a :class:`FisherCollectorCallback` in the
+          same Trainer, or a state / path). A LoRA ``PeftModel`` goes through
+          :func:`~hf_lowrank.compress_peft_model` (merged per its config); a plain model (full fine-tuning with
+          ``FisherCollectorCallback(source="full")``) through ``compress_with_fisher``.
+        - ``"svd"``: plain truncated SVD, no Fisher.
+        - ``"ere"``: efficient residual encoding of the fine-tuned weights (seed 003), delegated to
+          ``hf_lowrank.compression.residual.save_residual_on_save(model, output_dir, base_model=..., **kwargs)``.
+          ERE encodes ``W_finetuned - W_base`` and therefore needs the base weights: pass ``base_model=`` here (or
+          let ``save_residual_on_save`` decide how to find them; see its documentation).
+
+    Args:
+        method: ``"fwsvd"``, ``"svd"`` or ``"ere"``.
+        fisher: Fisher source for ``"fwsvd"``.
+        rank, keep, rank_pattern: compression target (a FisherLoRA config supplies its own when these are None).
+        weighting: ``"two_sided"`` or ``"row"`` for ``"fwsvd"`` (default: the adapter config's, else two-sided).
+        output_subdir: folder name written inside ``args.output_dir`` (and inside checkpoints).
+        at_checkpoints: also write ``<checkpoint>/<output_subdir>`` at every save (costly for big models).
+        base_model: for ``"ere"``.
+        **method_kwargs: passed to the method's function.
+    """
+
+    def __init__(
+        self,
+        method: str = "fwsvd",
+        *,
+        fisher=None,
+        rank: int | None = None,
+        keep: float | None = None,
+        rank_pattern: dict | None = None,
+        weighting: str | None = None,
+        output_subdir: str = "compressed",
+        at_checkpoints: bool = False,
+        base_model=None,
+        **method_kwargs,
+    ) -> None:
+        if method not in ("fwsvd", "svd", "ere"):
+            raise ValueError(f"CompressOnSaveCallback method must be 'fwsvd', 'svd' or 'ere', got {method!r}.")
+        if method == "fwsvd" and fisher is None:
+            raise ValueError(
+                "method='fwsvd' needs fisher=<FisherCollectorCallback> (add the same callback object to the Trainer) "
+                "or a saved Fisher state; use method='svd' for plain SVD."
+            )
+        self.method = method
+        self.fisher = fisher
+        self.rank, self.keep, self.rank_pattern = rank, keep, rank_pattern
+        self.weighting = weighting
+        self.output_subdir = output_subdir
+        self.at_checkpoints = at_checkpoints
+        self.base_model = base_model
+        self.method_kwargs = method_kwargs
+        self.last_report = None
+        self.last_output_dir: Path | None = None
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if self.at_checkpoints and model is not None:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / self.output_subdir
+            self._write(args, model, folder, kwargs.get("processing_class"))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self._write(args, model, Path(args.output_dir) / self.output_subdir, kwargs.get("processing_class"))
+
+    def _write(self, args, model, folder: Path, tokenizer) -> None:
+        if self.method == "ere":
+            from ..compression.residual import save_residual_on_save
+
+            while hasattr(model, "module") and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
+                model = model.module
+            if getattr(args, "should_save", True):
+                ere_kwargs = dict(self.method_kwargs)
+                if self.rank is not None:  # `rank` is the ERE prior (average) rank
+                    ere_kwargs.setdefault("rank", self.rank)
+                self.last_report = save_residual_on_save(
+                    model, folder, base_model=self.base_model, tokenizer=tokenizer, **ere_kwargs
+                )
+                self.last_output_dir = folder
+            return
+        from ..peft_configs.fisher_lora.compress import (
+            compress_peft_model,
+            compress_with_fisher,
+            resolve_fisher,
+            save_compressed_model,
+            shared_weight_copy,
+        )
+        from ..peft_configs.fisher_lora.fisher import unwrap_model
+
+        fisher = resolve_fisher(self.fisher) if self.method == "fwsvd" else None  # collective under DDP
+        if not getattr(args, "should_save", True):
+            return
+        progress = not getattr(args, "disable_tqdm", False)
+        lora, _ = lora_linear_modules(model)
+        if lora:
+            compressed, report = compress_peft_model(
+                model, fisher=fisher, fisher_source=None if fisher is not None else "none", rank=self.rank,
+                keep=self.keep, rank_pattern=self.rank_pattern, weighting=self.weighting, progress=progress,
+                **self.method_kwargs,
+            )
+        else:
+            if self.rank is None and self.keep is None and not self.rank_pattern:
+                raise ValueError("CompressOnSaveCallback on a model without adapters needs rank=, keep= or "
+                                 "rank_pattern=.")
+            ranks = self.rank_pattern or (self.rank if self.rank is not None else self.keep)
+            compressed = shared_weight_copy(unwrap_model(model))
+            if fisher is not None:
+                report = compress_with_fisher(
+                    compressed, fisher, ranks, weighting=self.weighting or "two_sided", progress=progress,
+                    **self.method_kwargs,
+                )
+            else:
+                from ..compression.compress import compress_model
+
+                report = compress_model(compressed, ranks, progress=progress, **self.method_kwargs)
+        save_compressed_model(compressed, folder, tokenizer=tokenizer, report=report, fisher_state=fisher)
+        self.last_report = report
+        self.last_output_dir = folder

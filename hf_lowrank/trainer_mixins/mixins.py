@@ -1,0 +1,163 @@
+"""``LowRankTrainer`` / ``LowRankSFTTrainer``: Trainers whose final ``save_model`` writes a compressed model.
+
+The mixin overrides as little as possible: ``__init__`` (attach the Fisher callback when the model carries a
+FisherLoRA adapter), ``train`` (tell the callback which checkpoint a resume reads, and the fp16 loss scaler), and
+``save_model`` (only the user's final call compresses; the Trainer's own checkpoint saves stay ordinary adapter
+checkpoints plus the Fisher state, so training can resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..peft_configs.fisher_lora.config import FisherLoRAConfig
+from .callbacks import FisherCollectorCallback
+
+__all__ = ["LowRankSFTTrainer", "LowRankTrainer", "LowRankTrainerMixin"]  # noqa: F822 (lazy, see __getattr__)
+
+logger = logging.getLogger(__name__)
+
+
+class LowRankTrainerMixin:
+    """Adds FisherLoRA compression-on-save to a ``transformers.Trainer`` subclass (put it first in the bases).
+
+    With a model that carries a :class:`FisherLoRAConfig` adapter:
+
+    - a :class:`FisherCollectorCallback` is attached (unless one was passed in ``callbacks``; none for
+      ``fisher_source="none"``), available as ``trainer.fisher_callback``;
+    - ``trainer.save_model(out)`` (the user's call, not the Trainer's internal checkpointing) compresses a copy of
+      the trained model with :func:`~hf_lowrank.compress_peft_model` per the adapter config and writes to ``out``,
+      atomically: the factorized model (``AutoModelFor*.from_pretrained(out)`` reloads it once ``hf_lowrank`` is
+      imported), the tokenizer, ``compression_report.json`` and ``fisher_state.safetensors``. ``trainer.model``
+      keeps its adapter and can go on training; the copy costs the memory of the new factors (plus one dense
+      weight at a time). ``LowRankTrainer(..., compress_inplace=True)`` compresses the trained model itself instead
+      (no extra memory; ``trainer.model`` becomes the compressed model). The report is kept as
+      ``trainer.compression_report``.
+
+    Without a FisherLoRA adapter the trainer behaves exactly like its base class. Prefer an output folder other
+    than ``args.output_dir``: the atomic save carries over everything already in the folder (checkpoints included).
+    """
+
+    fisher_callback: FisherCollectorCallback | None = None
+    compression_report = None
+
+    def __init__(self, *args, compress_inplace: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.compress_inplace = compress_inplace
+        self._setup_low_rank()
+
+    def _fisher_lora_config(self) -> FisherLoRAConfig | None:
+        peft_config = getattr(self.model, "peft_config", None)
+        if not isinstance(peft_config, dict):
+            return None
+        active = getattr(self.model, "active_adapter", None)
+        if isinstance(active, (list, tuple)):
+            active = active[0] if active else None
+        config = peft_config.get(active) if active is not None else None
+        return config if isinstance(config, FisherLoRAConfig) else None
+
+    def _setup_low_rank(self) -> None:
+        config = self._fisher_lora_config()
+        passed = [cb for cb in self.callback_handler.callbacks if isinstance(cb, FisherCollectorCallback)]
+        if config is not None:
+            passed = [cb for cb in passed if cb.collector.source == config.fisher_source]
+        if passed:
+            self.fisher_callback = passed[0]
+            return
+        if config is not None and config.fisher_source != "none":
+            self.fisher_callback = FisherCollectorCallback(source=config.fisher_source)
+            self.add_callback(self.fisher_callback)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if self.fisher_callback is not None:
+            path = resume_from_checkpoint
+            if isinstance(path, bool):
+                path = get_last_checkpoint(self.args.output_dir) if path else None
+            self.fisher_callback.resume_from = path
+            self.fisher_callback.collector.grad_scaler = getattr(self.accelerator, "scaler", None)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        config = self._fisher_lora_config()
+        if _internal_call or config is None:
+            return super().save_model(output_dir, _internal_call)
+        from ..peft_configs.fisher_lora.compress import compress_peft_model, save_compressed_model
+
+        output_dir = output_dir or self.args.output_dir
+        fisher = self.fisher_callback.collector.reduced_state() if self.fisher_callback is not None else None
+        if fisher is not None:
+            fisher.global_step = self.state.global_step
+        if not config.has_compression_target:
+            warnings.warn(
+                "The FisherLoRA config sets no compression target (compress_rank / compress_keep / "
+                "compress_rank_pattern), so save_model writes the adapter and the Fisher state only; compress later "
+                "with hf_lowrank.compress_peft_model or `hf-lowrank compress --method fwsvd --fisher`.",
+                stacklevel=2,
+            )
+            super().save_model(output_dir, _internal_call)
+            if fisher is not None and self.args.should_save:
+                fisher.save(Path(output_dir) / "fisher_state.safetensors")
+            return None
+        if self.args.should_save:
+            model = self.accelerator.unwrap_model(self.model)
+            compressed, report = compress_peft_model(
+                model, fisher=fisher, inplace=self.compress_inplace, progress=not self.args.disable_tqdm
+            )
+            if self.compress_inplace:
+                self.model = self.model_wrapped = compressed
+            save_compressed_model(
+                compressed, output_dir, tokenizer=self.processing_class, report=report, fisher_state=fisher
+            )
+            self.compression_report = report
+            logger.info("Compressed model saved to %s: %s", output_dir, report.summary())
+            del compressed
+        self.accelerator.wait_for_everyone()
+        return None
+
+
+class LowRankTrainer(LowRankTrainerMixin, Trainer):
+    """``transformers.Trainer`` with FisherLoRA Fisher collection and compression on ``save_model``."""
+
+
+def _make_sft_trainer():
+    try:
+        from trl import SFTTrainer
+    except ImportError:  # pragma: no cover - trl is an optional extra
+
+        class LowRankSFTTrainer:  # noqa: D401
+            """Placeholder: needs trl."""
+
+            def __init__(self, *args, **kwargs):
+                raise ImportError("LowRankSFTTrainer needs trl: pip install 'hf-lowrank[trl]'.")
+
+        return LowRankSFTTrainer
+
+    class LowRankSFTTrainer(LowRankTrainerMixin, SFTTrainer):
+        """``trl.SFTTrainer`` with FisherLoRA Fisher collection and compression on ``save_model``.
+
+        ``LowRankSFTTrainer(model=base, peft_config=FisherLoRAConfig(...), ...)`` works as with ``SFTTrainer``
+        (which calls ``get_peft_model``); pass ``processing_class`` (else trl looks the tokenizer up on the Hub).
+        """
+
+    return LowRankSFTTrainer
+
+
+_SFT = None
+
+
+def __getattr__(name: str):
+    # trl is imported only when LowRankSFTTrainer is used (importing it costs seconds).
+    global _SFT
+    if name == "LowRankSFTTrainer":
+        if _SFT is None:
+            _SFT = _make_sft_trainer()
+        return _SFT
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
