@@ -44,24 +44,37 @@ def _group(names: Sequence[str]) -> dict[str, list[tuple[int, str]]]:
     return {k: sorted(v) for k, v in groups.items()}
 
 
-def _figure(n_panels: int, *, panel_w: float = 3.6, panel_h: float = 2.8, max_cols: int = 4):
+def _figure(n_panels: int, *, right: float = 0.25, bottom: float = 0.55, panel_w: float = 3.4, panel_h: float = 2.5):
+    """A figure with one panel per layer type; margins in inches (a fixed layout: constrained layout costs seconds
+    of text measurement per figure)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    cols = min(max_cols, max(n_panels, 1))
+    cols = min(4, max(n_panels, 1))
     rows = (n_panels + cols - 1) // cols
-    fig = Figure(figsize=(panel_w * cols, panel_h * rows + 0.6), layout="constrained")
+    left, top, gap_w, gap_h = 0.6, 0.55, 0.55, 0.75
+    width = left + right + cols * panel_w + (cols - 1) * gap_w
+    height = top + bottom + rows * panel_h + (rows - 1) * gap_h
+    fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
+    fig.subplots_adjust(
+        left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+        wspace=gap_w / panel_w, hspace=gap_h / panel_h,
+    )
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[n_panels:]:
         ax.set_visible(False)
     return fig, axes[:n_panels]
 
 
-def _save(fig, out: str | Path, dpi: int) -> Path:
+def _check_png(out: str | Path) -> Path:
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"the output must be a .png file, got '{out}'.")
+    return out
+
+
+def _save(fig, out: Path, dpi: int) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     atomic_write_bytes(out, buf.getvalue())
@@ -94,12 +107,13 @@ def plot_spectra(
 
     from .ops.rank_allocation import normalized_spectrum
 
+    out = _check_png(out)
     if not spectra:
         raise ValueError("spectra is empty: nothing to plot.")
     groups = _group(list(spectra))
-    fig, axes = _figure(len(groups))
-    cmap = colormaps["viridis"]
     blocks = sorted({b for members in groups.values() for b, _ in members})
+    fig, axes = _figure(len(groups), right=1.1 if len(blocks) > 1 else 0.25)
+    cmap = colormaps["viridis"]
     span = max(len(blocks) - 1, 1)
     for ax, (kind, members) in zip(axes, sorted(groups.items())):
         for block, name in members:
@@ -121,7 +135,8 @@ def plot_spectra(
         from matplotlib.colors import Normalize
 
         sm = ScalarMappable(norm=Normalize(min(blocks), max(blocks)), cmap=cmap)
-        fig.colorbar(sm, ax=list(axes), label="transformer block", shrink=0.8)
+        cax = fig.add_axes((1 - 0.75 / fig.get_figwidth(), 0.15, 0.12 / fig.get_figwidth(), 0.7))
+        fig.colorbar(sm, cax=cax, label="transformer block")
     suffix = f" (threshold k = {threshold:.3f})" if threshold is not None else ""
     fig.suptitle((title or "Normalised singular values per layer type") + suffix, fontsize=11)
     return _save(fig, out, dpi)
@@ -149,6 +164,7 @@ def plot_ranks(
     Returns:
         The written path.
     """
+    out = _check_png(out)
     if not ranks:
         raise ValueError("ranks is empty: nothing to plot.")
     missing = [n for n in ranks if n not in shapes]
@@ -158,7 +174,7 @@ def plot_ranks(
 
     lrc_set = set(lrc) if lrc is not None else {n for n, r in ranks.items() if r < min(shapes[n])}
     groups = _group(list(ranks))
-    fig, axes = _figure(len(groups))
+    fig, axes = _figure(len(groups), bottom=0.9)
     kept_total = sum(ranks.values())
     full_total = sum(min(shapes[n]) for n in ranks)
     for ax, (kind, members) in zip(axes, sorted(groups.items())):
@@ -176,7 +192,7 @@ def plot_ranks(
 
     fig.legend(
         handles=[Patch(color="tab:green", label="low-rank component (LRC)"), Patch(color="tab:red", label="N-LRC")],
-        loc="outside lower center", ncols=2, fontsize=8,
+        loc="lower center", ncols=2, fontsize=8,
     )
     fig.suptitle(
         (title or "Kept rank per layer") + f" (rank reduction {1 - kept_total / max(full_total, 1):.1%})", fontsize=11

@@ -60,14 +60,14 @@ def _logits(model, x):
 def test_config_roundtrip_through_peft(tiny_llama, tmp_path):
     fresh = copy.deepcopy(tiny_llama)
     pm = _peft(tiny_llama, compress_keep=None, compress_rank=None, compress_rank_pattern={"down_proj": 0.5},
-               fisher_weighting="two_sided", merge_before_compress=False, compress_dtype="bfloat16")
+               fisher_weighting="row", merge_before_compress=False, compress_dtype="bfloat16")  # non-defaults
     assert pm.peft_config["default"].peft_type.value == "FISHER_LORA"
     x = _batches(1)[0]
     pm.eval()
     ref = _logits(pm, x)
     pm.save_pretrained(tmp_path / "ad")
     saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert saved["peft_type"] == "FISHER_LORA" and saved["fisher_weighting"] == "two_sided"
+    assert saved["peft_type"] == "FISHER_LORA" and saved["fisher_weighting"] == "row"
     cfg = PeftConfig.from_pretrained(tmp_path / "ad")
     assert isinstance(cfg, FisherLoRAConfig)
     assert cfg.compress_rank_pattern == {"down_proj": 0.5} and cfg.merge_before_compress is False

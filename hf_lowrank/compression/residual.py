@@ -10,8 +10,8 @@ For every 2-D weight with a counterpart in the base, the residual ``R = W_ft - W
   ``V`` are projected back onto the Stiefel manifold (polar factor) before ``W = W_base + U diag(S) V^T``.
 - Embedding tables: a fine-tune only moves the rows of the tokens it saw, so the residual is row-sparse. It is
   stored as those rows (indices plus the rows, quantized like ``U``/``V``) or as a rank-``rank`` factorization,
-  whichever takes fewer bytes. Embeddings do not take part in the rank allocation (their ``out + in`` cost would
-  dominate the budget); the low-rank fallback uses the prior rank.
+  whichever takes fewer bytes (``embeddings="sparse"|"lowrank"`` forces one). Embeddings do not take part in the
+  rank allocation (their ``out + in`` cost would dominate the budget); the low-rank fallback uses the prior rank.
 - Stored exactly, in the fine-tuned dtype: tensors with no base counterpart (a new classifier head, a resized
   vocabulary: different shape), every tensor that is not 2-D (biases, norms), 2-D tensors with a side below 16
   (e.g. BERT's 2-row token-type table), 2-D weights outside ``target_modules`` when it is given, and anything named
@@ -22,7 +22,7 @@ For every 2-D weight with a counterpart in the base, the residual ``R = W_ft - W
 
 ``bits`` is 2..8 (quantized), 16 (factors kept unquantized in fp16) or 32 (unquantized fp32: lossless up to float
 rounding at full rank). Our choices where the paper is silent: group size 64; the tail-energy fit range of
-``ere_ranks`` (the first ``max(k/2, 2 r_avg)`` ranks); the blended ranks ``(1 - alpha) r_l + alpha r_avg`` are
+``ere_ranks`` (the first ``max(k/2, 2 r_avg)`` ranks; full spectra from float64 Gram eigenvalues); the blended ranks ``(1 - alpha) r_l + alpha r_avg`` are
 rounded budget-aware (floor, then +1 by largest fraction while the budget ``M = r_avg sum(out + in)`` allows), so
 the allocation never spends more than ``M``; the singular values are the SVD's, as in the paper (``refit=True``
 replaces them by ``s_i = u_i^T R v_i`` for the quantized, projected factors: the least-squares optimum per matrix,

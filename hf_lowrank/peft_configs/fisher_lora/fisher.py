@@ -14,8 +14,9 @@ squared on its own (the empirical Fisher), never the sum of the micro-batches, a
 Trainer applies to the accumulated ``.grad`` after the last micro-batch) never touches what is squared.
 
 Accumulators are float32 on the parameter's device. A gradient tensor of one micro-batch that contains inf/NaN (or
-whose squares overflow float32) is dropped for that parameter and counted in ``skipped``; nothing in the hook
-synchronises with the device. The state (:class:`FisherState`) saves to and loads from a safetensors file, keyed by
+whose squares overflow float32) is dropped for that parameter and counted in ``skipped``. On an accelerator the hook
+never synchronises with the host (the check is a masked add); on the CPU it checks on the host and adds in place
+(``addcmul_``), allocating no gradient-sized temporary. The state (:class:`FisherState`) saves to and loads from a safetensors file, keyed by
 module names of the base transformers model (``model.layers.0.mlp.up_proj``), so it applies to the merged model,
 to a model reloaded with ``AutoModelForCausalLM`` and to the ``hf-lowrank compress --fisher`` command.
 
