@@ -37,14 +37,18 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _block_linear_params(model) -> int:
-    from hf_lowrank import LowRankLinear, find_target_linears
+    """Parameters of the transformer-block Linear layers, whether dense or factorized."""
+    from torch import nn
+
+    from hf_lowrank import LowRankLinear
 
     total = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
+        in_block = any(part.isdigit() for part in name.split("."))
         if isinstance(module, LowRankLinear):
             total += module.down.weight.numel() + module.up.weight.numel()
-    for module in find_target_linears(model).values():
-        total += module.weight.numel()
+        elif in_block and isinstance(module, nn.Linear) and not name.endswith((".down", ".up")):
+            total += module.weight.numel()
     return total
 
 
