@@ -79,13 +79,13 @@ def _save_reload_eval(name, model, tok, out: Path, texts, args, rows, extra=None
 
 def _print_table(rows, dense_linear):
     print()
-    header = f"{'method':<14}{'block Linear params':>20}{'kept':>8}{'total params':>15}{'file MB':>9}{'ppl':>10}{'load s':>8}"
+    header = f"{'method':<14}{'block Linear params':>20}{'kept':>8}{'total params':>15}{'file MB':>9}{'ppl':>14}{'load s':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
         kept = r["linear_params"] / dense_linear
         print(f"{r['method']:<14}{r['linear_params']:>20,}{kept:>8.1%}{r['total_params']:>15,}{r['file_mb']:>9}"
-              f"{r['perplexity']:>10.2f}{r['load_s']:>8.2f}")
+              f"{r['perplexity']:>14,.2f}{r['load_s']:>8.2f}")
     print()
 
 
