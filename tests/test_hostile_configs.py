@@ -7,8 +7,8 @@ error naming one of the fields set (e.g. a WeLore reduction that the targets can
 random rank specs either raises a clear ``ValueError`` or leaves a finite model whose ranks are in bounds.
 
 The validity of each value is decided here from the documented contract (the fields' help texts and docstrings),
-not from the implementation. Known bugs in code owned by others are pinned by explicit ``xfail(strict=True)`` cases
-at the end; the property tests do not draw those exact inputs (marked ``known bug``).
+not from the implementation. Bugs found by this suite are pinned by explicit regression cases at the end (they were
+strict ``xfail`` cases until fixed); the property tests draw those inputs too.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def assert_finite_forward_backward(model: nn.Module) -> None:
     assert bool(torch.isfinite(out.logits).all()), "non-finite logits"
     assert math.isfinite(out.loss.item())
     if not any(p.requires_grad for p in model.parameters()):
-        return  # nothing to train (see test_welore_truncate_without_lrc_has_something_to_train)
+        return  # nothing to train (an edited WeLore rank_map without lrc_modules; fresh ones are refused)
     out.loss.backward()
     for name, p in model.named_parameters():
         if p.requires_grad and p.grad is not None:
@@ -207,6 +207,11 @@ def _rank_pattern_fisher(v) -> str:
 
 
 FISHER_FIELDS = {
+    "r": Field(mostly(st.integers(1, 64)), _int_at_least_1),
+    "lora_alpha": Field(
+        mostly(st.one_of(st.integers(1, 64), st.floats(0.5, 64.0))),
+        lambda v: VALID if _is_number(v) and math.isfinite(v) else INVALID,  # the scale is lora_alpha / r
+    ),
     "compress_rank": Field(mostly(st.integers(1, 64)), _none_or(_int_at_least_1)),
     "compress_keep": Field(mostly(st.floats(1e-6, 1.0)), _none_or(_fraction(lo_open=True, hi_closed=True))),
     "compress_rank_pattern": Field(
@@ -233,12 +238,21 @@ FISHER_FIELDS = {
 }
 
 
+def _compiles(key) -> bool:
+    try:
+        re.compile(key)
+    except (re.error, TypeError):
+        return False
+    return True
+
+
 def _rank_pattern_welore(v) -> str:
     if v is None:
         return VALID
     if not isinstance(v, dict):
         return INVALID
-    return VALID if all(_is_int(x) and x >= 1 for x in v.values()) else INVALID
+    ok = all(isinstance(k, str) and k and _compiles(k) for k in v) and all(_is_int(x) and x >= 1 for x in v.values())
+    return VALID if ok else INVALID
 
 
 WELORE_TARGETS_OK = [None, "all-linear", ["q_proj"], ["k_proj", "up_proj"], ".*mlp.*", "model.layers.0.*"]
@@ -254,8 +268,8 @@ WELORE_FIELDS = {
     "rank_pattern": Field(
         mostly(
             st.dictionaries(
-                # regex keys that compile (a broken regex is a known bug, see the xfail cases)
-                st.sampled_from(["q_proj", "k_proj", "layers.0.mlp.up_proj", "nope", "up_proj|down_proj"]),
+                # regex keys, one that does not compile (a former bug, see test_welore_rank_pattern_bad_regex)
+                st.sampled_from(["q_proj", "k_proj", "layers.0.mlp.up_proj", "nope", "up_proj|down_proj", "("]),
                 mostly(st.integers(1, 70), st.sampled_from([0, -1, 2.5, "4", None, True])),
                 max_size=2,
             )
@@ -270,15 +284,27 @@ WELORE_FIELDS = {
 }
 
 SPSFT_TARGETS_OK = [None, "all-linear", ["q_proj"], ["q_proj", "v_proj"], ["down_proj"]]
-SPSFT_TARGETS_BAD = [["nope"], [], "", ["q_proj", "nope"], ".*mlp"]
-SPSFT_LAYERS = [None, 0, 1, [0], [0, 1], [99], -1, [5, 7]]
+SPSFT_TARGETS_BAD = [["nope"], [], "", ["q_proj", "nope"], ".*mlp", "(", 5, ["q_proj", 5]]
+SPSFT_LAYERS = [None, 0, 1, [0], [0, 1], [99], -1, [5, 7], "a", [0, "1"], [-1]]
 
 
 def _spsft_layers(v) -> str:
     if v is None:
         return VALID
     idx = [v] if _is_int(v) else v
-    return VALID if all(_is_int(i) and 0 <= i < 2 for i in idx) else LATE
+    if not isinstance(idx, list) or not all(_is_int(i) and i >= 0 for i in idx):
+        return INVALID  # documented: a layer index or a list of them (ints >= 0)
+    return VALID if all(i < 2 for i in idx) else LATE  # indices the model lacks: refused by get_peft_model
+
+
+def _spsft_targets(v) -> str:
+    if v in SPSFT_TARGETS_OK:
+        return VALID
+    if isinstance(v, str):
+        return LATE if _compiles(v) else INVALID  # a regex string must compile
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return LATE  # names the model may lack
+    return INVALID
 
 
 SPSFT_FIELDS = {
@@ -287,9 +313,7 @@ SPSFT_FIELDS = {
     "importance": Field(
         mostly(st.sampled_from(["l2", "taylor", "qm_taylor"])), _choice(("l2", "taylor", "qm_taylor"))
     ),
-    "target_modules": Field(
-        st.sampled_from(SPSFT_TARGETS_OK + SPSFT_TARGETS_BAD), lambda v: VALID if v in SPSFT_TARGETS_OK else LATE
-    ),
+    "target_modules": Field(st.sampled_from(SPSFT_TARGETS_OK + SPSFT_TARGETS_BAD), _spsft_targets),
     "exclude_modules": Field(
         st.sampled_from([None, ["q_proj"], ["nope"], ".*", ".*mlp.*"]),
         lambda v: LATE if v == ".*" else VALID,
@@ -395,7 +419,7 @@ def test_spsft_config_fields(values):
             min_size=1,
             max_size=2,
         ),
-        HOSTILE.filter(lambda v: not isinstance(v, dict)),  # {}: known bug, see test_welore_empty_rank_map
+        HOSTILE,  # includes {} (a former bug, see test_welore_empty_rank_map)
     ),
     lrc=st.sampled_from([None, None, [], ["model.layers.0.self_attn.q_proj"], ["model.layers.0.self_attn.q_proj"]]),
 )
@@ -510,7 +534,7 @@ def test_compress_model_rank_specs(spec, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# known bugs (code owned by others): explicit cases, each flips to XPASS (a failure) once fixed
+# regressions: explicit cases for bugs this suite found (strict xfails until they were fixed)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -525,22 +549,11 @@ def _expect_clear(call, names, types=(ValueError, TypeError)):
     raise AssertionError(f"expected an error naming {names}, got {result!r:.200}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FisherLoRAConfig does not validate the inherited LoRA fields: r=2.5 / '4' / None reach torch or peft "
-    "internals (TypeError 'empty(): argument size...' or \"'<=' not supported\") without naming r "
-    "(hf_lowrank/peft_configs/fisher_lora/config.py, _validate_fisher_fields)",
-)
 @pytest.mark.parametrize("r", [2.5, "4", None])
 def test_fisher_lora_rejects_non_integer_r(r):
     _expect_clear(lambda: get_peft_model(fresh_model(), FisherLoRAConfig(r=r, target_modules=["q_proj"])), ["r"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FisherLoRAConfig accepts lora_alpha=nan/inf; the LoRA scale is then non-finite and the forward of the "
-    "fresh adapter is NaN (0 * inf) (hf_lowrank/peft_configs/fisher_lora/config.py)",
-)
 @pytest.mark.parametrize("alpha", [math.nan, math.inf])
 def test_fisher_lora_rejects_non_finite_alpha(alpha):
     def call():
@@ -566,11 +579,6 @@ def test_target_modules_validated(call):
     _expect_clear(call, ["target_modules"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WeLore rank_pattern keys are used as regexes unchecked: {'(': 2} raises re.error at get_peft_model "
-    "(hf_lowrank/peft_configs/welore/config.py should compile the keys; spectra.match_rank_pattern)",
-)
 def test_welore_rank_pattern_bad_regex():
     _expect_clear(
         lambda: get_peft_model(fresh_model(), WeLoreLRCConfig(rank_pattern={"(": 2}, progress=False)),
@@ -578,14 +586,6 @@ def test_welore_rank_pattern_bad_regex():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WeLore: an unreachable target BELOW the smallest non-zero reduction (nlrc='keep': a layer only counts "
-    "once its rank drops under lrc_ratio * full) says 'the most WeLore can remove ... is 98.18%. Lower reduction', "
-    "the opposite of the fix; same message when pinned ranks leave a gap (rank_pattern={'up_proj|down_proj': 10}, "
-    "30% refused although dropping one k_proj to rank 15 gives 30.3%) "
-    "(hf_lowrank/peft_configs/welore/spectra.py, welore_allocation)",
-)
 @pytest.mark.parametrize(
     "kwargs", [{"reduction": 0.01}, {"reduction": 0.3, "rank_pattern": {"up_proj|down_proj": 10}}], ids=["1%", "gap"]
 )
@@ -599,12 +599,6 @@ def test_welore_unreachable_reduction_message_gives_the_right_fix(kwargs):
         return
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SPSFTConfig does not validate target_modules / layers_to_transform: a broken regex raises re.error and "
-    "layers_to_transform='a' raises \"TypeError: 'in <string>' requires string\" inside peft "
-    "(hf_lowrank/peft_configs/spsft/config.py, __post_init__)",
-)
 @pytest.mark.parametrize(
     "kwargs, field",
     [({"target_modules": "("}, "target_modules"), ({"layers_to_transform": "a"}, "layers_to_transform")],
@@ -630,22 +624,10 @@ def test_compress_model_dtype_option_gives_a_usable_model():
         assert bool(torch.isfinite(model(input_ids=IDS).logits).all())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WeLoreLRCConfig(rank_map={}) is accepted and get_peft_model then divides by zero (ZeroDivisionError in "
-    "WeLoreModel._allocation_from_config: total = 0 full ranks); reject an empty rank_map in the config "
-    "(hf_lowrank/peft_configs/welore/config.py or model.py)",
-)
 def test_welore_empty_rank_map():
     _expect_clear(lambda: get_peft_model(fresh_model(), WeLoreLRCConfig(rank_map={}, progress=False)), ["rank_map"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WeLoreLRCConfig(spectra_cache_dir='') is accepted and writes the spectra cache (<sha1>.safetensors "
-    "files) into the current working directory; treat '' as 'no disk cache' or reject it "
-    "(hf_lowrank/peft_configs/welore/spectra.py, default_spectra_cache: Path('') resolves to the CWD)",
-)
 def test_welore_empty_cache_dir_writes_nothing_to_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     try:
@@ -657,14 +639,6 @@ def test_welore_empty_cache_dir_writes_nothing_to_cwd(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir()), sorted(p.name for p in tmp_path.iterdir())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WeLore with nlrc='truncate' and a reduction reached by N-LRCs alone (0.1 or 0.3 on the tiny Llama: 0 "
-    "LRC, 14 truncated N-LRC) gives a PEFT model with 0 trainable parameters; a Trainer then fails with torch's "
-    "'element 0 of tensors does not require grad'. The 'no low-rank component' check in "
-    "WeLoreModel._pre_injection_hook only fires when the plan is empty; it should also fire (or warn) when no LRC "
-    "is left to fine-tune (hf_lowrank/peft_configs/welore/model.py)",
-)
 @pytest.mark.parametrize("reduction", [0.1, 0.3])
 def test_welore_truncate_without_lrc_has_something_to_train(reduction):
     config = WeLoreLRCConfig(nlrc="truncate", reduction=reduction, progress=False)

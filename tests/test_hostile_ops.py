@@ -6,9 +6,8 @@ WeLore reaching the closest reachable reduction, ranks inside their bounds) or r
 :class:`~hf_lowrank.ops.svd.SVDError` with a non-empty message that names the offending argument (or module). Any
 other exception type fails the test.
 
-Known bugs that the lead has not fixed yet are pinned by small explicit ``xfail(strict=True)`` tests at the end of
-each section, and the property tests step around exactly those inputs with ``assume`` (marked ``known bug``), so
-the suite stays green and an xfail flips to XPASS (a failure) once its bug is fixed.
+Bugs this suite found were pinned by small explicit ``xfail(strict=True)`` tests (and stepped around in the property
+tests) until they were fixed; none is left, so every input here is drawn and every case is a plain test.
 
 Examples are bounded and derandomized (``derandomize=True``) so that CI is deterministic and fast.
 """

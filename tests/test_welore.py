@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -123,10 +124,31 @@ def test_targets_matching_nothing_are_refused(planted, targets):
         get_peft_model(planted(), _cfg(target_modules=targets))
 
 
-def test_unreachable_reduction_names_the_maximum(planted):
+def test_unreachable_reduction_beyond_the_maximum_says_lower_it(planted):
+    with pytest.raises(ValueError, match=r"cannot be reached.*most WeLore can remove is .*Lower reduction to at most"):
+        welore_ranks_for_model(planted(), 0.99, progress=False)
+
+
+@pytest.mark.parametrize(
+    "reduction, kwargs, expect",
+    [
+        (0.6, {"lrc_ratio": 0.05}, r"between the reachable reductions ([\d.]+)% \(below\) and ([\d.]+)% \(above\)"),
+        (0.01, {}, r"smallest reduction WeLore reaches is ([\d.]+)%.*Raise reduction to at least"),
+    ],
+    ids=["gap", "below-the-first-step"],
+)
+def test_unreachable_reduction_names_what_is_reachable(planted, reduction, kwargs, expect):
+    """Inside the range the message must not say "lower reduction", and the reductions it names must be reachable."""
     model = planted()
-    with pytest.raises(ValueError, match="cannot be reached.*most WeLore can remove"):
-        welore_ranks_for_model(model, 0.6, progress=False, lrc_ratio=0.05)
+    with pytest.raises(ValueError) as info:
+        welore_ranks_for_model(model, reduction, progress=False, **kwargs)
+    msg = str(info.value)
+    assert "Lower reduction" not in msg, msg
+    found = re.search(expect, msg)
+    assert found, msg
+    for share in found.groups():
+        _, alloc = welore_ranks_for_model(model, float(share) / 100, progress=False, **kwargs)
+        assert abs(alloc.achieved_reduction - float(share) / 100) <= 0.005
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,10 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _is_keep(x) -> bool:
     return isinstance(x, float) and 0 < x <= 1
 
@@ -112,9 +116,39 @@ class FisherLoRAConfig(LoraConfig):
     )
 
     def __post_init__(self):
+        self._validate_lora_fields()  # before peft's own __post_init__, which does not check them
         super().__post_init__()
         self.peft_type = ensure_peft_type("FISHER_LORA")
         self._validate_fisher_fields()
+
+    def _validate_lora_fields(self) -> None:
+        """The inherited LoRA fields whose bad values peft only meets deep in torch (or never).
+
+        ``r`` sizes the adapter tensors (a float, a string or None fails inside ``torch.empty`` or a comparison,
+        without naming ``r``); ``lora_alpha`` sets the scale ``lora_alpha / r`` (NaN or inf make the fresh adapter's
+        output ``0 * inf = NaN``, and its Fisher useless). The per-module ``rank_pattern`` / ``alpha_pattern`` follow
+        the same rules.
+        """
+        if not (_is_int(self.r) and self.r >= 1):
+            raise ValueError(f"r (the LoRA rank) must be a positive int, e.g. r=8; got {self.r!r}.")
+        if not _is_finite_number(self.lora_alpha):
+            raise ValueError(
+                f"lora_alpha must be a finite number (the LoRA scale is lora_alpha / r; e.g. lora_alpha=2 * r), got "
+                f"{self.lora_alpha!r}."
+            )
+        checks = (
+            ("rank_pattern", "a positive int rank (like r)", lambda v: _is_int(v) and v >= 1),
+            ("alpha_pattern", "a finite number (like lora_alpha)", _is_finite_number),
+        )
+        for name, rule, ok in checks:
+            pattern = getattr(self, name, None)
+            if pattern is None:
+                continue
+            if not isinstance(pattern, dict):
+                raise ValueError(f"{name} must be a dict {{module key: value}}, got {type(pattern).__name__}.")
+            for key, value in pattern.items():
+                if not ok(value):
+                    raise ValueError(f"{name}[{key!r}] must be {rule}, got {value!r}.")
 
     def _validate_fisher_fields(self) -> None:
         if self.compress_rank is not None and self.compress_keep is not None:

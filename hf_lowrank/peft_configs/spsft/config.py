@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -13,6 +14,45 @@ __all__ = ["DEFAULT_R", "IMPORTANCE_METHODS", "SPSFTConfig"]
 
 IMPORTANCE_METHODS = ("l2", "taylor", "qm_taylor")
 DEFAULT_R = 8
+
+
+def _check_module_spec(field_name: str, value) -> None:
+    """``target_modules`` / ``exclude_modules``: None, a regex string that compiles, or a collection of names.
+
+    Checked here so that a broken regex or a wrong type fails when the config is made, naming the field, rather than
+    as ``re.error`` or a ``TypeError`` deep inside peft's module matching.
+    """
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(
+                f"SPSFTConfig.{field_name}={value!r} is not a valid regular expression ({exc}). A string is matched "
+                "as a regex against full module names; pass a list of names (e.g. ['q_proj', 'v_proj']) instead, or "
+                "escape the special characters."
+            ) from None
+        return
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return
+    raise ValueError(
+        f"SPSFTConfig.{field_name} must be None, a regex string or a list of module names (e.g. ['q_proj', 'v_proj'])"
+        f", got {type(value).__name__} {value!r}."
+    )
+
+
+def _check_layers_to_transform(value) -> None:
+    """``layers_to_transform``: None, a layer index, or a list of layer indices (non-negative ints)."""
+    if value is None:
+        return
+    items = [value] if not isinstance(value, (list, tuple)) else list(value)
+    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+    if bad:
+        raise ValueError(
+            f"SPSFTConfig.layers_to_transform must be a layer index or a list of layer indices (ints >= 0, e.g. "
+            f"[0, 1]), got {value!r}."
+        )
 
 
 @dataclass
@@ -73,7 +113,7 @@ class SPSFTConfig(PeftConfig):
     )
     layers_to_transform: Union[list[int], int] | None = field(
         default=None,
-        metadata={"help": "Only adapt the layers with these indices (as in LoRA)."},
+        metadata={"help": "Only adapt the layers with these indices (an int >= 0 or a list of them, as in LoRA)."},
     )
     layers_pattern: Union[list[str], str] | None = field(
         default=None,
@@ -123,10 +163,23 @@ class SPSFTConfig(PeftConfig):
                 f"Unknown SPSFT importance {self.importance!r}; choose one of {', '.join(IMPORTANCE_METHODS)} "
                 "('l2' needs no data)."
             )
-        if isinstance(self.target_modules, list):
+        _check_module_spec("target_modules", self.target_modules)
+        _check_module_spec("exclude_modules", self.exclude_modules)
+        _check_layers_to_transform(self.layers_to_transform)
+        lp = self.layers_pattern
+        if lp is not None and not (
+            isinstance(lp, str) or (isinstance(lp, (list, tuple)) and all(isinstance(p, str) for p in lp))
+        ):
+            raise ValueError(
+                f"SPSFTConfig.layers_pattern must be None, a string or a list of strings naming the layer list (e.g. "
+                f"'layers'), got {self.layers_pattern!r}."
+            )
+        if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
+        if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(
                 "SPSFTConfig.layers_pattern only applies together with layers_to_transform; pass layers_to_transform "

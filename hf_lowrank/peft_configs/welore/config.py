@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Union
@@ -94,7 +96,8 @@ class WeLoreLRCConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Folder caching singular values on disk (keyed by a hash of each weight) so that a later "
-            "get_peft_model of the same model skips the SVDs; None: memory only (or $HF_LOWRANK_SPECTRA_CACHE)."
+            "get_peft_model of the same model skips the SVDs; None: $HF_LOWRANK_SPECTRA_CACHE when set, else memory "
+            "only; '': memory only, whatever the environment says (never the current directory)."
         },
     )
     progress: bool = field(
@@ -148,9 +151,33 @@ class WeLoreLRCConfig(PeftConfig):
         if not isinstance(self.rank_pattern, dict):
             raise ValueError(f"rank_pattern must be a dict {{regex: rank}}, got {type(self.rank_pattern).__name__}.")
         for key, rank in self.rank_pattern.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(
+                    f"rank_pattern keys must be non-empty regex strings matched against the end of module names "
+                    f"(e.g. 'q_proj' or 'up_proj|down_proj'), got the key {key!r}."
+                )
+            try:
+                re.compile(rf"(.*\.)?({key})$")  # the form match_rank_pattern uses
+            except re.error as exc:
+                raise ValueError(
+                    f"rank_pattern key {key!r} is not a valid regular expression ({exc}); escape special characters "
+                    "(re.escape) or fix the pattern."
+                ) from None
             if not _is_int(rank) or rank < 1:
                 raise ValueError(f"rank_pattern['{key}'] must be a positive int rank, got {rank!r}.")
+        sc = self.spectra_cache_dir
+        if sc is not None and not isinstance(sc, (str, os.PathLike)):
+            raise ValueError(
+                f"spectra_cache_dir must be None, '' (no disk cache) or a folder path, got {type(sc).__name__} {sc!r}."
+            )
+        if isinstance(sc, os.PathLike):
+            self.spectra_cache_dir = os.fspath(sc)  # a str, so that adapter_config.json stays serialisable
         if self.rank_map is not None:
+            if isinstance(self.rank_map, dict) and not self.rank_map:
+                raise ValueError(
+                    "rank_map is empty: it is written by get_peft_model (one rank per target module), so pass "
+                    "rank_map=None to have it resolved, or a non-empty mapping {module name: rank}."
+                )
             if not isinstance(self.rank_map, dict) or not all(
                 _is_int(v) and v >= 1 for v in self.rank_map.values()
             ):

@@ -101,6 +101,15 @@ class WeLoreModel(BaseTuner):
                 f"WeLore at reduction {config.reduction} leaves every target layer dense (no low-rank component): "
                 "raise reduction or lrc_ratio."
             )
+        if fresh and not alloc.lrc:
+            # nlrc='truncate' can reach the reduction by cutting N-LRCs alone; they are frozen, so the PEFT model
+            # would have nothing to train (a Trainer then fails with "element 0 of tensors does not require grad").
+            raise ValueError(
+                f"WeLore at reduction {config.reduction} with nlrc='truncate' reaches its target by truncating "
+                f"{len(plan)} non-low-rank components alone (frozen) and leaves no low-rank component (LRC) to "
+                f"fine-tune: a layer is an LRC when its kept rank is below lrc_ratio * min(out, in) (lrc_ratio="
+                f"{config.lrc_ratio}). Raise reduction, raise lrc_ratio, or use nlrc='keep' (only LRCs remove ranks)."
+            )
         self._welore_plan = plan
         self._welore_fresh = fresh
         self._welore_fisher = (row_fisher, col_fisher)

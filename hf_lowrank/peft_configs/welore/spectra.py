@@ -93,14 +93,14 @@ class SpectraCache:
     """Singular values keyed by :func:`weight_fingerprint`, in memory and optionally on disk.
 
     Args:
-        directory: folder for one ``<fingerprint>.safetensors`` file per spectrum (written atomically); ``None``
-            keeps spectra in memory only.
+        directory: folder for one ``<fingerprint>.safetensors`` file per spectrum (written atomically); ``None`` or
+            ``""`` keeps spectra in memory only (``Path("")`` would be the current directory, which nobody means).
         max_entries: bound on the in-memory entries (oldest dropped first); spectra are small (``min(out, in)``
             floats each), the default holds those of several 7B models.
     """
 
     def __init__(self, directory: str | os.PathLike | None = None, max_entries: int = 100_000) -> None:
-        self.directory = Path(directory) if directory is not None else None
+        self.directory = None if directory is None or directory == "" else Path(directory)
         self.max_entries = int(max_entries)
         self._memory: dict[str, torch.Tensor] = {}
         self.hits = 0
@@ -160,9 +160,16 @@ _DEFAULT_CACHES: dict[str | None, SpectraCache] = {}
 
 
 def default_spectra_cache(directory: str | os.PathLike | None = None) -> SpectraCache:
-    """The process-wide cache for ``directory`` (default: ``$HF_LOWRANK_SPECTRA_CACHE``, else memory only)."""
+    """The process-wide cache for ``directory``.
+
+    ``None`` (default): ``$HF_LOWRANK_SPECTRA_CACHE`` when set, else memory only. ``""``: memory only, whatever the
+    environment says (an explicit "no disk cache"; ``Path("")`` would otherwise resolve to the current directory and
+    scatter ``<hash>.safetensors`` files there).
+    """
     if directory is None:
         directory = os.environ.get(SPECTRA_CACHE_ENV) or None
+    elif directory == "":
+        directory = None
     key = None if directory is None else str(Path(directory).expanduser().resolve())
     if key not in _DEFAULT_CACHES:
         _DEFAULT_CACHES[key] = SpectraCache(key)
@@ -330,7 +337,16 @@ def match_rank_pattern(rank_pattern: Mapping[str, int] | None, name: str) -> int
     """Rank pinned for module ``name`` by ``rank_pattern`` (peft's convention: a key matches a module whose full name
     ends with it, as a regular expression on dot boundaries; the first matching key wins)."""
     for key, rank in (rank_pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if not isinstance(key, str):
+            raise ValueError(f"rank_pattern keys must be regex strings, got the key {key!r}.")
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", name)
+        except re.error as exc:
+            raise ValueError(
+                f"rank_pattern key {key!r} is not a valid regular expression ({exc}); escape special characters "
+                "(re.escape) or fix the pattern."
+            ) from None
+        if hit:
             return int(rank)
     return None
 
@@ -341,6 +357,64 @@ def _validate_reduction(reduction: float) -> None:
             f"reduction must be a fraction in (0, 1): the share of the target layers' ranks to remove (e.g. 0.3), "
             f"got {reduction!r}."
         )
+
+
+def _unreachable_message(
+    reduction: float,
+    *,
+    below: float,
+    above: float | None,
+    most: float,
+    ceiling: float,
+    pinned_share: float | None,
+    lrc_ratio: float,
+    nlrc: str,
+) -> str:
+    """Why ``reduction`` cannot be reached, and the fix in the right direction.
+
+    Three cases: the target is beyond the most WeLore can remove (lower it; ``ceiling`` is what cutting every free
+    layer to rank 1 would remove, reached when every layer counts); it is below the smallest non-zero
+    reduction (with ``nlrc="keep"`` a layer removes nothing until its rank drops under ``lrc_ratio * min(out, in)``,
+    so the first layer to count removes more than ``1 - lrc_ratio`` of its rank at once: raise the target, or
+    raise ``lrc_ratio`` for smaller steps); or it falls in a gap between two
+    reachable reductions (typically left by ``rank_pattern`` pins): name both sides.
+    """
+    head = f"reduction {reduction:.2%} cannot be reached on these targets with lrc_ratio={lrc_ratio} and nlrc={nlrc!r}"
+    steps = (
+        ""
+        if nlrc == "truncate"
+        else " (with nlrc='keep' a layer removes no rank until its rank drops below lrc_ratio * min(out, in), so the "
+        "reduction moves in steps)"
+    )
+    pins = (
+        f"; the rank_pattern pins alone remove {pinned_share:.2%} (pin other ranks to shift the steps)"
+        if pinned_share is not None
+        else ""
+    )
+    finer = "raise lrc_ratio (up to 1.0, where every removed rank counts)" + (
+        " or use nlrc='truncate'" if nlrc == "keep" else ""
+    )
+    if above is None or reduction > most:
+        why = (
+            f" (every layer already keeps a single rank{', pinned ones their pinned rank' if pinned_share else ''})"
+            if most >= ceiling - 1e-9
+            else " (with nlrc='keep' a layer removes no rank unless its rank drops below lrc_ratio * min(out, in))"
+        )
+        more = f", or {finer}" if most < ceiling - 1e-9 else ""
+        return (
+            f"{head}: the most WeLore can remove is {most:.2%}{why}{pins}. Lower reduction to at most {most:.2%}"
+            f"{more}."
+        )
+    if below * 1e6 < 1:  # nothing reachable under the target but 0
+        return (
+            f"{head}: the smallest reduction WeLore reaches is {above:.2%}, above the target{steps}{pins}. Raise "
+            f"reduction to at least {above:.2%}, or raise lrc_ratio (up to 1.0, where every removed rank counts) so "
+            "that smaller steps count."
+        )
+    return (
+        f"{head}: it falls in a gap between the reachable reductions {below:.2%} (below) and {above:.2%} (above)"
+        f"{steps}{pins}. Set reduction to at most {below:.2%} or at least {above:.2%}, or {finer} for finer steps."
+    )
 
 
 def welore_allocation(
@@ -477,6 +551,7 @@ def welore_allocation(
         if ranks_a[n] > 1:
             heapq.heappush(heap, (float(norm[n][ranks_a[n] - 1]), n))
     best_ranks, best_got, threshold = ranks_a, got_a, float(cands[lo])
+    got_above: int | None = None  # the smallest removal above the target that one threshold step further reaches
     # candidate B: from above the step, give ranks back to LRCs that stay LRC (largest removed value first)
     if lo + 1 < len(cands) and abs(target_removed - got_a) >= 0.5:
         r_hi = ranks_at(float(cands[lo + 1]))
@@ -495,6 +570,7 @@ def welore_allocation(
             got_b -= 1
             if can_grow(n):
                 heapq.heappush(heap_b, (-float(norm[n][ranks_b[n]]), n))
+        got_above = got_b
         if abs(got_b - target_removed) < abs(best_got - target_removed):
             best_ranks, best_got, threshold = ranks_b, got_b, float(cands[lo + 1])
     threshold_ranks = {**best_ranks, **pinned}
@@ -506,11 +582,17 @@ def welore_allocation(
     achieved = sum(full[n] - ranks[n] for n in names) / total
     attempted = sum(full[n] - threshold_ranks[n] for n in names) / total
     if abs(achieved - reduction) * total > max(0.5, 0.005 * total) and achieved < reduction:
-        most = removed(ranks_at(math.inf)) / total
         raise ValueError(
-            f"reduction {reduction:.2%} cannot be reached on these targets: the most WeLore can remove with "
-            f"lrc_ratio={lrc_ratio} and nlrc={nlrc!r} is {most:.2%}. Lower reduction, raise lrc_ratio, or use "
-            "nlrc='truncate'."
+            _unreachable_message(
+                reduction,
+                below=achieved,
+                above=None if got_above is None else got_above / total,
+                most=removed(ranks_at(math.inf)) / total,
+                ceiling=sum(full[n] - pinned.get(n, 1) for n in names) / total,
+                pinned_share=pinned_removed / total if pinned else None,
+                lrc_ratio=lrc_ratio,
+                nlrc=nlrc,
+            )
         )
     if abs(achieved - reduction) > 0.005:
         logger.warning(
