@@ -24,6 +24,7 @@ from .compression.residual import (
     load_residual,
     save_residual_on_save,
 )
+from .distributed import gather_full_model, is_fsdp_model
 from .modules import LowRankLinear
 from .peft_configs.fisher_lora import (
     FisherLoRAConfig,
@@ -66,6 +67,8 @@ __all__ = [
     "export_residual_as_lora",
     "export_spsft_as_lora",
     "find_target_linears",
+    "gather_full_model",
+    "is_fsdp_model",
     "load_compressed",
     "load_residual",
     "save_compressed",

@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..distributed import barrier, gather_full_model, is_fsdp_model
 from ..peft_configs.fisher_lora.fisher import (
     FisherCollector,
     FisherState,
@@ -214,12 +215,22 @@ class CompressOnSaveCallback(TrainerCallback):
             self._write(args, model, Path(args.output_dir) / self.output_subdir, kwargs.get("processing_class"))
 
     def _write(self, args, model, folder: Path, tokenizer) -> None:
+        """Every process calls this (the Fisher reduction and the FSDP gather are collectives); the main process
+        writes; the others wait for it, so the folder is complete wherever training goes on."""
+        self._write_on_main(args, model, folder, tokenizer)
+        barrier()
+
+    def _write_on_main(self, args, model, folder: Path, tokenizer) -> None:
+        from ..peft_configs.fisher_lora.fisher import unwrap_model
+
         if self.method == "ere":
             from ..compression.residual import save_residual_on_save
 
             while hasattr(model, "module") and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
                 model = model.module
-            if getattr(args, "should_save", True):
+            if is_fsdp_model(model):  # full weights on the main process only (a collective)
+                model = gather_full_model(unwrap_model(model))
+            if model is not None and getattr(args, "should_save", True):
                 ere_kwargs = dict(self.method_kwargs)
                 if self.rank is not None:  # `rank` is the ERE prior (average) rank
                     ere_kwargs.setdefault("rank", self.rank)
@@ -235,16 +246,16 @@ class CompressOnSaveCallback(TrainerCallback):
             save_compressed_model,
             shared_weight_copy,
         )
-        from ..peft_configs.fisher_lora.fisher import unwrap_model
 
         fisher = resolve_fisher(self.fisher) if self.method == "fwsvd" else None  # collective under DDP
-        if not getattr(args, "should_save", True):
+        gathered = gather_full_model(unwrap_model(model)) if is_fsdp_model(model) else model  # FSDP: a collective
+        if gathered is None or not getattr(args, "should_save", True):
             return
         progress = not getattr(args, "disable_tqdm", False)
-        lora, _ = lora_linear_modules(model)
+        lora, _ = lora_linear_modules(gathered)
         if lora:
             compressed, report = compress_peft_model(
-                model, fisher=fisher, fisher_source=None if fisher is not None else "none", rank=self.rank,
+                gathered, fisher=fisher, fisher_source=None if fisher is not None else "none", rank=self.rank,
                 keep=self.keep, rank_pattern=self.rank_pattern, weighting=self.weighting, progress=progress,
                 **self.method_kwargs,
             )
@@ -253,7 +264,7 @@ class CompressOnSaveCallback(TrainerCallback):
                 raise ValueError("CompressOnSaveCallback on a model without adapters needs rank=, keep= or "
                                  "rank_pattern=.")
             ranks = self.rank_pattern or (self.rank if self.rank is not None else self.keep)
-            compressed = shared_weight_copy(unwrap_model(model))
+            compressed = shared_weight_copy(unwrap_model(gathered))
             if fisher is not None:
                 report = compress_with_fisher(
                     compressed, fisher, ranks, weighting=self.weighting or "two_sided", progress=progress,

@@ -25,9 +25,15 @@ back-propagated (the Trainer divides it by the number of accumulation steps or t
 in the Fisher weights (:func:`hf_lowrank.ops.fisher.fisher_weights` normalises by the mean). An fp16 loss scale is
 divided out when the collector knows the ``GradScaler`` (``LowRankTrainer`` sets it).
 
-Distributed training: each process accumulates the gradients of its own micro-batches (the hooks fire before DDP's
-all-reduce). :meth:`FisherCollector.reduced_state` sums the processes' states (a collective call: every process
-must call it) and is what compression uses.
+Distributed training (DDP): each process accumulates the gradients of its own micro-batches (the hooks fire before
+DDP's all-reduce). What is squared is each micro-batch's contribution to the gradient the optimizer applies: DDP
+averages the processes' gradients, so a process's local gradient is divided by the world size before squaring.
+With that, the Fisher does not depend on how the micro-batches of a global batch are spread over processes: 2
+processes with 1 micro-batch each give the Fisher of 1 process with 2 accumulation steps over the same batches (the
+Trainer's loss normalisation, by accumulation steps or by tokens across devices, agrees in both). The world size is
+read when the hooks are attached (``torch.distributed``, initialised by ``accelerate launch`` / ``torchrun`` before
+the Trainer is built). :meth:`FisherCollector.reduced_state` sums the processes' states (a collective call: every
+process must call it) and is what compression uses.
 """
 
 from __future__ import annotations
@@ -322,6 +328,12 @@ def _full_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
     return {name.removesuffix(".base_layer"): m for name, m in found.items()}
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _batch_size(args: tuple, kwargs: dict) -> int:
     for key in ("input_ids", "inputs_embeds", "pixel_values", "input_features", "labels"):
         value = kwargs.get(key)
@@ -362,6 +374,7 @@ class FisherCollector:
         # temporaries). True / False force one of the two paths.
         self.sync_free: bool | None = None
         self._inv_scale: float | None = None
+        self._world_size = 1  # DDP: local gradients are divided by it (see the module docstring)
         self._skip: dict[str, torch.Tensor] = {}
         self._handles: list = []
         self._unfrozen: list[nn.Parameter] = []
@@ -410,9 +423,19 @@ class FisherCollector:
         """
         if self._model is model:
             return self
+        from ...distributed import is_fsdp_model
+
+        if is_fsdp_model(model):
+            raise NotImplementedError(
+                "Fisher collection under FSDP is not supported: FSDP reduce-scatters each gradient across processes "
+                "before a parameter hook sees it, so the per-micro-batch squares that make the empirical Fisher are "
+                "lost. Train FisherLoRA with DDP (the adapters are small; `accelerate launch` without FSDP), or "
+                "collect the Fisher in a separate DDP or single-process pass with FisherCollector."
+            )
         if self._model is not None:
             self.detach()
         params = self._params(model)
+        self._world_size = _world_size()
         for key, p in params.items():
             acc = self.state.tensors.get(key)
             if acc is not None and tuple(acc.shape) != tuple(p.shape):
@@ -470,19 +493,18 @@ class FisherCollector:
     @torch.no_grad()
     def _accumulate(self, key: str, grad: torch.Tensor) -> None:
         g = grad.detach()
-        if self._inv_scale is not None:
-            g = g.float() * self._inv_scale
+        scale = (self._inv_scale if self._inv_scale is not None else 1.0) / self._world_size
         acc = self.state.tensors[key]
         if not (self.sync_free if self.sync_free is not None else g.device.type != "cpu"):
             # Host: checking finiteness costs no synchronisation, and no gradient-sized temporary is allocated
             # (temporaries interleaved with the backward's own buffers fragment the CPU heap).
             if bool(torch.isfinite(torch.linalg.vector_norm(g))):
-                acc.addcmul_(g, g)
+                acc.addcmul_(g, g, value=scale * scale)
             else:
                 self._skip[key] += 1
             return
         # Accelerator: no host synchronisation per hook; a non-finite (or overflowing) square is masked to zero.
-        sq = g.float().square()
+        sq = (g.float() * scale).square() if scale != 1.0 else g.float().square()
         ok = torch.isfinite(sq.sum())
         acc.add_(sq.masked_fill_(~ok, 0.0).to(acc.device))
         skip = self._skip[key]
@@ -578,7 +600,7 @@ class FisherCollector:
         state = self.snapshot().clone()
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if _world_size() == 1:
             return state
         for key in sorted(state.tensors):
             dist.all_reduce(state.tensors[key], op=dist.ReduceOp.SUM)

@@ -1,0 +1,137 @@
+"""Multi-process glue: which process writes, waiting for it, and gathering FSDP-sharded weights for compression.
+
+DDP (``accelerate launch`` / ``torchrun`` with the Trainer) keeps a full replica on every process, so compression
+works on the main process's replica; only the Fisher has to be combined (``FisherCollector.reduced_state``).
+FSDP shards the weights, so compressing needs them gathered first: :func:`gather_full_model` is a collective that
+gives the main process an unsharded CPU copy of a transformers model (FSDP2 ``fully_shard`` or FSDP1
+``FullyShardedDataParallel``) and the other processes ``None``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+__all__ = ["barrier", "gather_full_model", "is_fsdp_model", "is_main_process", "world_size"]
+
+logger = logging.getLogger(__name__)
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def world_size() -> int:
+    """Number of processes (1 without an initialised process group)."""
+    dist = _dist()
+    return dist.get_world_size() if dist is not None else 1
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (and without a process group)."""
+    dist = _dist()
+    return dist is None or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
+    dist = _dist()
+    if dist is not None and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _fsdp_classes() -> tuple[type, ...]:
+    classes: list[type] = []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        classes.append(FSDPModule)
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        pass
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        classes.append(FullyShardedDataParallel)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(classes)
+
+
+def is_fsdp_model(model: nn.Module) -> bool:
+    """Whether any submodule of ``model`` is sharded by FSDP (FSDP2 ``fully_shard`` or FSDP1)."""
+    classes = _fsdp_classes()
+    return bool(classes) and any(isinstance(m, classes) for m in model.modules())
+
+
+def _original_class(model: nn.Module) -> type:
+    """The model's own class: FSDP2 swaps in a subclass ``FSDP<Name>(FSDPModule, <Name>)``; FSDP1 wraps."""
+    fsdp1 = [c for c in _fsdp_classes() if c.__name__ == "FullyShardedDataParallel"]
+    while fsdp1 and isinstance(model, fsdp1[0]):
+        model = model.module
+    cls = type(model)
+    fsdp2 = [c for c in _fsdp_classes() if c.__name__ == "FSDPModule"]
+    while fsdp2 and issubclass(cls, fsdp2[0]):
+        cls = next(b for b in cls.__bases__ if not issubclass(b, fsdp2[0]))
+    return cls
+
+
+def gather_full_model(model: nn.Module) -> nn.Module | None:
+    """An unsharded CPU copy of an FSDP-sharded transformers model on the main process; ``None`` on the others.
+
+    A collective: every process must call it (at the same point). The full state dict is gathered to the main
+    process on the CPU (``torch.distributed.checkpoint.state_dict.get_model_state_dict`` with
+    ``full_state_dict=True, cpu_offload=True``), so the accelerators never hold the whole model; the copy is built
+    from ``model.config`` on the meta device and takes the gathered tensors. A model that is not sharded is
+    returned as it is, on every process.
+
+    Raises:
+        TypeError: the sharded model is not a transformers ``PreTrainedModel`` (nothing to rebuild it from), e.g. a
+            ``PeftModel`` under FSDP: merge or save the adapter with the Trainer, or train with DDP.
+    """
+    if not is_fsdp_model(model):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    cls = _original_class(model)
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(cls, "_from_config"):
+        raise TypeError(
+            f"gather_full_model rebuilds transformers models from their config, but the FSDP-sharded model is a "
+            f"{cls.__name__}. Compress a PreTrainedModel (full fine-tuning), or train adapters with DDP, where "
+            "each process holds the whole model."
+        )
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main_process():
+        return None
+    dtype = next(iter(state.values())).dtype if state else torch.float32
+    with torch.device("meta"):
+        copy = cls._from_config(config, dtype=dtype)
+    missing, unexpected = copy.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(copy, "_tied_weights_keys", None) or {})
+    really_missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+    if really_missing or unexpected:
+        raise RuntimeError(
+            f"The gathered state dict does not fit {cls.__name__}: missing {really_missing[:3]}, unexpected "
+            f"{unexpected[:3]}."
+        )
+    if hasattr(copy, "tie_weights"):
+        copy.tie_weights()
+    # Non-persistent buffers (rotary inv_freq) are not in the state dict; FSDP does not shard buffers, so each
+    # process has them whole: take the main process's.
+    sources = {_strip_fsdp_prefix(n): b for n, b in model.named_buffers()}
+    for name, buf in list(copy.named_buffers()):
+        if buf.is_meta:
+            if name not in sources:
+                raise RuntimeError(f"buffer '{name}' was not restored; cannot rebuild the model for compression.")
+            owner_name, _, attr = name.rpartition(".")
+            owner = copy.get_submodule(owner_name) if owner_name else copy
+            owner._buffers[attr] = sources[name].detach().to("cpu").clone()
+    return copy.train(model.training)
+
+
+def _strip_fsdp_prefix(name: str) -> str:
+    return ".".join(p for p in name.split(".") if p not in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module"))

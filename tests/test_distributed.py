@@ -1,0 +1,171 @@
+"""Multi-process training on the CPU: 2 processes (torchrun, gloo) against 1 process over the same global batches.
+
+``tests/distributed_worker.py`` trains FisherLoRA (LowRankTrainer; and plain Trainer + callbacks), WeLore, SPSFT and
+a full fine-tuning saved as an ERE residual, once under DDP with 2 processes of 2 sequences each and once in one
+process with 2 accumulation steps of 2 sequences; and a full fine-tuning sharded with FSDP2 ``fully_shard`` (gloo
+runs it on the CPU), compressed on save from the gathered weights. DDP averages the two processes' gradients where one process sums
+its two accumulated micro-batches, so the optimizer sees the same gradient, and the Fisher, which squares each
+micro-batch's contribution, must be the same too: the acceptance is 1e-5 relative, and the same compressed model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.multiprocess
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+TIMEOUT = 600
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Launch the 2-process and the 1-process run side by side; return their output folders."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    root = tmp_path_factory.mktemp("ddp")
+    d2, d1 = root / "ddp2", root / "single"
+    logs = {name: open(root / f"{name}.log", "w") for name in ("ddp2", "single")}  # noqa: SIM115
+    ddp = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+         "--out", str(d2)],
+        stdout=logs["ddp2"], stderr=subprocess.STDOUT, env=_env(),
+    )
+    single = subprocess.Popen(
+        [sys.executable, str(WORKER), "--out", str(d1), "--grad-accum", "2"],
+        stdout=logs["single"], stderr=subprocess.STDOUT, env=_env(),
+    )
+    try:
+        codes = {"ddp2": ddp.wait(TIMEOUT), "single": single.wait(TIMEOUT)}
+    finally:
+        for proc in (ddp, single):
+            if proc.poll() is None:
+                proc.kill()
+        for f in logs.values():
+            f.close()
+    for name, code in codes.items():
+        if code != 0:
+            tail = (root / f"{name}.log").read_text()[-4000:]
+            pytest.fail(f"the {name} run exited with {code}:\n{tail}")
+    return d1, d2
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / a.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("method", ["fisher_lora", "fisher_callbacks"])
+def test_ddp_fisher_equals_single_process(runs, method):
+    from hf_lowrank.peft_configs.fisher_lora import FisherState
+
+    d1, d2 = runs
+    single = FisherState.load(d1 / method / "compressed" / "fisher_state.safetensors")
+    ddp = FisherState.load(d2 / method / "compressed" / "fisher_state.safetensors")
+    assert sorted(single.tensors) == sorted(ddp.tensors) and len(single.tensors) == 12  # 6 Linears x (A, B)
+    for key, ref in single.tensors.items():
+        assert float(ref.abs().max()) > 0, key
+        assert _rel(ref, ddp.tensors[key]) < 1e-5, key
+    # Both saw 8 micro-batches of 2 sequences (4 steps x 2), counted over the processes.
+    assert (ddp.micro_batches, ddp.samples) == (single.micro_batches, single.samples) == (8, 16)
+    assert ddp.global_step == single.global_step == 4
+
+
+@pytest.mark.parametrize("method", ["fisher_lora", "fisher_callbacks", "fsdp"])
+def test_compressed_model_equals_single_process(runs, method):
+    """DDP: FWSVD with the reduced Fisher on the main process. FSDP: plain SVD of the weights gathered from 2 shards."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_lowrank import LowRankLinear  # importing hf_lowrank registers the loader of factorized checkpoints
+
+    d1, d2 = runs
+    models = [AutoModelForCausalLM.from_pretrained(d / method / "compressed").eval() for d in (d1, d2)]
+    factorized = [{n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)} for model in models]
+    assert factorized[0] == factorized[1] and set(factorized[0].values()) == {8}
+    assert len(factorized[0]) == (14 if method == "fsdp" else 6)  # all block Linears / the LoRA targets
+    modules = [dict(model.named_modules()) for model in models]
+    for name in factorized[0]:
+        # The rank-8 product (basis-free). The Fisher agrees to ~1e-7 (summation order); a truncated SVD amplifies
+        # that by 1 / (gap between the 8th and 9th singular values), which is small for random tiny weights.
+        w1, w2 = (m[name].up.weight @ m[name].down.weight for m in modules)
+        assert _rel(w1.detach(), w2.detach()) < 1e-4, name
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        l1, l2 = (model(input_ids=ids).logits for model in models)
+    assert _rel(l1, l2) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["welore", "spsft"])
+def test_ddp_adapter_training_equals_single_process(runs, method):
+    d1, d2 = runs
+    a1, a2 = (load_file(d / method / "adapter" / "adapter_model.safetensors") for d in (d1, d2))
+    assert sorted(a1) == sorted(a2) and a1
+    for key in a1:
+        if a1[key].is_floating_point():
+            assert _rel(a1[key], a2[key]) < 1e-6, key
+        else:  # SPSFT's row indices
+            assert torch.equal(a1[key], a2[key]), key
+
+
+def test_ddp_full_finetune_ere_residual(runs):
+    from hf_lowrank import decode_residual
+    from tests.distributed_worker import base_model
+
+    d1, d2 = runs
+    f1, f2 = (load_file(d / "ere" / "full" / "model.safetensors") for d in (d1, d2))
+    for key in f1:
+        assert _rel(f1[key], f2[key]) < 1e-6, key
+    r1, r2 = (load_file(d / "ere" / "residual" / "residual.safetensors") for d in (d1, d2))
+    assert sorted(r1) == sorted(r2)
+    # The residual written by the main process rebuilds the DDP-trained model: closer to it than the base is.
+    base = base_model()
+    decoded = decode_residual(base, d2 / "ere" / "residual", progress=False).state_dict()
+    base_sd = base.state_dict()
+    for key, tuned in f2.items():
+        if key.endswith("proj.weight"):
+            delta = (tuned - base_sd[key]).norm()
+            assert delta > 0, key
+            assert (decoded[key] - tuned).norm() < 0.9 * delta, key
+
+
+def test_fsdp_residual_and_fisher_refusal(runs):
+    """FSDP2 on the CPU: the ERE residual of the gathered weights equals the 1-process one; Fisher collection on a
+    sharded model is refused with a message that gives the way out (DDP)."""
+    from hf_lowrank import decode_residual
+    from tests.distributed_worker import base_model
+
+    d1, d2 = runs
+    decoded = [decode_residual(base_model(), d / "fsdp" / "residual", progress=False).state_dict() for d in (d1, d2)]
+    for key, ref in decoded[0].items():
+        assert _rel(ref, decoded[1][key]) < 1e-5, key
+    records = [json.loads((d2 / "fsdp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(rec["sharded"] for rec in records)
+    assert all("FSDP" in rec["fisher_error"] and "DDP" in rec["fisher_error"] for rec in records)
+    assert json.loads((d1 / "fsdp" / "rank0.json").read_text())["fisher_error"] is None
+
+
+@pytest.mark.parametrize("method", ["fisher_lora", "fisher_callbacks", "welore", "spsft", "ere", "fsdp"])
+def test_only_the_main_process_writes_and_losses_match(runs, method):
+    d1, d2 = runs
+    records = {r: json.loads((d2 / method / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert all(rec["world_size"] == 2 for rec in records.values())
+    assert records[0]["wrote"] is True and records[1]["wrote"] is False
+    single = json.loads((d1 / method / "rank0.json").read_text())
+    assert single["world_size"] == 1 and single["wrote"] is True
+    assert len(single["loss"]) == (3 if method == "fsdp" else 4)
+    assert records[0]["loss"] == pytest.approx(single["loss"], rel=1e-5)
