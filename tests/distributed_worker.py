@@ -26,6 +26,7 @@ import torch
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
 METHODS = ("fisher_lora", "fisher_callbacks", "welore", "spsft", "ere", "fsdp")
+GPU_METHODS = ("trainer_fsdp", "trainer_plain")  # need CUDA: accelerate runs FSDP only on accelerators
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -52,15 +53,17 @@ def base_model():
     return LlamaForCausalLM(config)
 
 
-def training_args(out: Path, grad_accum: int):
+def training_args(out: Path, grad_accum: int, **overrides):
     from transformers import TrainingArguments
 
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=grad_accum, max_steps=4,
         learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
 
 
 def run(method: str, out: Path, grad_accum: int) -> dict:
@@ -76,6 +79,8 @@ def run(method: str, out: Path, grad_accum: int) -> dict:
         WeLoreLRCConfig,
     )
 
+    if method in GPU_METHODS:
+        return run_trainer_gpu(method, out, grad_accum)
     args = training_args(out, grad_accum)
     data = Tokens()
     record: dict = {"method": method, "world_size": args.world_size, "process_index": args.process_index}
@@ -117,6 +122,28 @@ def run(method: str, out: Path, grad_accum: int) -> dict:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     record["loss"] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     return record
+
+
+def run_trainer_gpu(method: str, out: Path, grad_accum: int) -> dict:
+    """Full fine-tuning with the Trainer on CUDA, sharded by FSDP2 (``trainer_fsdp``) or not (``trainer_plain``), then
+    plain-SVD compression on save from the gathered weights."""
+    from transformers import Trainer
+
+    from hf_lowrank import CompressOnSaveCallback, is_fsdp_model
+
+    extra = {"use_cpu": False, "bf16": False}
+    if method == "trainer_fsdp":
+        extra.update(fsdp=True, fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                             "reshard_after_forward": True})
+    args = training_args(out, grad_accum, **extra)
+    svd = CompressOnSaveCallback("svd", rank=8, output_subdir="compressed")
+    trainer = Trainer(model=base_model(), args=args, train_dataset=Tokens(), callbacks=[svd])
+    trainer.train()
+    return {
+        "method": method, "world_size": args.world_size, "process_index": args.process_index,
+        "sharded": is_fsdp_model(trainer.model_wrapped), "wrote": svd.last_output_dir is not None,
+        "loss": [log["loss"] for log in trainer.state.log_history if "loss" in log],
+    }
 
 
 def run_fsdp(out: Path, args, record: dict) -> dict:
@@ -166,7 +193,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated: {METHODS + GPU_METHODS}")
     ns = parser.parse_args(argv)
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))

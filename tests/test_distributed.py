@@ -169,3 +169,32 @@ def test_only_the_main_process_writes_and_losses_match(runs, method):
     assert single["world_size"] == 1 and single["wrote"] is True
     assert len(single["loss"]) == (3 if method == "fsdp" else 4)
     assert records[0]["loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (accelerate runs FSDP only there)")
+def test_trainer_fsdp_compress_on_save_on_gpu(tmp_path):
+    """The GPU-only path: ``Trainer(fsdp=True)`` (FSDP2, one process per GPU, up to 2) shards the model, and
+    CompressOnSaveCallback gathers it for compression; the result equals an unsharded run's."""
+    from transformers import AutoModelForCausalLM
+
+    n = min(2, torch.cuda.device_count())
+    launches = {
+        "fsdp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), str(WORKER),
+                 "--out", str(tmp_path / "fsdp"), "--methods", "trainer_fsdp", "--grad-accum", str(2 // n)],
+        "plain": [sys.executable, str(WORKER), "--out", str(tmp_path / "plain"), "--methods", "trainer_plain",
+                  "--grad-accum", "2"],
+    }
+    for name, cmd in launches.items():
+        done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+        assert done.returncode == 0, f"{name}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
+    fsdp = json.loads((tmp_path / "fsdp" / "trainer_fsdp" / "rank0.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "trainer_plain" / "rank0.json").read_text())
+    assert fsdp["sharded"] and not plain["sharded"] and fsdp["wrote"] and plain["wrote"]
+    models = [
+        AutoModelForCausalLM.from_pretrained(tmp_path / k / f"trainer_{k}" / "compressed").eval() for k in launches
+    ]
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits = [m(input_ids=ids).logits for m in models]
+    assert _rel(logits[1], logits[0]) < 1e-3  # GPU reductions are not bit-reproducible across the two layouts

@@ -492,11 +492,22 @@ def test_cli_encode_info_decode_export(tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_encode_and_decode_on_cuda_match_cpu(llama_pair):
+    """Same ranks, and a CUDA encoding as faithful as the CPU one. The decoded weights are not bit-equal: cuSOLVER and
+    LAPACK may return singular vectors of other signs, and round-to-nearest quantization of ``U`` and ``-U`` errs
+    differently (measured on an H200: entries differ by up to 1e-3 on weights of about 0.05)."""
     base, ft = llama_pair
     cpu = encode_residual(base, ft, rank=8, bits=4, progress=False)
     gpu = encode_residual(copy.deepcopy(base).cuda(), copy.deepcopy(ft).cuda(), rank=8, bits=4, progress=False)
     assert gpu.ranks == cpu.ranks
-    dec = decode_residual(copy.deepcopy(base).cuda(), gpu, progress=False)
-    ref = decode_residual(base, cpu, progress=False)
-    for name, t in ref.state_dict().items():
-        assert torch.allclose(dec.state_dict()[name].cpu(), t, atol=1e-3), name
+    dec = decode_residual(copy.deepcopy(base).cuda(), gpu, progress=False).state_dict()
+    ref = decode_residual(base, cpu, progress=False).state_dict()
+    base_sd, ft_sd = base.state_dict(), ft.state_dict()
+    for name, target in ft_sd.items():
+        got = dec[name].cpu()
+        if name not in cpu.ranks:  # stored exactly or untouched
+            torch.testing.assert_close(got, ref[name], rtol=1e-5, atol=1e-6)
+            continue
+        delta = torch.linalg.norm(target - base_sd[name])
+        err_gpu, err_cpu = torch.linalg.norm(got - target), torch.linalg.norm(ref[name] - target)
+        assert err_gpu <= 1.25 * err_cpu + 1e-3 * delta, (name, float(err_gpu), float(err_cpu))
+        assert err_gpu < 0.5 * delta, name

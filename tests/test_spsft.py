@@ -399,9 +399,18 @@ def test_taylor_without_loss_and_reselect_after_training_are_errors(tiny_llama_c
 
 
 # ---------------------------------------------------------------------------------------------------------- 4-bit base
-@pytest.fixture
-def nf4_llama(tiny_llama_config, tmp_path):
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+        ),
+    ]
+)
+def nf4_llama(tiny_llama_config, tmp_path, request):
     pytest.importorskip("bitsandbytes")
+    device = request.param
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -413,7 +422,7 @@ def nf4_llama(tiny_llama_config, tmp_path):
             quantization_config=BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
             ),
-            device_map="cpu",
+            device_map=device,
         )
 
     return make
@@ -427,7 +436,8 @@ def test_4bit_base_forward_grads_and_merge_policy(nf4_llama):
     assert type(layer.get_base_layer()).__name__ == "Linear4bit"
     w_hat = layer.base_weight_for_scoring()
     w_hat[layer.spsft_indices["default"]] += layer.spsft_weight["default"].detach()
-    x = torch.randn(3, 5, 64)
+    device = w_hat.device
+    x = torch.randn(3, 5, 64, device=device)
     torch.testing.assert_close(layer(x), x @ w_hat.T, rtol=1e-5, atol=1e-5)
 
     w_ref = w_hat.clone().requires_grad_(True)
@@ -437,7 +447,7 @@ def test_4bit_base_forward_grads_and_merge_policy(nf4_llama):
         layer.spsft_weight["default"].grad, w_ref.grad[layer.spsft_indices["default"]], rtol=1e-4, atol=1e-4
     )
 
-    ids = torch.randint(0, 128, (2, 10))
+    ids = torch.randint(0, 128, (2, 10), device=device)
     out = model(ids).logits
     with pytest.raises(QuantizedMergeError, match="dequantize=True"):
         model.merge_adapter()

@@ -1,0 +1,199 @@
+"""SPSFT vs LoRA on a CUDA GPU: peak training memory above the frozen model and step time, side by side.
+
+The GPU counterpart of ``benchmarks/spsft.py`` (which measures on the CPU with a tensor-storage meter): here the
+figures come from the CUDA caching allocator (``torch.cuda.max_memory_allocated``), as in the seed's Table 6/7.
+For each model shape, target set and method the base model is built fresh, then
+
+- ``model``: bytes allocated by the frozen model;
+- ``infer``: peak of one no-grad forward pass above ``model`` (the seed subtracts "inference with the pre-trained
+  model");
+- ``mem``: peak of training steps above ``model`` (adapter weights, gradients, AdamW state, activations saved for
+  backward, logits): the seed's "mem" is total minus model;
+- ``step_ms``: median of the timed steps (forward, backward, AdamW step), CUDA-synchronised.
+
+Methods at matched trainable parameters: SPSFT r=2k rows vs LoRA r=k (alpha 16) with dropout 0.1 (the seed's LoRA)
+and dropout 0 (peft's default). Shapes are built from configs with random weights (memory and time do not depend on
+the values; no download): SmolLM2-135M, TinyLlama-1.1B and Llama-2-7B (the seed's model). ``--bits 4`` puts the
+frozen base in bitsandbytes NF4 (QLoRA-style; the shape is saved to a temporary folder and reloaded quantized).
+
+Usage: ``python benchmarks/spsft_gpu.py [--shapes smollm2-135m llama2-7b] [--bits 16 4]``. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "smollm2-135m": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048, rope_theta=100000.0,
+    ),
+    "tinyllama-1.1b": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+        vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048,
+    ),
+    "llama2-7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096,
+    ),
+}
+TARGETS = {"all_linear": "all-linear", "mlp_only": ["gate_proj", "up_proj", "down_proj"]}
+METHODS = ("spsft", "lora_dropout0.1", "lora_dropout0")
+MiB = 2**20
+
+
+def _config(shape: str):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**SHAPES[shape])
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _dense(shape: str, dtype: torch.dtype):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(_config(shape), dtype=dtype)
+    return model
+
+
+class Bases:
+    """Builds the frozen base for each measurement (fresh each time, so no state leaks between methods)."""
+
+    def __init__(self, shape: str, bits: int, dtype: torch.dtype, workdir: Path) -> None:
+        self.shape, self.bits, self.dtype = shape, bits, dtype
+        self.folder = None
+        if bits == 4:
+            self.folder = workdir / f"{shape}-dense"
+            model = _dense(shape, dtype)
+            model.save_pretrained(self.folder)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def __call__(self):
+        if self.bits == 16:
+            return _dense(self.shape, self.dtype)
+        from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=self.dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+        return LlamaForCausalLM.from_pretrained(self.folder, quantization_config=quant, dtype=self.dtype,
+                                                device_map={"": 0})
+
+
+def _wrap(model, method: str, targets, k: int):
+    from peft import LoraConfig, get_peft_model
+
+    from hf_lowrank import SPSFTConfig
+
+    if method == "spsft":
+        config = SPSFTConfig(r=2 * k, target_modules=targets)
+    else:
+        config = LoraConfig(r=k, lora_alpha=16, lora_dropout=0.1 if method == "lora_dropout0.1" else 0.0,
+                            target_modules=targets)
+    return get_peft_model(model, config)
+
+
+def measure(bases: Bases, method: str, targets, k: int, ids: torch.Tensor, steps: int) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = bases()
+    base.config.use_cache = False
+    torch.cuda.synchronize()
+    model_bytes = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        base(input_ids=ids)
+    torch.cuda.synchronize()
+    infer = torch.cuda.max_memory_allocated() - model_bytes
+    model = _wrap(base, method, targets, k)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(1 + steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step > 0:  # the first step creates the AdamW state and warms the kernels up
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() - model_bytes
+    finite = bool(torch.isfinite(loss.detach()).item())
+    del model, base, optimizer, params, loss
+    return {
+        "trainable_params": trainable,
+        "model_mib": round(model_bytes / MiB, 1),
+        "infer_mib": round(infer / MiB, 1),
+        "mem_mib": round(peak / MiB, 1),
+        "mem_minus_infer_mib": round((peak - infer) / MiB, 1),
+        "step_ms": round(1000 * statistics.median(times), 2),
+        "loss_finite": finite,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama2-7b"], choices=list(SHAPES))
+    parser.add_argument("--bits", nargs="+", type=int, default=[16], choices=[16, 4])
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--k", type=int, default=8, help="LoRA rank k; SPSFT uses r=2k rows")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/spsft_gpu.py needs a CUDA GPU; on the CPU use benchmarks/spsft.py.")
+    dtype = getattr(torch, args.dtype)
+    result: dict = {
+        "benchmark": "spsft_gpu", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "k": args.k, "dtype": args.dtype, "runs": {},
+        "summary": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes:
+            vocab = SHAPES[shape]["vocab_size"]
+            ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), device="cuda",
+                                generator=torch.Generator("cuda").manual_seed(0))
+            for bits in args.bits:
+                bases = Bases(shape, bits, dtype, Path(tmp))
+                for name in args.targets:
+                    key = f"{shape}/{bits}bit/{name}"
+                    rows = {m: measure(bases, m, TARGETS[name], args.k, ids, args.steps) for m in METHODS}
+                    result["runs"][key] = rows
+                    spsft = rows["spsft"]
+                    result["summary"][key] = {
+                        f"{fig}_vs_{m}": round(spsft[fig] / rows[m][fig], 3)
+                        for m in METHODS[1:] for fig in ("mem_mib", "step_ms")
+                    }
+                    print(json.dumps({key: result["summary"][key]}), file=sys.stderr, flush=True)
+                if bases.folder is not None:
+                    import shutil
+
+                    shutil.rmtree(bases.folder, ignore_errors=True)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
