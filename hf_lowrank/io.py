@@ -86,11 +86,24 @@ def atomic_save_safetensors(
     _fsync_dir(path.parent)
 
 
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Hard-link ``src`` to ``dst``; copy where links are impossible (another file system, no link support)."""
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; on success it replaces ``path``.
 
-    Files already in ``path`` that the new save does not write (e.g. a tokenizer saved earlier) are carried over.
+    Files already in ``path`` that the new save does not write (e.g. a tokenizer saved earlier, or the Trainer's
+    ``checkpoint-*`` folders when saving into ``output_dir``) are carried over as hard links (a copy only where the
+    file system has none), so carrying over costs no disk space or time and ``path`` stays whole until the swap.
     If the body raises (or the process dies), ``path`` is left as it was and the temporary directory is removed
     (or, after a kill, left as a hidden ``.name.tmp-*`` sibling that the next save ignores).
     """
@@ -106,10 +119,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         for old in path.iterdir():
             target = tmp / old.name
             if not target.exists():
-                if old.is_dir():
-                    shutil.copytree(old, target)
+                if old.is_dir() and not old.is_symlink():
+                    shutil.copytree(old, target, symlinks=True, copy_function=_link_or_copy)
                 else:
-                    shutil.copy2(old, target)
+                    _link_or_copy(old, target)
         trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
         os.replace(path, trash / path.name)
         os.replace(tmp, path)

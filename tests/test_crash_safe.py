@@ -89,3 +89,30 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path, mode):
     _save_in_process(target, 3)
     assert _digest(target) != before
     hf_lowrank.load_compressed(target)
+
+
+def test_atomic_directory_carries_other_files_over_as_links(tmp_path):
+    """Saving into a folder that holds other things (a Trainer output_dir with checkpoint-* folders) keeps them, as
+    hard links: nothing is copied, and the old folder is whole until the swap."""
+    import os
+
+    from hf_lowrank.io import atomic_directory
+
+    folder = tmp_path / "run"
+    (folder / "checkpoint-1").mkdir(parents=True)
+    (folder / "checkpoint-1" / "model.safetensors").write_bytes(b"x" * 4096)
+    (folder / "config.json").write_text("{}")
+    before = os.stat(folder / "checkpoint-1" / "model.safetensors").st_ino
+    with atomic_directory(folder) as tmp:
+        (tmp / "config.json").write_text('{"new": 1}')
+        assert (folder / "config.json").read_text() == "{}"  # untouched until the body succeeds
+    assert (folder / "config.json").read_text() == '{"new": 1}'
+    moved = folder / "checkpoint-1" / "model.safetensors"
+    assert moved.read_bytes() == b"x" * 4096 and os.stat(moved).st_ino == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary or trash folder left
+
+    with pytest.raises(RuntimeError), atomic_directory(folder) as tmp:
+        (tmp / "config.json").write_text("half")
+        raise RuntimeError("crash in the middle of a save")
+    assert (folder / "config.json").read_text() == '{"new": 1}' and moved.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -48,6 +48,8 @@ class CompressionReport:
 
     modules: list[ModuleReport] = field(default_factory=list)
     method: str = "svd"
+    info: dict = field(default_factory=dict)
+    """Method-specific facts (FWSVD: the Fisher weighting, exponent and the Fisher state's counters)."""
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -72,6 +74,7 @@ class CompressionReport:
             "params_after": self.params_after,
             "kept_fraction": self.kept_fraction,
             "modules": [asdict(m) for m in self.modules],
+            **({"info": dict(self.info)} if self.info else {}),
         }
 
     def save(self, path) -> None:

@@ -548,9 +548,8 @@ def save_compressed_model(
             tokenizer.save_pretrained(tmp)
         if report is not None:
             data = report.to_dict()
-            info = getattr(report, "info", None)
-            if info:
-                data["fisher"] = info
+            if report.info:  # a FisherLoRA report: the Fisher facts go under "fisher"
+                data["fisher"] = data.pop("info")
             atomic_write_json(Path(tmp) / "compression_report.json", data)
         if fisher_state is not None:
             fisher_state.save(Path(tmp) / FISHER_STATE_NAME)
