@@ -6,16 +6,30 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny_models import make_tiny_bert_config, make_tiny_llama_config  # noqa: E402
 
 import hf_lowrank  # noqa: E402,F401  (registers the PEFT types and the checkpoint format)
 
 # Small LAPACK calls oversubscribe badly on 2-core machines (a 90x60 SVD went from 5 ms to 0.5 s with 2 threads
 # under load); tests use one thread unless told otherwise.
 torch.set_num_threads(int(os.environ.get("HF_LOWRANK_TEST_THREADS", "1")))
+
+# The hypothesis settings of the hostile-input suites (test_hostile_*.py, ``settings.get_profile("hostile")``):
+# bounded and derandomized so that CI is deterministic and fast; no example database (nothing written to the tree).
+settings.register_profile(
+    "hostile",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 
 @pytest.fixture(autouse=True)
@@ -26,22 +40,13 @@ def seed_all():
 
 @pytest.fixture
 def tiny_llama_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    """A fresh tiny Llama config per test (tests may edit it)."""
+    return make_tiny_llama_config()
 
 
 @pytest.fixture
 def tiny_llama(tiny_llama_config):
+    """The tiny Llama (seed 0, float32, eval) built on the test's ``tiny_llama_config`` object."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -50,19 +55,10 @@ def tiny_llama(tiny_llama_config):
 
 @pytest.fixture
 def tiny_bert_classifier():
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=128,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(cfg).float().eval()
+    return BertForSequenceClassification(make_tiny_bert_config(num_labels=3)).float().eval()
 
 
 @pytest.fixture(scope="session")

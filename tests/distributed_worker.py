@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 import torch
+from tiny_models import make_tiny_llama  # next to this file: on sys.path as a script and under pytest
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
 METHODS = ("fisher_lora", "fisher_callbacks", "welore", "spsft", "ere", "fsdp")
@@ -43,14 +44,8 @@ class Tokens(torch.utils.data.Dataset):
 
 
 def base_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    """The tiny Llama (seed 0, float32) that every method starts from, in train mode as a Trainer would set it."""
+    return make_tiny_llama(seed=0, max_position_embeddings=64).train()
 
 
 def training_args(out: Path, grad_accum: int, **overrides):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,21 +111,28 @@ def test_rank_map_compresses_only_named_modules(tiny_llama):
 
 
 # ----------------------------------------------------------------------------------------------- round trips
+def _save_and_reload(model: nn.Module, folder: Path, ids: torch.Tensor, auto_class) -> tuple[nn.Module, torch.Tensor]:
+    """Save ``model`` to ``folder`` and load it back with ``auto_class`` (an ``AutoModelFor...``); the reloaded model
+    must give the same logits on ``ids`` (1e-5). Returns it (in eval mode) and the reference logits."""
+    with torch.no_grad():
+        ref = model(ids).logits
+    model.save_pretrained(folder)
+    loaded = auto_class.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert (loaded(ids).logits - ref).abs().max() < 1e-5
+    return loaded, ref
+
+
 def test_causal_lm_round_trip_is_exact(tiny_llama, tmp_path):
     from transformers import AutoModel, AutoModelForCausalLM
 
     report = compress_model(tiny_llama, 0.6, progress=False)
     ids = _ids()
-    with torch.no_grad():
-        ref = tiny_llama(ids).logits
-    tiny_llama.save_pretrained(tmp_path)
+    loaded, ref = _save_and_reload(tiny_llama, tmp_path, ids, AutoModelForCausalLM)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "hf_lowrank"
     assert cfg["quantization_config"]["ranks"] == report.ranks
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(loaded.model.layers[0].mlp.gate_proj, LowRankLinear)
-    with torch.no_grad():
-        assert (loaded(ids).logits - ref).abs().max() < 1e-5
     base = AutoModel.from_pretrained(tmp_path)
     assert isinstance(base.layers[1].self_attn.q_proj, LowRankLinear)
     verified = load_compressed(tmp_path)
@@ -150,13 +159,7 @@ def test_sequence_classifier_round_trip(tiny_bert_classifier, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     compress_model(tiny_bert_classifier, 0.5, progress=False)
-    ids = _ids(shape=(3, 9))
-    with torch.no_grad():
-        ref = tiny_bert_classifier(ids).logits
-    tiny_bert_classifier.save_pretrained(tmp_path)
-    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert (loaded(ids).logits - ref).abs().max() < 1e-5
+    loaded, _ = _save_and_reload(tiny_bert_classifier, tmp_path, _ids(shape=(3, 9)), AutoModelForSequenceClassification)
     assert isinstance(loaded.classifier, nn.Linear)
 
 
@@ -201,9 +204,25 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         load_compressed(tmp_path / "nope")
 
 
+def _compress_and_save(model: nn.Module, folder: Path) -> Path:
+    """Compress ``model`` in place (keep half the parameters) and save it as a factorized checkpoint in ``folder``."""
+    compress_model(model, 0.5, progress=False)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _tampered_checkpoint(model: nn.Module, folder: Path, edit: Callable[[dict], object]) -> Path:
+    """A factorized checkpoint of ``model`` whose ``config.json`` was then changed by ``edit`` (in place, on the
+    parsed dict), as a hand-edited or foreign checkpoint would be."""
+    _compress_and_save(model, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
 def test_missing_weights_file_is_a_clear_error(tiny_llama, tmp_path):
-    compress_model(tiny_llama, 0.5, progress=False)
-    tiny_llama.save_pretrained(tmp_path)
+    _compress_and_save(tiny_llama, tmp_path)
     for f in tmp_path.glob("*.safetensors"):
         f.unlink()
     with pytest.raises(CompressedCheckpointError, match="no \\*.safetensors"):
@@ -211,8 +230,7 @@ def test_missing_weights_file_is_a_clear_error(tiny_llama, tmp_path):
 
 
 def test_truncated_weights_file_is_a_clear_error(tiny_llama, tmp_path):
-    compress_model(tiny_llama, 0.5, progress=False)
-    tiny_llama.save_pretrained(tmp_path)
+    _compress_and_save(tiny_llama, tmp_path)
     (shard,) = tmp_path.glob("*.safetensors")
     with open(shard, "rb+") as fh:
         fh.truncate(os.path.getsize(shard) // 2)
@@ -223,31 +241,21 @@ def test_truncated_weights_file_is_a_clear_error(tiny_llama, tmp_path):
 def test_rank_out_of_bounds_in_config_is_refused(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    compress_model(tiny_llama, 0.5, progress=False)
-    tiny_llama.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["quantization_config"]["ranks"]["model.layers.0.mlp.up_proj"] = 999
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _tampered_checkpoint(
+        tiny_llama, tmp_path, lambda cfg: cfg["quantization_config"]["ranks"].update({"model.layers.0.mlp.up_proj": 999})
+    )
     with pytest.raises(CompressedCheckpointError, match="out of bounds"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 def test_newer_format_version_is_refused(tiny_llama, tmp_path):
-    compress_model(tiny_llama, 0.5, progress=False)
-    tiny_llama.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["quantization_config"]["format_version"] = 99
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _tampered_checkpoint(tiny_llama, tmp_path, lambda cfg: cfg["quantization_config"].update(format_version=99))
     with pytest.raises(CompressedCheckpointError, match="Upgrade hf-lowrank"):
         load_compressed(tmp_path)
 
 
 def test_stripped_config_is_detected_by_load_compressed(tiny_llama, tmp_path):
-    compress_model(tiny_llama, 0.5, progress=False)
-    tiny_llama.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    del cfg["quantization_config"]
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _tampered_checkpoint(tiny_llama, tmp_path, lambda cfg: cfg.pop("quantization_config"))
     with pytest.raises(CompressedCheckpointError, match="no hf_lowrank"):
         load_compressed(tmp_path)
 
@@ -264,10 +272,5 @@ def test_smollm2_round_trip_and_file_size(smollm2, tmp_path):
     ids = tok(["The cat sat on the mat because it was warm."], return_tensors="pt").input_ids
     report = compress_model(model, 0.8, target_modules=["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
                             method="randomized", progress=False)
-    with torch.no_grad():
-        ref = model(ids).logits
-    model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert (loaded(ids).logits - ref).abs().max() < 1e-5
+    _save_and_reload(model, tmp_path, ids, AutoModelForCausalLM)
     assert report.kept_fraction <= 0.8

@@ -178,16 +178,7 @@ WORDS = (
 
 
 @pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread (a second one only adds OpenMP overhead, badly so on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def word_tokenizer(one_thread):
+def word_tokenizer():
     """A real fast tokenizer over a ~100-word vocabulary (ids < 128, fits the tiny models), BOS added, no pad."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast

@@ -23,22 +23,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from peft import get_peft_model
+from tiny_models import make_tiny_llama
 from torch import nn
 
 from hf_lowrank import FisherLoRAConfig, LowRankLinear, SPSFTConfig, WeLoreLRCConfig, compress_model
 
-torch.set_num_threads(1)
-
-SETTINGS = settings(
-    max_examples=25,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+SETTINGS = settings.get_profile("hostile")  # registered in conftest.py
 
 MORE = settings(SETTINGS, max_examples=40)
 
@@ -54,20 +47,7 @@ latest (fields that peft or the tuner validate against the model)."""
 
 @functools.cache
 def _base_model(dtype: torch.dtype = torch.float32) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    return make_tiny_llama(seed=0, dtype=dtype)
 
 
 def fresh_model(dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
@@ -60,15 +60,7 @@ from hf_lowrank.ops.svd import (
     truncated_svd,
 )
 
-torch.set_num_threads(1)
-
-SETTINGS = settings(
-    max_examples=25,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+SETTINGS = settings.get_profile("hostile")  # registered in conftest.py
 
 MORE = settings(SETTINGS, max_examples=40)  # tests with several independently invalid arguments
 

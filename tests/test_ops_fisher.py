@@ -9,14 +9,6 @@ from hf_lowrank.ops.fisher import fisher_weights, fwsvd, lora_fisher_to_weights,
 from hf_lowrank.ops.svd import split_factors, tail_energy, truncated_svd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _low_rank_plus_noise(m: int, n: int, r: int, g: torch.Generator) -> torch.Tensor:
     A = torch.randn(m, r, generator=g, dtype=torch.float64) @ torch.randn(r, n, generator=g, dtype=torch.float64)
     return A + 0.3 * torch.randn(m, n, generator=g, dtype=torch.float64)

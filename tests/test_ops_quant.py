@@ -16,14 +16,6 @@ from hf_lowrank.ops.quant import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _step_per_element(q: QuantizedTensor) -> torch.Tensor:
     n = q.shape[-1]
     return q.scales.double().repeat_interleave(q.group_size, dim=-1)[..., :n]

@@ -22,14 +22,6 @@ from hf_lowrank.ops.rank_allocation import (
 from hf_lowrank.ops.svd import rank_for_keep, tail_energy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def minilm_linears() -> dict[str, torch.Tensor]:
     """The 36 Linear weights of the real pretrained all-MiniLM-L6-v2 encoder."""

@@ -20,15 +20,6 @@ from hf_lowrank.ops.svd import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small LAPACK calls are ~100x slower with 2 threads on a shared 2-core machine; restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _low_rank_plus_noise(m: int, n: int, r: int, noise: float, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     decay = torch.exp(-torch.arange(r, dtype=torch.float64) / (r / 3))

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import make_tiny_bert_config, make_tiny_llama
 
 from hf_lowrank.compression.residual import (
     BaseMismatchError,
@@ -21,32 +22,6 @@ from hf_lowrank.compression.residual import (
 )
 from hf_lowrank.ops.rank_allocation import ere_ranks
 from hf_lowrank.ops.svd import singular_values, truncated_svd
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two OpenMP threads make LAPACK calls orders slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _tiny_llama(tied: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=128,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(cfg).float().eval()
 
 
 @torch.no_grad()
@@ -79,7 +54,7 @@ def _residual(ft, base, name):
 
 @pytest.fixture
 def llama_pair():
-    base = _tiny_llama()
+    base = make_tiny_llama()
     return base, _finetune_like(base)
 
 
@@ -120,7 +95,7 @@ def test_allocation_meets_budget_and_blends_with_alpha(llama_pair):
 
 @pytest.mark.parametrize("bits,tol", [(32, 1e-5), (16, 2e-3)])
 def test_unquantized_full_rank_decode_is_exact(bits, tol):
-    base = _tiny_llama()
+    base = make_tiny_llama()
     ft = _finetune_like(base, full_rank=True)
     res = encode_residual(base, ft, rank=128, bits=bits, alpha=1.0, progress=False)
     for n in _lowrank_names(res):
@@ -166,7 +141,7 @@ def test_4bit_error_is_bounded_and_stiefel_projection_helps(llama_pair):
 
 
 def test_what_is_stored_how(tmp_path):
-    base = _tiny_llama(tied=True)
+    base = make_tiny_llama(tie_word_embeddings=True)
     ft = _finetune_like(base)
     with torch.no_grad():
         ft.model.layers[0].input_layernorm.weight += 0.1
@@ -216,7 +191,7 @@ def test_decode_does_not_touch_the_base_unless_in_place(llama_pair):
 def test_fingerprint_mismatch_is_refused(tmp_path, llama_pair):
     base, ft = llama_pair
     encode_residual(base, ft, rank=4, bits=4, out=tmp_path / "r", progress=False)
-    other = _tiny_llama()
+    other = make_tiny_llama()
     with torch.no_grad():
         other.model.layers[1].mlp.down_proj.weight.mul_(1.001)
     with pytest.raises(BaseMismatchError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
@@ -304,7 +279,7 @@ def _peft_matches_decode(base_for_peft, adapter, decoded, x):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_export_lora_loads_in_vanilla_peft_and_matches_decode(tmp_path, tied):
-    base = _tiny_llama(tied=tied)
+    base = make_tiny_llama(tie_word_embeddings=tied)
     ft = _finetune_like(base)
     with torch.no_grad():
         ft.model.norm.weight += 0.05
@@ -330,18 +305,10 @@ def test_export_lora_loads_in_vanilla_peft_and_matches_decode(tmp_path, tied):
 
 def test_classifier_from_backbone_base_roundtrip_and_peft(tmp_path):
     """MiniLM-style: base saved as a bare encoder, fine-tuned as a classifier with a new head."""
-    from transformers import AutoModel, BertConfig, BertForSequenceClassification, BertModel
+    from transformers import AutoModel, BertForSequenceClassification, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    BertModel(cfg).save_pretrained(tmp_path / "base")
+    BertModel(make_tiny_bert_config()).save_pretrained(tmp_path / "base")
     base = AutoModel.from_pretrained(tmp_path / "base").eval()
     clf = BertForSequenceClassification.from_pretrained(
         tmp_path / "base", num_labels=3, id2label={0: "a", 1: "b", 2: "c"}
@@ -400,7 +367,7 @@ def _train_tiny_llama(base_dir, out_dir, callbacks=()):
 
 
 def test_full_finetune_with_trainer_then_save_residual_on_save(tmp_path):
-    _tiny_llama().save_pretrained(tmp_path / "base")
+    make_tiny_llama().save_pretrained(tmp_path / "base")
     trainer = _train_tiny_llama(tmp_path / "base", tmp_path / "run")
     ft = trainer.model.eval()
     report = save_residual_on_save(
@@ -411,7 +378,7 @@ def test_full_finetune_with_trainer_then_save_residual_on_save(tmp_path):
     assert res.entries["model.embed_tokens.weight"]["kind"] == "sparse"
     assert res.entries["model.embed_tokens.weight"]["rank"] <= 16
     loaded = load_residual(str(tmp_path / "base"), tmp_path / "residual", progress=False)
-    base = _tiny_llama()
+    base = make_tiny_llama()
     x = torch.randint(0, 16, (2, 16))
     with torch.no_grad():
         ref, got, old = ft(x).logits, loaded(x).logits, base(x).logits
@@ -421,7 +388,7 @@ def test_full_finetune_with_trainer_then_save_residual_on_save(tmp_path):
 
 def test_trainer_compress_on_save_callback(tmp_path):
     callbacks = pytest.importorskip("hf_lowrank.trainer_mixins.callbacks")
-    _tiny_llama().save_pretrained(tmp_path / "base")
+    make_tiny_llama().save_pretrained(tmp_path / "base")
     cb = callbacks.CompressOnSaveCallback(method="ere", rank=16, bits=8)
     trainer = _train_tiny_llama(tmp_path / "base", tmp_path / "run", callbacks=[cb])
     trainer.save_model(str(tmp_path / "final"))
@@ -432,14 +399,14 @@ def test_trainer_compress_on_save_callback(tmp_path):
     loaded = load_residual(str(tmp_path / "base"), found[0], progress=False)
     x = torch.randint(0, 16, (2, 16))
     with torch.no_grad():
-        ref, got, old = trainer.model.eval()(x).logits, loaded(x).logits, _tiny_llama()(x).logits
+        ref, got, old = trainer.model.eval()(x).logits, loaded(x).logits, make_tiny_llama()(x).logits
     assert float((got - ref).norm()) < 0.1 * float((ref - old).norm())
 
 
 def test_cli_encode_info_decode_export(tmp_path, capsys):
     from hf_lowrank.compression.residual_cli import add_parser
 
-    base = _tiny_llama()
+    base = make_tiny_llama()
     base.save_pretrained(tmp_path / "base")
     ft = _finetune_like(base)
     ft.save_pretrained(tmp_path / "ft")

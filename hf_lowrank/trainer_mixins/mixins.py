@@ -39,8 +39,10 @@ class LowRankTrainerMixin:
       (no extra memory; ``trainer.model`` becomes the compressed model). The report is kept as
       ``trainer.compression_report``.
 
-    Without a FisherLoRA adapter the trainer behaves exactly like its base class. Prefer an output folder other
-    than ``args.output_dir``: the atomic save carries over everything already in the folder (checkpoints included).
+    Every model save of the trainer (``save_model``, and the model files of each ``checkpoint-*``) is atomic: it is
+    written into a temporary sibling folder that replaces the target only once complete, so a run killed mid-save
+    leaves the previous files loadable (files already in the folder are carried over as hard links). Without a
+    FisherLoRA adapter the trainer otherwise behaves exactly like its base class.
     """
 
     fisher_callback: FisherCollectorCallback | None = None
@@ -84,6 +86,15 @@ class LowRankTrainerMixin:
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
             **kwargs,
         )
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        """The Trainer's writer (model or adapter, tokenizer, training args), made atomic (main process only)."""
+        from ..io import atomic_directory
+
+        if not self.args.should_save:  # a non-writer rank only joins the collectives of a sharded save
+            return super()._save(output_dir, state_dict=state_dict)
+        with atomic_directory(output_dir or self.args.output_dir) as tmp:
+            return super()._save(str(tmp), state_dict=state_dict)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         config = self._fisher_lora_config()
