@@ -23,7 +23,7 @@ import torch
 
 from .io import atomic_write_bytes
 
-__all__ = ["add_parser", "plot_ranks", "plot_spectra", "ranks_from_adapter"]
+__all__ = ["add_parser", "plot_compression_summary", "plot_ranks", "plot_spectra", "ranks_from_adapter"]
 
 _BLOCK = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<kind>.+)$")
 
@@ -79,6 +79,45 @@ def _save(fig, out: Path, dpi: int) -> Path:
     fig.savefig(buf, format="png", dpi=dpi)
     atomic_write_bytes(out, buf.getvalue())
     return out
+
+
+def plot_compression_summary(rows: Sequence[Mapping], out: str | Path, *, title: str | None = None, dpi: int = 110):
+    """Bar charts of a compression comparison: perplexity (log scale) and stored size per method.
+
+    Args:
+        rows: one mapping per method with ``method``, ``perplexity`` and ``file_mb`` (the rows ``make demo``
+            prints); an optional ``linear_params`` is written on the size bars as a share of the first row's.
+        out: the ``.png`` file to write (atomically).
+    """
+    out = _check_png(out)
+    if not rows:
+        raise ValueError("plot_compression_summary needs at least one row (method, perplexity, file_mb).")
+    names = [str(r["method"]) for r in rows]
+    fig, (ax_ppl, ax_size) = _figure(2, right=0.3, bottom=0.75, panel_w=4.2, panel_h=3.0)
+    colors = ["#777777"] + ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"] * 2
+    x = range(len(rows))
+    ppl = [float(r["perplexity"]) for r in rows]
+    ax_ppl.bar(x, ppl, color=colors[: len(rows)])
+    ax_ppl.set_yscale("log")
+    ax_ppl.set_title("held-out perplexity (lower is better)", fontsize=9)
+    for i, v in enumerate(ppl):
+        ax_ppl.annotate(f"{v:,.1f}", (i, v), ha="center", va="bottom", fontsize=7)
+    size = [float(r["file_mb"]) for r in rows]
+    ax_size.bar(x, size, color=colors[: len(rows)])
+    ax_size.set_title("checkpoint size (MB)", fontsize=9)
+    base = rows[0].get("linear_params")
+    for i, r in enumerate(rows):
+        label = f"{size[i]:.0f} MB"
+        if base and r.get("linear_params"):
+            label += f"\n{r['linear_params'] / base:.0%} lin."
+        ax_size.annotate(label, (i, size[i]), ha="center", va="bottom", fontsize=7)
+    for ax in (ax_ppl, ax_size):
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.margins(y=0.15)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, out, dpi)
 
 
 def plot_spectra(
