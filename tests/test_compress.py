@@ -248,6 +248,28 @@ def test_rank_out_of_bounds_in_config_is_refused(tiny_llama, tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("tamper", ["int-dtype", "wrong-rank"])
+def test_factor_with_wrong_dtype_or_rank_is_refused_naming_the_file(tiny_llama, tmp_path, tamper):
+    """A factor stored as integers (transformers would cast it silently) or with a rank other than config.json's
+    (transformers stops at a size mismatch without naming the file) is refused before loading."""
+    from safetensors.torch import load_file, save_file
+
+    _compress_and_save(tiny_llama, tmp_path)
+    (shard,) = tmp_path.glob("*.safetensors")
+    tensors = load_file(shard)
+    key = "model.layers.0.mlp.down_proj.down.weight"
+    if tamper == "int-dtype":
+        tensors[key] = (tensors[key] * 100).to(torch.int32)
+        match = "stored as I32"
+    else:
+        tensors[key] = tensors[key][:-1]
+        match = "records rank"
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CompressedCheckpointError, match=match) as err:
+        load_compressed(tmp_path)
+    assert str(shard) in str(err.value) and "model.layers.0.mlp.down_proj" in str(err.value)
+
+
 def test_newer_format_version_is_refused(tiny_llama, tmp_path):
     _tampered_checkpoint(tiny_llama, tmp_path, lambda cfg: cfg["quantization_config"].update(format_version=99))
     with pytest.raises(CompressedCheckpointError, match="Upgrade hf-lowrank"):

@@ -232,13 +232,54 @@ def _check_files(path: Path) -> None:
             f"'{path}' has no *.safetensors weights (missing, or saved with pickle). Re-save with "
             "model.save_pretrained(path) (safetensors is the default)."
         )
-    for shard in shards:
-        if not shard.name.startswith("."):
-            check_safetensors_file(shard)
+    headers = {shard: check_safetensors_file(shard) for shard in shards if not shard.name.startswith(".")}
+    _check_factor_headers(path, headers)
 
 
-def check_safetensors_file(shard: Path) -> None:
-    """Refuse a safetensors file whose header is unreadable or whose data is shorter than its header says."""
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def _check_factor_headers(path: Path, headers: dict[Path, dict]) -> None:
+    """Each factor the config records must be a 2-D float tensor whose shared side is the recorded rank.
+
+    Read from the safetensors headers alone (no tensor data), before transformers would silently cast an integer
+    factor to float or stop at a size mismatch without saying which file is wrong.
+    """
+    from ..io import read_json
+
+    config = read_json(path / "config.json", what="model config")
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    ranks = quant.get("ranks") if isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD else None
+    if not isinstance(ranks, dict):
+        return
+    where = {key: (shard, entry) for shard, header in headers.items() for key, entry in header.items()}
+    for name, rank in ranks.items():
+        for part, side in (("down", 0), ("up", 1)):
+            found = where.get(f"{name}.{part}.weight")
+            if found is None:
+                continue  # a missing factor is reported after loading, with the keys transformers expected
+            shard, entry = found
+            dtype, shape = entry.get("dtype"), entry.get("shape")
+            if dtype not in _FLOAT_DTYPES:
+                raise CompressedCheckpointError(
+                    f"Factor '{name}.{part}.weight' in '{shard}' is stored as {dtype}, not a float type "
+                    f"({', '.join(sorted(_FLOAT_DTYPES))}): the file was altered or written by another tool. "
+                    "Re-save the compressed model with save_pretrained."
+                )
+            if not isinstance(shape, list) or len(shape) != 2 or shape[side] != rank:
+                raise CompressedCheckpointError(
+                    f"Factor '{name}.{part}.weight' in '{shard}' has shape {shape}, but config.json records rank "
+                    f"{rank} for '{name}' (the {'first' if side == 0 else 'second'} dimension of '{part}'): the "
+                    "weights and config.json come from different saves. Copy both from the same save_pretrained."
+                )
+
+
+def check_safetensors_file(shard: Path) -> dict:
+    """Refuse a safetensors file whose header is unreadable or whose data is shorter than its header says.
+
+    Returns:
+        The file's header: ``{tensor name: {"dtype", "shape", "data_offsets"}}`` (plus ``__metadata__``).
+    """
     size = shard.stat().st_size
     try:
         with open(shard, "rb") as fh:
@@ -257,6 +298,7 @@ def check_safetensors_file(shard: Path) -> None:
             f"The weights file '{shard}' is truncated ({size} bytes, its header needs {8 + header_len + end}). "
             "Copy, download or save it again."
         )
+    return header
 
 
 def save_compressed(
