@@ -22,11 +22,13 @@ torch.set_num_threads(int(os.environ.get("HF_LOWRANK_TEST_THREADS", "1")))
 
 # The hypothesis settings of the hostile-input suites (test_hostile_*.py, ``settings.get_profile("hostile")``):
 # bounded and derandomized so that CI is deterministic and fast; no example database (nothing written to the tree).
+# A deeper, randomized search: HF_LOWRANK_HOSTILE_EXAMPLES=500 python -m pytest tests/test_hostile_*.py
+_HOSTILE_EXAMPLES = os.environ.get("HF_LOWRANK_HOSTILE_EXAMPLES")
 settings.register_profile(
     "hostile",
-    max_examples=25,
+    max_examples=int(_HOSTILE_EXAMPLES or 25),
     deadline=None,
-    derandomize=True,
+    derandomize=_HOSTILE_EXAMPLES is None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )

@@ -33,7 +33,7 @@ from hf_lowrank import FisherLoRAConfig, LowRankLinear, SPSFTConfig, WeLoreLRCCo
 
 SETTINGS = settings.get_profile("hostile")  # registered in conftest.py
 
-MORE = settings(SETTINGS, max_examples=40)
+MORE = settings(SETTINGS, max_examples=max(40, SETTINGS.max_examples))
 
 VALID, INVALID, EITHER, LATE = "valid", "invalid", "either", "late"
 """Verdicts: must construct / must be rejected by the config / anything clear / rejected by get_peft_model at the

@@ -62,7 +62,7 @@ from hf_lowrank.ops.svd import (
 
 SETTINGS = settings.get_profile("hostile")  # registered in conftest.py
 
-MORE = settings(SETTINGS, max_examples=40)  # tests with several independently invalid arguments
+MORE = settings(SETTINGS, max_examples=max(40, SETTINGS.max_examples))  # tests with several independently invalid arguments
 
 FP32_MAX = float(torch.finfo(torch.float32).max)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -173,7 +173,7 @@ def rank_values(k: int):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@settings(MORE, max_examples=60)
+@settings(MORE, max_examples=max(60, SETTINGS.max_examples))
 @given(A=matrices(), data=st.data(), method=st.sampled_from(["auto", "exact", "randomized"]))
 def test_truncated_svd_contract(A, data, method):
     m, n = A.shape

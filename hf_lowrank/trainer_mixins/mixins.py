@@ -103,6 +103,14 @@ class LowRankTrainerMixin:
         from ..peft_configs.fisher_lora.compress import compress_peft_model, save_compressed_model
 
         output_dir = output_dir or self.args.output_dir
+        from ..distributed import is_fsdp_model
+
+        if is_fsdp_model(self.model):
+            raise NotImplementedError(
+                "LowRankTrainer cannot compress a FisherLoRA adapter trained under FSDP: the merged weights and the "
+                "Fisher are sharded per process (and FSDP loses the per-micro-batch gradients the Fisher needs). "
+                "Train FisherLoRA with DDP: `accelerate launch` without FSDP; the adapters are small."
+            )
         fisher = self.fisher_callback.collector.reduced_state() if self.fisher_callback is not None else None
         if fisher is not None:
             fisher.global_step = self.state.global_step
