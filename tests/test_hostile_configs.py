@@ -581,8 +581,12 @@ def test_welore_unreachable_reduction_message_gives_the_right_fix(kwargs):
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"target_modules": "("}, "target_modules"), ({"layers_to_transform": "a"}, "layers_to_transform")],
-    ids=["bad-regex", "layers-str"],
+    [
+        ({"target_modules": "("}, "target_modules"),
+        ({"layers_to_transform": "a"}, "layers_to_transform"),
+        ({"target_modules": ["q_proj", "nope"]}, "target_modules"),  # found by a 300-example randomized run
+    ],
+    ids=["bad-regex", "layers-str", "one-unknown-name"],
 )
 def test_spsft_validates_targets(kwargs, field):
     _expect_clear(lambda: get_peft_model(fresh_model(), SPSFTConfig(**kwargs)), [field])

@@ -947,7 +947,8 @@ def test_row_importance_contract(W, data):
     assert s.shape == (out_f,) and s.dtype == torch.float32
     ref = torch.linalg.vector_norm(W.double(), dim=1)
     if _finite(W) and float(ref.max()) < 0.5 * FP32_MAX:
-        assert _finite(s) and torch.allclose(s.double(), ref, rtol=1e-5, atol=0)
+        # float32 scores: norms below float32's range (float64 weights of ~1e-307) round to what float32 holds
+        assert _finite(s) and torch.allclose(s.double(), ref.float().double(), rtol=1e-5, atol=0)
     kind = data.draw(st.sampled_from(["same", "same", "transposed", "1d"]), label="G kind")
     G = make_matrix(out_f, in_f, W.dtype, "gauss", data.draw(st.integers(0, 2**16)))
     if kind == "transposed" and out_f != in_f:

@@ -43,6 +43,8 @@ class SPSFTModel(BaseTuner):
         if peft_config.target_modules is None:
             peft_config.target_modules = "all-linear"
         target = peft_config.target_modules
+        if isinstance(target, (list, tuple, set, frozenset)):
+            _check_names_exist(self.model, target)
         if isinstance(target, str) and target.lower() == "all-linear" and peft_config.layers_to_transform is not None:
             # peft matches fully spelled-out names before it looks at layers_to_transform, so expand 'all-linear'
             # into the leaf names of the Linear layers that live inside a numbered block instead.
@@ -115,6 +117,23 @@ class SPSFTModel(BaseTuner):
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child_name, module.dequantized_merged_linear(adapter_names))
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+
+def _check_names_exist(model: nn.Module, names) -> None:
+    """Every listed target must name some module (peft's rule: the full name, or its last dotted parts).
+
+    peft adapts whatever the list matches and ignores the rest, so a typo (``"v_porj"``) would silently leave that
+    layer untrained; SPSFT refuses it instead.
+    """
+    modules = [n for n, _ in model.named_modules() if n]
+    for entry in names:
+        if not any(n == entry or n.endswith("." + entry) for n in modules):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(
+                f"SPSFTConfig.target_modules names {entry!r}, but no module of the model is called so or ends with "
+                f"'.{entry}'. Linear layer names here: {', '.join(leaves[:20])}. Fix the name, or use "
+                "target_modules='all-linear'."
+            )
 
 
 def _block_linear_leaf_names(model: nn.Module) -> set[str]:
