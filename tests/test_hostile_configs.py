@@ -309,6 +309,10 @@ def _interactions(cls, values: dict) -> list[tuple[str, tuple[str, ...]]]:
     rules = []
     if cls is FisherLoRAConfig and values.get("compress_rank") is not None and values.get("compress_keep") is not None:
         rules.append((INVALID, ("compress_rank", "compress_keep")))
+    if cls is FisherLoRAConfig:  # documented: the scale lora_alpha / r must stay finite in float16
+        alpha, r = values.get("lora_alpha", 8), values.get("r", 4)
+        if _is_number(alpha) and math.isfinite(alpha) and _is_int(r) and r >= 1 and abs(alpha) / r > 65504:
+            rules.append((INVALID, ("lora_alpha",)))
     if cls is SPSFTConfig:
         if values.get("r") is not None and values.get("ratio") is not None:
             rules.append((INVALID, ("r", "ratio")))
@@ -338,7 +342,8 @@ def check_config(cls, fields: dict[str, Field], values: dict) -> None:
     verdicts = [(fields[k].oracle(v), (k,)) for k, v in values.items()] + _interactions(cls, values)
     invalid = [n for v, names in verdicts if v == INVALID for n in names]
     late = [n for v, names in verdicts if v == LATE for n in names]
-    either = any(v == EITHER for v, _ in verdicts)
+    either_names = [n for v, names in verdicts if v == EITHER for n in names]
+    either = bool(either_names)
     kwargs = {**BASE_KWARGS[cls], **values}
     # a message may name the offending value instead of the field ("Unknown target module 'nope'")
     quoted = [x for v in values.values() for x in (v if isinstance(v, list) else [v]) if isinstance(x, str) and x]
@@ -346,7 +351,8 @@ def check_config(cls, fields: dict[str, Field], values: dict) -> None:
         config = cls(**kwargs)
     except (ValueError, TypeError) as exc:
         assert invalid or late or either, f"valid {values!r} rejected: {exc}"
-        assert_clear(exc, invalid or late or list(values))
+        # the config may stop at any field it may refuse (an 'either' one too, e.g. fisher_eps=False)
+        assert_clear(exc, [*invalid, *late, *either_names] or list(values))
         event(f"{cls.__name__}: rejected by the config")
         return
     assert not invalid, f"invalid {invalid} accepted: {values!r}"
@@ -534,8 +540,8 @@ def test_fisher_lora_rejects_non_integer_r(r):
     _expect_clear(lambda: get_peft_model(fresh_model(), FisherLoRAConfig(r=r, target_modules=["q_proj"])), ["r"])
 
 
-@pytest.mark.parametrize("alpha", [math.nan, math.inf])
-def test_fisher_lora_rejects_non_finite_alpha(alpha):
+@pytest.mark.parametrize("alpha", [math.nan, math.inf, 1.3611294271189346e39], ids=["nan", "inf", "scale-overflow"])
+def test_fisher_lora_rejects_non_finite_alpha(alpha):  # the last one was found by a 1000-example randomized run
     def call():
         model = get_peft_model(fresh_model(), FisherLoRAConfig(r=4, lora_alpha=alpha, target_modules=["q_proj"]))
         assert_finite_forward_backward(model)

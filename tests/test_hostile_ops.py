@@ -410,8 +410,10 @@ def test_fisher_weights_contract(f, exponent, eps):
     if f.numel() and float(x.max()) == 0:
         assert bool((w == 1).all())  # no information: no weighting
     if f.numel() > 1 and exponent > 0:  # weights are a monotone function of the (cleaned) Fisher
+        # up to a few ulps: torch's vectorised pow and its scalar tail loop may round the same value differently
         order = torch.argsort(x)
-        assert bool((w[order][1:] >= w[order][:-1]).all())
+        ulps = 4 * torch.finfo(w.dtype).eps
+        assert bool((w[order][1:] >= w[order][:-1] * (1 - ulps)).all())
 
 
 @st.composite

@@ -24,6 +24,9 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+_FP16_MAX = 65504.0  # the LoRA scale multiplies activations in the compute dtype, float16 at the narrowest
+
+
 def _is_finite_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -135,6 +138,13 @@ class FisherLoRAConfig(LoraConfig):
             raise ValueError(
                 f"lora_alpha must be a finite number (the LoRA scale is lora_alpha / r; e.g. lora_alpha=2 * r), got "
                 f"{self.lora_alpha!r}."
+            )
+        scale = self.lora_alpha / (math.sqrt(self.r) if getattr(self, "use_rslora", False) else self.r)
+        if abs(scale) > _FP16_MAX:
+            raise ValueError(
+                f"lora_alpha={self.lora_alpha!r} gives a LoRA scale of {scale:.3g}, beyond what 16-bit (and, past "
+                "3.4e38, 32-bit) arithmetic holds: the adapter output would be inf/NaN. Use a scale of order 1, "
+                "e.g. lora_alpha=2 * r."
             )
         checks = (
             ("rank_pattern", "a positive int rank (like r)", lambda v: _is_int(v) and v >= 1),
