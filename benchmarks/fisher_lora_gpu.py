@@ -21,15 +21,10 @@ Usage: ``python benchmarks/fisher_lora_gpu.py [--shapes smollm2-135m llama2-7b] 
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
-import sys
-import tempfile
-from pathlib import Path
 
-import torch
-from gpu_common import SHAPES, Bases, measure  # benchmarks/ is on sys.path when a script there runs
+# benchmarks/ is on sys.path when a script there runs
+from gpu_common import bases_for, measure, parser_with_common_args, record, start
 
 METHODS = ("lora", "fisher_lora", "full_fwsvd")
 
@@ -53,40 +48,17 @@ def _wrapper(method: str, k: int):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama2-7b"], choices=list(SHAPES))
-    parser.add_argument("--bits", nargs="+", type=int, default=[16], choices=[16, 4])
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--k", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser = parser_with_common_args(__doc__, k=16, k_help="LoRA rank")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/fisher_lora_gpu.py needs a CUDA GPU; on the CPU use benchmarks/fisher_lora.py.")
-    dtype = getattr(torch, args.dtype)
-    result: dict = {
-        "benchmark": "fisher_lora_gpu", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-        "seq_len": args.seq_len, "batch_size": args.batch_size, "k": args.k, "dtype": args.dtype, "runs": {},
-        "summary": {},
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        for shape in args.shapes:
-            ids = torch.randint(0, SHAPES[shape]["vocab_size"], (args.batch_size, args.seq_len), device="cuda",
-                                generator=torch.Generator("cuda").manual_seed(0))
-            for bits in args.bits:
-                bases = Bases(shape, bits, dtype, Path(tmp))
-                methods = METHODS if bits == 16 else METHODS[:2]
-                key = f"{shape}/{bits}bit"
-                rows = {m: measure(bases, _wrapper(m, args.k), ids, args.steps) for m in methods}
-                result["runs"][key] = rows
-                result["summary"][key] = {
-                    f"{fig}_{m}_vs_lora": round(rows[m][fig] / rows["lora"][fig], 3)
-                    for m in methods[1:] for fig in ("mem_mib", "step_ms")
-                }
-                print(json.dumps({key: result["summary"][key]}), file=sys.stderr, flush=True)
-                if bases.folder is not None:
-                    shutil.rmtree(bases.folder, ignore_errors=True)
+    result = start("fisher_lora_gpu", args, "fisher_lora")
+    for shape, bits, bases, ids in bases_for(args):
+        methods = METHODS if bits == 16 else METHODS[:2]
+        rows = {m: measure(bases, _wrapper(m, args.k), ids, args.steps) for m in methods}
+        summary = {
+            f"{fig}_{m}_vs_lora": round(rows[m][fig] / rows["lora"][fig], 3)
+            for m in methods[1:] for fig in ("mem_mib", "step_ms")
+        }
+        record(result, f"{shape}/{bits}bit", rows, summary)
     print(json.dumps(result, indent=1))
 
 

@@ -6,9 +6,15 @@ it, and the median step time.
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
+import shutil
 import statistics
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -123,3 +129,53 @@ def measure(bases: Bases, wrap, ids: torch.Tensor, steps: int) -> dict:
         "step_ms": round(1000 * statistics.median(times), 2),
         "loss_finite": finite,
     }
+
+
+def parser_with_common_args(doc: str, *, k: int, k_help: str) -> argparse.ArgumentParser:
+    """The options every GPU benchmark takes (shapes, bits, sequence, batch, rank, steps, dtype)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama2-7b"], choices=list(SHAPES))
+    parser.add_argument("--bits", nargs="+", type=int, default=[16], choices=[16, 4])
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--k", type=int, default=k, help=k_help)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    return parser
+
+
+def start(name: str, args: argparse.Namespace, cpu_alternative: str) -> dict:
+    """Exit with a pointer to the CPU benchmark when there is no GPU; else the result skeleton."""
+    if not torch.cuda.is_available():
+        sys.exit(f"benchmarks/{name}.py needs a CUDA GPU; on the CPU use benchmarks/{cpu_alternative}.py.")
+    return {
+        "benchmark": name, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "k": args.k, "dtype": args.dtype, "runs": {},
+        "summary": {},
+    }
+
+
+def token_ids(shape: str, args: argparse.Namespace) -> torch.Tensor:
+    """A fixed random batch of token ids for ``shape`` on the GPU."""
+    return torch.randint(0, SHAPES[shape]["vocab_size"], (args.batch_size, args.seq_len), device="cuda",
+                         generator=torch.Generator("cuda").manual_seed(0))
+
+
+def bases_for(args: argparse.Namespace) -> Iterator[tuple[str, int, Bases, torch.Tensor]]:
+    """``(shape, bits, bases, token ids)`` for every requested shape and bit width (temporary checkpoints removed)."""
+    dtype = getattr(torch, args.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes:
+            ids = token_ids(shape, args)
+            for bits in args.bits:
+                bases = Bases(shape, bits, dtype, Path(tmp))
+                yield shape, bits, bases, ids
+                if bases.folder is not None:
+                    shutil.rmtree(bases.folder, ignore_errors=True)
+
+
+def record(result: dict, key: str, rows: dict, summary: dict) -> None:
+    """Store one measured group and print its summary line (progress on stderr)."""
+    result["runs"][key] = rows
+    result["summary"][key] = summary
+    print(json.dumps({key: summary}), file=sys.stderr, flush=True)

@@ -21,14 +21,10 @@ Usage: ``python benchmarks/spsft_gpu.py [--shapes smollm2-135m llama2-7b] [--bit
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import tempfile
-from pathlib import Path
 
-import torch
-from gpu_common import SHAPES, Bases, measure  # benchmarks/ is on sys.path when a script there runs
+# benchmarks/ is on sys.path when a script there runs
+from gpu_common import bases_for, measure, parser_with_common_args, record, start
 
 TARGETS = {"all_linear": "all-linear", "mlp_only": ["gate_proj", "up_proj", "down_proj"]}
 METHODS = ("spsft", "lora_dropout0.1", "lora_dropout0")
@@ -51,45 +47,18 @@ def _wrapper(method: str, targets, k: int):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama2-7b"], choices=list(SHAPES))
-    parser.add_argument("--bits", nargs="+", type=int, default=[16], choices=[16, 4])
+    parser = parser_with_common_args(__doc__, k=8, k_help="LoRA rank k; SPSFT uses r=2k rows")
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--k", type=int, default=8, help="LoRA rank k; SPSFT uses r=2k rows")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/spsft_gpu.py needs a CUDA GPU; on the CPU use benchmarks/spsft.py.")
-    dtype = getattr(torch, args.dtype)
-    result: dict = {
-        "benchmark": "spsft_gpu", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-        "seq_len": args.seq_len, "batch_size": args.batch_size, "k": args.k, "dtype": args.dtype, "runs": {},
-        "summary": {},
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        for shape in args.shapes:
-            vocab = SHAPES[shape]["vocab_size"]
-            ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), device="cuda",
-                                generator=torch.Generator("cuda").manual_seed(0))
-            for bits in args.bits:
-                bases = Bases(shape, bits, dtype, Path(tmp))
-                for name in args.targets:
-                    key = f"{shape}/{bits}bit/{name}"
-                    rows = {m: measure(bases, _wrapper(m, TARGETS[name], args.k), ids, args.steps) for m in METHODS}
-                    result["runs"][key] = rows
-                    spsft = rows["spsft"]
-                    result["summary"][key] = {
-                        f"{fig}_vs_{m}": round(spsft[fig] / rows[m][fig], 3)
-                        for m in METHODS[1:] for fig in ("mem_mib", "step_ms")
-                    }
-                    print(json.dumps({key: result["summary"][key]}), file=sys.stderr, flush=True)
-                if bases.folder is not None:
-                    import shutil
-
-                    shutil.rmtree(bases.folder, ignore_errors=True)
+    result = start("spsft_gpu", args, "spsft")
+    for shape, bits, bases, ids in bases_for(args):
+        for name in args.targets:
+            rows = {m: measure(bases, _wrapper(m, TARGETS[name], args.k), ids, args.steps) for m in METHODS}
+            summary = {
+                f"{fig}_vs_{m}": round(rows["spsft"][fig] / rows[m][fig], 3)
+                for m in METHODS[1:] for fig in ("mem_mib", "step_ms")
+            }
+            record(result, f"{shape}/{bits}bit/{name}", rows, summary)
     print(json.dumps(result, indent=1))
 
 
