@@ -9,15 +9,10 @@ gives the main process an unsharded CPU copy of a transformers model (FSDP2 ``fu
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
 __all__ = ["barrier", "gather_full_model", "is_fsdp_model", "is_main_process", "world_size"]
-
-logger = logging.getLogger(__name__)
-
 
 def _dist():
     import torch.distributed as dist
@@ -39,43 +34,32 @@ def is_main_process() -> bool:
 
 def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
-    dist = _dist()
-    if dist is not None and dist.get_world_size() > 1:
-        dist.barrier()
+    if world_size() > 1:
+        _dist().barrier()
 
 
-def _fsdp_classes() -> tuple[type, ...]:
-    classes: list[type] = []
-    try:
-        from torch.distributed.fsdp import FSDPModule
+def _fsdp_classes() -> tuple[type | None, type | None]:
+    """``(FSDPModule, FullyShardedDataParallel)``: the FSDP2 mix-in and the FSDP1 wrapper (None where torch lacks it;
+    ``FSDPModule`` is public in ``torch.distributed.fsdp`` from torch 2.6)."""
+    import torch.distributed.fsdp as fsdp
 
-        classes.append(FSDPModule)
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        pass
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        classes.append(FullyShardedDataParallel)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(classes)
+    return getattr(fsdp, "FSDPModule", None), getattr(fsdp, "FullyShardedDataParallel", None)
 
 
 def is_fsdp_model(model: nn.Module) -> bool:
     """Whether any submodule of ``model`` is sharded by FSDP (FSDP2 ``fully_shard`` or FSDP1)."""
-    classes = _fsdp_classes()
+    classes = tuple(c for c in _fsdp_classes() if c is not None)
     return bool(classes) and any(isinstance(m, classes) for m in model.modules())
 
 
 def _original_class(model: nn.Module) -> type:
     """The model's own class: FSDP2 swaps in a subclass ``FSDP<Name>(FSDPModule, <Name>)``; FSDP1 wraps."""
-    fsdp1 = [c for c in _fsdp_classes() if c.__name__ == "FullyShardedDataParallel"]
-    while fsdp1 and isinstance(model, fsdp1[0]):
+    fsdp2, fsdp1 = _fsdp_classes()
+    while fsdp1 is not None and isinstance(model, fsdp1):
         model = model.module
     cls = type(model)
-    fsdp2 = [c for c in _fsdp_classes() if c.__name__ == "FSDPModule"]
-    while fsdp2 and issubclass(cls, fsdp2[0]):
-        cls = next(b for b in cls.__bases__ if not issubclass(b, fsdp2[0]))
+    while fsdp2 is not None and issubclass(cls, fsdp2):
+        cls = next(b for b in cls.__bases__ if not issubclass(b, fsdp2))
     return cls
 
 

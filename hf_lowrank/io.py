@@ -131,10 +131,3 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     _fsync_dir(path.parent)
 
-
-def atomic_save_pretrained(obj: Any, path: str | os.PathLike, **kwargs) -> Path:
-    """``obj.save_pretrained(path, **kwargs)`` (a model, a ``PeftModel``'s adapters, a tokenizer) written atomically:
-    into a temporary sibling folder that replaces ``path`` once complete (see :func:`atomic_directory`)."""
-    with atomic_directory(path) as tmp:
-        obj.save_pretrained(tmp, **kwargs)
-    return Path(path)

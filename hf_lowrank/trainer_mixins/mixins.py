@@ -15,6 +15,8 @@ from pathlib import Path
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..distributed import is_fsdp_model
+from ..io import atomic_directory
 from ..peft_configs.fisher_lora.config import FisherLoRAConfig
 from .callbacks import FisherCollectorCallback
 
@@ -89,8 +91,6 @@ class LowRankTrainerMixin:
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         """The Trainer's writer (model or adapter, tokenizer, training args), made atomic (main process only)."""
-        from ..io import atomic_directory
-
         if not self.args.should_save:  # a non-writer rank only joins the collectives of a sharded save
             return super()._save(output_dir, state_dict=state_dict)
         with atomic_directory(output_dir or self.args.output_dir) as tmp:
@@ -103,8 +103,6 @@ class LowRankTrainerMixin:
         from ..peft_configs.fisher_lora.compress import compress_peft_model, save_compressed_model
 
         output_dir = output_dir or self.args.output_dir
-        from ..distributed import is_fsdp_model
-
         if is_fsdp_model(self.model):
             raise NotImplementedError(
                 "LowRankTrainer cannot compress a FisherLoRA adapter trained under FSDP: the merged weights and the "

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...distributed import is_fsdp_model, world_size
 from ...io import atomic_save_safetensors
 from ...ops.fisher import lora_fisher_to_weights
 
@@ -328,12 +329,6 @@ def _full_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
     return {name.removesuffix(".base_layer"): m for name, m in found.items()}
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _batch_size(args: tuple, kwargs: dict) -> int:
     for key in ("input_ids", "inputs_embeds", "pixel_values", "input_features", "labels"):
         value = kwargs.get(key)
@@ -423,8 +418,6 @@ class FisherCollector:
         """
         if self._model is model:
             return self
-        from ...distributed import is_fsdp_model
-
         if is_fsdp_model(model):
             raise NotImplementedError(
                 "Fisher collection under FSDP is not supported: FSDP reduce-scatters each gradient across processes "
@@ -435,7 +428,7 @@ class FisherCollector:
         if self._model is not None:
             self.detach()
         params = self._params(model)
-        self._world_size = _world_size()
+        self._world_size = world_size()
         for key, p in params.items():
             acc = self.state.tensors.get(key)
             if acc is not None and tuple(acc.shape) != tuple(p.shape):
@@ -600,7 +593,7 @@ class FisherCollector:
         state = self.snapshot().clone()
         import torch.distributed as dist
 
-        if _world_size() == 1:
+        if world_size() == 1:
             return state
         for key in sorted(state.tensors):
             dist.all_reduce(state.tensors[key], op=dist.ReduceOp.SUM)

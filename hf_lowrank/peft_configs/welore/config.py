@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Union
@@ -12,6 +11,7 @@ import torch
 from peft.config import PeftConfig
 
 from .._registry import ensure_peft_type
+from .spectra import rank_pattern_regex
 
 __all__ = ["WeLoreLRCConfig"]
 
@@ -156,13 +156,7 @@ class WeLoreLRCConfig(PeftConfig):
                     f"rank_pattern keys must be non-empty regex strings matched against the end of module names "
                     f"(e.g. 'q_proj' or 'up_proj|down_proj'), got the key {key!r}."
                 )
-            try:
-                re.compile(rf"(.*\.)?({key})$")  # the form match_rank_pattern uses
-            except re.error as exc:
-                raise ValueError(
-                    f"rank_pattern key {key!r} is not a valid regular expression ({exc}); escape special characters "
-                    "(re.escape) or fix the pattern."
-                ) from None
+            rank_pattern_regex(key)  # raises, naming the key, unless it compiles
             if not _is_int(rank) or rank < 1:
                 raise ValueError(f"rank_pattern['{key}'] must be a positive int rank, got {rank!r}.")
         sc = self.spectra_cache_dir

@@ -337,18 +337,23 @@ def match_rank_pattern(rank_pattern: Mapping[str, int] | None, name: str) -> int
     """Rank pinned for module ``name`` by ``rank_pattern`` (peft's convention: a key matches a module whose full name
     ends with it, as a regular expression on dot boundaries; the first matching key wins)."""
     for key, rank in (rank_pattern or {}).items():
-        if not isinstance(key, str):
-            raise ValueError(f"rank_pattern keys must be regex strings, got the key {key!r}.")
-        try:
-            hit = re.match(rf"(.*\.)?({key})$", name)
-        except re.error as exc:
-            raise ValueError(
-                f"rank_pattern key {key!r} is not a valid regular expression ({exc}); escape special characters "
-                "(re.escape) or fix the pattern."
-            ) from None
-        if hit:
+        if rank_pattern_regex(key).match(name):
             return int(rank)
     return None
+
+
+def rank_pattern_regex(key: str) -> re.Pattern:
+    """The compiled form of a ``rank_pattern`` key (it matches a module whose full name ends with it, on a dot
+    boundary); a key that is not a string or not a valid regular expression raises ``ValueError`` naming it."""
+    if not isinstance(key, str):
+        raise ValueError(f"rank_pattern keys must be regex strings, got the key {key!r}.")
+    try:
+        return re.compile(rf"(.*\.)?({key})$")
+    except re.error as exc:
+        raise ValueError(
+            f"rank_pattern key {key!r} is not a valid regular expression ({exc}); escape special characters "
+            "(re.escape) or fix the pattern."
+        ) from None
 
 
 def _validate_reduction(reduction: float) -> None:
