@@ -293,7 +293,7 @@ def bench_sft(quick: bool, tmp: str) -> dict:
         args = trl.SFTConfig(output_dir=f"{tmp}/sft_r{r}", per_device_train_batch_size=4, gradient_accumulation_steps=1,
                              max_steps=max_steps, learning_rate=1e-3, max_length=64, report_to=[], use_cpu=True,
                              disable_tqdm=True, save_strategy="no", logging_steps=10**6, seed=0,
-                             lr_scheduler_type="constant", gradient_checkpointing=False)
+                             lr_scheduler_type="constant", gradient_checkpointing=False, bf16=False)
         trainer = LowRankSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                                     peft_config=cfg, callbacks=list(cbs.values()))
         t0 = time.perf_counter()

@@ -208,7 +208,10 @@ def run_fisher_lora(model, tok, args):
     from trl import SFTConfig
 
     from hf_lowrank import FisherLoRAConfig, LowRankSFTTrainer, bundled
+    from hf_lowrank.precision import training_dtype_kwargs
 
+    precision, why = training_dtype_kwargs()
+    print(f"  training dtype: {why}")
     config = FisherLoRAConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM",
                               compress_keep=args.keep)
     trainer = LowRankSFTTrainer(
@@ -216,7 +219,7 @@ def run_fisher_lora(model, tok, args):
         args=SFTConfig(
             output_dir=str(Path(args.out) / "fisher_lora-run"), max_steps=args.steps, per_device_train_batch_size=4,
             gradient_accumulation_steps=2, learning_rate=1e-3, max_length=96, logging_steps=10, save_strategy="no",
-            report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
+            report_to=[], use_cpu=not torch.cuda.is_available(), seed=0, **precision,
         ),
         train_dataset=Dataset.from_list(bundled.sft_examples("train", n=8 * args.steps)),
         processing_class=tok,

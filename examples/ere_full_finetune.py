@@ -125,6 +125,10 @@ def smollm2(args) -> dict:
     held_out = bundled.definition_texts("test", n=48)
     run = Path(args.out) / "smollm2"
     ere = CompressOnSaveCallback(method="ere", base_model=base, rank=args.rank, bits=args.bits, output_subdir="ere")
+    from hf_lowrank.precision import training_dtype_kwargs
+
+    precision, why = training_dtype_kwargs()
+    print(f"training dtype: {why}")
     cfg = SFTConfig(
         output_dir=str(run),
         max_steps=args.sft_steps,
@@ -136,6 +140,7 @@ def smollm2(args) -> dict:
         logging_steps=max(1, args.sft_steps // 5),
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
+        **precision,
     )
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=train, processing_class=tok, callbacks=[ere])
     ppl_base = perplexity(base, tok, held_out, progress=False)

@@ -54,12 +54,16 @@ def main() -> None:
         r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM",
         compress_keep=args.keep, fisher_weighting=args.weighting,
     )
+    from hf_lowrank.precision import training_dtype_kwargs
+
+    precision, why = training_dtype_kwargs()
+    print(f"training dtype: {why}")
     trainer = LowRankSFTTrainer(
         model=model,
         args=SFTConfig(
             output_dir=str(out / "run"), max_steps=args.steps, per_device_train_batch_size=4,
             gradient_accumulation_steps=2, learning_rate=1e-3, max_length=96, logging_steps=10, save_strategy="no",
-            report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
+            report_to=[], use_cpu=not torch.cuda.is_available(), seed=0, **precision,
         ),
         train_dataset=train,
         processing_class=tokenizer,

@@ -204,3 +204,30 @@ def accuracy(
     finally:
         model.train(was_training)
     return correct / len(texts)
+
+
+def calibration_batches(
+    tokenizer, texts: Sequence[str], *, max_length: int = 256, batch_size: int = 8
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenize ``texts`` into right-padded ``{"input_ids", "attention_mask"}`` batches for calibration.
+
+    What ``compress_model(..., calibration=...)`` and ``hf-lowrank compress --calibration`` take; any iterable of
+    such dicts (a ``DataLoader``) works as well.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        texts: calibration texts (ideally from the task's domain, disjoint from evaluation texts).
+        max_length: tokens kept per text.
+        batch_size: texts per batch.
+    """
+    texts = _check_texts(texts, "texts")
+    _check_positive(max_length, "max_length", 2)
+    _check_positive(batch_size, "batch_size")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    seqs = [tokenizer(t, truncation=True, max_length=max_length).input_ids for t in texts]
+    seqs = [s for s in seqs if s]
+    batches = []
+    for start in range(0, len(seqs), batch_size):
+        ids, mask = _pad_right(seqs[start : start + batch_size], pad_id)
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -12,12 +14,26 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_write_json
 from ..modules import LowRankLinear, dense_weight
+from ..ops.fisher import (
+    DEFAULT_DAMPING,
+    fisher_weights,
+    gram_factor,
+    weighted_lowrank,
+    weighted_relative_error,
+    weighted_spectrum,
+)
+from ..ops.rank_allocation import global_ranks
 from ..ops.svd import break_even_rank, factorized_params, rank_for_keep, relative_error
+from ..statistics import calibration_grams, gram_memory_bytes
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ALLOCATIONS",
     "CompressionReport",
     "ModuleReport",
     "compress_model",
+    "factorize_linear",
     "find_target_linears",
     "resolve_ranks",
     "set_submodule",
@@ -250,6 +266,9 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+ALLOCATIONS = ("uniform", "global")
+
+
 @torch.no_grad()
 def compress_model(
     model: nn.Module,
@@ -257,6 +276,13 @@ def compress_model(
     *,
     row_weights: Mapping[str, torch.Tensor] | None = None,
     col_weights: Mapping[str, torch.Tensor] | None = None,
+    grams_in: Mapping[str, torch.Tensor] | None = None,
+    grams_out: Mapping[str, torch.Tensor] | None = None,
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    allocation: str = "uniform",
+    loss_normalization: str = "none",
+    damping: float = DEFAULT_DAMPING,
+    max_gram_dim: int | None = None,
     target_modules: str | Sequence[str] | None = None,
     method: str = "auto",
     exponent: float = 0.5,
@@ -265,31 +291,56 @@ def compress_model(
     report_method: str | None = None,
     progress: bool = True,
 ) -> CompressionReport:
-    """Replace target Linear layers of ``model`` in place by ``LowRankLinear`` factor pairs.
+    """Replace target Linear layers of ``model`` in place by ``LowRankLinear`` factor pairs, all or nothing.
 
-    Plain truncated SVD by default; with ``row_weights`` / ``col_weights`` (accumulated Fisher per output row /
-    input column, keyed by module name) the Fisher-weighted SVD of METHODS.md section 1. A module whose rank would
-    not save parameters (``rank >= out*in/(out+in)``) is left dense and listed as skipped. A transformers model
-    is then marked so that ``save_pretrained`` writes a factorized checkpoint that ``from_pretrained`` rebuilds.
+    Each module is factorized by the one weighted low-rank path (:func:`hf_lowrank.ops.fisher.weighted_lowrank`):
+    the rank-``k`` minimiser of ``||L_out^T (W - W_hat) L_in||_F``, where each side is the identity (plain SVD), a
+    diagonal from accumulated Fisher (``row_weights`` / ``col_weights``: FWSVD, METHODS.md section 1) or the
+    Cholesky factor of a Gram (``grams_in`` / ``grams_out`` or ``calibration``: whitening and the Kronecker-factored
+    Fisher, section 5). A module whose rank would not save parameters (``rank >= out*in/(out+in)``) is left dense
+    and listed as skipped. Every factor pair is computed before any module is replaced: a failure (an
+    :class:`~hf_lowrank.ops.svd.SVDError`, a bad Gram) leaves the model untouched. A transformers model is then
+    marked so that ``save_pretrained`` writes a factorized checkpoint that ``from_pretrained`` rebuilds.
 
     Args:
         model: the model to compress (modified in place).
-        ranks: ``int`` rank, ``float`` fraction of parameters kept per module, or ``{name: rank}``.
-        row_weights: optional ``{name: (out,) importance}``.
-        col_weights: optional ``{name: (in,) importance}``.
+        ranks: ``int`` rank, ``float`` fraction of parameters kept (per module with ``allocation="uniform"``, over
+            all targets together with ``"global"``), or ``{name: rank}``.
+        row_weights: optional ``{name: (out,) importance}`` (Fisher row sums).
+        col_weights: optional ``{name: (in,) importance}`` (Fisher column sums).
+        grams_in: optional ``{name: (in, in) or (in,)}`` Grams of the module's inputs ``sum x x^T``.
+        grams_out: optional ``{name: (out, out) or (out,)}`` Grams of the gradients at the module's outputs.
+        calibration: optional iterable of batches (dicts with ``input_ids``, optionally ``attention_mask``; a
+            ``DataLoader`` works): the input Grams are collected from them first (SVD-LLM whitening).
+        allocation: ``"uniform"`` (the same fraction in every module) or ``"global"`` (per-module ranks minimising
+            the summed weighted truncation loss under the total parameter budget,
+            :func:`hf_lowrank.ops.rank_allocation.global_ranks`; needs a float ``ranks``).
+        loss_normalization: with ``"global"``: ``"none"`` (raw weighted losses) or ``"relative"`` (per module).
+        damping: Gram damping ``lambda`` (``G / mean(diag G) + lambda I``).
+        max_gram_dim: calibration Grams of sides wider than this keep their diagonal only.
         target_modules: see :func:`find_target_linears`; with a ``{name: rank}`` dict and no target_modules,
             the dict's names are the targets.
         method: SVD method, ``"auto"``, ``"exact"`` or ``"randomized"``.
         exponent, eps: Fisher weighting, ``D = diag((fisher / mean + eps) ** exponent)``.
         dtype: dtype of the factors (default: the replaced weight's dtype). It may differ from the rest of the
-            model: ``LowRankLinear.forward`` casts its input to the factor dtype and its output back to the
-            input's dtype.
-        report_method: label recorded in the report and the checkpoint (default ``"svd"`` or ``"fwsvd"``).
-        progress: show a progress bar.
+            model: ``LowRankLinear.forward`` casts its input to the factor dtype and its output back.
+        report_method: label recorded in the report and the checkpoint (default ``"svd"``, ``"fwsvd"`` or
+            ``"whitened"``).
+        progress: show progress bars.
 
     Returns:
-        A :class:`CompressionReport`.
+        A :class:`CompressionReport` (``info`` records the weighting, allocation, calibration tokens and any Gram
+        whose factorization needed the eigendecomposition fallback).
     """
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
+    if allocation == "global" and not isinstance(ranks, float):
+        raise ValueError(
+            f"allocation='global' spreads one parameter budget over all targets: pass ranks as a float keep fraction "
+            f"(e.g. 0.8), got {ranks!r}."
+        )
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}.")
     if isinstance(ranks, Mapping):
         _check_rank_keys(ranks)
     if isinstance(ranks, Mapping) and target_modules is None:
@@ -298,45 +349,154 @@ def compress_model(
         targets = find_target_linears(model, list(ranks))
     else:
         targets = find_target_linears(model, target_modules)
-    plan = resolve_ranks(targets, ranks)
-    weighted = bool(row_weights) or bool(col_weights)
-    report = CompressionReport(method=report_method or ("fwsvd" if weighted else "svd"))
+    info: dict = {}
+    if calibration is not None:
+        if grams_in:
+            raise ValueError("Pass calibration= or grams_in=, not both (calibration collects the input Grams).")
+        shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
+        estimate = gram_memory_bytes(shapes, max_dim=max_gram_dim)
+        logger.warning("calibration: input Grams of %d modules, at most %.1f MB (float32, before sharing).",
+                       len(targets), estimate / 2**20)
+        grams_in, tokens = calibration_grams(model, targets, calibration, max_dim=max_gram_dim, progress=progress)
+        info["calibration_tokens"] = tokens
+    sides = _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping)
+    if allocation == "global":
+        plan = _global_plan(targets, sides, float(ranks), loss_normalization, progress)
+    else:
+        plan = resolve_ranks(targets, ranks)
+    weighted = any(side.out_factor is not None or side.in_factor is not None for side in sides.values())
+    default_label = "whitened" if (grams_in or grams_out) else ("fwsvd" if weighted else "svd")
+    report = CompressionReport(method=report_method or default_label)
+    replacements: dict[str, LowRankLinear] = {}
     for name in tqdm(list(plan), desc=f"compress ({report.method})", disable=not progress, unit="module"):
         module, rank = targets[name], plan[name]
         out_f, in_f = module.out_features, module.in_features
         bias = 0 if getattr(module, "bias", None) is None else out_f
         before = out_f * in_f + bias
         if rank is None:
-            report.modules.append(
-                ModuleReport(name, (out_f, in_f), None, before, before, skipped="rank saves no parameters")
-            )
+            reason = "kept dense by the global allocation" if allocation == "global" else "rank saves no parameters"
+            report.modules.append(ModuleReport(name, (out_f, in_f), None, before, before, skipped=reason))
             continue
-        row = _lookup(row_weights, name, (out_f,), "row_weights")
-        col = _lookup(col_weights, name, (in_f,), "col_weights")
-        W = dense_weight(module)
-        new = LowRankLinear.from_dense(
-            module, rank, row_weights=row, col_weights=col, exponent=exponent, eps=eps, method=method,
-            dtype=dtype or (W.dtype if W.is_floating_point() and W.dtype != torch.uint8 else torch.float32),
-            name=name,
-        )
-        W_hat = new.up.weight.float() @ new.down.weight.float()
-        err = relative_error(W.float(), W_hat)
-        werr = None
-        if row is not None or col is not None:
-            from ..ops.fisher import fisher_weights, weighted_relative_error
-
-            rw = fisher_weights(row.float(), exponent=exponent, eps=eps) if row is not None else None
-            cw = fisher_weights(col.float(), exponent=exponent, eps=eps) if col is not None else None
-            werr = weighted_relative_error(W.float(), W_hat, rw, cw)
+        side = sides[name]
+        new, err, werr = factorize_linear(module, rank, side.out_factor, side.in_factor, method=method, dtype=dtype,
+                                          name=name)
         new.train(module.training)
-        set_submodule(model, name, new)
+        replacements[name] = new
         report.modules.append(
-            ModuleReport(name, (out_f, in_f), rank, before, factorized_params(out_f, in_f, rank) + bias, err, werr)
+            ModuleReport(name, (out_f, in_f), rank, before, factorized_params(out_f, in_f, rank) + bias, err,
+                         werr if side.weighted else None)
         )
+    for name, new in replacements.items():  # all factors exist: swap them in
+        set_submodule(model, name, new)
+    fallbacks = sorted({n for n, side in sides.items() if side.fallback})
+    if fallbacks:
+        logger.warning("Gram factorization fell back to the eigendecomposition for %d module(s): %s", len(fallbacks),
+                       ", ".join(fallbacks[:8]))
+    info.update({"allocation": allocation, "weighting": default_label})
+    if grams_in or grams_out:
+        info.update({"damping": damping, "gram_fallbacks": fallbacks})
+    if allocation == "global":
+        info["loss_normalization"] = loss_normalization
+    report.info = {**info, **report.info}
     from .checkpoint import mark_compressed
 
     mark_compressed(model, report.ranks, method=report.method)
     return report
+
+
+@dataclass
+class _Side:
+    out_factor: torch.Tensor | None = None
+    in_factor: torch.Tensor | None = None
+    scale: float = 1.0
+    fallback: bool = False
+
+    @property
+    def weighted(self) -> bool:
+        return self.out_factor is not None or self.in_factor is not None
+
+
+def _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping):
+    """``{name: _Side}``: each side's factor from Fisher weights or a Gram (a shared Gram is factorized once)."""
+    for label, weights in (("row_weights", row_weights), ("col_weights", col_weights), ("grams_in", grams_in),
+                           ("grams_out", grams_out)):
+        unknown = [n for n in (weights or {}) if n not in targets]
+        if unknown:
+            raise ValueError(
+                f"{label} has entries for {len(unknown)} module(s) that are not compression targets (e.g. "
+                f"'{unknown[0]}'): they were collected on another model or other target modules. Use the full module "
+                "names of the targets."
+            )
+    factors: dict[int, object] = {}
+
+    def factor(G, name):
+        if id(G) not in factors:
+            factors[id(G)] = gram_factor(G, damping=damping, name=name)
+        return factors[id(G)]
+
+    sides = {}
+    for name, module in targets.items():
+        out_f, in_f = module.out_features, module.in_features
+        side = _Side()
+        for which, diag, gram, size in (("out", row_weights, grams_out, out_f), ("in", col_weights, grams_in, in_f)):
+            d = _lookup(diag, name, (size,), "row_weights" if which == "out" else "col_weights")
+            G = gram.get(name) if gram else None
+            if d is not None and G is not None:
+                raise ValueError(
+                    f"Module '{name}' has both a diagonal Fisher and a Gram on its {which}put side; pass one of them."
+                )
+            if d is not None:
+                setattr(side, f"{which}_factor", fisher_weights(d.float(), exponent=exponent, eps=eps))
+            elif G is not None:
+                if tuple(G.shape) not in ((size, size), (size,)):
+                    raise ValueError(
+                        f"The {which}put Gram of '{name}' has shape {tuple(G.shape)} but the module needs ({size}, "
+                        f"{size}) (or its diagonal): it was collected on a model of another shape."
+                    )
+                f = factor(G, name)
+                setattr(side, f"{which}_factor", f.L)
+                side.scale *= f.scale
+                side.fallback = side.fallback or f.fallback == "eigh"
+        sides[name] = side
+    return sides
+
+
+def _global_plan(targets, sides, keep, normalization, progress):
+    shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
+    spectra = {}
+    for name in tqdm(list(targets), desc="spectra (global allocation)", disable=not progress, unit="module"):
+        side = sides[name]
+        S = weighted_spectrum(dense_weight(targets[name]), out_factor=side.out_factor, in_factor=side.in_factor,
+                              name=name)
+        spectra[name] = S * math.sqrt(side.scale)  # back on the raw scale of the Grams: comparable across modules
+    return global_ranks(spectra, shapes, keep, normalize=normalization).ranks
+
+
+def factorize_linear(
+    module: nn.Module,
+    rank: int,
+    out_factor: torch.Tensor | None = None,
+    in_factor: torch.Tensor | None = None,
+    *,
+    method: str = "auto",
+    dtype: torch.dtype | None = None,
+    name: str | None = None,
+) -> tuple[LowRankLinear, float, float]:
+    """One module through the one factorize path: ``(LowRankLinear, relative error, weighted relative error)``.
+
+    The dense weight (dequantized for bitsandbytes layers) is read once; the factors come from
+    :func:`hf_lowrank.ops.fisher.weighted_lowrank`; the new layer has the module's bias, device and (unless
+    ``dtype``) floating dtype (float32 for a quantized weight).
+    """
+    W = dense_weight(module)
+    out_dtype = dtype or (W.dtype if W.is_floating_point() and W.dtype != torch.uint8 else torch.float32)
+    down, up = weighted_lowrank(W, rank, out_factor=out_factor, in_factor=in_factor, method=method, name=name)
+    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    new = LowRankLinear.from_factors(down.to(out_dtype), up.to(out_dtype), bias, dtype=out_dtype).to(W.device)
+    W_hat = new.up.weight.float() @ new.down.weight.float()
+    err = relative_error(W.float(), W_hat)
+    werr = weighted_relative_error(W.float(), W_hat, out_factor, in_factor)
+    return new, err, werr
 
 
 def _lookup(weights: Mapping[str, torch.Tensor] | None, name: str, shape: tuple[int], what: str):

@@ -13,14 +13,19 @@ the truncated SVD of ``D_out W D_in = U S V^T`` and divide the weights back out 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
-from .svd import SVDError, SVDMethod, split_factors, truncated_svd
+from .svd import SVDError, SVDMethod, singular_values, split_factors, truncated_svd
 
 __all__ = [
+    "DEFAULT_DAMPING",
+    "GramFactor",
     "fisher_weights",
+    "gram_factor",
+    "weighted_lowrank",
+    "weighted_spectrum",
     "fwsvd",
     "lora_fisher_to_weights",
     "weighted_relative_error",
@@ -100,6 +105,194 @@ def _side_weights(
         raise ValueError(f"{side}_fisher{_where(name)}: {exc}") from None
 
 
+DEFAULT_DAMPING = 1e-4
+"""Default Gram damping ``lambda``: ``G / mean(diag G) + lambda * I`` (chosen in benchmarks/compression_quality.py)."""
+
+
+class GramFactor(NamedTuple):
+    """Lower-triangular factor of a damped, normalised Gram: ``G / scale + damping * I = L @ L.T``.
+
+    Attributes:
+        L: ``(n, n)`` lower-triangular, float64 (``(n,)``, a diagonal, for a diagonal Gram).
+        scale: ``mean(diag(G))`` the Gram was divided by (1.0 for an all-zero Gram, whose factor is the identity).
+        fallback: ``None`` when the Cholesky factorization of the damped Gram succeeded; otherwise what was done
+            instead, e.g. ``"eigh"`` (eigenvalues clamped to the damping floor, then Cholesky) or ``"zero"``.
+    """
+
+    L: torch.Tensor
+    scale: float
+    fallback: str | None = None
+
+
+def _check_weight(W: torch.Tensor, name: str | None) -> None:
+    if not isinstance(W, torch.Tensor) or W.ndim != 2:
+        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ValueError(f"A weighted low-rank approximation needs a 2-D (out, in) weight{_where(name)}, got {shape}.")
+
+
+@torch.no_grad()
+def gram_factor(G: torch.Tensor, *, damping: float = DEFAULT_DAMPING, name: str | None = None) -> GramFactor:
+    """Cholesky factor of a damped Gram matrix ``G = sum x x^T``, never NaN.
+
+    The Gram is symmetrised, divided by the mean of its diagonal (so ``damping`` is relative and the factor is
+    scale-free), damped by ``damping * I`` and factorized in float64. A Gram that is not positive definite even then
+    (fewer calibration tokens than its size with ``damping=0``, rounding) falls back to an eigendecomposition with
+    eigenvalues clamped to ``max(damping, 1e-8)``, followed by the Cholesky factorization of the repaired matrix. An
+    all-zero Gram (no data reached the module) gives the identity.
+
+    Args:
+        G: ``(n, n)`` symmetric positive semi-definite Gram (any floating dtype, any device), or its diagonal
+            ``(n,)`` (then the factor is the diagonal ``sqrt(g / mean(g) + damping)``, 1-D).
+        damping: ``lambda >= 0`` added to the normalised diagonal.
+        name: module name for messages.
+
+    Returns:
+        :class:`GramFactor` (``fallback`` says whether and how the factorization was repaired).
+
+    Raises:
+        ValueError: non-square or non-finite ``G``, negative damping.
+    """
+    if not isinstance(G, torch.Tensor) or G.ndim not in (1, 2) or (G.ndim == 2 and G.shape[0] != G.shape[1]):
+        shape = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
+        raise ValueError(f"A Gram matrix{_where(name)} must be square (n, n) or its diagonal (n,), got {shape}.")
+    if not (isinstance(damping, (int, float)) and 0 <= damping < float("inf")):
+        raise ValueError(f"damping must be a finite number >= 0 (default {DEFAULT_DAMPING}), got {damping!r}.")
+    A = G.detach().to(torch.float64)
+    if not bool(torch.isfinite(A).all()):
+        raise ValueError(
+            f"The Gram matrix{_where(name)} holds inf or NaN values (an overflowed activation or gradient); collect "
+            "it again, in float32, without the offending batch."
+        )
+    n = A.shape[0]
+    if A.ndim == 1:  # a diagonal Gram: its factor is the diagonal sqrt(g / mean + damping)
+        scale = float(A.mean()) if n else 0.0
+        if not scale > 0:
+            return GramFactor(torch.ones_like(A), 1.0, "zero")
+        return GramFactor((A.clamp_min(0) / scale + damping).clamp_min(1e-300).sqrt(), scale, None)
+    eye = torch.eye(n, dtype=torch.float64, device=A.device)
+    scale = float(A.diagonal().mean()) if n else 0.0
+    if not scale > 0:
+        return GramFactor(eye, 1.0, "zero")
+    A = (A + A.T) / (2 * scale) + damping * eye
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0 and bool(torch.isfinite(L).all()):
+        return GramFactor(L, scale, None)
+    evals, Q = torch.linalg.eigh(A)
+    repaired = (Q * evals.clamp_min(max(damping, 1e-8))) @ Q.T
+    L, info = torch.linalg.cholesky_ex((repaired + repaired.T) / 2)
+    if int(info) != 0 or not bool(torch.isfinite(L).all()):  # pragma: no cover - clamped spectrum is PD
+        L = torch.diag(A.diagonal().clamp_min(max(damping, 1e-8)).sqrt())
+    return GramFactor(L, scale, "eigh")
+
+
+def _check_factor(F: torch.Tensor | None, size: int, side: str, name: str | None) -> None:
+    if F is None:
+        return
+    ok = isinstance(F, torch.Tensor) and (
+        (F.ndim == 1 and F.shape[0] == size) or (F.ndim == 2 and tuple(F.shape) == (size, size))
+    )
+    if not ok:
+        shape = tuple(F.shape) if isinstance(F, torch.Tensor) else type(F).__name__
+        raise ValueError(
+            f"{side}_factor{_where(name)} must be a ({size},) diagonal or a ({size}, {size}) lower-triangular factor, "
+            f"got {shape}."
+        )
+
+
+def _weighted_matrix(W, out_factor, in_factor, dtype) -> torch.Tensor:
+    """``L_out^T W L_in`` (a 1-D factor is a diagonal)."""
+    tri = any(f is not None and f.ndim == 2 for f in (out_factor, in_factor))
+    A = W.detach().to(torch.float64 if tri else dtype)
+    if out_factor is not None:
+        f = out_factor.to(device=A.device, dtype=A.dtype)
+        A = f[:, None] * A if f.ndim == 1 else f.T @ A
+    if in_factor is not None:
+        f = in_factor.to(device=A.device, dtype=A.dtype)
+        A = A * f[None, :] if f.ndim == 1 else A @ f
+    return A.to(dtype)
+
+
+@torch.no_grad()
+def weighted_lowrank(
+    W: torch.Tensor,
+    rank: int,
+    *,
+    out_factor: torch.Tensor | None = None,
+    in_factor: torch.Tensor | None = None,
+    method: SVDMethod = "auto",
+    name: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """THE factorization: rank-``rank`` minimiser of ``||L_out^T (W - W_hat) L_in||_F`` as a balanced factor pair.
+
+    With ``M = L_out^T W L_in = U S V^T`` truncated to ``rank``: ``up = L_out^{-T} U sqrt(S)`` and
+    ``down = sqrt(S) V^T L_in^{-1}`` (triangular solves, no explicit inverse). A factor may be ``None`` (identity:
+    plain SVD on that side), a 1-D tensor of positive weights (a diagonal: FWSVD's ``sqrt(F)``, see
+    :func:`fwsvd`) or a 2-D lower-triangular matrix (a whitening factor of an activation or output-gradient Gram,
+    see :func:`gram_factor`; SVD-LLM is ``in_factor`` alone, the Kronecker-factored Fisher uses both).
+
+    Args:
+        W: ``(out, in)`` weight, any floating dtype.
+        rank: kept rank, ``1 <= rank <= min(out, in)``.
+        out_factor: ``None``, ``(out,)`` or ``(out, out)``.
+        in_factor: ``None``, ``(in,)`` or ``(in, in)``.
+        method: ``"auto"``, ``"exact"`` or ``"randomized"`` (see :func:`~hf_lowrank.ops.svd.truncated_svd`).
+        name: module name for error messages.
+
+    Returns:
+        ``(down (rank, in), up (out, rank))``, float32 (float64 for a float64 ``W``).
+
+    Raises:
+        ValueError: bad shapes or rank. SVDError: non-finite ``W`` or factors (names the module).
+    """
+    _check_weight(W, name)
+    out_f, in_f = W.shape
+    _check_factor(out_factor, out_f, "out", name)
+    _check_factor(in_factor, in_f, "in", name)
+    if out_factor is None and in_factor is None:
+        return split_factors(*truncated_svd(W, rank, method=method, name=name))
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    down, up = split_factors(*truncated_svd(_weighted_matrix(W, out_factor, in_factor, dtype), rank, method=method,
+                                            name=name))
+    if out_factor is not None:
+        if out_factor.ndim == 1:
+            up = up / out_factor.to(device=up.device, dtype=up.dtype)[:, None]
+        else:
+            L = out_factor.to(device=up.device, dtype=torch.float64)
+            up = torch.linalg.solve_triangular(L.T, up.double(), upper=True).to(dtype)
+    if in_factor is not None:
+        if in_factor.ndim == 1:
+            down = down / in_factor.to(device=down.device, dtype=down.dtype)[None, :]
+        else:
+            L = in_factor.to(device=down.device, dtype=torch.float64)
+            down = torch.linalg.solve_triangular(L, down.double(), upper=False, left=False).to(dtype)
+    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+        raise SVDError(
+            f"Weighted SVD{_where(name)} produced non-finite factors; the weights span too wide a range. Raise the "
+            "damping (Grams) or eps, or lower the exponent (Fisher)."
+        )
+    return down.contiguous(), up.contiguous()
+
+
+@torch.no_grad()
+def weighted_spectrum(
+    W: torch.Tensor,
+    *,
+    out_factor: torch.Tensor | None = None,
+    in_factor: torch.Tensor | None = None,
+    name: str | None = None,
+) -> torch.Tensor:
+    """Singular values of ``L_out^T W L_in`` (descending, float64): ``S[k:]**2`` summed is the loss of rank ``k``.
+
+    Args:
+        W, out_factor, in_factor, name: as for :func:`weighted_lowrank`.
+    """
+    _check_weight(W, name)
+    _check_factor(out_factor, W.shape[0], "out", name)
+    _check_factor(in_factor, W.shape[1], "in", name)
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    return singular_values(_weighted_matrix(W, out_factor, in_factor, dtype), name=name).to(torch.float64)
+
+
 @torch.no_grad()
 def fwsvd(
     W: torch.Tensor,
@@ -137,33 +330,11 @@ def fwsvd(
     Raises:
         ValueError: bad shapes or rank. SVDError: non-finite ``W`` or factors (names the module).
     """
-    if not isinstance(W, torch.Tensor) or W.ndim != 2:
-        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
-        raise ValueError(f"fwsvd needs a 2-D (out, in) weight{_where(name)}, got {shape}.")
+    _check_weight(W, name)
     out_f, in_f = W.shape
     d_out = _side_weights(row_fisher, out_f, "row", exponent, eps, name)
     d_in = _side_weights(col_fisher, in_f, "col", exponent, eps, name)
-    if d_out is None and d_in is None:
-        return split_factors(*truncated_svd(W, rank, method=method, name=name))
-    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    A = W.detach().to(dtype)
-    if d_out is not None:
-        d_out = d_out.to(device=A.device, dtype=dtype)
-        A = d_out[:, None] * A
-    if d_in is not None:
-        d_in = d_in.to(device=A.device, dtype=dtype)
-        A = A * d_in[None, :]
-    down, up = split_factors(*truncated_svd(A, rank, method=method, name=name))
-    if d_out is not None:
-        up = up / d_out[:, None]
-    if d_in is not None:
-        down = down / d_in[None, :]
-    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
-        raise SVDError(
-            f"Fisher-weighted SVD{_where(name)} produced non-finite factors; the Fisher weights span too wide a "
-            "range. Raise eps or lower exponent."
-        )
-    return down.contiguous(), up.contiguous()
+    return weighted_lowrank(W, rank, out_factor=d_out, in_factor=d_in, method=method, name=name)
 
 
 @torch.no_grad()
@@ -228,8 +399,9 @@ def weighted_relative_error(
     Args:
         W: ``(out, in)`` reference.
         W_hat: ``(out, in)`` approximation.
-        row_weights: optional ``(out,)`` weights ``D_r`` (identity when absent).
-        col_weights: optional ``(in,)`` weights ``D_c`` (identity when absent).
+        row_weights: optional ``(out,)`` weights ``D_r`` (identity when absent), or an ``(out, out)`` factor
+            ``L_out`` (then ``D_r = L_out^T``, as in :func:`weighted_lowrank`).
+        col_weights: optional ``(in,)`` weights ``D_c`` (identity when absent), or an ``(in, in)`` factor ``L_in``.
 
     Returns:
         The relative error as a float (0 when both norms are 0, inf when only the reference's is 0).
@@ -241,6 +413,16 @@ def weighted_relative_error(
         raise ValueError(
             f"W and W_hat must be 2-D with the same shape, got {tuple(W.shape)} and {tuple(W_hat.shape)}."
         )
+    if any(isinstance(w, torch.Tensor) and w.ndim == 2 for w in (row_weights, col_weights)):
+        _check_factor(row_weights, W.shape[0], "out", None)
+        _check_factor(col_weights, W.shape[1], "in", None)
+        ref = _weighted_matrix(W, row_weights, col_weights, torch.float64)
+        diff = _weighted_matrix(W.detach().double() - W_hat.detach().to(W.device).double(), row_weights, col_weights,
+                                torch.float64)
+        denom, num = torch.linalg.matrix_norm(ref), torch.linalg.matrix_norm(diff)
+        if denom == 0:
+            return 0.0 if num == 0 else float("inf")
+        return float(num / denom)
     sides = (("row_weights", row_weights, W.shape[0], "out"), ("col_weights", col_weights, W.shape[1], "in"))
     for label, wts, size, side in sides:
         if wts is not None and (not isinstance(wts, torch.Tensor) or wts.numel() != size):

@@ -16,8 +16,11 @@ from .svd import rank_for_keep, tail_energy
 
 __all__ = [
     "EREAllocation",
+    "GlobalAllocation",
+    "LOSS_NORMALIZATIONS",
     "WeLoreAllocation",
     "ere_ranks",
+    "global_ranks",
     "normalized_spectrum",
     "split_lrc",
     "uniform_ranks",
@@ -423,3 +426,136 @@ def ere_ranks(
         used_pre_blend=used,
         fit={n: fits[n] if fits[n] is not None else (0.0, float("-inf")) for n in names},
     )
+
+
+LOSS_NORMALIZATIONS = ("none", "relative")
+
+
+@dataclass
+class GlobalAllocation:
+    """Result of :func:`global_ranks`.
+
+    Attributes:
+        ranks: ``{name: rank}``, or ``None`` for a module kept dense (its rank reached break-even).
+        budget: parameters allowed, ``keep * sum(out * in)``.
+        used: parameters the allocation spends (dense modules at ``out * in``).
+        loss: summed truncation loss of the allocation (in the units of the spectra after ``normalize``).
+    """
+
+    ranks: dict[str, int | None]
+    budget: float
+    used: int
+    loss: float
+
+
+def global_ranks(
+    spectra: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, int]],
+    keep: float,
+    *,
+    normalize: str = "none",
+    min_rank: int = 1,
+) -> GlobalAllocation:
+    """Per-module ranks minimising the summed truncation loss under one parameter budget (METHODS.md section 5).
+
+    The loss of keeping rank ``k`` in module ``l`` is its tail ``sum_{i >= k} s_{l,i}^2``; each rank costs
+    ``out_l + in_l`` parameters. The tails are convex, so taking singular values greedily by loss removed per
+    parameter, ``s^2 / (out + in)``, is optimal for the summed loss. A module whose rank would reach break-even
+    (``k (out + in) >= out * in``) is kept dense instead: that last step costs ``out * in - k_be (out + in)``
+    parameters and removes the whole remaining tail; where it would be taken before the rank steps it follows, the
+    steps are pooled (adjacent violators) so the greedy order stays that of a concave gain. Every module keeps at
+    least ``min_rank``.
+
+    Args:
+        spectra: ``{name: singular values}`` of the weighted matrices (full spectra; see
+            :func:`~hf_lowrank.ops.fisher.weighted_spectrum`). Their squares must be on one common scale (e.g. the
+            output error on the same calibration tokens, or the Kronecker-Fisher loss) unless ``normalize`` makes
+            them comparable.
+        shapes: ``{name: (out, in)}``.
+        keep: fraction of the summed dense parameters ``sum(out * in)`` kept, in ``(0, 1]``.
+        normalize: ``"none"`` (raw losses) or ``"relative"`` (each module's ``s^2`` divided by its total, i.e. the
+            relative error of the module).
+        min_rank: smallest rank any module gets, ``>= 1``.
+
+    Returns:
+        :class:`GlobalAllocation`.
+
+    Raises:
+        ValueError: empty or inconsistent inputs, a budget below ``min_rank`` everywhere.
+    """
+    if not spectra:
+        raise ValueError("spectra is empty: pass {module name: singular values} for at least one module.")
+    if not (isinstance(keep, (int, float)) and not isinstance(keep, bool) and 0 < keep <= 1):
+        raise ValueError(f"keep must be a fraction of parameters in (0, 1], got {keep!r}.")
+    if normalize not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {LOSS_NORMALIZATIONS}, got {normalize!r}.")
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
+        raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}.")
+    names = list(spectra)
+    missing = [n for n in names if n not in shapes]
+    if missing:
+        raise ValueError(f"no shape for modules {missing[:5]}: shapes must cover every module in spectra.")
+    budget = float(keep) * sum(_check_shape(n, shapes[n])[0] * _check_shape(n, shapes[n])[1] for n in names)
+    values, costs, owners, kinds = [], [], [], []  # one entry per (pooled) greedy step
+    ranks: dict[str, int] = {}
+    dense: dict[str, bool] = {}
+    used = 0.0
+    base_loss = 0.0
+    for idx, n in enumerate(names):
+        out_f, in_f = _check_shape(n, shapes[n])
+        S = _check_spectrum(n, spectra[n])
+        sq = S.square()
+        if normalize == "relative":
+            total = float(sq.sum())
+            sq = sq / total if total > 0 else sq
+        c = out_f + in_f
+        k_be = max(0, math.ceil(out_f * in_f / c) - 1)
+        start = min(min_rank, len(sq), max(k_be, 1))
+        ranks[n], dense[n] = start, False
+        used += start * c
+        base_loss += float(sq[start:].sum())
+        # steps: ranks start+1 .. k_be (one singular value each), then the dense step
+        steps = [[float(sq[i]), float(c), 1] for i in range(start, min(k_be, len(sq)))]
+        rest = float(sq[max(k_be, start):].sum())
+        dense_cost = out_f * in_f - max(k_be, start) * c
+        if k_be >= 1 and dense_cost > 0:
+            steps.append([rest, float(dense_cost), 0])  # kind 0: the dense step
+        pooled: list[list] = []  # [gain, cost, [the steps pooled]]
+        for gain, cost, is_rank in steps:
+            pooled.append([gain, cost, [(gain, cost, is_rank)]])
+            while len(pooled) > 1 and pooled[-1][0] * pooled[-2][1] > pooled[-2][0] * pooled[-1][1]:
+                g, co, parts = pooled.pop()
+                pooled[-1] = [pooled[-1][0] + g, pooled[-1][1] + co, pooled[-1][2] + parts]
+        for gain, cost, parts in pooled:
+            values.append(gain / cost)
+            costs.append(cost)
+            owners.append(idx)
+            kinds.append(parts)
+    if used > budget + 1e-6:
+        raise ValueError(
+            f"keep={keep} leaves {budget:,.0f} parameters, less than rank {min_rank} in every module needs "
+            f"({used:,.0f}); raise keep or lower min_rank."
+        )
+    loss = base_loss
+    order = sorted(range(len(values)), key=lambda i: -values[i])  # stable: per-module step order is kept
+    blocked: set[int] = set()
+    for i in order:
+        owner = owners[i]
+        if owner in blocked:
+            continue
+        fits = used + costs[i] <= budget + 1e-6
+        for gain, cost, is_rank in kinds[i]:  # a pooled block that does not fit: its rank steps while they fit
+            if not fits and (not is_rank or used + cost > budget + 1e-6):
+                blocked.add(owner)  # later steps of this module are worth less; others may still fit
+                break
+            used += cost
+            if is_rank:
+                ranks[names[owner]] += 1
+            else:
+                dense[names[owner]] = True
+            loss -= gain
+    result = {n: (None if dense[n] else ranks[n]) for n in names}
+    spent = sum(
+        shapes[n][0] * shapes[n][1] if result[n] is None else result[n] * (shapes[n][0] + shapes[n][1]) for n in names
+    )
+    return GlobalAllocation(ranks=result, budget=budget, used=int(spent), loss=max(loss, 0.0))

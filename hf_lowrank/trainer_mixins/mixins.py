@@ -18,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..distributed import is_fsdp_model
 from ..io import atomic_directory
 from ..peft_configs.fisher_lora.config import FisherLoRAConfig
+from ..precision import warn_if_slow_bf16
 from .callbacks import FisherCollectorCallback
 
 __all__ = ["LowRankSFTTrainer", "LowRankTrainer", "LowRankTrainerMixin"]  # noqa: F822 (lazy, see __getattr__)
@@ -53,6 +54,7 @@ class LowRankTrainerMixin:
     def __init__(self, *args, compress_inplace: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.compress_inplace = compress_inplace
+        warn_if_slow_bf16(self.args)
         self._setup_low_rank()
 
     def _fisher_lora_config(self) -> FisherLoRAConfig | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import re
 import warnings
@@ -21,11 +22,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...compression.compress import CompressionReport, ModuleReport, compress_model, resolve_ranks, set_submodule
+from ...compression.compress import (
+    ALLOCATIONS,
+    CompressionReport,
+    ModuleReport,
+    compress_model,
+    factorize_linear,
+    resolve_ranks,
+    set_submodule,
+)
 from ...io import atomic_directory, atomic_write_json, read_json
-from ...modules import LowRankLinear, dense_weight
-from ...ops.fisher import fisher_weights, weighted_relative_error
-from ...ops.svd import factorized_params, rank_for_keep, relative_error
+from ...modules import dense_weight
+from ...ops.fisher import DEFAULT_DAMPING, fisher_weights, gram_factor, weighted_spectrum
+from ...ops.rank_allocation import global_ranks
+from ...ops.svd import factorized_params, rank_for_keep
 from .config import FISHER_FIELDS, FisherLoRAConfig
 from .fisher import FISHER_STATE_NAME, FisherCollector, FisherState, lora_linear_modules
 
@@ -219,6 +229,9 @@ def compress_peft_model(
     weighting: str | None = None,
     exponent: float | None = None,
     eps: float | None = None,
+    allocation: str | None = None,
+    damping: float | None = None,
+    loss_normalization: str | None = None,
     merge: bool | None = None,
     dtype: torch.dtype | str | None = None,
     svd_method: str | None = None,
@@ -240,7 +253,10 @@ def compress_peft_model(
             source is ``"none"``.
         rank, keep, rank_pattern: compression target (see :func:`plan_ranks`); default from the config.
         fisher_source: ``"lora"``, ``"full"`` or ``"none"`` (plain SVD).
-        weighting: ``"two_sided"`` or ``"row"``.
+        weighting: ``"two_sided"``, ``"row"`` or ``"kronecker"`` (the state's input and output-gradient Grams).
+        allocation: ``"uniform"`` or ``"global"`` (one budget, ``keep`` of all adapted modules' parameters).
+        damping: Gram damping for ``"kronecker"``.
+        loss_normalization: with ``"global"``: ``"none"`` or ``"relative"``.
         exponent, eps: Fisher weighting, ``D = (F / mean(F) + eps) ** exponent``.
         merge: merge the LoRA delta before compressing (VRAM-unlimited pipeline) or not (VRAM-limited).
         dtype: dtype of the returned model (``torch.dtype`` or ``"bfloat16"`` ...); default the config's
@@ -282,6 +298,9 @@ def compress_peft_model(
     eps = float(pick(eps, "fisher_eps", 1e-6))
     merge = bool(pick(merge, "merge_before_compress", True))
     svd_method = pick(svd_method, "compress_svd_method", "auto")
+    allocation = pick(allocation, "compress_allocation", "uniform")
+    damping = float(pick(damping, "compress_damping", DEFAULT_DAMPING))
+    loss_normalization = pick(loss_normalization, "compress_loss_normalization", "none")
     if rank is None and keep is None and rank_pattern is None and cfg is not None:
         rank, keep, rank_pattern = cfg.compress_rank, cfg.compress_keep, cfg.compress_rank_pattern
     if dtype is None and cfg is not None and cfg.compress_dtype is not None:
@@ -292,12 +311,19 @@ def compress_peft_model(
         dtype = _DTYPES[dtype]
     if source not in _REPORT_METHOD:
         raise ValueError(f"fisher_source must be 'lora', 'full' or 'none', got {source!r}.")
-    if weighting not in ("row", "two_sided"):
-        raise ValueError(f"weighting must be 'row' or 'two_sided', got {weighting!r}.")
+    if weighting not in ("row", "two_sided", "kronecker"):
+        raise ValueError(f"weighting must be 'row', 'two_sided' or 'kronecker', got {weighting!r}.")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
 
     shapes = {n: (m.out_features, m.in_features) for n, m in modules.items()}
     adapter_rank = int(next(iter(modules.values())).r[adapter])
     del modules  # hold no reference to the layers: with inplace=True each dense weight is freed once replaced
+    if allocation == "global" and (keep is None or rank is not None or rank_pattern):
+        raise ValueError(
+            "allocation='global' spreads one budget over all adapted modules: give keep= (compress_keep) alone, "
+            "without a rank or a rank pattern."
+        )
     plan = plan_ranks(shapes, rank=rank, keep=keep, rank_pattern=rank_pattern)
 
     state: FisherState | None = None
@@ -330,52 +356,46 @@ def compress_peft_model(
 
     report = CompressionReport(method=_REPORT_METHOD[source])
     names = list(shapes)
+    sides = {n: _fisher_side(state, n, weighting, exponent, eps, damping) for n in names} if state else {}
+    fallbacks = sorted(n for n, side in sides.items() if side[3])
+    if allocation == "global":
+        spectra = {}
+        for name in tqdm(names, desc="spectra (global allocation)", disable=not progress, unit="module"):
+            out_factor, in_factor, scale, _ = sides.get(name, (None, None, 1.0, False))
+            spectra[name] = weighted_spectrum(
+                _effective_weight(work.get_submodule(name), adapter, merge, name), out_factor=out_factor,
+                in_factor=in_factor, name=name,
+            ) * math.sqrt(scale)
+        plan = global_ranks(spectra, shapes, float(keep), normalize=loss_normalization).ranks
     for name in tqdm(names, desc=f"compress ({report.method})", disable=not progress, unit="module"):
         wrapper = work.get_submodule(name)
         base_layer = wrapper.get_base_layer()
-        W = dense_weight(base_layer)
-        if merge and not getattr(wrapper, "merged", False):
-            W_eff = W.float() + wrapper.get_delta_weight(adapter).float().to(W.device)
-        else:
-            if not merge and getattr(wrapper, "merged", False):
-                raise ValueError(
-                    f"Module '{name}' has its adapter merged into the base weight, so the original W is gone; "
-                    "unmerge it (model.unmerge_adapter()) before compressing with merge_before_compress=False."
-                )
-            W_eff = W
+        W_eff = _effective_weight(wrapper, adapter, merge, name)
         bias = base_layer.bias.detach() if getattr(base_layer, "bias", None) is not None else None
         out_f, in_f = W_eff.shape
         before = out_f * in_f + (out_f if bias is not None else 0)
         r = plan.get(name)
         if r is None:
             reason = "rank saves no parameters" if name in plan else "no rank given for this module"
-            keep_layer = W_eff is W and not quantized and (dtype is None or W.dtype == out_dtype)
+            if allocation == "global":
+                reason = "kept dense by the global allocation"
+            unchanged = W_eff.data_ptr() == base_layer.weight.data_ptr()
+            keep_layer = unchanged and not quantized and (dtype is None or W_eff.dtype == out_dtype)
             new = base_layer if keep_layer else _dense_linear(W_eff, bias, out_dtype)
             set_submodule(work, name, new)
             report.modules.append(ModuleReport(name, (out_f, in_f), None, before, before, skipped=reason))
             continue
-        row = col = None
-        if state is not None:
-            row, col = state.row_col(name, weighting)
+        out_factor, in_factor, _, _ = sides.get(name, (None, None, 1.0, False))
         holder = SimpleNamespace(weight=W_eff, bias=bias, out_features=out_f, in_features=in_f)
-        new = LowRankLinear.from_dense(
-            holder, r, row_weights=row, col_weights=col, exponent=exponent, eps=eps, method=svd_method,
-            dtype=out_dtype, name=name,
-        )
+        new, err, werr = factorize_linear(holder, r, out_factor, in_factor, method=svd_method, dtype=out_dtype,
+                                          name=name)
         new.requires_grad_(False)
-        W_hat = new.up.weight.float() @ new.down.weight.float()
-        err = relative_error(W_eff.float(), W_hat)
-        werr = None
-        if row is not None or col is not None:
-            rw = fisher_weights(row, exponent=exponent, eps=eps) if row is not None else None
-            cw = fisher_weights(col, exponent=exponent, eps=eps) if col is not None else None
-            werr = weighted_relative_error(W_eff.float(), W_hat, rw, cw)
         set_submodule(work, name, new)
         report.modules.append(
             ModuleReport(name, (out_f, in_f), r, before, factorized_params(out_f, in_f, r) + (out_f if bias is not None
-                         else 0), err, werr)
+                         else 0), err, werr if name in sides else None)
         )
-        del W_eff, W, W_hat, wrapper, base_layer
+        del W_eff, wrapper, base_layer
 
     _finish_unload(work, adapter, inplace=inplace, merge=merge)
     if quantized:
@@ -395,6 +415,9 @@ def compress_peft_model(
         "fisher_weighting": weighting if source != "none" else None,
         "fisher_exponent": exponent,
         "fisher_eps": eps,
+        "allocation": allocation,
+        **({"damping": damping, "gram_fallbacks": fallbacks} if weighting == "kronecker" and state else {}),
+        **({"loss_normalization": loss_normalization} if allocation == "global" else {}),
         "merge_before_compress": merge,
         "adapter_name": adapter,
         "adapter_rank": adapter_rank,
@@ -410,6 +433,31 @@ def compress_peft_model(
         extra={"fisher_source": source, "fisher_weighting": info["fisher_weighting"], "merged": merge},
     )
     return work, report
+
+
+def _effective_weight(wrapper: nn.Module, adapter: str, merge: bool, name: str) -> torch.Tensor:
+    """``W + s B A`` (``merge``) or ``W`` of a LoRA layer, dequantized when its base is 4/8-bit."""
+    W = dense_weight(wrapper.get_base_layer())
+    if merge and not getattr(wrapper, "merged", False):
+        return W.float() + wrapper.get_delta_weight(adapter).float().to(W.device)
+    if not merge and getattr(wrapper, "merged", False):
+        raise ValueError(
+            f"Module '{name}' has its adapter merged into the base weight, so the original W is gone; "
+            "unmerge it (model.unmerge_adapter()) before compressing with merge_before_compress=False."
+        )
+    return W
+
+
+def _fisher_side(state: FisherState, name: str, weighting: str, exponent: float, eps: float, damping: float):
+    """``(out_factor, in_factor, scale, fell_back)`` of module ``name`` from the collected state."""
+    if weighting == "kronecker":
+        G_in, G_out = state.grams(name)
+        f_in, f_out = gram_factor(G_in, damping=damping, name=name), gram_factor(G_out, damping=damping, name=name)
+        return f_out.L, f_in.L, f_in.scale * f_out.scale, "eigh" in (f_in.fallback, f_out.fallback)
+    row, col = state.row_col(name, weighting)
+    rw = fisher_weights(row, exponent=exponent, eps=eps) if row is not None else None
+    cw = fisher_weights(col, exponent=exponent, eps=eps) if col is not None else None
+    return rw, cw, 1.0, False
 
 
 def _finish_unload(work: nn.Module, adapter: str, *, inplace: bool, merge: bool) -> None:

@@ -12,7 +12,9 @@ from .._registry import ensure_peft_type
 __all__ = ["FISHER_SOURCES", "FISHER_WEIGHTINGS", "FisherLoRAConfig"]
 
 FISHER_SOURCES = ("lora", "full", "none")
-FISHER_WEIGHTINGS = ("row", "two_sided")
+FISHER_WEIGHTINGS = ("row", "two_sided", "kronecker")
+_ALLOCATIONS = ("uniform", "global")
+_NORMALIZATIONS = ("none", "relative")
 _SVD_METHODS = ("auto", "exact", "randomized")
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -86,10 +88,39 @@ class FisherLoRAConfig(LoraConfig):
         default="two_sided",
         metadata={
             "help": "'two_sided' (default): output weights from F_B.sum(1) and input weights from F_A.sum(0) (the "
-            "authors' code); 'row': output-row weights from F_B @ F_A.sum(1) (paper eq. 4/6, FWSVD). The default "
+            "authors' code); 'row': output-row weights from F_B @ F_A.sum(1) (paper eq. 4/6, FWSVD); 'kronecker': "
+            "the Kronecker-factored Fisher, Grams of each adapted layer's input and of the gradient at its output "
+            "collected during LoRA training (whitening on both sides, METHODS.md section 5). The default "
             "was chosen from benchmarks/fisher_lora.py: two-sided is far better on SmolLM2 SFT and on par on the "
             "classifier. See METHODS.md section 1."
         },
+    )
+    kronecker_max_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "With fisher_weighting='kronecker': a side (input or output) wider than this keeps only the "
+            "diagonal of its Gram (memory per module is in^2 + out^2 floats with full Grams). None: full Grams."
+        },
+    )
+    kronecker_device: str | None = field(
+        default=None,
+        metadata={"help": "Where the Kronecker Grams accumulate: None (the adapter's device) or 'cpu'."},
+    )
+    compress_allocation: str = field(
+        default="uniform",
+        metadata={
+            "help": "'uniform': compress_keep of every module's parameters; 'global': one budget (compress_keep of "
+            "all adapted modules' parameters) spread by the summed Fisher-weighted truncation loss "
+            "(hf_lowrank.ops.rank_allocation.global_ranks). 'global' needs compress_keep."
+        },
+    )
+    compress_damping: float = field(
+        default=1e-4,
+        metadata={"help": "Damping lambda of the Kronecker Grams: G / mean(diag G) + lambda * I. >= 0."},
+    )
+    compress_loss_normalization: str = field(
+        default="none",
+        metadata={"help": "With compress_allocation='global': 'none' (raw losses) or 'relative' (per module)."},
     )
     fisher_exponent: float = field(
         default=0.5,
@@ -193,9 +224,28 @@ class FisherLoRAConfig(LoraConfig):
             )
         if self.fisher_weighting not in FISHER_WEIGHTINGS:
             raise ValueError(
-                f"fisher_weighting must be 'row' (paper eq. 4/6) or 'two_sided' (authors' code), got "
-                f"{self.fisher_weighting!r}."
+                f"fisher_weighting must be 'row' (paper eq. 4/6), 'two_sided' (authors' code) or 'kronecker' (input x "
+                f"output-gradient Grams, METHODS.md section 5), got {self.fisher_weighting!r}."
             )
+        if self.compress_allocation not in _ALLOCATIONS:
+            raise ValueError(f"compress_allocation must be one of {_ALLOCATIONS}, got {self.compress_allocation!r}.")
+        if self.compress_allocation == "global" and self.compress_keep is None:
+            raise ValueError(
+                "compress_allocation='global' spreads one parameter budget over all modules: set compress_keep "
+                "(e.g. 0.8), not compress_rank."
+            )
+        if self.compress_loss_normalization not in _NORMALIZATIONS:
+            raise ValueError(
+                f"compress_loss_normalization must be one of {_NORMALIZATIONS}, got {self.compress_loss_normalization!r}."
+            )
+        if not (isinstance(self.compress_damping, (int, float)) and 0 <= self.compress_damping < math.inf):
+            raise ValueError(f"compress_damping must be a finite number >= 0 (default 1e-4), got {self.compress_damping!r}.")
+        if self.kronecker_max_dim is not None and not (_is_int(self.kronecker_max_dim) and self.kronecker_max_dim >= 1):
+            raise ValueError(f"kronecker_max_dim must be None or an int >= 1, got {self.kronecker_max_dim!r}.")
+        if self.kronecker_device not in (None, "cpu"):
+            raise ValueError(f"kronecker_device must be None (the adapter's device) or 'cpu', got {self.kronecker_device!r}.")
+        if self.fisher_weighting == "kronecker" and self.fisher_source != "lora":
+            raise ValueError("fisher_weighting='kronecker' collects Grams during LoRA training: use fisher_source='lora'.")
         if not (isinstance(self.fisher_exponent, (int, float)) and 0 <= self.fisher_exponent < math.inf):
             raise ValueError(f"fisher_exponent must be a finite number >= 0 (0.5 = FWSVD), got {self.fisher_exponent!r}.")
         if not (isinstance(self.fisher_eps, (int, float)) and 0 < self.fisher_eps < math.inf):

@@ -50,6 +50,7 @@ from torch import nn
 from ...distributed import is_fsdp_model, world_size
 from ...io import atomic_save_safetensors
 from ...ops.fisher import lora_fisher_to_weights
+from ...statistics import GRAM_IN, GRAM_OUT, GramHooks
 
 __all__ = [
     "FISHER_STATE_NAME",
@@ -66,7 +67,7 @@ logger = logging.getLogger(__name__)
 FISHER_STATE_NAME = "fisher_state.safetensors"
 _FORMAT = "hf_lowrank.fisher"
 _VERSION = 1
-_KINDS = {"A": ".fisher_A", "B": ".fisher_B", "W": ".fisher_W"}
+_KINDS = {"A": ".fisher_A", "B": ".fisher_B", "W": ".fisher_W", "Gin": GRAM_IN, "Gout": GRAM_OUT}
 SOURCES = ("lora", "full")
 
 
@@ -144,6 +145,21 @@ class FisherState:
             return F.sum(dim=1), (F.sum(dim=0) if weighting == "two_sided" else None)
         return lora_fisher_to_weights(parts["A"], parts["B"], mode=weighting)
 
+    def grams(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(G_in, G_out)`` of module ``name`` (Kronecker-factored Fisher; a 1-D Gram is a diagonal).
+
+        Raises:
+            FisherStateError: the state holds no Grams for the module (collected without kronecker weighting).
+        """
+        parts = self.module_fisher(name)
+        if "Gin" not in parts or "Gout" not in parts:
+            raise FisherStateError(
+                f"The Fisher state has no Kronecker Grams for module '{name}': it was collected without "
+                "fisher_weighting='kronecker'. Collect it again with FisherLoRAConfig(fisher_weighting='kronecker'), "
+                "or compress with fisher_weighting='two_sided'."
+            )
+        return parts["Gin"], parts["Gout"]
+
     def weights(
         self, weighting: str = "two_sided", names: Iterable[str] | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -183,6 +199,9 @@ class FisherState:
                     and b.shape[0] == out_f and a.shape[0] == b.shape[1]
                 )
                 got = f"F_A {tuple(a.shape) if a is not None else None}, F_B {tuple(b.shape) if b is not None else None}"
+            for kind, n in (("Gin", in_f), ("Gout", out_f)):
+                if kind in parts and tuple(parts[kind].shape) not in ((n, n), (n,)):
+                    ok, got = False, f"{kind} {tuple(parts[kind].shape)}"
             if not ok:
                 raise FisherStateError(
                     f"The Fisher for module '{name}' ({got}) does not fit its ({out_f}, {in_f}) weight: it was "
@@ -354,7 +373,16 @@ class FisherCollector:
             :func:`hf_lowrank.find_target_linears`; default every Linear in the transformer blocks).
     """
 
-    def __init__(self, source: str = "lora", *, adapter_name: str | None = None, target_modules=None) -> None:
+    def __init__(
+        self,
+        source: str = "lora",
+        *,
+        adapter_name: str | None = None,
+        target_modules=None,
+        kronecker: bool | None = None,
+        gram_max_dim: int | None = None,
+        gram_device: str | None = None,
+    ) -> None:
         if source not in SOURCES:
             raise ValueError(
                 f"FisherCollector source must be 'lora' (LoRA factor gradients) or 'full' (dense weight gradients), "
@@ -364,6 +392,9 @@ class FisherCollector:
         self.adapter_name = adapter_name
         self.target_modules = target_modules
         self.state = FisherState(source=source, adapter_name=adapter_name)
+        # Kronecker-factored Fisher: Grams of each adapted layer's input and output gradient (None: from the config)
+        self.kronecker, self.gram_max_dim, self.gram_device = kronecker, gram_max_dim, gram_device
+        self._grams: GramHooks | None = None
         self.grad_scaler = None  # a torch GradScaler whose scale is divided out (set by LowRankTrainer)
         # None: sync-free masked accumulation on accelerators, a host-side finiteness check on the CPU (no
         # temporaries). True / False force one of the two paths.
@@ -449,12 +480,53 @@ class FisherCollector:
                 self._unfrozen.append(p)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._drop_hook(key)))
         self._handles.append(model.register_forward_pre_hook(self._count_hook, with_kwargs=True))
+        self._attach_grams(model)
         self._model = model
         return self
+
+    def _kronecker_settings(self, model: nn.Module) -> tuple[bool, int | None, str | None]:
+        if self.kronecker is not None or self.source != "lora":
+            return bool(self.kronecker) and self.source == "lora", self.gram_max_dim, self.gram_device
+        while not hasattr(model, "peft_config") and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module  # DDP / DataParallel wrapper
+        configs = getattr(model, "peft_config", None) or {}
+        config = configs.get(self.adapter_name) if isinstance(configs, dict) else None
+        if getattr(config, "fisher_weighting", None) == "kronecker":
+            return True, getattr(config, "kronecker_max_dim", None), getattr(config, "kronecker_device", None)
+        return False, None, None
+
+    def _attach_grams(self, model: nn.Module) -> None:
+        """Kronecker-factored Fisher: Gram accumulators (created now, so a resumed state restores into them)."""
+        enabled, max_dim, device = self._kronecker_settings(model)
+        if not enabled:
+            return
+        modules, _ = lora_linear_modules(model, self.adapter_name)
+        for name, m in modules.items():
+            dev = device or m.lora_A[self.adapter_name].weight.device
+            for suffix, n in ((GRAM_IN, m.in_features), (GRAM_OUT, m.out_features)):
+                key, shape = name + suffix, ((n,) if max_dim is not None and n > max_dim else (n, n))
+                acc = self.state.tensors.get(key)
+                if acc is not None and tuple(acc.shape) != shape:
+                    raise FisherStateError(
+                        f"The Fisher state holds '{key}' of shape {tuple(acc.shape)} but this model and "
+                        f"kronecker_max_dim need {shape}. Reset it (collector.reset()) or load the state of this model."
+                    )
+                self.state.tensors[key] = (acc if acc is not None else torch.zeros(shape)).to(dev, torch.float32)
+
+        def scale() -> float:
+            return (self._inv_scale if self._inv_scale is not None else 1.0) / self._world_size
+
+        self._grams = GramHooks(
+            modules, inputs=True, outputs=True, store=self.state.tensors, max_dim=max_dim, device=device,
+            active=lambda module: torch.is_grad_enabled() and module.training, grad_scale=scale,
+        ).attach(model)
 
     def detach(self) -> None:
         """Remove the hooks (the accumulated state stays) and re-freeze weights unfrozen for ``"full"``."""
         self._commit_skipped()
+        if self._grams is not None:
+            self._grams.detach()
+            self._grams = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -514,6 +586,9 @@ class FisherCollector:
 
     # ------------------------------------------------------------------------------------------- state
     def _commit_skipped(self) -> None:
+        if self._grams is not None and self._grams.skipped:
+            self.state.skipped += self._grams.skipped
+            self._grams.skipped = 0
         if self._skip:
             total = sum(int(t.item()) for t in self._skip.values())
             self.state.skipped += total

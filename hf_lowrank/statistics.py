@@ -1,0 +1,236 @@
+"""What data-aware compression weighs by: Grams of Linear inputs and of the gradients at their outputs.
+
+:class:`GramHooks` registers hooks on a set of Linear-like modules and accumulates, in float32,
+
+- ``G_in = sum_t x_t x_t^T`` ``(in, in)`` over the tokens ``t`` that reach a module (forward pre-hook; for a peft
+  LoRA layer this is the input of the base Linear, before LoRA dropout, which peft applies on the LoRA path only);
+- ``G_out = sum_t g_t g_t^T`` ``(out, out)`` of the gradient ``g`` at the module's output (a tensor hook on the
+  output; the same for base and LoRA paths since they are summed), optionally scaled per micro-batch (the
+  contribution to the averaged gradient under DDP, an fp16 loss scale divided out).
+
+A side wider than ``max_dim`` keeps only the diagonal (``(n,)``): memory ``in^2 + out^2`` floats per module is what
+the full Grams cost. Padded tokens are left out when the root model is called with an ``attention_mask`` whose shape
+matches the activations. Modules fed the same input tensor in one forward (q/k/v, gate/up) compute its Gram once:
+with ``share=True`` they also share one storage (calibration), else the product is added to each (states that are
+saved with safetensors, which refuses shared tensors).
+
+:func:`calibration_grams` runs a model over calibration batches and returns the input Grams (the SVD-LLM
+"truncation-aware whitening" statistics, METHODS.md section 5).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["GRAM_IN", "GRAM_OUT", "GramHooks", "calibration_grams", "gram_memory_bytes"]
+
+logger = logging.getLogger(__name__)
+
+GRAM_IN = ".gram_in"
+GRAM_OUT = ".gram_out"
+
+
+def gram_memory_bytes(shapes: Mapping[str, tuple[int, int]], *, inputs=True, outputs=False, max_dim=None) -> int:
+    """Bytes of float32 Grams for modules of ``{name: (out, in)}`` (no sharing counted)."""
+
+    def side(n: int) -> int:
+        return n if max_dim is not None and n > max_dim else n * n
+
+    total = 0
+    for out_f, in_f in shapes.values():
+        total += (side(in_f) if inputs else 0) + (side(out_f) if outputs else 0)
+    return 4 * total
+
+
+def _tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``(tokens, n)`` rows of an activation ``(..., n)``, padded tokens dropped when the mask fits."""
+    if mask is not None and t.ndim == mask.ndim + 1 and tuple(t.shape[:-1]) == tuple(mask.shape):
+        t = t[mask.to(device=t.device, dtype=torch.bool)]
+    return t.reshape(-1, t.shape[-1])
+
+
+class GramHooks:
+    """Accumulate Grams of module inputs (and output gradients) into ``store`` (see the module docstring).
+
+    Args:
+        modules: ``{name: module}`` to watch (Linear, bitsandbytes Linear, peft LoRA layer).
+        inputs: collect ``G_in`` under key ``name + ".gram_in"``.
+        outputs: collect ``G_out`` under ``name + ".gram_out"`` (needs a backward pass).
+        store: dict that receives the accumulators (default: a new one, ``self.store``).
+        max_dim: a side wider than this keeps the diagonal only.
+        device: where accumulators live (default: the module's device; ``"cpu"`` keeps them off the accelerator).
+        share: modules fed the same tensor share one input Gram storage.
+        active: callable ``(module) -> bool``; hooks only accumulate when it is true (default: always).
+        grad_scale: callable returning the factor applied to each output gradient before squaring.
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        *,
+        inputs: bool = True,
+        outputs: bool = False,
+        store: dict[str, torch.Tensor] | None = None,
+        max_dim: int | None = None,
+        device: torch.device | str | None = None,
+        share: bool = False,
+        active: Callable[[nn.Module], bool] | None = None,
+        grad_scale: Callable[[], float] | None = None,
+    ) -> None:
+        if max_dim is not None and (isinstance(max_dim, bool) or not isinstance(max_dim, int) or max_dim < 1):
+            raise ValueError(f"max_dim must be None or an int >= 1 (a wider side keeps its diagonal), got {max_dim!r}.")
+        self.modules = dict(modules)
+        self.inputs, self.outputs = inputs, outputs
+        self.store = store if store is not None else {}
+        self.max_dim, self.device, self.share = max_dim, device, share
+        self.active = active or (lambda module: True)
+        self.grad_scale = grad_scale or (lambda: 1.0)
+        self.skipped = 0
+        self.tokens = 0
+        self._mask: torch.Tensor | None = None
+        self._last: tuple | None = None  # (input tensor, its version, key, product) of the last input hook
+        self._alias: set[str] = set()
+        self._handles: list = []
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def attach(self, root: nn.Module | None = None) -> GramHooks:
+        """Register the hooks (``root``: the model called with ``attention_mask``, for masking padded tokens)."""
+        self.detach()
+        if root is not None:
+            self._handles.append(root.register_forward_pre_hook(self._root_hook, with_kwargs=True))
+        for name, module in self.modules.items():
+            if self.inputs:
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
+            if self.outputs:
+                self._handles.append(module.register_forward_hook(self._output_hook(name)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._last = None
+
+    def _root_hook(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+        self._last = None
+        if self.active(module) and self._mask is not None:
+            self.tokens += int(self._mask.sum())
+        elif self.active(module):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self.tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+
+    def _product(self, rows: torch.Tensor, n: int) -> torch.Tensor:
+        rows = rows.float()
+        if self.max_dim is not None and n > self.max_dim:
+            return rows.square().sum(dim=0)
+        return rows.T @ rows
+
+    def _add(self, key: str, prod: torch.Tensor) -> None:
+        if not bool(torch.isfinite(prod).all()):
+            self.skipped += 1
+            return
+        acc = self.store.get(key)
+        target = self.device if self.device is not None else prod.device
+        if acc is None:
+            self.store[key] = prod.to(device=target, dtype=torch.float32).clone()
+        else:
+            acc.add_(prod.to(acc.device))
+
+    def _input_hook(self, name: str):
+        key = name + GRAM_IN
+
+        def hook(module, args):
+            if key in self._alias or not args or not isinstance(args[0], torch.Tensor) or not self.active(module):
+                return
+            x = args[0]
+            last = self._last
+            # the same tensor OBJECT as the previous call (q/k/v, gate/up): held by reference, so its memory cannot
+            # have been reused by another activation in between
+            hit = last is not None and last[0] is x and last[1] == x._version
+            if hit and self.share and key not in self.store and last[2] in self.store:
+                self.store[key] = self.store[last[2]]  # one storage for modules fed the same tensor
+                self._alias.add(key)
+                return
+            prod = last[3] if hit else self._product(_tokens(x.detach(), self._mask), x.shape[-1])
+            self._last = (x, x._version, key, prod)
+            self._add(key, prod)
+
+        return hook
+
+    def _output_hook(self, name: str):
+        key = name + GRAM_OUT
+
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if not (isinstance(out, torch.Tensor) and out.requires_grad and self.active(module)):
+                return
+            mask = self._mask
+
+            def grad_hook(g: torch.Tensor) -> None:
+                scale = float(self.grad_scale())
+                rows = _tokens(g.detach(), mask)
+                self._add(key, self._product(rows * scale if scale != 1.0 else rows, g.shape[-1]))
+
+            out.register_hook(grad_hook)
+
+        return hook
+
+
+@torch.no_grad()
+def calibration_grams(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    calibration: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    max_dim: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Input Grams of ``modules`` over calibration batches (forward passes only, eval mode, no KV cache).
+
+    Args:
+        model: the model to run (its ``forward`` takes the batch's keys, e.g. ``input_ids``, ``attention_mask``).
+        modules: ``{name: Linear}`` of ``model``.
+        calibration: iterable of batches (dicts of tensors with ``input_ids`` and optionally ``attention_mask``; a
+            ``DataLoader`` works).
+        max_dim, device: see :class:`GramHooks`.
+        progress: show a progress bar.
+
+    Returns:
+        ``({name: G_in}, tokens)``; modules fed the same input share one tensor.
+
+    Raises:
+        ValueError: a batch that is not a dict with ``input_ids``, or no token at all.
+    """
+    hooks = GramHooks(modules, inputs=True, max_dim=max_dim, device=device, share=True)
+    param = next(model.parameters(), None)
+    target = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    hooks.attach(model)
+    try:
+        for batch in tqdm(calibration, desc="calibration", unit="batch", disable=not progress):
+            if not isinstance(batch, Mapping) or "input_ids" not in batch:
+                raise ValueError(
+                    "Each calibration batch must be a dict with 'input_ids' (and optionally 'attention_mask'), e.g. "
+                    f"a tokenizer's output or a DataLoader over such dicts; got {type(batch).__name__}."
+                )
+            inputs = {k: v.to(target) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
+            kwargs = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+            model(**inputs, **kwargs)
+    finally:
+        hooks.detach()
+        model.train(was_training)
+    if hooks.tokens == 0:
+        raise ValueError("The calibration data held no token; pass batches with input_ids.")
+    if hooks.skipped:
+        logger.warning("calibration: %d non-finite Gram contributions were skipped.", hooks.skipped)
+    grams = {name: hooks.store[name + GRAM_IN] for name in modules if name + GRAM_IN in hooks.store}
+    return grams, hooks.tokens

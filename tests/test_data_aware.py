@@ -1,0 +1,340 @@
+"""Data-aware compression (METHODS.md section 5): whitened / Kronecker-weighted low-rank numerics against brute force,
+calibration Grams against an independent reading of the activations, global rank allocation against exhaustive search,
+and the Kronecker Fisher collected during LoRA training against the layers' own inputs and output gradients."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from peft import get_peft_model
+from tiny_models import make_tiny_llama
+
+from hf_lowrank import FisherLoRAConfig, compress_model, compress_peft_model, find_target_linears
+from hf_lowrank.ops.fisher import fwsvd, gram_factor, weighted_lowrank, weighted_relative_error, weighted_spectrum
+from hf_lowrank.ops.rank_allocation import global_ranks
+from hf_lowrank.ops.svd import SVDError, split_factors, truncated_svd
+from hf_lowrank.peft_configs.fisher_lora.fisher import FisherCollector, FisherState
+from hf_lowrank.statistics import calibration_grams
+
+
+def _objective(W, W_hat, X=None, Gout_root=None):
+    D = W - W_hat
+    if X is not None:
+        D = D @ X
+    if Gout_root is not None:
+        D = Gout_root.T @ D
+    return float(torch.linalg.matrix_norm(D) ** 2)
+
+
+# ------------------------------------------------------------------------------------------------------ ops numerics
+@pytest.mark.parametrize("tokens", [40, 200])
+def test_whitened_lowrank_minimises_the_output_error_on_the_data(tokens):
+    """||(W - W_hat) X|| of the whitened factors equals the optimum (tail of the spectrum of W L) and is never above
+    plain SVD; the optimum is checked against W X's best rank-k approximation computed independently."""
+    torch.manual_seed(1)
+    W = torch.randn(12, 10, dtype=torch.float64)
+    X = torch.randn(10, tokens, dtype=torch.float64) * torch.logspace(-1, 1, 10, dtype=torch.float64)[:, None]
+    G = X @ X.T
+    f = gram_factor(G, damping=0.0)
+    assert f.fallback is None
+    torch.testing.assert_close(f.L @ f.L.T * f.scale, G, rtol=1e-10, atol=1e-10)
+    for k in (1, 3, 6):
+        down, up = weighted_lowrank(W, k, in_factor=f.L, method="exact")
+        ours = _objective(W, up @ down, X)
+        # independent optimum: best rank-k approximation of Y = W X restricted to the row space of X
+        S = torch.linalg.svdvals(W @ X)
+        assert ours == pytest.approx(float((S[k:] ** 2).sum()), rel=1e-8)
+        d2, u2 = split_factors(*truncated_svd(W, k, method="exact"))
+        assert ours <= _objective(W, u2 @ d2, X) + 1e-9
+        tail = weighted_spectrum(W, in_factor=f.L)[k:].square().sum() * f.scale
+        assert ours == pytest.approx(float(tail), rel=1e-8)
+
+
+def test_kronecker_weighting_minimises_the_two_sided_objective_brute_force():
+    torch.manual_seed(2)
+    W = torch.randn(7, 6, dtype=torch.float64)
+    X = torch.randn(6, 30, dtype=torch.float64)
+    Gz = torch.randn(7, 25, dtype=torch.float64)
+    fin, fout = gram_factor(X @ X.T, damping=0.0), gram_factor(Gz @ Gz.T, damping=0.0)
+    k = 2
+    down, up = weighted_lowrank(W, k, out_factor=fout.L, in_factor=fin.L, method="exact")
+    best = _objective(W, up @ down, X, Gz)
+    # the exact optimum is the tail of the singular values of Gz^T W X; random rank-k candidates never do better
+    S = torch.linalg.svdvals(Gz.T @ W @ X)
+    assert best == pytest.approx(float((S[k:] ** 2).sum()), rel=1e-8)
+    for _ in range(200):
+        cand = (up + 0.05 * torch.randn_like(up)) @ (down + 0.05 * torch.randn_like(down))
+        assert _objective(W, cand, X, Gz) >= best - 1e-9
+    werr = weighted_relative_error(W, up @ down, fout.L, fin.L)
+    assert werr == pytest.approx((best / float(torch.linalg.matrix_norm(fout.L.T @ W @ fin.L) ** 2 * fin.scale
+                                               * fout.scale)) ** 0.5, rel=1e-6)
+
+
+def test_diagonal_grams_reproduce_fwsvd_and_identity_grams_plain_svd():
+    torch.manual_seed(3)
+    W = torch.randn(16, 12)
+    row, col = torch.rand(16) * 5, torch.rand(12) * 3
+    eps = 1e-6
+    expect_down, expect_up = fwsvd(W, 4, row_fisher=row, col_fisher=col, exponent=0.5, eps=eps, method="exact")
+    fin, fout = gram_factor(torch.diag(col), damping=eps), gram_factor(torch.diag(row), damping=eps)
+    down, up = weighted_lowrank(W, 4, out_factor=fout.L, in_factor=fin.L, method="exact")
+    torch.testing.assert_close(up @ down, expect_up @ expect_down, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(down, expect_down, rtol=1e-4, atol=1e-5)  # same balance: the scale is normalised
+    d1, u1 = gram_factor(col, damping=eps).L, gram_factor(row, damping=eps).L  # 1-D Grams: the same diagonal
+    down1, up1 = weighted_lowrank(W, 4, out_factor=u1, in_factor=d1, method="exact")
+    torch.testing.assert_close(up1 @ down1, expect_up @ expect_down, rtol=1e-5, atol=1e-5)
+    eye = gram_factor(torch.eye(12) * 7.0, damping=0.0).L
+    down2, up2 = weighted_lowrank(W, 4, in_factor=eye, method="exact")
+    d3, u3 = split_factors(*truncated_svd(W, 4, method="exact"))
+    torch.testing.assert_close(up2 @ down2, u3 @ d3, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_deficient_gram_falls_back_and_stays_finite():
+    torch.manual_seed(4)
+    X = torch.randn(20, 5, dtype=torch.float64)  # 5 tokens for 20 inputs: rank 5
+    G = X @ X.T
+    f = gram_factor(G, damping=0.0)
+    assert f.fallback == "eigh" and torch.isfinite(f.L).all()
+    W = torch.randn(8, 20, dtype=torch.float64)
+    down, up = weighted_lowrank(W, 3, in_factor=f.L, method="exact")
+    assert torch.isfinite(down).all() and torch.isfinite(up).all()
+    # on the seen tokens the error is the optimum of the rank-3 problem up to the tiny clamp
+    S = torch.linalg.svdvals(W @ X)
+    assert _objective(W, up @ down, X) == pytest.approx(float((S[3:] ** 2).sum()), rel=1e-4)
+    damped = gram_factor(G, damping=1e-4)  # damping makes it positive definite: no fallback
+    assert damped.fallback is None
+    zero = gram_factor(torch.zeros(4, 4))
+    assert zero.fallback == "zero" and torch.equal(zero.L, torch.eye(4, dtype=torch.float64))
+
+
+def test_gram_factor_refuses_bad_input():
+    with pytest.raises(ValueError, match="inf or NaN"):
+        gram_factor(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), name="m")
+    with pytest.raises(ValueError, match="square"):
+        gram_factor(torch.ones(3, 2))
+    with pytest.raises(ValueError, match="damping"):
+        gram_factor(torch.eye(2), damping=-1.0)
+    with pytest.raises(ValueError, match="in_factor"):
+        weighted_lowrank(torch.randn(4, 3), 1, in_factor=torch.eye(4))
+    with pytest.raises(SVDError):
+        weighted_lowrank(torch.full((4, 3), float("inf")), 1, in_factor=torch.eye(3))
+
+
+# ------------------------------------------------------------------------------------------------- global allocation
+def _brute_force(spectra, shapes, keep):
+    budget = keep * sum(o * i for o, i in shapes.values())
+    names = list(spectra)
+    options = []
+    for n in names:
+        o, i = shapes[n]
+        S2 = spectra[n].double().square()
+        opts = [(k * (o + i), float(S2[k:].sum()), k) for k in range(1, min(o, i) + 1) if k * (o + i) < o * i]
+        opts.append((o * i, 0.0, None))
+        options.append(opts)
+    best = None
+    for combo in itertools.product(*options):
+        cost = sum(c for c, _, _ in combo)
+        if cost <= budget + 1e-9:
+            loss = sum(x for _, x, _ in combo)
+            if best is None or loss < best[0] - 1e-12:
+                best = (loss, {n: k for n, (_, _, k) in zip(names, combo)})
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_global_allocation_matches_exhaustive_search_on_equal_shapes(seed):
+    torch.manual_seed(seed)
+    shapes = {f"m{j}": (8, 8) for j in range(3)}
+    spectra = {n: (torch.rand(8) * 10 ** torch.rand(1) * 3).sort(descending=True).values for n in shapes}
+    for keep in (0.3, 0.5, 0.7):
+        alloc = global_ranks(spectra, shapes, keep)
+        loss, _ = _brute_force(spectra, shapes, keep)
+        assert alloc.used <= alloc.budget + 1e-9
+        assert alloc.loss == pytest.approx(loss, rel=1e-9, abs=1e-12)
+
+
+def test_global_allocation_is_near_optimal_on_mixed_shapes_and_keeps_dense_modules():
+    torch.manual_seed(7)
+    shapes = {"a": (8, 4), "b": (5, 5), "c": (6, 3)}
+    spectra = {n: (torch.rand(min(s)) * 5).sort(descending=True).values for n, s in shapes.items()}
+    for keep in (0.5, 0.6, 0.8, 1.0):
+        alloc = global_ranks(spectra, shapes, keep)
+        loss, _ = _brute_force(spectra, shapes, keep)
+        assert alloc.used <= alloc.budget + 1e-9
+        # greedy on a knapsack: optimal up to the one step that did not fit (the largest single step's loss)
+        slack = max(float(S.square().max()) for S in spectra.values())
+        assert loss - 1e-9 <= alloc.loss <= loss + slack
+    full = global_ranks(spectra, shapes, 1.0)
+    assert all(r is None for r in full.ranks.values()) and full.loss == 0.0  # everything fits dense
+    flat = global_ranks({"big": torch.full((6,), 100.0), "tiny": torch.tensor([1.0, 1e-3, 1e-6])},
+                        {"big": (6, 6), "tiny": (3, 12)}, 0.75)
+    assert flat.ranks["big"] is None and flat.ranks["tiny"] == 1
+    rel = global_ranks(spectra, shapes, 0.5, normalize="relative")
+    assert rel.used <= rel.budget
+    with pytest.raises(ValueError, match="raise keep"):
+        global_ranks(spectra, shapes, 0.01)
+
+
+# -------------------------------------------------------------------------------------------------- calibration Grams
+def _batches(vocab=128, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (2, 9), generator=g)
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, 6:] = 0  # right padding on the second row
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def test_calibration_grams_match_the_activations_and_share_inputs():
+    model = make_tiny_llama(seed=0)
+    targets = find_target_linears(model)
+    seen: dict[str, list] = {n: [] for n in targets}
+    masks = []
+
+    def capture(name):
+        def hook(module, args):
+            seen[name].append(args[0].detach().clone())
+        return hook
+
+    handles = [m.register_forward_pre_hook(capture(n)) for n, m in targets.items()]
+    batches = _batches()
+    with torch.no_grad():
+        for b in batches:
+            model(**b, use_cache=False)
+            masks.append(b["attention_mask"].bool())
+    for h in handles:
+        h.remove()
+    grams, tokens = calibration_grams(model, targets, batches, progress=False)
+    assert tokens == sum(int(m.sum()) for m in masks)
+    for name in targets:
+        X = torch.cat([x[m] for x, m in zip(seen[name], masks)])  # padded tokens left out
+        torch.testing.assert_close(grams[name], X.T @ X, rtol=1e-4, atol=1e-4)
+    attn = "model.layers.0.self_attn"
+    assert grams[f"{attn}.q_proj"] is grams[f"{attn}.k_proj"] is grams[f"{attn}.v_proj"]
+    assert grams[f"{attn}.q_proj"] is not grams[f"{attn}.o_proj"]
+
+
+def _output_error(model, ref, batches):
+    total = 0.0
+    with torch.no_grad():
+        for b in batches:
+            total += float((model(**b).logits - ref(**b).logits)[b["attention_mask"].bool()].square().sum())
+    return total
+
+
+def test_compress_model_with_calibration_beats_plain_svd_on_its_data_and_records_it():
+    dense = make_tiny_llama(seed=0)
+    batches = _batches(n=6)
+    whitened, plain = copy.deepcopy(dense), copy.deepcopy(dense)
+    report = compress_model(whitened, 0.5, calibration=batches, progress=False)
+    compress_model(plain, report.ranks, progress=False)
+    assert report.method == "whitened" and report.info["calibration_tokens"] == sum(
+        int(b["attention_mask"].sum()) for b in batches)
+    assert _output_error(whitened, dense, batches) < 0.8 * _output_error(plain, dense, batches)
+    glob = copy.deepcopy(dense)
+    rep = compress_model(glob, 0.5, calibration=batches, allocation="global", progress=False)
+    targets = find_target_linears(dense)
+    budget = 0.5 * sum(m.out_features * m.in_features for m in targets.values())
+    spent = sum(m.params_after - (m.shape[0] if targets[m.name].bias is not None else 0) for m in rep.modules)
+    assert spent <= budget and rep.info["allocation"] == "global"
+
+
+def test_compress_model_is_all_or_nothing():
+    model = make_tiny_llama(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    targets = list(find_target_linears(model))
+    with torch.no_grad():
+        model.get_submodule(targets[-1]).weight[0, 0] = float("nan")
+    before[targets[-1] + ".weight"][0, 0] = float("nan")
+    with pytest.raises(SVDError):
+        compress_model(model, 0.5, progress=False)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) or k == targets[-1] + ".weight" for k in before)
+    assert getattr(model.config, "quantization_config", None) is None
+
+
+def test_unknown_weight_keys_are_refused():
+    model = make_tiny_llama(seed=0)
+    with pytest.raises(ValueError, match="not compression targets"):
+        compress_model(model, 0.5, row_weights={"model.layers.0.mlp.up_projj": torch.ones(128)}, progress=False)
+    with pytest.raises(ValueError, match="float keep fraction"):
+        compress_model(model, 4, allocation="global", progress=False)
+    with pytest.raises(ValueError, match="torch.dtype"):
+        compress_model(model, 4, dtype="float16", progress=False)
+
+
+# ---------------------------------------------------------------------------------------- Kronecker Fisher from LoRA
+def test_kronecker_grams_from_lora_training_match_inputs_and_output_gradients():
+    torch.manual_seed(0)
+    cfg = FisherLoRAConfig(r=4, target_modules=["up_proj", "down_proj"], fisher_weighting="kronecker",
+                           kronecker_max_dim=100, lora_dropout=0.5, init_lora_weights=False)
+    model = get_peft_model(make_tiny_llama(seed=0), cfg)
+    model.train()
+    collector = FisherCollector("lora").attach(model)
+    name = "model.layers.1.mlp.up_proj"
+    layer = model.get_base_model().get_submodule(name)
+    xs, gs = [], []
+    h1 = layer.register_forward_pre_hook(lambda m, a: xs.append(a[0].detach().clone()))
+    h2 = layer.register_full_backward_hook(lambda m, gin, gout: gs.append(gout[0].detach().clone()))
+    batches = _batches(n=2)
+    for b in batches:
+        out = model(**b, labels=b["input_ids"])
+        out.loss.backward()
+    h1.remove()
+    h2.remove()
+    collector.detach()
+    state = collector.snapshot()
+    G_in, G_out = state.grams(name)
+    masks = [b["attention_mask"].bool() for b in batches]
+    X = torch.cat([x[m] for x, m in zip(xs, masks)])
+    G = torch.cat([g[m] for g, m in zip(gs, masks)])
+    torch.testing.assert_close(G_in, X.T @ X, rtol=1e-4, atol=1e-5)
+    assert G_in.shape == (64, 64) and G_out.shape == (128,)  # a side wider than kronecker_max_dim: its diagonal
+    torch.testing.assert_close(G_out, G.square().sum(0), rtol=1e-4, atol=1e-12)
+    down_in, _ = state.grams("model.layers.1.mlp.down_proj")
+    assert down_in.shape == (128,)  # down_proj's input (128) is wider than 100: its diagonal only
+    # the state round-trips through safetensors with its Grams, and shapes are checked
+    copy_state = FisherState(**{**state.__dict__, "tensors": dict(state.tensors)})
+    copy_state.check_shapes({name: (128, 64)})
+
+
+def test_kronecker_compression_of_a_peft_model_beats_two_sided_on_the_training_loss():
+    torch.manual_seed(0)
+    cfg = FisherLoRAConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], fisher_weighting="kronecker",
+                           merge_before_compress=False, compress_keep=0.4)
+    model = get_peft_model(make_tiny_llama(seed=0), cfg)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    collector = FisherCollector("lora").attach(model)
+    batches = _batches(n=8, seed=3)
+    for b in batches:
+        model(**b, labels=b["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    collector.detach()
+    state = collector.snapshot()
+    model.eval()
+    base = model.get_base_model()
+
+    def loss(m):
+        with torch.no_grad():
+            return sum(float(m(**b, labels=b["input_ids"]).loss) for b in batches)
+
+    with model.disable_adapter():
+        ref = loss(model)
+    kron, rep = compress_peft_model(model, fisher=state, progress=False)
+    two, _ = compress_peft_model(model, fisher=state, weighting="two_sided", progress=False)
+    assert rep.info["fisher_weighting"] == "kronecker"
+    assert abs(loss(kron) - ref) < abs(loss(two) - ref)
+    glob, rep_g = compress_peft_model(model, fisher=state, allocation="global", progress=False)
+    assert rep_g.info["allocation"] == "global" and rep_g.kept_fraction <= 0.4 + 1e-6
+    assert base is model.get_base_model()  # the trained model stays intact
+    with pytest.raises(Exception, match="Kronecker Grams"):
+        FisherState(tensors={k: v for k, v in state.tensors.items() if "gram" not in k}).grams(
+            "model.layers.0.mlp.up_proj")
