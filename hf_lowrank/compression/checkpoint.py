@@ -341,7 +341,12 @@ def _check_factor_headers(path: Path, headers: dict[Path, dict]) -> None:
 
     config = read_json(path / "config.json", what="model config")
     quant = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(quant, dict) or quant.get("quant_method") != QUANT_METHOD:
+    if quant is not None and not (isinstance(quant, dict) and isinstance(quant.get("quant_method"), str)):
+        raise CompressedCheckpointError(
+            f"quantization_config in '{path / 'config.json'}' is not an object with a 'quant_method' string (got "
+            f"{str(quant)[:80]}): the config.json was edited or corrupted. Restore it from the original save."
+        )
+    if quant is None or quant.get("quant_method") != QUANT_METHOD:
         return
     ranks = LowRankConfig(**{k: v for k, v in quant.items() if k != "quant_method"}).ranks  # clear field errors
     where = {key: (shard, entry) for shard, header in headers.items() for key, entry in header.items()}
@@ -419,7 +424,12 @@ def check_safetensors_file(shard: Path) -> dict:
             if header_len <= 0 or 8 + header_len > size:
                 raise ValueError("header length past the end of the file")
             header = json.loads(fh.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        end = 0
+        for key, entry in header.items():
+            if key != "__metadata__":
+                end = max(end, _entry_end(key, entry))
     except (ValueError, KeyError, TypeError) as exc:
         raise CompressedCheckpointError(
             f"The weights file '{shard}' is unreadable ({exc}); it is probably truncated or corrupted. "
@@ -431,6 +441,33 @@ def check_safetensors_file(shard: Path) -> dict:
             "Copy, download or save it again."
         )
     return header
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _entry_end(key: str, entry: Any) -> int:
+    """Check one header entry (known dtype, shape of non-negative ints, data extent matching them); its end."""
+    dtype, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets")) if isinstance(
+        entry, dict) else (None, None, None)
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"tensor '{key}' has dtype {dtype!r}, not a safetensors dtype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise ValueError(f"tensor '{key}' has shape {shape!r}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor '{key}' has data_offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * _DTYPE_BYTES[dtype]:
+        raise ValueError(
+            f"tensor '{key}' is {dtype} of shape {shape} ({numel * _DTYPE_BYTES[dtype]} bytes) but holds "
+            f"{offsets[1] - offsets[0]} bytes"
+        )
+    return offsets[1]
 
 
 def save_compressed(
@@ -516,7 +553,16 @@ def load_compressed(path: str | os.PathLike, model_class: Any = None, **kwargs) 
         check_compressed_checkpoint(local)
     else:
         _check_files(_hub_snapshot(str(path), kwargs))
-    model, info = model_class.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    try:
+        model, info = model_class.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    except RuntimeError as exc:
+        if "mismatched" not in str(exc) and "size mismatch" not in str(exc):
+            raise
+        raise CompressedCheckpointError(
+            f"Tensors in '{path}' have shapes that its config.json does not give them (transformers logged which, "
+            "above): the weights were edited, or config.json comes from another save. Copy all files of the same "
+            "save_pretrained again."
+        ) from exc
     missing = [k for k in info.get("missing_keys", []) if ".down." in k or ".up." in k]
     quant = getattr(model.config, "quantization_config", None)
     if quant is None or not isinstance(getattr(model, "hf_quantizer", None), LowRankHfQuantizer):
