@@ -24,7 +24,18 @@ SCRIPT = textwrap.dedent(
     from tiny_models import make_tiny_llama  # tests/ is on PYTHONPATH (see _run)
 
     mode, path, seed, what = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    if what == "compressed":
+    if what == "residual":  # an ERE residual re-encoded into the folder of the previous one
+        from tiny_models import make_tiny_llama
+        import hf_lowrank.compression.residual as mu
+
+        base, ft = make_tiny_llama(seed=0), make_tiny_llama(seed=0)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed)
+            for p in ft.parameters():
+                if p.ndim == 2:
+                    p += 0.02 * torch.randn(p.shape, generator=g)
+        save = lambda: hf_lowrank.encode_residual(base, ft, rank=4, out=path, progress=False)
+    elif what == "compressed":
         model = make_tiny_llama(seed=seed)
         hf_lowrank.compress_model(model, 0.4, progress=False)
         save = lambda: hf_lowrank.save_compressed(model, path)
@@ -37,7 +48,7 @@ SCRIPT = textwrap.dedent(
         model = get_peft_model(make_tiny_llama(seed=0), hf_lowrank.SPSFTConfig(r=4, init_weights=False))
         args = TrainingArguments(output_dir=path + "-run", report_to=[], use_cpu=True)
         save = lambda: hf_lowrank.LowRankTrainer(model=model, args=args).save_model(path)
-    real = mu.safe_save_file
+    real = getattr(mu, "safe_save_file", None)
 
     def die_mid_write(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)
@@ -45,13 +56,41 @@ SCRIPT = textwrap.dedent(
             fh.truncate(os.path.getsize(filename) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def die_before_rename(src, dst):
+    def die_before_rename(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
+
+    import hf_lowrank.io as hio
+    real_replace = os.replace
+
+    def die_between_renames(src, dst):  # the second of the two renames that swap a folder without renameat2
+        if os.path.abspath(dst) == os.path.abspath(path):
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(src, dst)
 
     if mode == "mid-write":
         mu.safe_save_file = die_mid_write
     elif mode == "before-rename":
-        os.replace = die_before_rename
+        os.replace = os.rename = hio._exchange = hio._rename_noreplace = die_before_rename
+    elif mode == "between-renames":
+        hio._exchange = lambda a, b: False  # as on a system without RENAME_EXCHANGE
+        os.replace = die_between_renames
+    elif mode == "after-exchange":  # the new folder is in place; the previous one still in the temporary folder
+        real_exchange = hio._exchange
+
+        def die_after_exchange(a, b):
+            assert real_exchange(a, b), "renameat2(RENAME_EXCHANGE) is available on Linux"
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        hio._exchange = die_after_exchange
+    elif mode == "before-manifest":  # residual weights written, manifest not yet
+        real_json = mu.atomic_write_json
+
+        def die_at_manifest(target, obj):
+            if str(target).endswith("residual_manifest.json"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_json(target, obj)
+
+        mu.atomic_write_json = die_at_manifest
     save()
     """
 )
@@ -107,10 +146,76 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path, mode):
     # The interrupted attempt left at most a hidden temporary sibling, never a half-written `ckpt`.
     assert all(p.name.startswith(".ckpt.") for p in tmp_path.iterdir() if p.name != "ckpt")
 
-    # The next save succeeds over the leftovers and replaces the checkpoint.
+    # The next save succeeds over the leftovers, replaces the checkpoint and removes the leftovers.
     _save_in_process(target, 3)
     assert _digest(target) != before
     hf_lowrank.load_compressed(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def _logits(path):
+    model = hf_lowrank.load_compressed(path).eval()
+    with torch.no_grad():
+        return model(torch.arange(20).reshape(2, 10)).logits
+
+
+def test_kill_between_the_two_renames_is_recovered(tmp_path):
+    """Without RENAME_EXCHANGE a folder is swapped by two renames; a kill between them leaves no folder at `path`
+    (the previous one waits in a hidden `.ckpt.old-*`). Every load and save first moves it back."""
+    from hf_lowrank.compression.residual import EREResidual
+
+    target = tmp_path / "ckpt"
+    _save_in_process(target, 1)
+    before, ref = _digest(target), _logits(target)
+    killed = _run("between-renames", target, 2)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert not target.exists()  # the kill hit the window between the renames
+
+    assert torch.equal(_logits(target), ref)  # the load restored the previous checkpoint
+    assert _digest(target) == before
+    with pytest.raises(hf_lowrank.ResidualError, match="not an ERE residual"):
+        EREResidual.load(target)  # (a residual load restores too; this folder is a model, so it is refused)
+
+    killed = _run("between-renames", target, 2)  # again, and this time a save recovers
+    assert killed.returncode == -9 and not target.exists()
+    _save_in_process(target, 3)
+    assert _digest(target) != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_kill_right_after_the_exchange_leaves_the_new_checkpoint(tmp_path):
+    """With renameat2(RENAME_EXCHANGE) there is no moment without a folder at `path`: killed right after the swap, the
+    new checkpoint is in place and whole; the previous one is in a hidden temporary that the next save removes."""
+    target = tmp_path / "ckpt"
+    _save_in_process(target, 1)
+    before = _digest(target)
+    killed = _run("after-exchange", target, 2)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    reference = tmp_path / "reference"
+    done = _run("none", reference, 2)  # the same save, not killed, in a fresh interpreter as well
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert _digest(target) == _digest(reference) != before
+    assert torch.equal(_logits(target), _logits(reference))
+    _save_in_process(target, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "reference"]
+
+
+def test_killed_residual_reencode_keeps_the_previous_residual(tmp_path):
+    """An ERE residual re-encoded into the folder of an earlier one, killed after the weights file is written and
+    before the manifest: the earlier residual is still there, whole and decodable."""
+    from hf_lowrank.compression.residual import EREResidual
+
+    target = tmp_path / "res"
+    first = _run("none", target, 1, what="residual")
+    assert first.returncode == 0, first.stderr.decode()[-2000:]
+    before = _digest(target)
+    previous = EREResidual.load(target)
+    killed = _run("before-manifest", target, 2, what="residual")
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert _digest(target) == before
+    again = EREResidual.load(target)
+    assert sorted(again.tensors) == sorted(previous.tensors)
+    assert all(torch.equal(again.tensors[k], v) for k, v in previous.tensors.items())
 
 
 @pytest.mark.parametrize("mode", ["mid-write", "before-rename"])

@@ -32,6 +32,7 @@ __all__ = [
     "LowRankHfQuantizer",
     "decompress_model",
     "load_compressed",
+    "check_compressed_checkpoint",
     "check_safetensors_file",
     "mark_compressed",
     "save_compressed",
@@ -58,19 +59,26 @@ class LowRankConfig(QuantizationConfigMixin):
         self, ranks: dict[str, int] | None = None, method: str = "svd", format_version: int = FORMAT_VERSION, **kwargs
     ):
         self.quant_method = QUANT_METHOD
-        self.ranks = {str(k): int(v) for k, v in (ranks or {}).items()}
+        self.ranks = _checked_ranks(ranks)
+        if not isinstance(method, str):
+            raise CompressedCheckpointError(
+                f"quantization_config.method in config.json must be a string (e.g. 'svd'), got {method!r}: the "
+                "config.json was edited or corrupted. Restore it from the original save."
+            )
         self.method = method
-        self.format_version = int(format_version)
-        self.extra = dict(kwargs.pop("extra", {}) or {})
+        self.format_version = _checked_version(format_version)
+        extra = kwargs.pop("extra", None)
+        if extra is not None and not isinstance(extra, dict):
+            raise CompressedCheckpointError(
+                f"quantization_config.extra in config.json must be a JSON object ({{}} when empty), got {extra!r}: "
+                "the config.json was edited or corrupted. Restore it from the original save (or set it to {})."
+            )
+        self.extra = dict(extra or {})
         if self.format_version > FORMAT_VERSION:
             raise CompressedCheckpointError(
                 f"This checkpoint uses hf-lowrank format version {self.format_version}, newer than the version "
                 f"{FORMAT_VERSION} this installation reads. Upgrade hf-lowrank (pip install -U hf-lowrank)."
             )
-        for name, rank in self.ranks.items():
-            if rank < 1:
-                raise CompressedCheckpointError(f"Rank {rank} recorded for '{name}' is not positive: the config.json "
-                                                "was edited or corrupted. Re-create the checkpoint.")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +91,39 @@ class LowRankConfig(QuantizationConfigMixin):
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
+
+
+def _checked_ranks(ranks: Any) -> dict[str, int]:
+    """``quantization_config.ranks`` as ``{module name: positive int}``, or a clear error naming what is wrong."""
+    if ranks is None:
+        return {}
+    if not isinstance(ranks, dict):
+        raise CompressedCheckpointError(
+            f"quantization_config.ranks in config.json must be a JSON object {{module name: rank}}, got a "
+            f"{type(ranks).__name__} ({str(ranks)[:80]}): the config.json was edited or corrupted. Restore it from "
+            "the original save, or re-create the checkpoint with save_compressed."
+        )
+    out = {}
+    for name, rank in ranks.items():
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise CompressedCheckpointError(
+                f"Rank {rank!r} recorded for '{name}' in quantization_config.ranks is not a positive integer: the "
+                "config.json was edited or corrupted. Restore it from the original save, or re-create the checkpoint."
+            )
+        out[str(name)] = rank
+    return out
+
+
+def _checked_version(version: Any) -> int:
+    if isinstance(version, str) and version.isdecimal():
+        version = int(version)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CompressedCheckpointError(
+            f"quantization_config.format_version in config.json must be a positive integer (this hf-lowrank writes "
+            f"{FORMAT_VERSION}), got {version!r}: the config.json was edited or corrupted. Restore it from the "
+            "original save."
+        )
+    return version
 
 
 def _resolve_name(model: nn.Module, name: str) -> str | None:
@@ -226,52 +267,148 @@ def _check_files(path: Path) -> None:
         raise CompressedCheckpointError(
             f"'{path}' has no config.json, so it is not a saved model. Save with model.save_pretrained('{path}')."
         )
-    shards = sorted(path.glob("*.safetensors"))
+    shards = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
     if not shards:
         raise CompressedCheckpointError(
             f"'{path}' has no *.safetensors weights (missing, or saved with pickle). Re-save with "
             "model.save_pretrained(path) (safetensors is the default)."
         )
-    headers = {shard: check_safetensors_file(shard) for shard in shards if not shard.name.startswith(".")}
-    _check_factor_headers(path, headers)
+    headers = {shard: check_safetensors_file(shard) for shard in shards}
+    model_files = _check_index(path, headers)
+    _check_factor_headers(path, {shard: headers[shard] for shard in model_files})
+
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _check_index(path: Path, headers: dict[Path, dict]) -> list[Path]:
+    """The model's weight files: those the index names (each a plain file name in ``path`` whose header holds the
+    tensors the index places there), else ``model.safetensors``, else every ``*.safetensors``."""
+    from ..io import check_plain_name, read_json
+
+    index_path = path / INDEX_NAME
+    if not index_path.is_file():
+        single = path / "model.safetensors"
+        return [single] if single in headers else list(headers)
+    index = read_json(index_path, what="weights index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CompressedCheckpointError(
+            f"'{index_path}' has no 'weight_map' object {{tensor name: file name}}: it was edited or truncated. "
+            "Restore it from the original save (or re-save the model)."
+        )
+    listed: dict[Path, set[str]] = {}
+    for key, name in weight_map.items():
+        check_plain_name(name, field=f"weight_map[{key!r}]", where=index_path, error=CompressedCheckpointError)
+        listed.setdefault(path / name, set()).add(key)
+    for shard, keys in listed.items():
+        if shard not in headers:
+            raise CompressedCheckpointError(
+                f"'{index_path}' places tensors (e.g. '{min(keys)}') in '{shard.name}', which is not in '{path}': the "
+                "download or copy is incomplete, or the index was edited. Copy every file of the save again."
+            )
+        stored = {k for k in headers[shard] if k != "__metadata__"}
+        if keys - stored or stored - keys:
+            odd = min(keys - stored) if keys - stored else min(stored - keys)
+            raise CompressedCheckpointError(
+                f"'{index_path}' and the header of '{shard.name}' disagree about '{odd}' (the index "
+                f"{'places it there but the file lacks it' if odd in keys else 'does not list it'}): the index or "
+                "the file was edited or comes from another save. Copy both from the same save_pretrained."
+            )
+    return sorted(listed)
 
 
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_PARTS = ("down", "up")
+
+
+def _strip_first(name: str) -> str | None:
+    return name.split(".", 1)[1] if "." in name else None
 
 
 def _check_factor_headers(path: Path, headers: dict[Path, dict]) -> None:
-    """Each factor the config records must be a 2-D float tensor whose shared side is the recorded rank.
+    """The rank map and the factor tensors must account for each other, and each factor must be a 2-D float tensor
+    whose shared side is the recorded rank.
 
-    Read from the safetensors headers alone (no tensor data), before transformers would silently cast an integer
-    factor to float or stop at a size mismatch without saying which file is wrong.
+    A factor pair (``X.down.weight`` and ``X.up.weight``) that ``quantization_config.ranks`` does not record would be
+    dropped as an unexpected key and ``X`` rebuilt dense with random weights; a recorded rank without its factors
+    would leave a factorized module uninitialized. Both are refused, naming the module. Read from the safetensors
+    headers alone (no tensor data), before transformers would silently cast an integer factor to float or stop at a
+    size mismatch without saying which file is wrong. A recorded name may differ from the stored one by the task
+    model's prefix (``model.``), as when a model is loaded with another head class.
     """
     from ..io import read_json
 
     config = read_json(path / "config.json", what="model config")
     quant = config.get("quantization_config") if isinstance(config, dict) else None
-    ranks = quant.get("ranks") if isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD else None
-    if not isinstance(ranks, dict):
+    if quant is not None and not (isinstance(quant, dict) and isinstance(quant.get("quant_method"), str)):
+        raise CompressedCheckpointError(
+            f"quantization_config in '{path / 'config.json'}' is not an object with a 'quant_method' string (got "
+            f"{str(quant)[:80]}): the config.json was edited or corrupted. Restore it from the original save."
+        )
+    if quant is None or quant.get("quant_method") != QUANT_METHOD:
         return
+    ranks = LowRankConfig(**{k: v for k, v in quant.items() if k != "quant_method"}).ranks  # clear field errors
     where = {key: (shard, entry) for shard, header in headers.items() for key, entry in header.items()}
+    parts: dict[str, set[str]] = {}
+    for key in where:
+        for part in _PARTS:
+            if key.endswith(f".{part}.weight"):
+                parts.setdefault(key[: -len(f".{part}.weight")], set()).add(part)
+    short = {_strip_first(n) for n in ranks}
+    stripped = {_strip_first(m): m for m in parts if _strip_first(m)}
+    for module, found in sorted(parts.items()):
+        if len(found) == 2 and not (module in ranks or _strip_first(module) in ranks or module in short):
+            shard = where[f"{module}.down.weight"][0]
+            raise CompressedCheckpointError(
+                f"'{shard}' holds the factors of '{module}' ({module}.down.weight, {module}.up.weight) but "
+                "quantization_config.ranks in config.json has no entry for it, so it would be rebuilt as a dense "
+                "layer with random weights. Restore config.json from the same save as the weights (or re-save the "
+                "compressed model with save_compressed)."
+            )
     for name, rank in ranks.items():
+        module = name if name in parts else _strip_first(name) if _strip_first(name) in parts else stripped.get(name)
+        missing = [f"{name}.{p}.weight" for p in _PARTS if module is None or p not in parts[module]]
+        if missing:
+            raise CompressedCheckpointError(
+                f"config.json records rank {rank} for '{name}' but the weights in '{path}' hold no "
+                f"{' / '.join(missing)}: the weights and config.json come from different saves, or a file is "
+                "missing. Copy all files of the same save_pretrained again, or re-save the compressed model."
+            )
         for part, side in (("down", 0), ("up", 1)):
-            found = where.get(f"{name}.{part}.weight")
-            if found is None:
-                continue  # a missing factor is reported after loading, with the keys transformers expected
-            shard, entry = found
+            shard, entry = where[f"{module}.{part}.weight"]
             dtype, shape = entry.get("dtype"), entry.get("shape")
             if dtype not in _FLOAT_DTYPES:
                 raise CompressedCheckpointError(
-                    f"Factor '{name}.{part}.weight' in '{shard}' is stored as {dtype}, not a float type "
+                    f"Factor '{module}.{part}.weight' in '{shard}' is stored as {dtype}, not a float type "
                     f"({', '.join(sorted(_FLOAT_DTYPES))}): the file was altered or written by another tool. "
                     "Re-save the compressed model with save_pretrained."
                 )
             if not isinstance(shape, list) or len(shape) != 2 or shape[side] != rank:
                 raise CompressedCheckpointError(
-                    f"Factor '{name}.{part}.weight' in '{shard}' has shape {shape}, but config.json records rank "
+                    f"Factor '{module}.{part}.weight' in '{shard}' has shape {shape}, but config.json records rank "
                     f"{rank} for '{name}' (the {'first' if side == 0 else 'second'} dimension of '{part}'): the "
                     "weights and config.json come from different saves. Copy both from the same save_pretrained."
                 )
+
+
+def check_compressed_checkpoint(path: str | os.PathLike) -> Path:
+    """Every check :func:`load_compressed` runs before loading, on a local folder: config.json and the weights
+    present, each safetensors file whole, the index naming plain files that hold what it lists, the rank map and
+    the factor tensors accounting for each other, factor dtypes and shapes (the ``hf-lowrank inspect`` checks).
+
+    Returns:
+        The folder.
+
+    Raises:
+        CompressedCheckpointError: naming the file, the field or the module that is wrong, and the fix.
+    """
+    from ..io import recover_directory
+
+    path = Path(path)
+    recover_directory(path)
+    _check_files(path)
+    return path
 
 
 def check_safetensors_file(shard: Path) -> dict:
@@ -287,7 +424,12 @@ def check_safetensors_file(shard: Path) -> dict:
             if header_len <= 0 or 8 + header_len > size:
                 raise ValueError("header length past the end of the file")
             header = json.loads(fh.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        end = 0
+        for key, entry in header.items():
+            if key != "__metadata__":
+                end = max(end, _entry_end(key, entry))
     except (ValueError, KeyError, TypeError) as exc:
         raise CompressedCheckpointError(
             f"The weights file '{shard}' is unreadable ({exc}); it is probably truncated or corrupted. "
@@ -299,6 +441,33 @@ def check_safetensors_file(shard: Path) -> dict:
             "Copy, download or save it again."
         )
     return header
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _entry_end(key: str, entry: Any) -> int:
+    """Check one header entry (known dtype, shape of non-negative ints, data extent matching them); its end."""
+    dtype, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets")) if isinstance(
+        entry, dict) else (None, None, None)
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"tensor '{key}' has dtype {dtype!r}, not a safetensors dtype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise ValueError(f"tensor '{key}' has shape {shape!r}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor '{key}' has data_offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * _DTYPE_BYTES[dtype]:
+        raise ValueError(
+            f"tensor '{key}' is {dtype} of shape {shape} ({numel * _DTYPE_BYTES[dtype]} bytes) but holds "
+            f"{offsets[1] - offsets[0]} bytes"
+        )
+    return offsets[1]
 
 
 def save_compressed(
@@ -328,6 +497,43 @@ def save_compressed(
     return Path(path)
 
 
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` (which is no local folder) reads as a Hub repo id, ``name`` or ``org/name``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or "\\" in name or os.path.isabs(name) or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_snapshot(repo_id: str, kwargs: dict) -> Path:
+    """The local folder of ``repo_id`` resolved as ``from_pretrained`` would (the cache, downloading what is missing
+    unless offline), so that the checks run on the files that will load."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=kwargs.get("revision"),
+            cache_dir=kwargs.get("cache_dir"),
+            token=kwargs.get("token"),
+            local_files_only=bool(kwargs.get("local_files_only")) or constants.HF_HUB_OFFLINE,
+            allow_patterns=["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "*.jinja"],
+        )
+    except (OSError, ValueError) as exc:
+        raise CompressedCheckpointError(
+            f"No checkpoint at '{repo_id}': it is not a local folder, and as a Hub repo id it could not be resolved "
+            f"({type(exc).__name__}: {exc}). Check the path or the repo id (and the network, or HF_HUB_OFFLINE and "
+            "the cache)."
+        ) from exc
+    folder = Path(folder)
+    return folder / kwargs["subfolder"] if kwargs.get("subfolder") else folder
+
+
 def load_compressed(path: str | os.PathLike, model_class: Any = None, **kwargs) -> nn.Module:
     """Load a factorized checkpoint with the plugin guaranteed active and every factor verified.
 
@@ -343,9 +549,20 @@ def load_compressed(path: str | os.PathLike, model_class: Any = None, **kwargs) 
 
     model_class = model_class or AutoModelForCausalLM
     local = Path(path)
-    if local.exists() or os.sep in str(path) or str(path).startswith("."):
-        _check_files(local)
-    model, info = model_class.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    if local.exists() or not _is_hub_id(str(path)):
+        check_compressed_checkpoint(local)
+    else:
+        _check_files(_hub_snapshot(str(path), kwargs))
+    try:
+        model, info = model_class.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    except RuntimeError as exc:
+        if "mismatched" not in str(exc) and "size mismatch" not in str(exc):
+            raise
+        raise CompressedCheckpointError(
+            f"Tensors in '{path}' have shapes that its config.json does not give them (transformers logged which, "
+            "above): the weights were edited, or config.json comes from another save. Copy all files of the same "
+            "save_pretrained again."
+        ) from exc
     missing = [k for k in info.get("missing_keys", []) if ".down." in k or ".up." in k]
     quant = getattr(model.config, "quantization_config", None)
     if quant is None or not isinstance(getattr(model, "hf_quantizer", None), LowRankHfQuantizer):

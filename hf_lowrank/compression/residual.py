@@ -58,7 +58,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io import atomic_directory, atomic_write_bytes, atomic_write_json, read_json
+from ..io import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_plain_name,
+    read_json,
+    recover_directory,
+)
 from ..ops.quant import QuantizedTensor, dequantize_rtn, quantize_rtn, stiefel_project
 from ..ops.rank_allocation import ere_ranks
 from ..ops.svd import singular_values, truncated_svd
@@ -424,6 +431,10 @@ def _spec_hash(manifest: Mapping[str, Any]) -> str:
         "tensors": manifest["tensors"],
         "fingerprint": manifest["base"]["fingerprint"]["sha256"],
     }
+    weights = manifest.get("weights")
+    name = weights.get("file", WEIGHTS_NAME) if isinstance(weights, dict) else WEIGHTS_NAME
+    if name != WEIGHTS_NAME:  # (absent from the hash of residuals written under the one name this package uses)
+        spec["weights_file"] = name
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -508,28 +519,33 @@ class EREResidual:
 
     # -- save / load
     def save(self, path: str | os.PathLike, *, card: bool = True) -> Path:
-        """Write the residual folder (weights, config, card, then the manifest last, each atomically).
+        """Write the residual folder (weights, config, card, then the manifest), swapped in as a whole.
+
+        The files are written into a temporary sibling that replaces ``path`` only once complete
+        (:func:`hf_lowrank.io.atomic_directory`), so re-encoding into the folder of an earlier residual and being
+        killed midway leaves the earlier residual whole. Other entries of ``path`` that are not part of a model or a
+        residual (sub-folders, a tokenizer) are carried over.
 
         Returns:
             The folder path.
         """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         data = self.serialize()
         self.manifest["weights"] = {
             "file": WEIGHTS_NAME,
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
         }
+        with atomic_directory(path) as tmp:
+            atomic_write_bytes(tmp / WEIGHTS_NAME, data)
+            if self.config is not None:
+                atomic_write_bytes(tmp / CONFIG_NAME, self.config.to_json_string(use_diff=False).encode())
+            if card:
+                atomic_write_bytes(tmp / CARD_NAME, _model_card(self).encode())
+            atomic_write_json(tmp / MANIFEST_NAME, self.manifest)
         if self.report is not None:
             self.report.stored_bytes = len(data)
             self.report.path = str(path)
-        atomic_write_bytes(path / WEIGHTS_NAME, data)
-        if self.config is not None:
-            atomic_write_bytes(path / CONFIG_NAME, self.config.to_json_string(use_diff=False).encode())
-        if card:
-            atomic_write_bytes(path / CARD_NAME, _model_card(self).encode())
-        atomic_write_json(path / MANIFEST_NAME, self.manifest)
         self.path = str(path)
         return path
 
@@ -542,6 +558,7 @@ class EREResidual:
                 tensor table), an unknown format version.
         """
         path = Path(path)
+        recover_directory(path)
         if not path.is_dir():
             raise ResidualFormatError(f"'{path}' is not a folder; pass the folder encode_residual(out=...) wrote.")
         mpath = path / MANIFEST_NAME
@@ -570,7 +587,16 @@ class EREResidual:
             manifest["base"]["fingerprint"]["sha256"]
         except (KeyError, TypeError, ValueError) as exc:
             raise ResidualFormatError(f"The manifest '{mpath}' is incomplete or edited ({exc}). Re-encode.") from exc
-        wpath = path / weights.get("file", WEIGHTS_NAME)
+        if not isinstance(weights, dict) or not isinstance(tensors_spec, dict):
+            field = "weights" if not isinstance(weights, dict) else "tensors"
+            raise ResidualFormatError(
+                f"The field '{field}' of '{mpath}' must be a JSON object, got {type(manifest[field]).__name__}: the "
+                "manifest was edited or corrupted. Restore the original manifest or re-encode the residual."
+            )
+        name = check_plain_name(weights.get("file", WEIGHTS_NAME), field="weights.file", where=mpath,
+                                error=ResidualFormatError)
+        _architecture_class(manifest, mpath)
+        wpath = path / name
         if not wpath.is_file():
             raise ResidualFormatError(f"The residual weights file '{wpath}' is missing. Copy it again or re-encode.")
         data = wpath.read_bytes()
@@ -1093,11 +1119,32 @@ def _verify_base(res: EREResidual, base_of: Mapping[str, torch.Tensor | None]) -
     )
 
 
-def _build_model(res: EREResidual, base_model: nn.Module) -> nn.Module:
-    import transformers
+def _architecture_class(manifest: Mapping[str, Any], where: Any = "the residual manifest") -> type | None:
+    """The transformers model class the manifest's ``architecture`` names (None when absent).
 
+    Raises:
+        ResidualFormatError: ``architecture`` is not the name of a transformers model class (an auto class, another
+            attribute of transformers, a non-string).
+    """
+    arch = manifest.get("architecture")
+    if arch is None:
+        return None
+    import transformers
+    from transformers import PreTrainedModel
+
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise ResidualFormatError(
+            f"The field 'architecture' of '{where}' is {arch!r}, not the name of a transformers model class (such "
+            "as 'LlamaForCausalLM', the class of the fine-tuned model): the manifest was edited or written by "
+            "another tool. Restore the original manifest or re-encode the residual."
+        )
+    return cls
+
+
+def _build_model(res: EREResidual, base_model: nn.Module) -> nn.Module:
     arch = res.manifest.get("architecture")
-    cls = getattr(transformers, arch, None) if arch else None
+    cls = _architecture_class(res.manifest)
     if cls is None or res.config is None:
         raise ResidualError(
             f"The residual's architecture {arch!r} differs from the base model's {type(base_model).__name__!r} and "
@@ -1251,10 +1298,8 @@ def load_residual(
             )
     import transformers
 
-    arch = res.manifest.get("architecture")
     if model_class is None:
-        model_class = getattr(transformers, arch, None) if arch else None
-        model_class = model_class or transformers.AutoModelForCausalLM
+        model_class = _architecture_class(res.manifest) or transformers.AutoModelForCausalLM
     if "dtype" not in kwargs and res.manifest["base"].get("dtype"):
         kwargs["dtype"] = _dtype_of(res.manifest["base"]["dtype"])
     if res.config is not None:

@@ -70,6 +70,7 @@ class FisherCollectorCallback(TrainerCallback):
         self.reset_on_train_begin = reset_on_train_begin
         self.strict_resume = strict_resume
         self.resume_from: str | os.PathLike | None = None
+        self._written: tuple[str, int] | None = None  # (checkpoint folder, step) already holding this state
 
     @property
     def state(self) -> FisherState:
@@ -131,15 +132,27 @@ class FisherCollectorCallback(TrainerCallback):
         if self.collector.grad_scaler is not None:
             self.collector.update_loss_scale()
 
+    def save_checkpoint_state(self, args, state, folder: str | os.PathLike) -> None:
+        """Write this process's state into the checkpoint ``folder`` now.
+
+        ``LowRankTrainer`` calls this while it saves the checkpoint, before ``save_total_limit`` rotation deletes
+        older checkpoints. A plain ``Trainer`` only reaches :meth:`on_save`, which runs after that rotation: a run
+        killed between the two keeps only a checkpoint without Fisher state (resuming from it is refused, see
+        ``strict_resume``); use ``LowRankTrainer`` or leave ``save_total_limit`` unset to close that window.
+        """
+        path = self._file_in(folder, getattr(args, "process_index", 0), getattr(args, "world_size", 1))
+        self.collector.save(path, global_step=state.global_step)
+        self._written = (str(Path(folder).resolve()), state.global_step)
+
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if not folder.is_dir():
             logger.warning("Checkpoint folder %s not found; the Fisher state was not saved with it.", folder)
             return
-        self.collector.save(
-            self._file_in(folder, getattr(args, "process_index", 0), getattr(args, "world_size", 1)),
-            global_step=state.global_step,
-        )
+        written = self._file_in(folder, getattr(args, "process_index", 0), getattr(args, "world_size", 1))
+        if self._written == (str(folder.resolve()), state.global_step) and written.is_file():
+            return  # already written with the checkpoint (LowRankTrainer)
+        self.save_checkpoint_state(args, state, folder)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.collector.snapshot().global_step = state.global_step

@@ -3,7 +3,8 @@
 The mixin overrides as little as possible: ``__init__`` (attach the Fisher callback when the model carries a
 FisherLoRA adapter), ``train`` (tell the callback which checkpoint a resume reads, and the fp16 loss scaler), and
 ``save_model`` (only the user's final call compresses; the Trainer's own checkpoint saves stay ordinary adapter
-checkpoints plus the Fisher state, so training can resume).
+checkpoints plus the Fisher state, written with the model files before ``save_total_limit`` rotation can delete the
+previous checkpoint, so training can resume after a kill at any point).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..distributed import is_fsdp_model
 from ..io import atomic_directory
@@ -91,6 +92,18 @@ class LowRankTrainerMixin:
             **kwargs,
         )
 
+    def _save_fisher_into_checkpoint(self, output_dir: str) -> None:
+        """Write the Fisher state into the checkpoint folder as part of the checkpoint, from ``_save_checkpoint``.
+
+        Trainer's ``on_save`` event comes only after ``save_total_limit`` rotation has deleted the older checkpoints
+        (with their Fisher files); written here, before the rotation, a kill at any point leaves a checkpoint with
+        its Fisher state. Every process writes its own file, once the main process has put the folder in place.
+        """
+        if Path(output_dir).name != f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}":
+            return  # not a checkpoint of this step (e.g. push_to_hub's save into output_dir)
+        self.accelerator.wait_for_everyone()
+        self.fisher_callback.save_checkpoint_state(self.args, self.state, output_dir)
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         """The Trainer's writer (model or adapter, tokenizer, training args), made atomic (main process only)."""
         if not self.args.should_save:  # a non-writer rank only joins the collectives of a sharded save
@@ -101,7 +114,10 @@ class LowRankTrainerMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         config = self._fisher_lora_config()
         if _internal_call or config is None:
-            return super().save_model(output_dir, _internal_call)
+            super().save_model(output_dir, _internal_call)
+            if _internal_call and output_dir is not None and self.fisher_callback is not None:
+                self._save_fisher_into_checkpoint(output_dir)
+            return None
         from ..peft_configs.fisher_lora.compress import compress_peft_model, save_compressed_model
 
         output_dir = output_dir or self.args.output_dir
