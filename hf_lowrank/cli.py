@@ -163,9 +163,32 @@ def _cmd_compress(args) -> int:
         raise SystemExit(f"unknown method {args.method}")
     elapsed = time.perf_counter() - started
     save_compressed(model, args.out, tokenizer=tok, report=report)
+    _write_card(args, model, report)
     print(report.summary())
     print(f"compressed in {elapsed:.1f}s; saved to {args.out}")
     return 0
+
+
+def _write_card(args, model, report) -> None:
+    from .model_card import write_model_card
+
+    if args.method == "welore":
+        settings = {"reduction": args.reduction}
+    else:
+        settings = {"rank": args.rank} if args.rank is not None else {"keep": args.keep}
+        if args.method == "fwsvd":
+            settings.update(fisher=args.fisher, weighting=args.weighting)
+    settings.update(svd=args.svd, target_modules=args.target_modules or "default")
+    after = sum(p.numel() for p in model.parameters())
+    write_model_card(
+        args.out,
+        base_model=getattr(model.config, "_name_or_path", None) or args.model,
+        method=args.method,
+        settings=settings,
+        ranks=report.ranks,
+        params_before=after + report.params_before - report.params_after,
+        params_after=after,
+    )
 
 
 def _cmd_inspect(args) -> int:

@@ -77,3 +77,18 @@ def test_compress_refuses_in_one_line_when_the_class_is_unknown(tmp_path, capsys
     )
     assert "unknown --model-class 'NoSuchModel'" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_compress_writes_a_model_card(tiny_llama, tmp_path):
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    tiny_llama.save_pretrained(tmp_path / "dense")
+    assert main(["compress", str(tmp_path / "dense"), "--rank", "8", "--out", str(tmp_path / "c")]) == 0
+    card = (tmp_path / "c" / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "library_name: transformers" in front and "- hf-lowrank" in front and "- svd" in front
+    assert f'base_model: "{tmp_path / "dense"}"' in front and 'license: "apache-2.0"' in front
+    assert "import hf_lowrank" in card and 'AutoModelForCausalLM.from_pretrained("c")' in card
+    assert "14 factorized Linear layers; rank min 8, median 8, max 8" in card
+    after = sum(p.numel() for p in load_compressed(tmp_path / "c").parameters())
+    assert f"{after:,} after" in card and f"{sum(p.numel() for p in tiny_llama.parameters()):,} before" in card
