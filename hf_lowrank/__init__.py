@@ -25,6 +25,7 @@ from .compression.residual import (
     save_residual_on_save,
 )
 from .distributed import gather_full_model, is_fsdp_model
+from .model_card import write_model_card
 from .modules import LowRankLinear
 from .peft_configs.fisher_lora import (
     FisherLoRAConfig,
@@ -75,6 +76,7 @@ __all__ = [
     "save_residual_on_save",
     "spsft_importance",
     "welore_ranks_for_model",
+    "write_model_card",
 ]
 
 

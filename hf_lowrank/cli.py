@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "load_model_for_cli"]
+__all__ = ["CliError", "load_model_for_cli", "main", "resolve_model_class"]
 
 # Modules that contribute subcommands through `add_parser(subparsers)`; each is optional at import time so one
 # method's missing extra (e.g. matplotlib for plots) never breaks the others.
@@ -21,8 +21,15 @@ _PLUGIN_MODULES = ("hf_lowrank.compression.residual_cli", "hf_lowrank.plotting")
 _MODEL_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
     "seq-cls": "AutoModelForSequenceClassification",
+    "token-cls": "AutoModelForTokenClassification",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
     "base": "AutoModel",
 }
+"""Short names for ``--model-class``; any transformers class name (``RobertaForSequenceClassification``) works too."""
+
+
+class CliError(Exception):
+    """A problem the command reports as one line on stderr with exit status 2 (as argparse does for bad usage)."""
 
 
 def _model_path(model: str) -> str:
@@ -33,17 +40,75 @@ def _model_path(model: str) -> str:
     return model
 
 
-def load_model_for_cli(model: str, *, model_class: str = "causal-lm", gguf_file: str | None = None, dtype=None):
-    """Load ``model`` (folder, Hub id or ``smollm2``) with its tokenizer when one is there."""
+def _class_named(name: str):
+    import transformers
+
+    cls = getattr(transformers, _MODEL_CLASSES.get(name, name), None)
+    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+        return None
+    return cls
+
+
+def resolve_model_class(model: str, model_class: str | None = None, *, gguf_file: str | None = None, config=None):
+    """The transformers class to build ``model`` with.
+
+    Given ``model_class`` (a short name of :data:`_MODEL_CLASSES` or a transformers class name), that class.
+    Otherwise the class that ``config.json`` records in ``architectures`` (what ``save_pretrained`` writes), looked up
+    in transformers as pipelines do (``getattr(transformers, name)``); so a sequence classifier stays one instead of
+    being rebuilt as a causal LM with a random head. A GGUF file without ``architectures`` is read as a causal LM
+    (the models transformers reads from GGUF).
+
+    Raises:
+        CliError: the class is unknown, or ``config.json`` does not say and no ``model_class`` was given.
+    """
+    shorts = ", ".join(_MODEL_CLASSES)
+    if model_class:
+        cls = _class_named(model_class)
+        if cls is None:
+            raise CliError(
+                f"unknown --model-class {model_class!r}: use one of {shorts} or a transformers model class name "
+                "such as RobertaForSequenceClassification."
+            )
+        return cls
+    if config is None:
+        import transformers
+
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        config = transformers.AutoConfig.from_pretrained(_model_path(model), **kwargs)
+    names = list(getattr(config, "architectures", None) or [])
+    for name in names:
+        cls = _class_named(name)
+        if cls is not None:
+            return cls
+    if not names and gguf_file:
+        return _class_named("causal-lm")
+    import transformers
+
+    if names:
+        found = f"names {names}, which transformers {transformers.__version__} does not have"
+    else:
+        found = "has no 'architectures' entry"
+    raise CliError(
+        f"cannot tell which model class to build for {model}: its config (model_type "
+        f"{getattr(config, 'model_type', None)!r}) {found}; pass --model-class ({shorts}, or a transformers class "
+        "name such as T5ForConditionalGeneration)."
+    )
+
+
+def load_model_for_cli(model: str, *, model_class: str | None = None, gguf_file: str | None = None, dtype=None):
+    """Load ``model`` (folder, Hub id or ``smollm2``) with its tokenizer when one is there.
+
+    ``model_class``: see :func:`resolve_model_class` (default: the class that the model's config records).
+    """
     import torch
     import transformers
 
     from .compression.checkpoint import load_compressed
 
     path = _model_path(model)
-    cls = getattr(transformers, _MODEL_CLASSES[model_class])
     kwargs = {"dtype": dtype or torch.float32}
     if gguf_file:
+        cls = resolve_model_class(model, model_class, gguf_file=gguf_file)
         kwargs["gguf_file"] = gguf_file
         net = cls.from_pretrained(path, **kwargs)
         quantizer = getattr(net, "hf_quantizer", None)
@@ -51,6 +116,7 @@ def load_model_for_cli(model: str, *, model_class: str = "causal-lm", gguf_file:
             quantizer.remove_quantization_config(net)
     else:
         config = transformers.AutoConfig.from_pretrained(path)
+        cls = resolve_model_class(model, model_class, config=config)
         if getattr(config, "quantization_config", None) and (
             (config.quantization_config or {}).get("quant_method") == "hf_lowrank"
         ):
@@ -97,9 +163,32 @@ def _cmd_compress(args) -> int:
         raise SystemExit(f"unknown method {args.method}")
     elapsed = time.perf_counter() - started
     save_compressed(model, args.out, tokenizer=tok, report=report)
+    _write_card(args, model, report)
     print(report.summary())
     print(f"compressed in {elapsed:.1f}s; saved to {args.out}")
     return 0
+
+
+def _write_card(args, model, report) -> None:
+    from .model_card import write_model_card
+
+    if args.method == "welore":
+        settings = {"reduction": args.reduction}
+    else:
+        settings = {"rank": args.rank} if args.rank is not None else {"keep": args.keep}
+        if args.method == "fwsvd":
+            settings.update(fisher=args.fisher, weighting=args.weighting)
+    settings.update(svd=args.svd, target_modules=args.target_modules or "default")
+    after = sum(p.numel() for p in model.parameters())
+    write_model_card(
+        args.out,
+        base_model=getattr(model.config, "_name_or_path", None) or args.model,
+        method=args.method,
+        settings=settings,
+        ranks=report.ranks,
+        params_before=after + report.params_before - report.params_after,
+        params_after=after,
+    )
 
 
 def _cmd_inspect(args) -> int:
@@ -112,6 +201,9 @@ def _cmd_inspect(args) -> int:
     if qcfg.get("quant_method") != "hf_lowrank":
         print(f"{path}: not an hf-lowrank factorized checkpoint (no hf_lowrank quantization_config).")
         return 1
+    from .compression.checkpoint import check_compressed_checkpoint
+
+    check_compressed_checkpoint(path)  # rank map vs factor tensors, both ways, naming the module
     shards = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
     for shard in shards:
         check_safetensors_file(shard)
@@ -164,7 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target-modules", default=None, help="comma-separated module names or suffixes")
     c.add_argument("--svd", choices=("auto", "exact", "randomized"), default="auto", help="SVD algorithm")
     c.add_argument("--gguf-file", default=None, help="GGUF file inside MODEL to read the weights from")
-    c.add_argument("--model-class", choices=tuple(_MODEL_CLASSES), default="causal-lm")
+    c.add_argument(
+        "--model-class",
+        default=None,
+        help=f"class to build the model with: {', '.join(_MODEL_CLASSES)} or a transformers class name "
+        "(default: the 'architectures' that the model's config.json records)",
+    )
     c.set_defaults(func=_cmd_compress)
 
     i = sub.add_parser("inspect", help="ranks, parameters, size and per-module error of a factorized checkpoint")
@@ -186,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"hf-lowrank: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -23,3 +23,72 @@ def test_compress_and_inspect(tiny_llama, tmp_path, capsys):
     assert info["factorized_modules"] == 14 and 0.4 < info["kept_fraction"] <= 0.5
     assert all(m["rel_error"] is not None for m in info["modules"])
     assert main(["inspect", str(tmp_path / "dense")]) == 1  # a dense folder is named as such, not misread
+
+
+def test_compress_keeps_a_sequence_classifier_and_its_head(tmp_path, capsys):
+    """The class comes from config.json's architectures: a RoBERTa classifier stays one, its head weights intact."""
+    from tiny_models import make_tiny_roberta_classifier
+    from transformers import AutoModelForSequenceClassification
+
+    clf = make_tiny_roberta_classifier()
+    clf.save_pretrained(tmp_path / "dense")
+    out = tmp_path / "c"
+    assert (
+        main(["compress", str(tmp_path / "dense"), "--method", "welore", "--reduction", "0.3", "--out", str(out)]) == 0
+    )
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["RobertaForSequenceClassification"]
+    model = load_compressed(out, AutoModelForSequenceClassification).eval()
+    assert type(model).__name__ == "RobertaForSequenceClassification"
+    assert torch.equal(model.classifier.out_proj.weight, clf.classifier.out_proj.weight)
+    ids = torch.arange(2, 14).reshape(1, 12)
+    with torch.no_grad():
+        want, got = clf(ids).logits, model(ids).logits
+    assert float((got - want).norm() / want.norm()) < 0.5  # compressed, but the trained head, not a random one
+
+
+def test_compress_builds_t5_from_its_config_and_accepts_an_explicit_class(tmp_path):
+    from tiny_models import make_tiny_model
+    from transformers import AutoModelForSeq2SeqLM
+
+    make_tiny_model("t5").save_pretrained(tmp_path / "t5")
+    assert main(["compress", str(tmp_path / "t5"), "--keep", "0.5", "--out", str(tmp_path / "c")]) == 0
+    model = load_compressed(tmp_path / "c", AutoModelForSeq2SeqLM)
+    assert type(model).__name__ == "T5ForConditionalGeneration"
+    args = ["compress", str(tmp_path / "t5"), "--keep", "0.5", "--model-class", "T5EncoderModel", "--out"]
+    assert main([*args, str(tmp_path / "enc")]) == 0
+    assert json.loads((tmp_path / "enc" / "config.json").read_text())["architectures"] == ["T5EncoderModel"]
+
+
+def test_compress_refuses_in_one_line_when_the_class_is_unknown(tmp_path, capsys):
+    from tiny_models import make_tiny_model
+
+    model = make_tiny_model("bert_cls")
+    model.config.architectures = None
+    model.save_pretrained(tmp_path / "noarch")
+    cfg = json.loads((tmp_path / "noarch" / "config.json").read_text())
+    cfg.pop("architectures", None)
+    (tmp_path / "noarch" / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["compress", str(tmp_path / "noarch"), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--model-class" in err and "architectures" in err
+    assert (
+        main(["compress", str(tmp_path / "noarch"), "--model-class", "NoSuchModel", "--out", str(tmp_path / "c")]) == 2
+    )
+    assert "unknown --model-class 'NoSuchModel'" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_compress_writes_a_model_card(tiny_llama, tmp_path):
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    tiny_llama.save_pretrained(tmp_path / "dense")
+    assert main(["compress", str(tmp_path / "dense"), "--rank", "8", "--out", str(tmp_path / "c")]) == 0
+    card = (tmp_path / "c" / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "library_name: transformers" in front and "- hf-lowrank" in front and "- svd" in front
+    assert f'base_model: "{tmp_path / "dense"}"' in front and 'license: "apache-2.0"' in front
+    assert "import hf_lowrank" in card and 'AutoModelForCausalLM.from_pretrained("c")' in card
+    assert "14 factorized Linear layers; rank min 8, median 8, max 8" in card
+    after = sum(p.numel() for p in load_compressed(tmp_path / "c").parameters())
+    assert f"{after:,} after" in card and f"{sum(p.numel() for p in tiny_llama.parameters()):,} before" in card

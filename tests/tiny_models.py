@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from transformers import BertConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        BertConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedModel,
+        RobertaForSequenceClassification,
+    )
 
 TINY_SHAPES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
 """Two layers of width 64 (4 heads, MLP 128) over a 128-token vocabulary: every Linear kind of the real model, small
@@ -53,3 +59,46 @@ def make_tiny_bert_config(**overrides: Any) -> BertConfig:
     from transformers import BertConfig
 
     return BertConfig(**{**TINY_BERT, **overrides})
+
+
+TINY_ROBERTA = dict(TINY_SHAPES, max_position_embeddings=72, pad_token_id=1, num_labels=3)
+"""The tiny RoBERTa classifier: its head is the two-layer ``RobertaClassificationHead`` (``classifier.dense`` +
+``classifier.out_proj``), not a single Linear like BERT's. Positions start after ``pad_token_id``, hence 72."""
+
+
+def make_tiny_roberta_classifier(seed: int = 0, **overrides: Any) -> RobertaForSequenceClassification:
+    """A freshly initialised tiny :class:`~transformers.RobertaForSequenceClassification` (3 labels) in eval mode,
+    weights from ``seed``; ``overrides`` replace or add :class:`~transformers.RobertaConfig` fields."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    return RobertaForSequenceClassification(RobertaConfig(**{**TINY_ROBERTA, **overrides})).float().eval()
+
+
+def make_tiny_model(kind: str, seed: int = 0) -> PreTrainedModel:
+    """One tiny model per architecture family of the PEFT contract matrix, in eval mode, weights from ``seed``.
+
+    ``kind``: ``"llama"`` (GQA decoder), ``"qwen2"`` (biased q/k/v), ``"phi3"`` (fused ``qkv_proj`` and
+    ``gate_up_proj``), ``"t5"`` (encoder-decoder, ``wi``/``wo``), ``"roberta_cls"`` (two-layer classifier head),
+    ``"bert_cls"`` (single Linear classifier head).
+    """
+    import transformers
+
+    configs = {
+        "llama": ("LlamaForCausalLM", "LlamaConfig", TINY_LLAMA),
+        "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", TINY_LLAMA),
+        "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(TINY_LLAMA, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+        "t5": (
+            "T5ForConditionalGeneration",
+            "T5Config",
+            dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0),
+        ),
+        "roberta_cls": ("RobertaForSequenceClassification", "RobertaConfig", TINY_ROBERTA),
+        "bert_cls": ("BertForSequenceClassification", "BertConfig", dict(TINY_BERT, num_labels=3)),
+    }
+    if kind not in configs:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {sorted(configs)}.")
+    model_cls, config_cls, fields = configs[kind]
+    config = getattr(transformers, config_cls)(**fields)
+    torch.manual_seed(seed)
+    return getattr(transformers, model_cls)(config).float().eval()

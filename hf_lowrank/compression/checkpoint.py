@@ -169,6 +169,40 @@ def _replace_with_factorized(model: nn.Module, ranks: dict[str, int]) -> None:
         set_submodule(model, name, new)
 
 
+# ---- guard against stock transformers ------------------------------------------------------------------------
+# A process that never imported hf_lowrank (or where it is not installed: a checkpoint downloaded from the Hub)
+# skips the unknown quantization_config with a warning and builds the dense model. Without a guard the factors are
+# unexpected keys and every factorized Linear keeps its random initialisation. So every save also writes, for each
+# LowRankLinear, a one-element tensor under the dense name ``<module>.weight``: stock transformers finds its shape
+# different from the dense ``(out, in)`` weight and raises (a size mismatch is an error unless
+# ``ignore_mismatched_sizes=True``); its load report also lists ``STOCK_GUARD_KEY``, whose name says what to do. With
+# hf_lowrank imported those names are not parameters of the rebuilt model (LowRankLinear has factors only) and are
+# ignored. Nothing else in the layout changes, so earlier checkpoints still load.
+
+STOCK_GUARD_KEY = "hf_lowrank_factorized_checkpoint.import_hf_lowrank_before_from_pretrained"
+STOCK_GUARD_NOTE = "hf_lowrank factorized checkpoint: run `import hf_lowrank` before from_pretrained"
+
+
+def _with_stock_guard(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear) and f"{name}.weight" not in state:
+            factor = module.down.weight
+            state[f"{name}.weight"] = torch.zeros(1, dtype=factor.dtype, device=factor.device)
+    state[STOCK_GUARD_KEY] = torch.zeros(1)
+    return state
+
+
+def _ignore_stock_guard(model: nn.Module) -> None:
+    import re
+
+    names = [re.escape(n) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    patterns = {rf"(^|\.){re.escape(STOCK_GUARD_KEY)}$"}
+    if names:
+        patterns.add(rf"^(?:{'|'.join(names)})\.weight$")
+    model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
+
+
 class LowRankHfQuantizer(HfQuantizer):
     """transformers quantizer plugin that rebuilds ``LowRankLinear`` modules before the weights load."""
 
@@ -182,7 +216,11 @@ class LowRankHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         _replace_with_factorized(model, self.quantization_config.ranks)
+        _ignore_stock_guard(model)
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        return _with_stock_guard(model), {"hf_lowrank": STOCK_GUARD_NOTE}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         return model
@@ -347,6 +385,11 @@ def _check_factor_headers(path: Path, headers: dict[Path, dict]) -> None:
             f"{str(quant)[:80]}): the config.json was edited or corrupted. Restore it from the original save."
         )
     if quant is None or quant.get("quant_method") != QUANT_METHOD:
+        if any(STOCK_GUARD_KEY in header for header in headers.values()):  # else the size-mismatch guard fires
+            raise CompressedCheckpointError(
+                f"'{path}' holds factorized weights but its config.json has no hf_lowrank quantization_config, so "
+                "they cannot be loaded. Restore config.json from the original save."
+            )
         return
     ranks = LowRankConfig(**{k: v for k, v in quant.items() if k != "quant_method"}).ranks  # clear field errors
     where = {key: (shard, entry) for shard, header in headers.items() for key, entry in header.items()}

@@ -1454,10 +1454,16 @@ def export_residual_as_lora(
             )
         return base_of[name]
 
+    task_type = _task_type(res.manifest.get("architecture"))
+    heads = _head_modules(spec, task_type)
     names = [n for n, e in spec.items() if e["kind"] in ("lowrank", "sparse", "exact")]
+    head_changed = False
     for name in tqdm(names, desc="export LoRA", unit="tensor", disable=not progress):
         e = spec[name]
         mod, leaf = _module_of(name)
+        if _under(mod, heads):
+            head_changed = True  # the head is exported whole below
+            continue
         mtype = e.get("module_type")
         dtype = _dtype_of(e["dtype"])
         if e["kind"] == "lowrank":
@@ -1512,8 +1518,15 @@ def export_residual_as_lora(
             state[f"{pre}{mod}.base_layer.{leaf}"] = value
         else:
             state[f"{pre}{name}"] = value
-    if not targets and not token_indices and not save_modules and not biases:
+    if not targets and not token_indices and not save_modules and not biases and not head_changed:
         raise ValueError("the residual holds no change to export (every tensor equals the base).")
+    for head in heads:
+        # peft wraps a SEQ_CLS / TOKEN_CLS head ("classifier", "score") whole in modules_to_save and then expects
+        # every tensor of it in the adapter: a LoRA inside it (RoBERTa's classifier.dense / out_proj) cannot load.
+        subs = {e["module"] for e in spec.values() if e["kind"] != "alias" and _under(e["module"], [head])}
+        for sub in sorted(subs):
+            _save_whole(state, set(), res, spec, sub, {}, need_base)
+        save_modules.add(head)
     cfg = LoraConfig(
         r=max(rank_pattern.values(), default=8),
         lora_alpha=max(rank_pattern.values(), default=8),
@@ -1524,7 +1537,7 @@ def export_residual_as_lora(
         bias="all" if biases else "none",
         modules_to_save=sorted(save_modules) or None,
         trainable_token_indices=token_indices or None,
-        task_type=_task_type(res.manifest.get("architecture")),
+        task_type=task_type,
         base_model_name_or_path=res.manifest["base"].get("name_or_path"),
     )
     out = Path(out)
@@ -1533,6 +1546,27 @@ def export_residual_as_lora(
         atomic_write_bytes(Path(tmp) / "adapter_model.safetensors", st_save(state, metadata={"format": "pt"}))
         atomic_write_bytes(Path(tmp) / CARD_NAME, _adapter_card(res, cfg).encode())
     return out
+
+
+_HEAD_NAMES = ("classifier", "score")  # what peft's PeftModelForSequence/TokenClassification add to modules_to_save
+
+
+def _head_modules(spec: Mapping[str, Any], task_type: str | None) -> list[str]:
+    """The classifier heads that peft wraps whole for ``task_type`` (outermost module named like a head)."""
+    if task_type not in ("SEQ_CLS", "TOKEN_CLS"):
+        return []
+    heads: set[str] = set()
+    for e in spec.values():
+        parts = (e.get("module") or "").split(".")
+        for i, part in enumerate(parts):
+            if part in _HEAD_NAMES:
+                heads.add(".".join(parts[: i + 1]))
+                break
+    return sorted(heads)
+
+
+def _under(mod: str, heads: Sequence[str]) -> bool:
+    return any(mod == h or mod.startswith(h + ".") for h in heads)
 
 
 def _save_whole(state, save_modules, res, spec, mod, given, need_base) -> None:

@@ -118,6 +118,15 @@ class SPSFTModel(BaseTuner):
             setattr(parent, child_name, module.dequantized_merged_linear(adapter_names))
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if isinstance(new_module, BaseTunerLayer):  # injection: peft's placement (bnb state, device)
+            super()._replace_module(parent, child_name, new_module, child)
+            return
+        # Unloading: the module returned (the base Linear, or the trained copy of a modules_to_save head) is already
+        # complete. peft's default would copy ``child.weight`` onto it, which fails for a head without a ``weight``
+        # (RoBERTa's two-layer RobertaClassificationHead).
+        setattr(parent, child_name, new_module)
+
 
 def _check_names_exist(model: nn.Module, names) -> None:
     """Every listed target must name some module (peft's rule: the full name, or its last dotted parts).

@@ -252,6 +252,32 @@ class WeLoreLayer(BaseTunerLayer):
             self.merged_adapters.pop()
             base.weight = self._merge_stash.pop()
 
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: list[str] | None
+    ) -> nn.Module:
+        """What peft's ``BaseTuner`` unloading puts in this layer's place.
+
+        ``merge=True``: the compressed module (:meth:`to_compressed`, in the factors' dtype). ``merge=False``: the
+        dense base layer, which needs ``keep_dense=True``.
+
+        Args:
+            merge: merge (compress) instead of restoring the dense layer.
+            safe_merge: refuse factors with NaN/inf.
+            adapter_names: ignored beyond the single WeLore adapter (checked by the tuner).
+        """
+        if self.merged:
+            self.unmerge()
+        if not merge:
+            if self._dense_dropped:
+                raise DenseWeightDroppedError(_dropped_message("unload()"))
+            return self.get_base_layer()
+        new = self.to_compressed(dtype=self._factor_dtype)
+        if safe_merge and not all(torch.isfinite(p).all() for p in new.parameters()):
+            name = getattr(self, "_welore_name", "this layer")
+            raise ValueError(f"NaN/inf in the WeLore weights of '{name}': the adapter is broken.")
+        new.train(self.training)
+        return new
+
     def to_compressed(self, dtype: torch.dtype | None = None) -> nn.Module:
         """The plain module this layer stands for: ``LowRankLinear`` for an LRC, ``nn.Linear`` for an N-LRC."""
         adapter_name = self._adapter() or next(iter(self.welore_role))

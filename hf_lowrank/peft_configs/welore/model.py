@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...compression.compress import find_target_linears, set_submodule
+from ...compression.compress import find_target_linears
 from .config import WeLoreLRCConfig
 from .layer import DenseWeightDroppedError, WeLoreLayer, WeLoreLinear, _dropped_message
 from .spectra import (
@@ -228,9 +227,11 @@ class WeLoreModel(BaseTuner):
     ) -> nn.Module:
         """The compressed model: a plain transformers model with ``LowRankLinear`` at every LRC.
 
-        Truncated N-LRCs become plain ``nn.Linear`` layers; N-LRCs kept exact are untouched. The model is marked
+        Truncated N-LRCs become plain ``nn.Linear`` layers; N-LRCs kept exact are untouched; ``modules_to_save``
+        (e.g. a classifier head under ``task_type="SEQ_CLS"``) become their trained copies (peft's ``BaseTuner``
+        unloading, which calls :meth:`WeLoreLayer.unload_and_optionally_merge_module`). The model is marked
         (``hf_lowrank.compression.checkpoint.mark_compressed``) so that ``save_pretrained`` writes a factorized
-        checkpoint that ``AutoModelForCausalLM.from_pretrained`` rebuilds (with ``hf_lowrank`` imported).
+        checkpoint that ``AutoModelFor*.from_pretrained`` rebuilds (with ``hf_lowrank`` imported).
 
         Args:
             progressbar: show a progress bar.
@@ -240,20 +241,8 @@ class WeLoreModel(BaseTuner):
         from ...compression.checkpoint import mark_compressed
         from ...modules import LowRankLinear
 
-        if adapter_names is not None and set(adapter_names) - set(self.peft_config):
-            raise ValueError(f"Unknown adapter(s) {adapter_names}; this model has {list(self.peft_config)}.")
-        layers = self._welore_layers()
-        ranks: dict[str, int] = {}
-        for name, layer in tqdm(layers, desc="WeLore merge", disable=not progressbar):
-            if layer.merged:
-                layer.unmerge()
-            new = layer.to_compressed(dtype=layer._factor_dtype)
-            if safe_merge and not all(torch.isfinite(p).all() for p in new.parameters()):
-                raise ValueError(f"NaN/inf in the WeLore weights of '{name}': the adapter is broken.")
-            new.train(layer.training)
-            set_submodule(self.model, name, new)
-            if isinstance(new, LowRankLinear):
-                ranks[name] = new.rank
+        self._check_adapter_names(adapter_names)
+        lrc = {name for name, layer in self._welore_layers() if "lrc" in layer.welore_role.values()}
         config = next(iter(self.peft_config.values()))
         extra = {
             "reduction": config.reduction,
@@ -261,30 +250,28 @@ class WeLoreModel(BaseTuner):
             "lrc_ratio": config.lrc_ratio,
             "nlrc": config.nlrc,
         }
+        model = self._unload_and_optionally_merge(
+            merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        ranks = {n: m.rank for n, m in model.named_modules() if n in lrc and isinstance(m, LowRankLinear)}
         if ranks:
-            mark_compressed(self.model, ranks, method="welore", extra=extra)
-        if hasattr(self.model, "peft_config"):
-            del self.model.peft_config
-        return self.model
+            mark_compressed(model, ranks, method="welore", extra=extra)
+        return model
 
     def unload(self) -> nn.Module:
-        """The original dense model (needs ``keep_dense=True``)."""
-        layers = self._welore_layers()
-        if any(m._dense_dropped for _, m in layers):
-            raise DenseWeightDroppedError(_dropped_message("unload()"))
-        for name, layer in layers:
-            if layer.merged:
-                layer.unmerge()
-            set_submodule(self.model, name, layer.get_base_layer())
-        if hasattr(self.model, "peft_config"):
-            del self.model.peft_config
-        return self.model
+        """The original dense model (needs ``keep_dense=True``); ``modules_to_save`` get their original modules."""
+        if any(m._dense_dropped for _, m in self._welore_layers()):
+            raise DenseWeightDroppedError(_dropped_message("unload()"))  # before any layer is replaced
+        return self._unload_and_optionally_merge(merge=False)
 
-    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
-                                     adapter_names: list[str] | None = None) -> nn.Module:
-        if merge:
-            return self.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
-        return self.unload()
+    def _check_adapter_names(self, adapter_names: list[str] | None) -> None:
+        if adapter_names is not None and set(adapter_names) - set(self.peft_config):
+            raise ValueError(f"Unknown adapter(s) {adapter_names}; this model has {list(self.peft_config)}.")
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # peft's default also copies ``child.weight`` onto a new module without ``base_layer``: wrong for a
+        # LowRankLinear (its weight is up @ down) and impossible for a modules_to_save head without a weight.
+        setattr(parent, child_name, new_module)
 
     # ---- saving ---------------------------------------------------------------------------------------------------
 
