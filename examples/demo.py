@@ -11,8 +11,12 @@ Methods:
 - ``svd``: uniform plain SVD, the same fraction of parameters kept in every module.
 - ``welore``: WeLore's data-free non-uniform ranks (global threshold on normalised spectra), with the reduction
   bisected so the parameter count matches the target; then a short fine-tune of only its low-rank components.
-- ``fisher_lora``: FisherLoRA: a short LoRA SFT on the bundled definitions collects Fisher from the adapter
-  gradients; on save the merged model is compressed by Fisher-weighted SVD (the seed's pipeline).
+- ``whitened``: calibration only, no training: the input Grams of every block Linear on other bundled prose, then
+  the whitened SVD (SVD-LLM's truncation-aware whitening) with global rank allocation.
+- ``fisher_lora``: FisherLoRA: a short LoRA SFT on the bundled definitions collects the Kronecker-factored Fisher
+  (Grams of each adapted layer's input and output gradient); on save the merged model is compressed by the weighted
+  SVD with global rank allocation. ``fisher_lora_2s``: the same adapter compressed with the diagonal two-sided
+  Fisher (the seed's weighting), uniform ranks.
 
 Run: ``python examples/demo.py [--keep 0.9] [--texts 48] [--steps 40] [--out runs/demo]``.
 """
@@ -96,7 +100,11 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=32, help="held-out prose paragraphs for perplexity")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps for the methods that train")
-    parser.add_argument("--methods", default="svd,welore,fisher_lora")
+    parser.add_argument("--methods", default="svd,welore,whitened,fisher_lora")
+    parser.add_argument("--calib-texts", type=int, default=128, help="bundled prose paragraphs for calibration")
+    parser.add_argument("--allocation", default="global", choices=["uniform", "global"],
+                        help="rank allocation of the data-aware rows (whitened, fisher_lora)")
+    parser.add_argument("--loss-normalization", default="relative", choices=["none", "relative"])
     parser.add_argument("--out", default="runs/demo")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -123,6 +131,10 @@ def main() -> None:
         model, extra = runner(copy.deepcopy(dense), tok, args)
         _save_reload_eval(method, model, tok, out, texts, args, rows, extra)
         del model
+        while _EXTRA_ROWS:
+            name, extra_model, extra_info = _EXTRA_ROWS.pop(0)
+            _save_reload_eval(name, extra_model, tok, out, texts, args, rows, extra_info)
+            del extra_model
 
     _print_table(rows, dense_linear)
     from hf_lowrank.io import atomic_write_json
@@ -202,8 +214,22 @@ def run_welore(model, tok, args):
     return merged, {"reduction": round(reduction, 4), "trainable_params": trainable}
 
 
+def run_whitened(model, tok, args):
+    """Calibration only (no training): input Grams of every block Linear on bundled prose, whitened SVD."""
+    from hf_lowrank import bundled, compress_model
+    from hf_lowrank.evaluation import calibration_batches
+
+    batches = calibration_batches(tok, bundled.prose_texts("train", n=args.calib_texts), max_length=256)
+    report = compress_model(model, args.keep, calibration=batches, allocation=args.allocation,
+                            loss_normalization=args.loss_normalization)
+    return model, {"mean_rel_error": _mean_error(report), "calibration_tokens": report.info["calibration_tokens"],
+                   "allocation": args.allocation}
+
+
 def run_fisher_lora(model, tok, args):
-    """FisherLoRA: LoRA SFT on the bundled definitions collects Fisher; save compresses the merged model (FWSVD)."""
+    """FisherLoRA: LoRA SFT on the bundled definitions collects the Kronecker Fisher; save compresses the merged model.
+
+    The same run also yields today's diagonal (two-sided) Fisher: that row is compressed from the same adapter."""
     from datasets import Dataset
     from trl import SFTConfig
 
@@ -213,7 +239,8 @@ def run_fisher_lora(model, tok, args):
     precision, why = training_dtype_kwargs()
     print(f"  training dtype: {why}")
     config = FisherLoRAConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM",
-                              compress_keep=args.keep)
+                              compress_keep=args.keep, fisher_weighting="kronecker",
+                              compress_allocation=args.allocation, compress_loss_normalization=args.loss_normalization)
     trainer = LowRankSFTTrainer(
         model=model,
         args=SFTConfig(
@@ -232,10 +259,21 @@ def run_fisher_lora(model, tok, args):
 
     compressed = load_compressed(folder)
     report = trainer.compression_report
-    return compressed, {"mean_rel_error": _mean_error(report), "fisher_weighting": config.fisher_weighting}
+    from hf_lowrank import compress_peft_model
+
+    fisher = trainer.fisher_callback.collector.reduced_state()
+    diag, diag_report = compress_peft_model(trainer.model, fisher=fisher, weighting="two_sided", allocation="uniform",
+                                            progress=False)
+    _EXTRA_ROWS.append(("fisher_lora_2s", diag, {"mean_rel_error": _mean_error(diag_report),
+                                                 "fisher_weighting": "two_sided", "allocation": "uniform"}))
+    return compressed, {"mean_rel_error": _mean_error(report), "fisher_weighting": config.fisher_weighting,
+                        "allocation": args.allocation}
 
 
-METHODS = {"svd": run_svd, "welore": run_welore, "fisher_lora": run_fisher_lora}
+_EXTRA_ROWS: list = []  # rows a runner produces besides its own (the diagonal FisherLoRA from the same SFT run)
+
+
+METHODS = {"svd": run_svd, "welore": run_welore, "whitened": run_whitened, "fisher_lora": run_fisher_lora}
 
 
 if __name__ == "__main__":

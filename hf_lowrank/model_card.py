@@ -150,3 +150,27 @@ model = {loader}.from_pretrained("{folder.name}")
     tmp.write_text("\n".join(front) + "\n" + body.rstrip() + "\n", encoding="utf-8")
     os.replace(tmp, card)
     return card
+
+
+def write_model_card_for(model: Any, folder: str | os.PathLike, report: Any = None) -> Path | None:
+    """The card of a compressed transformers ``model`` saved in ``folder`` (``None`` for a model not compressed).
+
+    One writer for ``save_compressed``, ``LowRankTrainer.save_model`` and the CLI: method, ranks and settings come
+    from the model's hf-lowrank ``quantization_config`` and, when given, the :class:`CompressionReport`.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    qconfig = getattr(quantizer, "quantization_config", None)
+    ranks = getattr(qconfig, "ranks", None)
+    if not isinstance(ranks, Mapping) or not ranks:
+        return None
+    after = sum(p.numel() for p in model.parameters())
+    removed = (report.params_before - report.params_after) if report is not None else 0
+    settings = dict(getattr(qconfig, "extra", None) or {})
+    if report is not None and getattr(report, "info", None):
+        settings.update({k: v for k, v in report.info.items() if isinstance(v, (str, int, float, bool)) or v is None})
+    config = getattr(model, "config", None)
+    return write_model_card(
+        folder, base_model=getattr(config, "_name_or_path", None) or None,
+        method=getattr(qconfig, "method", None) or (report.method if report is not None else "svd"),
+        settings=settings, ranks=ranks, params_before=after + removed, params_after=after,
+    )

@@ -338,3 +338,17 @@ def test_kronecker_compression_of_a_peft_model_beats_two_sided_on_the_training_l
     with pytest.raises(Exception, match="Kronecker Grams"):
         FisherState(tensors={k: v for k, v in state.tensors.items() if "gram" not in k}).grams(
             "model.layers.0.mlp.up_proj")
+
+
+def test_save_compressed_writes_a_model_card_with_the_method_and_how_to_load(tmp_path):
+    import hf_lowrank
+
+    model = make_tiny_llama(seed=0)
+    report = compress_model(model, 0.5, calibration=_batches(n=2), allocation="global", progress=False)
+    folder = hf_lowrank.save_compressed(model, tmp_path / "out", report=report)
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---") and "hf-lowrank" in card and "import hf_lowrank" in card
+    assert "whitened" in card and "global" in card
+    plain = make_tiny_llama(seed=0)
+    hf_lowrank.save_compressed(plain, tmp_path / "dense")
+    assert not (tmp_path / "dense" / "README.md").exists()  # not compressed: no hf-lowrank card

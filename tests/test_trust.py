@@ -14,7 +14,6 @@ import torch
 from tiny_models import make_tiny_llama
 
 import hf_lowrank
-from hf_lowrank.compression.checkpoint import CompressedCheckpointError
 from hf_lowrank.io import SaveConflictError, atomic_directory
 
 IDS = torch.arange(20).reshape(2, 10)

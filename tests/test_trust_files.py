@@ -96,7 +96,7 @@ def test_malformed_quantization_config_fields_name_the_field(ckpt, field, value)
 
     _edit_config(ckpt, lambda q: q.update({field: value}))
     for check in (hf_lowrank.load_compressed, check_compressed_checkpoint):
-        with pytest.raises(CompressedCheckpointError, match=f"quantization_config|Rank '?four"):
+        with pytest.raises(CompressedCheckpointError, match="quantization_config|Rank '?four"):
             check(ckpt)
     with pytest.raises(CompressedCheckpointError) as info:
         hf_lowrank.load_compressed(ckpt)

@@ -537,6 +537,9 @@ def save_compressed(
             tokenizer.save_pretrained(tmp)
         if report is not None:
             report.save(Path(tmp) / "compression_report.json")
+        from ..model_card import write_model_card_for
+
+        write_model_card_for(model, tmp, report)  # README.md, so that push_to_hub uploads a usable repo
     return Path(path)
 
 

@@ -601,6 +601,9 @@ def save_compressed_model(
             atomic_write_json(Path(tmp) / "compression_report.json", data)
         if fisher_state is not None:
             fisher_state.save(Path(tmp) / FISHER_STATE_NAME)
+        from ...model_card import write_model_card_for
+
+        write_model_card_for(model, tmp, report)
     return output_dir
 
 

@@ -1,0 +1,182 @@
+"""Compression quality of SmolLM2-135M at equal parameters: plain SVD, diagonal Fisher, whitening, Kronecker Fisher.
+
+Every row compresses the same target Linears of the embedded SmolLM2 to the same parameter budget (``--keep`` of
+their dense parameters) and is scored by perplexity on held-out bundled prose (``prose_texts("test")``). Data-aware
+rows see only other prose (``prose_texts("train")``): the calibration batches, and the LoRA probe of the VRAM-limited
+FisherLoRA pipeline (``merge_before_compress=False``: LoRA trains only to collect statistics; the original weights
+are compressed), which runs ``--steps`` steps on the same texts. No row is fine-tuned after compression.
+
+Rows: ``svd`` (uniform), ``fisher_two_sided`` (today's FisherLoRA diagonal weighting, uniform), ``whitened`` (the
+calibration Grams, SVD-LLM's whitening; uniform and global allocation, raw and per-module relative losses),
+``kronecker`` (input and output-gradient Grams from the LoRA probe; uniform and global). Costs, measured in the same
+run: LoRA probe step time with the Kronecker Grams and with the diagonal Fisher hooks vs a plain peft LoRA step, the
+Grams' memory vs the LoRA training state, the compression time vs the bare SVD loop.
+
+Run: ``python benchmarks/compression_quality.py --targets mlp --keep 0.8 [--out benchmarks/results/...json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TARGETS = {"mlp": ["gate_proj", "up_proj", "down_proj"],
+           "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def _regex(names):
+    return r".*\.layers\.\d+\.(mlp|self_attn)\.(" + "|".join(names) + ")"
+
+
+def _probe(dense, tok, texts, args, *, kind):
+    """A ``--steps`` LoRA pass on the calibration texts: 'plain' (peft LoRA), 'two_sided' or 'kronecker' (FisherLoRA)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from hf_lowrank import FisherLoRAConfig, LowRankTrainer
+
+    rows = [{"input_ids": tok(t, truncation=True, max_length=args.max_length).input_ids} for t in texts]
+    common = dict(r=8, lora_alpha=16, target_modules=TARGETS[args.targets], task_type="CAUSAL_LM")
+    if kind == "plain":
+        model, trainer_cls = get_peft_model(copy.deepcopy(dense), LoraConfig(**common)), Trainer
+    else:
+        cfg = FisherLoRAConfig(**common, fisher_weighting=kind, merge_before_compress=False, compress_keep=args.keep)
+        model, trainer_cls = get_peft_model(copy.deepcopy(dense), cfg), LowRankTrainer
+    targs = TrainingArguments(
+        output_dir=str(Path(args.work) / f"probe-{kind}"), max_steps=args.steps, per_device_train_batch_size=4,
+        learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True, seed=0, logging_steps=10**6,
+        disable_tqdm=True, bf16=False,
+    )
+    trainer = trainer_cls(model=model, args=targs, train_dataset=rows,
+                          data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    start = time.perf_counter()
+    trainer.train()
+    step_s = (time.perf_counter() - start) / args.steps
+    state = trainer.fisher_callback.collector.reduced_state() if kind != "plain" else None
+    return model, state, step_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", choices=sorted(TARGETS), default="mlp")
+    parser.add_argument("--keep", type=float, default=0.8)
+    parser.add_argument("--calib-texts", type=int, default=128)
+    parser.add_argument("--eval-texts", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", default="runs/compression_quality")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    from hf_lowrank import bundled, compress_model, compress_peft_model
+    from hf_lowrank.evaluation import calibration_batches, perplexity
+    from hf_lowrank.offline import load_smollm2
+    from hf_lowrank.statistics import calibration_grams
+
+    dense, tok = load_smollm2()
+    dense.eval()
+    test = bundled.prose_texts("test", n=args.eval_texts)
+    calib = bundled.prose_texts("train", n=args.calib_texts)
+    batches = calibration_batches(tok, calib, max_length=args.max_length, batch_size=8)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    pattern = _regex(TARGETS[args.targets])
+
+    def ppl(model):
+        return round(perplexity(model, tok, test, max_length=args.max_length, batch_size=8, progress=False), 2)
+
+    rows: list[dict] = []
+
+    def record(name, model, report, seconds, **extra):
+        row = {"method": name, "perplexity": ppl(model), "kept": round(report.kept_fraction, 4),
+               "dense_modules": sum(1 for m in report.modules if m.skipped), "compress_s": round(seconds, 1), **extra}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    dense_ppl = ppl(dense)
+    print(json.dumps({"method": "dense", "perplexity": dense_ppl}), flush=True)
+
+    model = copy.deepcopy(dense)
+    start = time.perf_counter()
+    svd_report = compress_model(model, args.keep, target_modules=pattern, method="exact", progress=False)
+    svd_s = time.perf_counter() - start
+    record("svd uniform", model, svd_report, svd_s)
+    uniform_ranks = svd_report.ranks
+    del model
+
+    from hf_lowrank.compression.compress import find_target_linears
+
+    start = time.perf_counter()
+    grams, _ = calibration_grams(dense, find_target_linears(dense, pattern), batches, progress=False)
+    gram_s = time.perf_counter() - start
+    for alloc, norm in (("uniform", "none"), ("global", "none"), ("global", "relative")):
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        report = compress_model(model, uniform_ranks if alloc == "uniform" else args.keep, grams_in=grams,
+                                allocation=alloc, loss_normalization=norm, target_modules=pattern, method="exact",
+                                progress=False)
+        label = f"whitened {alloc}" + (f" ({norm})" if alloc == "global" else "")
+        record(label, model, report, time.perf_counter() - start)
+        del model
+
+    probes = {}
+    for kind in ("plain", "two_sided", "kronecker"):
+        peft_model, state, step_s = _probe(dense, tok, calib, args, kind=kind)
+        probes[kind] = step_s
+        if kind == "plain":
+            lora_bytes = sum(4 * p.numel() * 4 for p in peft_model.parameters() if p.requires_grad)  # p, grad, Adam
+            continue
+        settings = [("uniform", "none")] if kind == "two_sided" else [("uniform", "none"), ("global", "none"),
+                                                                     ("global", "relative")]
+        for alloc, norm in settings:
+            start = time.perf_counter()
+            model, report = compress_peft_model(peft_model, fisher=state, weighting=kind, allocation=alloc,
+                                                loss_normalization=norm, svd_method="exact", progress=False)
+            label = f"fisher_lora {kind} {alloc}" + (f" ({norm})" if alloc == "global" else "")
+            record(label, model, report, time.perf_counter() - start)
+            del model
+        if kind == "kronecker":
+            gram_bytes = sum(4 * t.numel() for k, t in state.tensors.items() if ".gram_" in k)
+        del peft_model, state
+
+    summary = {
+        "model": "SmolLM2-135M-Instruct (fp32, CPU)",
+        "targets": args.targets,
+        "keep": args.keep,
+        "calibration_tokens": tokens,
+        "probe_steps": args.steps,
+        "eval_texts": len(test),
+        "dense_perplexity": dense_ppl,
+        "rows": rows,
+        "costs": {
+            "probe_step_s": {k: round(v, 3) for k, v in probes.items()},
+            "kronecker_step_vs_lora": round(probes["kronecker"] / probes["plain"], 3),
+            "two_sided_step_vs_lora": round(probes["two_sided"] / probes["plain"], 3),
+            "kronecker_gram_MB": round(gram_bytes / 2**20, 1),
+            "kronecker_grams_vs_lora_training_state": round(gram_bytes / lora_bytes, 2),
+            "calibration_gram_collection_s": round(gram_s, 1),
+            "whitened_uniform_compress_vs_svd": round(rows[1]["compress_s"] / max(svd_s, 1e-9), 2),
+        },
+        "command": "python benchmarks/compression_quality.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "work")),
+    }
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        from hf_lowrank.io import atomic_write_json
+
+        atomic_write_json(args.out, summary)
+
+
+if __name__ == "__main__":
+    main()
