@@ -12,7 +12,7 @@ Methods:
 - ``welore``: WeLore's data-free non-uniform ranks (global threshold on normalised spectra), with the reduction
   bisected so the parameter count matches the target; then a short fine-tune of only its low-rank components.
 - ``whitened``: calibration only, no training: the input Grams of every block Linear on other bundled prose, then
-  the whitened SVD (SVD-LLM's truncation-aware whitening) with global rank allocation.
+  the whitened SVD (SVD-LLM's truncation-aware whitening), uniform ranks (measured better than global here).
 - ``fisher_lora``: FisherLoRA: a short LoRA SFT on the bundled definitions collects the Kronecker-factored Fisher
   (Grams of each adapted layer's input and output gradient); on save the merged model is compressed by the weighted
   SVD with global rank allocation. ``fisher_lora_2s``: the same adapter compressed with the diagonal two-sided
@@ -102,9 +102,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps for the methods that train")
     parser.add_argument("--methods", default="svd,welore,whitened,fisher_lora")
     parser.add_argument("--calib-texts", type=int, default=128, help="bundled prose paragraphs for calibration")
-    parser.add_argument("--allocation", default="global", choices=["uniform", "global"],
-                        help="rank allocation of the data-aware rows (whitened, fisher_lora)")
-    parser.add_argument("--loss-normalization", default="relative", choices=["none", "relative"])
+    parser.add_argument("--allocation", default="uniform", choices=["uniform", "global"],
+                        help="rank allocation of the whitened row (uniform measured best for whitening alone)")
+    parser.add_argument("--fisher-allocation", default="global", choices=["uniform", "global"],
+                        help="rank allocation of the Kronecker FisherLoRA row")
+    parser.add_argument("--loss-normalization", default="none", choices=["none", "relative"])
     parser.add_argument("--out", default="runs/demo")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -220,8 +222,7 @@ def run_whitened(model, tok, args):
     from hf_lowrank.evaluation import calibration_batches
 
     batches = calibration_batches(tok, bundled.prose_texts("train", n=args.calib_texts), max_length=256)
-    report = compress_model(model, args.keep, calibration=batches, allocation=args.allocation,
-                            loss_normalization=args.loss_normalization)
+    report = compress_model(model, args.keep, calibration=batches, allocation=args.allocation)
     return model, {"mean_rel_error": _mean_error(report), "calibration_tokens": report.info["calibration_tokens"],
                    "allocation": args.allocation}
 
@@ -240,7 +241,8 @@ def run_fisher_lora(model, tok, args):
     print(f"  training dtype: {why}")
     config = FisherLoRAConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM",
                               compress_keep=args.keep, fisher_weighting="kronecker",
-                              compress_allocation=args.allocation, compress_loss_normalization=args.loss_normalization)
+                              compress_allocation=args.fisher_allocation,
+                              compress_loss_normalization=args.loss_normalization)
     trainer = LowRankSFTTrainer(
         model=model,
         args=SFTConfig(
@@ -267,7 +269,7 @@ def run_fisher_lora(model, tok, args):
     _EXTRA_ROWS.append(("fisher_lora_2s", diag, {"mean_rel_error": _mean_error(diag_report),
                                                  "fisher_weighting": "two_sided", "allocation": "uniform"}))
     return compressed, {"mean_rel_error": _mean_error(report), "fisher_weighting": config.fisher_weighting,
-                        "allocation": args.allocation}
+                        "allocation": args.fisher_allocation}
 
 
 _EXTRA_ROWS: list = []  # rows a runner produces besides its own (the diagonal FisherLoRA from the same SFT run)
