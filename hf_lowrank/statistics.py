@@ -234,3 +234,85 @@ def calibration_grams(
         logger.warning("calibration: %d non-finite Gram contributions were skipped.", hooks.skipped)
     grams = {name: hooks.store[name + GRAM_IN] for name in modules if name + GRAM_IN in hooks.store}
     return grams, hooks.tokens
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the first block's inputs are captured."""
+
+
+def split_into_blocks(names: Iterable[str]) -> dict[str, list[str]]:
+    """``{block path: [target names]}`` in model order, a block being the path up to the first numeric component.
+
+    ``model.layers.3.mlp.up_proj`` belongs to ``model.layers.3``. Raises ValueError for a name outside any block.
+    """
+    blocks: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        if idx is None:
+            raise ValueError(
+                f"sequential calibration compresses block by block, but '{name}' is not inside a repeated block "
+                "(no numeric index in its path). Leave it out of target_modules or use sequential=False."
+            )
+        blocks.setdefault(".".join(parts[: idx + 1]), []).append(name)
+    return blocks
+
+
+class BlockStream:
+    """The calibration activations entering one transformer block at a time (sequential calibration).
+
+    :meth:`capture` runs the model up to the first block and keeps, per batch, the block's positional and keyword
+    inputs (hidden states, attention mask, rotary embeddings, ...) and the batch's 2-D token mask. :meth:`run` passes
+    every batch through a block and (``advance=True``) replaces the hidden states by its outputs, so the next block
+    sees the outputs of the blocks before it as they are now (e.g. already compressed).
+    """
+
+    def __init__(self) -> None:
+        self.items: list[tuple[list, dict, torch.Tensor | None]] = []
+        self.tokens = 0
+
+    @torch.no_grad()
+    def capture(self, model: nn.Module, first_block: nn.Module, calibration, *, progress: bool = True) -> BlockStream:
+        param = next(model.parameters(), None)
+        target = param.device if param is not None else torch.device("cpu")
+
+        def grab(module, args, kwargs):
+            self.items.append((list(args), dict(kwargs), self._mask))
+            raise _StopForward
+
+        handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for batch in tqdm(calibration, desc="calibration inputs", unit="batch", disable=not progress):
+                if not isinstance(batch, Mapping) or "input_ids" not in batch:
+                    raise ValueError(
+                        "Each calibration batch must be a dict with 'input_ids' (and optionally 'attention_mask'); "
+                        f"got {type(batch).__name__}."
+                    )
+                inputs = {k: v.to(target) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+                          if k != "labels"}
+                mask = inputs.get("attention_mask")
+                self._mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+                self.tokens += int(self._mask.sum()) if self._mask is not None else int(inputs["input_ids"].numel())
+                kwargs = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+                try:
+                    model(**inputs, **kwargs)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+        if not self.items:
+            raise ValueError("The calibration data held no batch; pass batches with input_ids.")
+        return self
+
+    @torch.no_grad()
+    def run(self, block: nn.Module, *, hooks: GramHooks | None = None, advance: bool = False) -> None:
+        """Every batch through ``block`` (``hooks`` see each batch's token mask); ``advance`` keeps the outputs."""
+        for i, (args, kwargs, mask) in enumerate(self.items):
+            if hooks is not None:
+                hooks._mask, hooks._last = mask, None
+            out = block(*args, **kwargs)
+            if advance:
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+                self.items[i] = ([hidden, *args[1:]], kwargs, mask)
+            if hooks is not None:
+                hooks.tokens += int(mask.sum()) if mask is not None else 0

@@ -81,7 +81,9 @@ def test_ddp_fisher_equals_single_process(runs, method):
     d1, d2 = runs
     single = FisherState.load(d1 / method / "compressed" / "fisher_state.safetensors")
     ddp = FisherState.load(d2 / method / "compressed" / "fisher_state.safetensors")
-    assert sorted(single.tensors) == sorted(ddp.tensors) and len(single.tensors) == 12  # 6 Linears x (A, B)
+    # 6 Linears x (A, B) for both methods, plus the Kronecker Grams (G_in, G_out) of FisherLoRA's default weighting
+    assert sorted(single.tensors) == sorted(ddp.tensors) and len(single.tensors) == (24 if method == "fisher_lora" else 12)
+    assert (method == "fisher_lora") == any(k.endswith(".gram_out") for k in single.tensors)
     for key, ref in single.tensors.items():
         assert float(ref.abs().max()) > 0, key
         assert _rel(ref, ddp.tensors[key]) < 1e-5, key

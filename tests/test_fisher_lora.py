@@ -30,7 +30,8 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 
 def _peft(model, **kw):
     torch.manual_seed(1)
-    defaults = dict(r=4, lora_alpha=8, target_modules=MLP, init_lora_weights=False, compress_rank=8)
+    defaults = dict(r=4, lora_alpha=8, target_modules=MLP, init_lora_weights=False, compress_rank=8,
+                    fisher_weighting="two_sided")  # the diagonal Fisher's mechanics (Kronecker: test_data_aware)
     defaults.update(kw)
     return get_peft_model(model, FisherLoRAConfig(**defaults))
 

@@ -55,7 +55,8 @@ def _peft_model(config, **kw):
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     torch.manual_seed(1)
-    cfg = dict(r=4, lora_alpha=8, target_modules=MLP, init_lora_weights=False, compress_rank=8)
+    cfg = dict(r=4, lora_alpha=8, target_modules=MLP, init_lora_weights=False, compress_rank=8,
+          fisher_weighting="two_sided")  # the diagonal Fisher's mechanics (Kronecker: test_data_aware)
     cfg.update(kw)
     return get_peft_model(model, FisherLoRAConfig(**cfg))
 

@@ -24,7 +24,7 @@ from ..ops.fisher import (
 )
 from ..ops.rank_allocation import global_ranks
 from ..ops.svd import break_even_rank, factorized_params, rank_for_keep, relative_error
-from ..statistics import calibration_grams, gram_memory_bytes
+from ..statistics import GRAM_IN, BlockStream, GramHooks, calibration_grams, gram_memory_bytes, split_into_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -283,6 +283,7 @@ def compress_model(
     loss_normalization: str = "none",
     damping: float = DEFAULT_DAMPING,
     max_gram_dim: int | None = None,
+    sequential: bool = False,
     target_modules: str | Sequence[str] | None = None,
     method: str = "auto",
     exponent: float = 0.5,
@@ -318,6 +319,9 @@ def compress_model(
         loss_normalization: with ``"global"``: ``"none"`` (raw weighted losses) or ``"relative"`` (per module).
         damping: Gram damping ``lambda`` (``G / mean(diag G) + lambda I``).
         max_gram_dim: calibration Grams of sides wider than this keep their diagonal only.
+        sequential: with ``calibration``: compress block by block, each block's input Grams measured on the outputs
+            of the already-compressed blocks before it (errors do not compound; one block's Grams in memory at a
+            time). Uniform ranks (or a rank map) only.
         target_modules: see :func:`find_target_linears`; with a ``{name: rank}`` dict and no target_modules,
             the dict's names are the targets.
         method: SVD method, ``"auto"``, ``"exact"`` or ``"randomized"``.
@@ -350,23 +354,59 @@ def compress_model(
     else:
         targets = find_target_linears(model, target_modules)
     info: dict = {}
-    if calibration is not None:
-        if grams_in:
-            raise ValueError("Pass calibration= or grams_in=, not both (calibration collects the input Grams).")
-        shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
-        estimate = gram_memory_bytes(shapes, max_dim=max_gram_dim)
-        logger.warning("calibration: input Grams of %d modules, at most %.1f MB (float32, before sharing).",
-                       len(targets), estimate / 2**20)
-        grams_in, tokens = calibration_grams(model, targets, calibration, max_dim=max_gram_dim, progress=progress)
-        info["calibration_tokens"] = tokens
-    sides = _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping)
-    if allocation == "global":
-        plan = _global_plan(targets, sides, float(ranks), loss_normalization, progress)
-    else:
+    if sequential:
+        if calibration is None or grams_in or allocation == "global":
+            raise ValueError(
+                "sequential=True measures each block's input Grams on the outputs of the already-compressed blocks "
+                "before it: it needs calibration= (not grams_in=) and allocation='uniform' (or a rank map)."
+            )
         plan = resolve_ranks(targets, ranks)
-    weighted = any(side.out_factor is not None or side.in_factor is not None for side in sides.values())
-    default_label = "whitened" if (grams_in or grams_out) else ("fwsvd" if weighted else "svd")
-    report = CompressionReport(method=report_method or default_label)
+        report = CompressionReport(method=report_method or "whitened")
+        sides, tokens = _compress_sequential(model, targets, plan, calibration, report, row_weights, col_weights,
+                                             grams_out, exponent, eps, damping, max_gram_dim, method, dtype, progress)
+        info.update({"calibration_tokens": tokens, "sequential": True})
+        grams_in = True  # for the labels below
+        default_label = report.method
+    else:
+        if calibration is not None:
+            if grams_in:
+                raise ValueError("Pass calibration= or grams_in=, not both (calibration collects the input Grams).")
+            shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
+            estimate = gram_memory_bytes(shapes, max_dim=max_gram_dim)
+            logger.warning("calibration: input Grams of %d modules, at most %.1f MB (float32, before sharing).",
+                           len(targets), estimate / 2**20)
+            grams_in, tokens = calibration_grams(model, targets, calibration, max_dim=max_gram_dim,
+                                                 progress=progress)
+            info["calibration_tokens"] = tokens
+        sides = _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping)
+        if allocation == "global":
+            plan = _global_plan(targets, sides, float(ranks), loss_normalization, progress)
+        else:
+            plan = resolve_ranks(targets, ranks)
+        weighted = any(side.weighted for side in sides.values())
+        default_label = "whitened" if (grams_in or grams_out) else ("fwsvd" if weighted else "svd")
+        report = CompressionReport(method=report_method or default_label)
+        replacements = _factorize_plan(targets, plan, sides, report, allocation, method, dtype, progress)
+        for name, new in replacements.items():  # all factors exist: swap them in
+            set_submodule(model, name, new)
+    fallbacks = sorted({n for n, side in sides.items() if side.fallback})
+    if fallbacks:
+        logger.warning("Gram factorization fell back to the eigendecomposition for %d module(s): %s", len(fallbacks),
+                       ", ".join(fallbacks[:8]))
+    info.update({"allocation": allocation, "weighting": default_label})
+    if grams_in or grams_out:
+        info.update({"damping": damping, "gram_fallbacks": fallbacks})
+    if allocation == "global":
+        info["loss_normalization"] = loss_normalization
+    report.info = {**info, **report.info}
+    from .checkpoint import mark_compressed
+
+    mark_compressed(model, report.ranks, method=report.method)
+    return report
+
+
+def _factorize_plan(targets, plan, sides, report, allocation, method, dtype, progress) -> dict[str, LowRankLinear]:
+    """Factor pairs of every planned module (none swapped in yet); the per-module rows go into ``report``."""
     replacements: dict[str, LowRankLinear] = {}
     for name in tqdm(list(plan), desc=f"compress ({report.method})", disable=not progress, unit="module"):
         module, rank = targets[name], plan[name]
@@ -386,22 +426,65 @@ def compress_model(
             ModuleReport(name, (out_f, in_f), rank, before, factorized_params(out_f, in_f, rank) + bias, err,
                          werr if side.weighted else None)
         )
-    for name, new in replacements.items():  # all factors exist: swap them in
-        set_submodule(model, name, new)
-    fallbacks = sorted({n for n, side in sides.items() if side.fallback})
-    if fallbacks:
-        logger.warning("Gram factorization fell back to the eigendecomposition for %d module(s): %s", len(fallbacks),
-                       ", ".join(fallbacks[:8]))
-    info.update({"allocation": allocation, "weighting": default_label})
-    if grams_in or grams_out:
-        info.update({"damping": damping, "gram_fallbacks": fallbacks})
-    if allocation == "global":
-        info["loss_normalization"] = loss_normalization
-    report.info = {**info, **report.info}
-    from .checkpoint import mark_compressed
+    return replacements
 
-    mark_compressed(model, report.ranks, method=report.method)
-    return report
+
+def _compress_sequential(model, targets, plan, calibration, report, row_weights, col_weights, grams_out, exponent,
+                         eps, damping, max_gram_dim, method, dtype, progress):
+    """Block by block: each block's input Grams are measured on the outputs of the already-compressed blocks before
+    it (one block's Grams in memory at a time). On any failure every replaced module is put back."""
+    blocks = split_into_blocks(targets)
+    parents = {name.rpartition(".")[0] for name in blocks}
+    if len(parents) != 1:
+        raise ValueError(
+            f"sequential calibration needs the targets in ONE list of repeated blocks; they are in {sorted(parents)}. "
+            "Restrict target_modules to one stack (e.g. the decoder) or use sequential=False."
+        )
+    parent_name = parents.pop()
+    stack = model.get_submodule(parent_name)
+    indices = sorted(int(name.rpartition(".")[2]) for name in blocks)
+    stream = BlockStream().capture(model, stack[indices[0]], calibration, progress=progress)
+    originals: dict[str, nn.Module] = {}
+    sides: dict = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for index in tqdm(range(indices[0], indices[-1] + 1), desc="sequential blocks", disable=not progress,
+                          unit="block"):
+            block_name = f"{parent_name}.{index}"
+            block = stack[index]
+            names = blocks.get(block_name, [])
+            if names:
+                sub = {n: targets[n] for n in names}
+                hooks = GramHooks(sub, share=True, max_dim=max_gram_dim).attach()
+                try:
+                    stream.run(block, hooks=hooks)
+                finally:
+                    hooks.detach()
+                grams = {n: hooks.store[n + GRAM_IN] for n in names if n + GRAM_IN in hooks.store}
+                block_sides = _weighting_sides(
+                    sub, _only(row_weights, names), _only(col_weights, names), grams, _only(grams_out, names),
+                    exponent, eps, damping,
+                )
+                sides.update(block_sides)
+                replacements = _factorize_plan(sub, {n: plan[n] for n in names}, block_sides, report, "uniform",
+                                               method, dtype, progress=False)
+                for name, new in replacements.items():
+                    originals[name] = targets[name]
+                    set_submodule(model, name, new)
+                del grams, block_sides, hooks
+            stream.run(block, advance=True)
+    except BaseException:
+        for name, module in originals.items():  # all or nothing
+            set_submodule(model, name, module)
+        raise
+    finally:
+        model.train(was_training)
+    return sides, stream.tokens
+
+
+def _only(weights, names):
+    return {n: weights[n] for n in names if n in weights} if weights else None
 
 
 @dataclass
