@@ -352,3 +352,53 @@ def test_save_compressed_writes_a_model_card_with_the_method_and_how_to_load(tmp
     plain = make_tiny_llama(seed=0)
     hf_lowrank.save_compressed(plain, tmp_path / "dense")
     assert not (tmp_path / "dense" / "README.md").exists()  # not compressed: no hf-lowrank card
+
+
+def test_sequential_calibration_measures_each_block_after_the_compressed_ones_before_it():
+    dense = make_tiny_llama(seed=0)
+    batches = _batches(n=4)
+    seq, flat = copy.deepcopy(dense), copy.deepcopy(dense)
+    rep = compress_model(seq, 0.5, calibration=batches, sequential=True, progress=False)
+    compress_model(flat, 0.5, calibration=batches, progress=False)
+    assert rep.info["sequential"] and rep.info["calibration_tokens"] == sum(int(b["attention_mask"].sum())
+                                                                             for b in batches)
+
+    def product(model, name):
+        m = model.get_submodule(name)
+        return m.up.weight @ m.down.weight
+
+    names = [m.name for m in rep.modules]
+    first = [n for n in names if n.startswith("model.layers.0.")]
+    later = [n for n in names if n.startswith("model.layers.1.")]
+    for n in first:  # nothing is compressed before block 0: the same Grams, the same factors
+        torch.testing.assert_close(product(seq, n), product(flat, n), rtol=1e-4, atol=1e-5)
+    # block 1 saw the outputs of the compressed block 0: its Grams (and factors) differ
+    assert any(not torch.allclose(product(seq, n), product(flat, n), atol=1e-4) for n in later)
+    # block 1's Grams are those of the inputs that reach it in the model with block 0 compressed
+    probe = copy.deepcopy(dense)
+    for n in first:
+        from hf_lowrank.compression.compress import set_submodule
+
+        set_submodule(probe, n, copy.deepcopy(seq.get_submodule(n)))
+    grams, _ = calibration_grams(probe, {n: probe.get_submodule(n) for n in later}, batches, progress=False)
+    ref = copy.deepcopy(probe)
+    compress_model(ref, {n: rep.ranks[n] for n in later}, grams_in=grams, progress=False)
+    for n in later:
+        torch.testing.assert_close(product(seq, n), product(ref, n), rtol=1e-4, atol=1e-5)
+
+
+def test_sequential_calibration_is_all_or_nothing_and_validates():
+    model = make_tiny_llama(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    last = list(find_target_linears(model))[-1]
+    with torch.no_grad():
+        model.get_submodule(last).weight[0, 0] = float("inf")
+    before[last + ".weight"][0, 0] = float("inf")
+    with pytest.raises(SVDError):
+        compress_model(model, 0.5, calibration=_batches(n=2), sequential=True, progress=False)
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    with pytest.raises(ValueError, match="sequential"):
+        compress_model(model, 0.5, sequential=True, progress=False)
+    with pytest.raises(ValueError, match="sequential"):
+        compress_model(model, 0.5, calibration=_batches(n=1), sequential=True, allocation="global", progress=False)
