@@ -316,3 +316,54 @@ class BlockStream:
                 self.items[i] = ([hidden, *args[1:]], kwargs, mask)
             if hooks is not None:
                 hooks.tokens += int(mask.sum()) if mask is not None else 0
+
+
+@torch.no_grad()
+def paired_grams(
+    block: nn.Module, modules: Mapping[str, nn.Module], reference: BlockStream, current: BlockStream
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Error-feedback statistics of one block: ``G = X'^T X'`` and ``C = X^T X'`` per module, then ``reference``
+    advanced through the block.
+
+    ``X`` are a module's inputs when the block runs on ``reference`` (the dense model's activations), ``X'`` its
+    inputs on ``current`` (the activations after the already-compressed blocks), token by token over the same batches
+    (rows: tokens). ``min ||X W^T - X' W_hat^T||`` is solved from these two alone. Modules fed the same tensor
+    compute their products once per batch.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(name):
+        def hook(module, args):
+            captured[name] = args[0]
+
+        return hook
+
+    grams: dict[str, torch.Tensor] = {}
+    cross: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(grab(n)) for n, m in modules.items()]
+    try:
+        for i, (r_args, r_kwargs, r_mask) in enumerate(reference.items):
+            c_args, c_kwargs, c_mask = current.items[i]
+            captured.clear()
+            out = block(*r_args, **r_kwargs)
+            dense_inputs = dict(captured)
+            reference.items[i] = ([out[0] if isinstance(out, (tuple, list)) else out, *r_args[1:]], r_kwargs, r_mask)
+            captured.clear()
+            block(*c_args, **c_kwargs)
+            products: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+            for name in modules:
+                x, xc = dense_inputs[name], captured[name]
+                key = (id(x), id(xc))
+                if key not in products:
+                    a, b = _tokens(x.detach(), r_mask).float(), _tokens(xc.detach(), c_mask).float()
+                    products[key] = (b.T @ b, a.T @ b)
+                g, c = products[key]
+                if name in grams:
+                    grams[name].add_(g)
+                    cross[name].add_(c)
+                else:
+                    grams[name], cross[name] = g.clone(), c.clone()
+    finally:
+        for h in handles:
+            h.remove()
+    return grams, cross
