@@ -380,8 +380,8 @@ def _check_parameter_dtypes(headers: dict[Path, dict]) -> None:
             dtype = entry.get("dtype")
             if dtype not in _FLOAT_DTYPES:
                 raise CompressedCheckpointError(
-                    f"Tensor '{key}' in '{shard}' is stored as {dtype}, not a float type ({', '.join(sorted(_FLOAT_DTYPES))})"
-                    ": loading would cast its bytes to float and give a different model. The file was altered or "
+                    f"Tensor '{key}' in '{shard}' is stored as {dtype}, not a float type "
+                    f"({', '.join(sorted(_FLOAT_DTYPES))}): loading would cast its bytes to float and give a different model. The file was altered or "
                     "written by another tool; copy it again from the original save, or re-save the model."
                 )
 
