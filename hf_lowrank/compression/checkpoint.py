@@ -12,6 +12,7 @@ layers; :func:`load_compressed` (and the CLI) always import the plugin and also 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,8 @@ def _checked_ranks(ranks: Any) -> dict[str, int]:
         )
     out = {}
     for name, rank in ranks.items():
+        if isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
+            rank = int(rank)  # a numpy integer; stored as a plain int so that config.json serialises
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise CompressedCheckpointError(
                 f"Rank {rank!r} recorded for '{name}' in quantization_config.ranks is not a positive integer: the "
@@ -364,6 +367,25 @@ def _strip_first(name: str) -> str | None:
     return name.split(".", 1)[1] if "." in name else None
 
 
+def _check_parameter_dtypes(headers: dict[Path, dict]) -> None:
+    """Every ``*.weight`` / ``*.bias`` tensor must be stored as a float type.
+
+    An integer dtype of the same width (``I32`` for ``F32``) passes the size checks, and transformers casts it to
+    float on load: the model would come back with garbage weights and no error.
+    """
+    for shard, header in headers.items():
+        for key, entry in header.items():
+            if key == "__metadata__" or not key.endswith((".weight", ".bias")) or not isinstance(entry, dict):
+                continue
+            dtype = entry.get("dtype")
+            if dtype not in _FLOAT_DTYPES:
+                raise CompressedCheckpointError(
+                    f"Tensor '{key}' in '{shard}' is stored as {dtype}, not a float type "
+                    f"({', '.join(sorted(_FLOAT_DTYPES))}): loading would cast its bytes to float and give a different model. The file was altered or "
+                    "written by another tool; copy it again from the original save, or re-save the model."
+                )
+
+
 def _check_factor_headers(path: Path, headers: dict[Path, dict]) -> None:
     """The rank map and the factor tensors must account for each other, and each factor must be a 2-D float tensor
     whose shared side is the recorded rank.
@@ -377,6 +399,7 @@ def _check_factor_headers(path: Path, headers: dict[Path, dict]) -> None:
     """
     from ..io import read_json
 
+    _check_parameter_dtypes(headers)
     config = read_json(path / "config.json", what="model config")
     quant = config.get("quantization_config") if isinstance(config, dict) else None
     if quant is not None and not (isinstance(quant, dict) and isinstance(quant.get("quant_method"), str)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -227,6 +228,8 @@ def resolve_ranks(targets: Mapping[str, nn.Module], ranks: RankSpec) -> dict[str
         ValueError: rank below 1 or above ``min(out, in)``, keep outside ``(0, 1]``, unknown or non-str names.
     """
     resolved: dict[str, int | None] = {}
+    if isinstance(ranks, numbers.Integral) and not isinstance(ranks, bool):
+        ranks = int(ranks)  # numpy integers (np.int64 from an array of ranks) are ranks too
     if isinstance(ranks, Mapping):
         _check_rank_keys(ranks)
         unknown = [n for n in ranks if n not in targets]
@@ -252,6 +255,8 @@ def resolve_ranks(targets: Mapping[str, nn.Module], ranks: RankSpec) -> dict[str
     for name, rank in items.items():
         module = targets[name]
         limit = min(module.out_features, module.in_features)
+        if isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
+            rank = int(rank)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
             raise ValueError(
                 f"Rank {rank!r} for module '{name}' is out of range: it must be an integer in [1, {limit}] "

@@ -37,7 +37,14 @@ from ...ops.fisher import DEFAULT_DAMPING, fisher_weights, gram_factor, weighted
 from ...ops.rank_allocation import global_ranks
 from ...ops.svd import factorized_params, rank_for_keep
 from .config import FISHER_FIELDS, FisherLoRAConfig
-from .fisher import FISHER_STATE_NAME, FisherCollector, FisherState, lora_linear_modules
+from .fisher import (
+    FISHER_STATE_NAME,
+    FisherCollector,
+    FisherState,
+    FisherStateError,
+    lora_linear_modules,
+    model_fingerprint,
+)
 
 __all__ = [
     "compress_peft_model",
@@ -318,6 +325,7 @@ def compress_peft_model(
 
     shapes = {n: (m.out_features, m.in_features) for n, m in modules.items()}
     adapter_rank = int(next(iter(modules.values())).r[adapter])
+    fingerprint = model_fingerprint(peft_model, modules, adapter) if source == "lora" else None
     del modules  # hold no reference to the layers: with inplace=True each dense weight is freed once replaced
     if allocation == "global" and (keep is None or rank is not None or rank_pattern):
         raise ValueError(
@@ -340,12 +348,17 @@ def compress_peft_model(
                 f"for; collect it with source='{source}' or set fisher_source='{state.source}'."
             )
         state.check_shapes({n: shapes[n] for n in plan})
+        if source == "lora":
+            _check_adapter_rank(state, plan, adapter_rank)
+            state.check_fingerprint(fingerprint, what="the model being compressed")
         if state.is_empty:
             warnings.warn(
                 "The collected Fisher is empty (no gradient reached the adapters): compression falls back to plain "
                 "SVD. Train with FisherCollectorCallback attached (LowRankTrainer attaches it).",
                 stacklevel=2,
             )
+        else:
+            _warn_degenerate_fisher(state, plan, weighting)
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     from .fisher import unwrap_model
 
@@ -367,6 +380,10 @@ def compress_peft_model(
                 in_factor=in_factor, name=name,
             ) * math.sqrt(scale)
         plan = global_ranks(spectra, shapes, float(keep), normalize=loss_normalization).ranks
+    # Every replacement is computed before any module is swapped (all or nothing, as in compress_model): a failure
+    # (an SVDError on a NaN weight, a bad Gram) leaves the model, with inplace=True the PeftModel itself, untouched.
+    # The cost: the new factors of all modules exist at once, next to the dense weights they replace.
+    replacements: dict[str, nn.Module] = {}
     for name in tqdm(names, desc=f"compress ({report.method})", disable=not progress, unit="module"):
         wrapper = work.get_submodule(name)
         base_layer = wrapper.get_base_layer()
@@ -381,8 +398,7 @@ def compress_peft_model(
                 reason = "kept dense by the global allocation"
             unchanged = W_eff.data_ptr() == base_layer.weight.data_ptr()
             keep_layer = unchanged and not quantized and (dtype is None or W_eff.dtype == out_dtype)
-            new = base_layer if keep_layer else _dense_linear(W_eff, bias, out_dtype)
-            set_submodule(work, name, new)
+            replacements[name] = base_layer if keep_layer else _dense_linear(W_eff, bias, out_dtype)
             report.modules.append(ModuleReport(name, (out_f, in_f), None, before, before, skipped=reason))
             continue
         out_factor, in_factor, _, _ = sides.get(name, (None, None, 1.0, False))
@@ -390,12 +406,15 @@ def compress_peft_model(
         new, err, werr = factorize_linear(holder, r, out_factor, in_factor, method=svd_method, dtype=out_dtype,
                                           name=name)
         new.requires_grad_(False)
-        set_submodule(work, name, new)
+        replacements[name] = new
         report.modules.append(
             ModuleReport(name, (out_f, in_f), r, before, factorized_params(out_f, in_f, r) + (out_f if bias is not None
                          else 0), err, werr if name in sides else None)
         )
-        del W_eff, wrapper, base_layer
+        del W_eff, wrapper, base_layer, holder
+    for name, new in replacements.items():  # all factors exist: swap them in
+        set_submodule(work, name, new)
+    del replacements
 
     _finish_unload(work, adapter, inplace=inplace, merge=merge)
     if quantized:
@@ -433,6 +452,56 @@ def compress_peft_model(
         extra={"fisher_source": source, "fisher_weighting": info["fisher_weighting"], "merged": merge},
     )
     return work, report
+
+
+def _check_adapter_rank(state: FisherState, names, adapter_rank: int) -> None:
+    """A LoRA Fisher has the adapter's rank in its shapes: ``F_A`` is ``(r, in)``, checked even without metadata."""
+    for name in names:
+        a = state.module_fisher(name).get("A")
+        if a is not None and a.ndim == 2 and a.shape[0] != adapter_rank:
+            raise FisherStateError(
+                f"The Fisher of '{name}' was collected with LoRA adapter rank r={a.shape[0]} (F_A {tuple(a.shape)}) "
+                f"but the adapter being compressed has r={adapter_rank}: the Fisher of the LoRA factors belongs to "
+                "the adapter it was collected with. Collect it again with this adapter."
+            )
+
+
+_WEIGHTING_KINDS = {"kronecker": ("Gin", "Gout"), "row": ("A", "B", "W"), "two_sided": ("A", "B", "W")}
+
+
+def _warn_degenerate_fisher(state: FisherState, names, weighting: str) -> None:
+    """Warn when a module's Fisher carries no information (all zero or non-finite): it gets plain SVD."""
+    dead, broken = [], []
+    for name in names:
+        parts = [t for k, t in state.module_fisher(name).items() if k in _WEIGHTING_KINDS[weighting]]
+        if not parts:
+            continue
+        finite = [torch.isfinite(t) for t in parts]
+        if not all(bool(f.all()) for f in finite):
+            broken.append(name)
+        if not any(bool((t.masked_fill(~f, 0) != 0).any()) for t, f in zip(parts, finite)):
+            dead.append(name)
+    if not dead and not broken:
+        return
+    lines = []
+    if dead:
+        every = " (every module)" if len(dead) == len(list(names)) else ""
+        lines.append(
+            f"the Fisher of {len(dead)} module(s){every} is all zero or non-finite, so their compression falls back "
+            f"to plain SVD although it is labelled Fisher-weighted: {', '.join(dead[:8])}"
+            + (", ..." if len(dead) > 8 else "")
+        )
+    if broken:
+        lines.append(
+            f"{len(broken)} module(s) have NaN/inf Fisher entries, treated as zero: {', '.join(broken[:8])}"
+            + (", ..." if len(broken) > 8 else "")
+        )
+    warnings.warn(
+        "Fisher state: " + "; ".join(lines) + ". The state is corrupt or no usable gradient reached these modules; "
+        "collect the Fisher again (check the loss for NaN), or compress with fisher_source='none'.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _effective_weight(wrapper: nn.Module, adapter: str, merge: bool, name: str) -> torch.Tensor:

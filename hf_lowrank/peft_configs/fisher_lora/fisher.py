@@ -38,6 +38,7 @@ process must call it) and is what compression uses.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -59,6 +60,7 @@ __all__ = [
     "FisherStateError",
     "fisher_state_filename",
     "lora_linear_modules",
+    "model_fingerprint",
     "unwrap_model",
 ]
 
@@ -95,6 +97,9 @@ class FisherState:
         skipped: (micro-batch, parameter) gradient tensors dropped because they were not finite.
         global_step: optimizer step at which the state was saved (used to check a resume).
         adapter_name: the LoRA adapter the Fisher belongs to (``"lora"`` source).
+        fingerprint: what the state was collected on (:func:`model_fingerprint`: adapter rank, model type, a sample
+            of the frozen base weights), checked by :meth:`check_fingerprint`; ``None`` for states saved before it
+            existed (they load and are not checked).
     """
 
     source: str = "lora"
@@ -104,6 +109,7 @@ class FisherState:
     skipped: int = 0
     global_step: int = 0
     adapter_name: str | None = None
+    fingerprint: dict | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -219,6 +225,7 @@ class FisherState:
             "skipped": str(int(self.skipped)),
             "global_step": str(int(self.global_step)),
             "adapter_name": self.adapter_name or "",
+            **({"fingerprint": json.dumps(self.fingerprint)} if self.fingerprint else {}),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -264,6 +271,7 @@ class FisherState:
             skipped=int(meta.get("skipped", 0)),
             global_step=int(meta.get("global_step", 0)),
             adapter_name=meta.get("adapter_name") or None,
+            fingerprint=_read_fingerprint(meta.get("fingerprint"), path),
         )
 
     def clone(self) -> FisherState:
@@ -275,7 +283,49 @@ class FisherState:
             skipped=self.skipped,
             global_step=self.global_step,
             adapter_name=self.adapter_name,
+            fingerprint=dict(self.fingerprint) if self.fingerprint else None,
         )
+
+    def check_fingerprint(self, current: dict | None, *, what: str = "this model") -> None:
+        """Refuse a state collected at another adapter rank or on another model of the same shapes.
+
+        Args:
+            current: :func:`model_fingerprint` of the model the state is applied to (``None``: nothing to check).
+            what: how the model is named in the message.
+
+        Raises:
+            FisherStateError: the adapter rank, the model type or the sampled base weights differ.
+        """
+        mine = self.fingerprint
+        if not mine or not current:
+            return  # a state saved before fingerprints existed, or nothing known about the model
+        mine_r, cur_r = mine.get("adapter_rank"), current.get("adapter_rank")
+        if mine_r is not None and cur_r is not None and int(mine_r) != int(cur_r):
+            raise FisherStateError(
+                f"The Fisher state was collected with LoRA adapter rank r={mine_r} but {what} has r={cur_r}: the "
+                "Fisher of the LoRA factors belongs to that adapter. Collect it again with this adapter, or compress "
+                "the adapter it was collected with."
+            )
+        mine_t, cur_t = mine.get("model_type"), current.get("model_type")
+        if mine_t and cur_t and mine_t != cur_t:
+            raise FisherStateError(
+                f"The Fisher state was collected on a '{mine_t}' model but {what} is a '{cur_t}' model. Collect the "
+                "Fisher on this model."
+            )
+        for name, values in (mine.get("sample") or {}).items():
+            other = (current.get("sample") or {}).get(name)
+            if other is None or len(other) != len(values):
+                continue
+            a, b = torch.tensor(values, dtype=torch.float64), torch.tensor(other, dtype=torch.float64)
+            if not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
+                continue
+            scale = float(torch.maximum(a.abs().max(), b.abs().max()))
+            if float((a - b).abs().max()) > 2e-2 * scale + 1e-6:
+                raise FisherStateError(
+                    f"The Fisher state was collected on another model of the same shapes: the base weight of '{name}' "
+                    f"differs (state from {mine.get('name_or_path') or 'an unnamed model'!r}, {what} is "
+                    f"{current.get('name_or_path') or 'an unnamed model'!r}). Collect the Fisher on this model."
+                )
 
     def summary(self) -> dict:
         return {
@@ -306,6 +356,59 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     except ImportError:  # pragma: no cover - peft is a dependency
         pass
     return model
+
+
+_SAMPLE_SIZE = 16
+
+
+def model_fingerprint(model: nn.Module, modules: Mapping[str, nn.Module], adapter_name: str | None) -> dict:
+    """What a LoRA Fisher state belongs to: the adapter rank, the model type and name, and a sample of the weights.
+
+    The sample is ``_SAMPLE_SIZE`` evenly spaced values of the (frozen) base weight of the first and the last adapted
+    module; a module whose adapter is merged into its weight is left out of it. Compared with a tolerance, so that the
+    same model loaded in another dtype matches.
+    """
+    from ...modules import dense_weight
+
+    config = getattr(unwrap_model(model), "config", None)
+    first = next(iter(modules.values()), None)
+    rank = getattr(first, "r", {}).get(adapter_name) if first is not None and adapter_name else None
+    sample: dict[str, list[float]] = {}
+    names = list(modules)
+    for name in dict.fromkeys(names[:1] + names[-1:]):
+        module = modules[name]
+        if getattr(module, "merged", False):
+            continue
+        try:
+            W = dense_weight(module.get_base_layer()).detach()
+        except Exception:  # noqa: BLE001 (an exotic base layer: no sample, the other checks remain)
+            continue
+        if W.is_meta or W.numel() == 0:
+            continue
+        flat = W.reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, _SAMPLE_SIZE).round().long().to(flat.device)
+        sample[name] = [float(v) for v in flat[idx].float().cpu()]
+    return {
+        "adapter_rank": int(rank) if rank is not None else None,
+        "model_type": getattr(config, "model_type", None) or None,
+        "name_or_path": str(getattr(config, "_name_or_path", "") or "") or None,
+        "sample": sample,
+    }
+
+
+def _read_fingerprint(text: str | None, path) -> dict | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise FisherStateError(
+            f"'{path}' has a corrupt fingerprint in its metadata ({text[:60]!r}): the file was edited or damaged. "
+            "Collect the Fisher again."
+        )
+    return value
 
 
 def lora_linear_modules(model: nn.Module, adapter_name: str | None = None) -> tuple[dict[str, nn.Module], str | None]:
@@ -405,6 +508,7 @@ class FisherCollector:
         self._handles: list = []
         self._unfrozen: list[nn.Parameter] = []
         self._model: nn.Module | None = None
+        self._fingerprint: dict | None = None  # of the model attached last ("lora" source)
 
     # ------------------------------------------------------------------------------------------- hooks
     @property
@@ -423,6 +527,11 @@ class FisherCollector:
                 )
             self.adapter_name = adapter
             self.state.adapter_name = adapter
+            self._fingerprint = model_fingerprint(model, modules, adapter)
+            if self.state.fingerprint:
+                self.state.check_fingerprint(self._fingerprint, what="the model the collector is attached to")
+            else:
+                self.state.fingerprint = self._fingerprint
             params = {}
             for name, m in modules.items():
                 params[name + _KINDS["A"]] = m.lora_A[adapter].weight
@@ -624,6 +733,7 @@ class FisherCollector:
                 f"Cannot load a '{state.source}' Fisher state into a '{self.source}' collector; use a collector "
                 f"with source='{state.source}'."
             )
+        state.check_fingerprint(self._fingerprint, what="the model the collector is attached to")
         for t in self._skip.values():
             t.zero_()
         if self._model is not None:
@@ -652,6 +762,8 @@ class FisherCollector:
         self.state.global_step = state.global_step
         if state.adapter_name:
             self.state.adapter_name = state.adapter_name
+        if state.fingerprint or self._fingerprint is None:
+            self.state.fingerprint = dict(state.fingerprint) if state.fingerprint else None
 
     def save(self, path: str | os.PathLike, *, global_step: int | None = None) -> None:
         """Write the state to ``path`` (a safetensors file), atomically."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,12 @@ _SVD_METHODS = ("auto", "exact", "randomized")
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)  # numpy integers included
+
+
+def _plain_ints(mapping: dict) -> dict:
+    """The mapping with numpy integer values as plain ints (adapter_config.json must serialise them)."""
+    return {k: int(v) if _is_int(v) else v for k, v in mapping.items()}
 
 
 @dataclass
@@ -150,6 +156,7 @@ class WeLoreLRCConfig(PeftConfig):
             self.rank_pattern = {}
         if not isinstance(self.rank_pattern, dict):
             raise ValueError(f"rank_pattern must be a dict {{regex: rank}}, got {type(self.rank_pattern).__name__}.")
+        self.rank_pattern = _plain_ints(self.rank_pattern)
         for key, rank in self.rank_pattern.items():
             if not isinstance(key, str) or not key:
                 raise ValueError(
@@ -179,6 +186,7 @@ class WeLoreLRCConfig(PeftConfig):
                     "rank_map must map module names to positive int ranks; it is written by get_peft_model, so this "
                     "adapter_config.json was edited or corrupted. Re-create the adapter."
                 )
+            self.rank_map = _plain_ints(self.rank_map)
             lrc = self.lrc_modules or []
             missing = [n for n in lrc if n not in self.rank_map]
             if missing:

@@ -11,6 +11,7 @@ compressed model.
 from __future__ import annotations
 
 import logging
+import numbers
 import warnings
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import nn
 from ...modules import LowRankLinear, dense_weight
 from ...ops.svd import split_factors, truncated_svd
 
-__all__ = ["DenseWeightDroppedError", "WeLoreLayer", "WeLoreLinear"]
+__all__ = ["DenseWeightDroppedError", "WeLoreLayer", "WeLoreLinear", "welore_factors"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class WeLoreLayer(BaseTunerLayer):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}.")
         limit = min(self.in_features, self.out_features)
+        if isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
+            rank = int(rank)  # a numpy integer from a rank map
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
             raise ValueError(
                 f"WeLore rank must be an integer in [1, {limit}] for a ({self.out_features}, {self.in_features}) "
@@ -142,19 +145,20 @@ class WeLoreLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def _init_from_svd(self, adapter_name: str, row_fisher, col_fisher) -> None:
+        self._assign_factors(adapter_name, *self._svd_factors(adapter_name, row_fisher, col_fisher))
+
+    def _svd_factors(self, adapter_name: str, row_fisher, col_fisher) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(down, up)`` of the adapter from the base weight; nothing on the layer changes."""
         if self._dense_dropped:
             raise DenseWeightDroppedError(_dropped_message("Initialising the WeLore factors"))
-        W = dense_weight(self.get_base_layer())
-        rank = self.welore_rank[adapter_name]
-        name = getattr(self, "_welore_name", None)
-        if row_fisher is None and col_fisher is None:
-            down, up = split_factors(*truncated_svd(W, rank, method=self._svd_method, name=name))
-        else:
-            from ...ops.fisher import fwsvd
+        return welore_factors(
+            self.get_base_layer(), self.welore_rank[adapter_name], row_fisher=row_fisher, col_fisher=col_fisher,
+            method=self._svd_method, name=getattr(self, "_welore_name", None),
+        )
 
-            down, up = fwsvd(
-                W, rank, row_fisher=row_fisher, col_fisher=col_fisher, method=self._svd_method, name=name
-            )
+    @torch.no_grad()
+    def _assign_factors(self, adapter_name: str, down: torch.Tensor, up: torch.Tensor) -> None:
+        """Set the adapter's weights from ``(down, up)`` and mark it initialised (the dense weight is kept)."""
         if self.welore_role[adapter_name] == "lrc":
             d, u = self.welore_down[adapter_name], self.welore_up[adapter_name]
             d.data = down.to(device=d.device, dtype=d.dtype)
@@ -162,13 +166,13 @@ class WeLoreLayer(BaseTunerLayer):
         else:
             w = self.welore_weight[adapter_name]
             w.data = (up.float() @ down.float()).to(device=w.device, dtype=w.dtype)
+        self._pending.pop(adapter_name, None)
 
     def _materialize(self) -> None:
         """Run the deferred SVD initialisation of adapters whose weights never arrived from a checkpoint."""
         if self._pending:
             for adapter_name, (rw, cw) in list(self._pending.items()):
                 self._init_from_svd(adapter_name, rw, cw)
-                del self._pending[adapter_name]
         self._maybe_drop_dense()
 
     def _weights_loaded(self, adapter_name: str) -> None:
@@ -265,8 +269,11 @@ class WeLoreLayer(BaseTunerLayer):
             safe_merge: refuse factors with NaN/inf.
             adapter_names: ignored beyond the single WeLore adapter (checked by the tuner).
         """
+        prepared = self.__dict__.pop("_welore_unloaded", None)  # computed up front by WeLoreModel (all or nothing)
         if self.merged:
             self.unmerge()
+        if merge and prepared is not None:
+            return prepared
         if not merge:
             if self._dense_dropped:
                 raise DenseWeightDroppedError(_dropped_message("unload()"))
@@ -297,6 +304,29 @@ class WeLoreLayer(BaseTunerLayer):
                 lin.bias.copy_(bias)
             lin.requires_grad_(False)
             return lin
+
+
+@torch.no_grad()
+def welore_factors(
+    base_layer: nn.Module,
+    rank: int,
+    *,
+    row_fisher: torch.Tensor | None = None,
+    col_fisher: torch.Tensor | None = None,
+    method: str = "auto",
+    name: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(down (r, in), up (out, r))`` of a Linear's (Fisher-weighted) truncated SVD: a WeLore layer's initial factors.
+
+    Raises:
+        SVDError: the weight (or its factors) is not finite; names the module.
+    """
+    W = dense_weight(base_layer)
+    if row_fisher is None and col_fisher is None:
+        return split_factors(*truncated_svd(W, rank, method=method, name=name))
+    from ...ops.fisher import fwsvd
+
+    return fwsvd(W, rank, row_fisher=row_fisher, col_fisher=col_fisher, method=method, name=name)
 
 
 def _mark_loaded(module: WeLoreLayer, state_dict, prefix, *args) -> None:

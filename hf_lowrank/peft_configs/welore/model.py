@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import sys
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from tqdm.auto import tqdm
 
 from ...compression.compress import find_target_linears
 from .config import WeLoreLRCConfig
-from .layer import DenseWeightDroppedError, WeLoreLayer, WeLoreLinear, _dropped_message
+from .layer import DenseWeightDroppedError, WeLoreLayer, WeLoreLinear, _dropped_message, welore_factors
 from .spectra import (
     WeLoreLRCAllocation,
     compute_spectra,
@@ -21,6 +22,23 @@ from .spectra import (
 )
 
 __all__ = ["WeLoreModel"]
+
+
+def _find_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
+    """``find_target_linears``, with a clear message for a model that is already compressed."""
+    try:
+        return find_target_linears(model, target_modules)
+    except ValueError as exc:
+        from ...modules import LowRankLinear
+
+        done = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+        if not done:
+            raise
+        raise ValueError(
+            f"This model is already compressed ({len(done)} LowRankLinear layers, e.g. '{done[0]}') and WeLoreLRC "
+            f"found nothing left to compress ({exc}) WeLore works on dense Linear layers: apply it to the original "
+            "model, or decompress first (hf_lowrank.decompress_model) if you mean to compress again."
+        ) from None
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +80,7 @@ class WeLoreModel(BaseTuner):
             raise ValueError(f"WeLoreModel needs a WeLoreLRCConfig, got {type(config).__name__}.")
         row_fisher, col_fisher = getattr(config, "_welore_fisher", (None, None))
         if config.rank_map is None:
-            targets = find_target_linears(model, config.target_modules)
+            targets = _find_targets(model, config.target_modules)
             shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
             pinned = {n: r for n in targets if (r := match_rank_pattern(config.rank_pattern, n)) is not None}
             spectra = compute_spectra(
@@ -113,12 +131,17 @@ class WeLoreModel(BaseTuner):
         self._welore_fresh = fresh
         self._welore_fisher = (row_fisher, col_fisher)
         self.welore_allocation = alloc
-        self._welore_bar = tqdm(
-            total=len(plan),
-            desc="WeLore factors" if fresh else "WeLore layers",
-            unit="layer",
-            disable=not (config.progress and fresh),
-        )
+        self._welore_factors = {}
+        if fresh:
+            # All or nothing: every layer's factors are computed before any module is replaced, so a failure (an
+            # SVDError on a NaN weight) leaves the model untouched. The dense weights are dropped only once all
+            # layers are in place (_post_injection_hook); inject_adapter restores the model if anything fails.
+            bar = tqdm(plan.items(), desc="WeLore factors", unit="layer", disable=not config.progress)
+            for name, (_, rank) in bar:
+                self._welore_factors[name] = welore_factors(
+                    targets[name], rank, row_fisher=(row_fisher or {}).get(name),
+                    col_fisher=(col_fisher or {}).get(name), method=config.svd_method, name=name,
+                )
 
     @staticmethod
     def _allocation_from_config(model: nn.Module, config: WeLoreLRCConfig) -> WeLoreLRCAllocation:
@@ -169,12 +192,13 @@ class WeLoreModel(BaseTuner):
             raise ValueError(f"'{current_key}' already carries a WeLoreLRC adapter; WeLoreLRC allows one adapter.")
         role, rank = self._welore_plan[current_key]
         row_fisher, col_fisher = self._welore_fisher
+        factors = self._welore_factors.pop(current_key, None)
         new = WeLoreLinear(
             target,
             adapter_name,
             role=role,
             rank=rank,
-            init=self._welore_fresh,
+            init=False,
             keep_dense=peft_config.keep_dense,
             svd_method=peft_config.svd_method,
             row_fisher=(row_fisher or {}).get(current_key),
@@ -182,17 +206,38 @@ class WeLoreModel(BaseTuner):
             inference_mode=peft_config.inference_mode,
         )
         new._welore_name = current_key
+        if factors is not None:
+            new._assign_factors(adapter_name, *factors)  # computed in _pre_injection_hook; the dense weight stays
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)
         setattr(parent, target_name, new)
-        self._welore_bar.update(1)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """peft's injection, all or nothing: if it fails part way, every replaced layer gets its Linear back."""
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            self._welore_factors = {}
+            for name, module in list(model.named_modules()):
+                if isinstance(module, WeLoreLayer) and not module._dense_dropped:
+                    parent_name, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_layer)
+            raise
 
     def _post_injection_hook(self, model: nn.Module, config: WeLoreLRCConfig, adapter_name: str) -> None:
-        self._welore_bar.close()
+        self._welore_factors = {}
+        layers = [m for m in model.modules() if isinstance(m, WeLoreLayer)]
         replaced = {n for n, m in model.named_modules() if isinstance(m, WeLoreLayer)}
         missing = sorted(set(self._welore_plan) - replaced)
         if missing:
             raise RuntimeError(f"WeLore planned to replace {missing[:3]} but they were not replaced.")
+        for layer in layers:  # every layer is in place: now the dense weights can go (keep_dense=False)
+            if not layer._pending:
+                layer._maybe_drop_dense()
+        if any(layer._pending for layer in layers):
+            # Deferred initialisation (a rank map without weights): at the first forward, all layers at once. A
+            # PeftModel without a task type calls the transformers model directly, so the hook sits there.
+            self._welore_hook = model.register_forward_pre_hook(self._materialize_before_forward)
         alloc = self.welore_allocation
         summary = alloc.summary() + f", trainable share {self._trainable_share(model):.2%} of the model"
         logger.info(summary)
@@ -208,6 +253,48 @@ class WeLoreModel(BaseTuner):
             if p.requires_grad:
                 trainable += p.numel()
         return trainable / max(total, 1)
+
+    # ---- deferred initialisation, all or nothing ------------------------------------------------------------------
+
+    def _materialize_all(self) -> None:
+        """Run every pending SVD initialisation (a rank map reused without weights) before assigning any of them.
+
+        A failure in one layer (an SVDError on a NaN weight) leaves every layer as it was, dense weights included.
+        """
+        pending = [m for m in self.model.modules() if isinstance(m, WeLoreLayer) and m._pending]
+        if not pending:
+            return
+        computed = []
+        for layer in pending:
+            for adapter, (rw, cw) in list(layer._pending.items()):
+                computed.append((layer, adapter, layer._svd_factors(adapter, rw, cw)))
+        for layer, adapter, factors in computed:
+            layer._assign_factors(adapter, *factors)
+        for layer in pending:
+            layer._maybe_drop_dense()
+
+    def _materialize_before_forward(self, module: nn.Module, args) -> None:
+        self._materialize_all()
+        hook = self.__dict__.pop("_welore_hook", None)
+        if hook is not None:
+            hook.remove()
+
+    def forward(self, *args, **kwargs):
+        self._materialize_all()
+        return super().forward(*args, **kwargs)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """peft's merge, all or nothing: pending factors are computed and (``safe_merge``) checked first."""
+        self._materialize_all()
+        if safe_merge:
+            for name, layer in self._welore_layers():
+                adapter = layer._adapter()
+                if adapter is not None and not torch.isfinite(layer.effective_weight(adapter)).all():
+                    raise ValueError(
+                        f"NaN/inf in the WeLore weights of '{name}' (adapter '{adapter}'): the adapter is broken; "
+                        "nothing was merged."
+                    )
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     # ---- adapter switching ----------------------------------------------------------------------------------------
 
@@ -250,6 +337,7 @@ class WeLoreModel(BaseTuner):
             "lrc_ratio": config.lrc_ratio,
             "nlrc": config.nlrc,
         }
+        self._prepare_compressed(safe_merge)
         model = self._unload_and_optionally_merge(
             merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
@@ -257,6 +345,23 @@ class WeLoreModel(BaseTuner):
         if ranks:
             mark_compressed(model, ranks, method="welore", extra=extra)
         return model
+
+    def _prepare_compressed(self, safe_merge: bool) -> None:
+        """Build the compressed module of every layer before peft's unloading replaces the first one (all or
+        nothing: a failure leaves the PEFT model as it was)."""
+        layers = self._welore_layers()
+        try:
+            self._materialize_all()
+            for name, layer in layers:
+                new = layer.to_compressed(dtype=layer._factor_dtype)
+                if safe_merge and not all(torch.isfinite(p).all() for p in new.parameters()):
+                    raise ValueError(f"NaN/inf in the WeLore weights of '{name}': the adapter is broken.")
+                new.train(layer.training)
+                layer._welore_unloaded = new
+        except BaseException:
+            for _, layer in layers:
+                layer.__dict__.pop("_welore_unloaded", None)
+            raise
 
     def unload(self) -> nn.Module:
         """The original dense model (needs ``keep_dense=True``); ``modules_to_save`` get their original modules."""
