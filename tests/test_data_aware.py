@@ -423,3 +423,10 @@ def test_sequential_calibration_is_all_or_nothing_and_validates():
         compress_model(model, 0.5, sequential=True, progress=False)
     with pytest.raises(ValueError, match="sequential"):
         compress_model(model, 0.5, calibration=_batches(n=1), sequential=True, allocation="global", progress=False)
+
+
+def test_recompressing_a_compressed_model_says_so():
+    model = make_tiny_llama(seed=0)
+    compress_model(model, 0.5, progress=False)
+    with pytest.raises(ValueError, match="already compressed"):
+        compress_model(model, 0.5, progress=False)

@@ -146,6 +146,13 @@ def find_target_linears(
     if target_modules is None:
         chosen = {n: m for n, m in linears.items() if _BLOCK_INDEX.search(n)}
         if not chosen:
+            done = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+            if done:
+                raise ValueError(
+                    f"This model is already compressed ({len(done)} LowRankLinear layers, e.g. '{done[0]}'): no dense "
+                    "Linear is left in its transformer blocks. Compress the original model, or decompress it first "
+                    "(hf_lowrank.decompress_model(model)) to compress it again."
+                )
             raise ValueError(
                 "No Linear layer inside repeated transformer blocks was found; pass target_modules explicitly "
                 f"(Linear layers of this model: {_preview(linears)})."
