@@ -520,7 +520,8 @@ def _effective_weight(wrapper: nn.Module, adapter: str, merge: bool, name: str) 
 def _fisher_side(state: FisherState, name: str, weighting: str, exponent: float, eps: float, damping: float):
     """``(out_factor, in_factor, scale, fell_back)`` of module ``name`` from the collected state."""
     if weighting == "kronecker":
-        G_in, G_out = state.grams(name)
+        # non-finite entries are treated as zero, as for the diagonal Fisher (and warned about with it)
+        G_in, G_out = (torch.where(torch.isfinite(G), G, torch.zeros_like(G)) for G in state.grams(name))
         f_in, f_out = gram_factor(G_in, damping=damping, name=name), gram_factor(G_out, damping=damping, name=name)
         return f_out.L, f_in.L, f_in.scale * f_out.scale, "eigh" in (f_in.fallback, f_out.fallback)
     row, col = state.row_col(name, weighting)
