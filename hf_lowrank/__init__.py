@@ -14,7 +14,7 @@ from .compression import (
     load_compressed,
     save_compressed,
 )
-from .compression.residual import (
+from .compression.ere import (
     BaseMismatchError,
     EREResidual,
     ResidualError,

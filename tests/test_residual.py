@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_bert_config, make_tiny_llama
 
-from hf_lowrank.compression.residual import (
+from hf_lowrank.compression.ere import (
     BaseMismatchError,
     EREResidual,
     ResidualFormatError,
