@@ -53,7 +53,7 @@ def _tokenizer(*paths: str):
 
 
 def _cmd_encode(args) -> int:
-    from .ere import encode_residual
+    from ..compression.ere import encode_residual
 
     started = time.perf_counter()
     finetuned, arch = _load(args.finetuned, args.model_class, args.dtype)
@@ -87,8 +87,8 @@ def _cmd_encode(args) -> int:
 
 
 def _cmd_decode(args) -> int:
+    from ..compression.ere import load_residual
     from ..io import atomic_directory
-    from .ere import load_residual
 
     started = time.perf_counter()
     model_class = None
@@ -112,11 +112,11 @@ def _cmd_decode(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .ere import export_residual_as_lora
+    from ..compression.ere import export_residual_as_lora
 
     base = None
     if args.base:
-        from .ere import EREResidual
+        from ..compression.ere import EREResidual
 
         arch = EREResidual.load(args.residual).manifest.get("architecture")
         base, _ = _load(args.base, arch, args.dtype)
@@ -132,7 +132,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .ere import EREResidual
+    from ..compression.ere import EREResidual
 
     res = EREResidual.load(args.residual)
     m = res.manifest
