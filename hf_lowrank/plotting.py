@@ -13,7 +13,6 @@ Both render with matplotlib's Agg canvas (no display, no global backend switch) 
 from __future__ import annotations
 
 import io
-import json
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, read_json, read_safetensors_header
 
 __all__ = ["plot_compression_summary", "plot_ranks", "plot_spectra", "ranks_from_adapter"]
 
@@ -245,8 +244,6 @@ def ranks_from_adapter(path: str | Path) -> tuple[dict[str, int], dict[str, tupl
     Shapes come from the tensor headers of ``adapter_model.safetensors`` (LRC factors and truncated N-LRCs); an
     N-LRC kept exact has its full rank recorded, which is all the rank map needs.
     """
-    from .io import read_json
-
     path = Path(path)
     cfg = read_json(path / "adapter_config.json", what="adapter config")
     if cfg.get("peft_type") != "WELORE_LRC" or not cfg.get("rank_map"):
@@ -255,12 +252,9 @@ def ranks_from_adapter(path: str | Path) -> tuple[dict[str, int], dict[str, tupl
     weights = path / "adapter_model.safetensors"
     header: dict = {}
     if weights.is_file():
-        with open(weights, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        header, _ = read_safetensors_header(weights, what="adapter weights file", fix="Save the adapter again.")
     down, up, dense = {}, {}, {}
     for key, meta in header.items():
-        if key == "__metadata__":
-            continue
         name = key.removeprefix("base_model.model.")
         for tag, store in ((".welore_down", down), (".welore_up", up), (".welore_weight", dense)):
             if name.endswith(tag):

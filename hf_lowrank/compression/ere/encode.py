@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...io import read_safetensors_header
 from ...offline import resolve_model_alias
 from ...ops.quant import QuantizedTensor, dequantize_rtn, quantize_rtn, stiefel_project
 from ...ops.rank_allocation import ere_ranks
@@ -71,10 +72,7 @@ def _checkpoint_keys(model: nn.Module) -> set[str] | None:
             return set(json.loads(index.read_text())["weight_map"])
         single = folder / "model.safetensors"
         if single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(single), "pt") as fh:
-                return set(fh.keys())
+            return set(read_safetensors_header(single)[0])
     except (OSError, ValueError, KeyError):
         return None
     return None

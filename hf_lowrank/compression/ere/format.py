@@ -27,6 +27,7 @@ from ...io import (
     atomic_write_json,
     check_plain_name,
     read_json,
+    read_safetensors_header,
     recover_directory,
 )
 from ...ops.quant import QuantizedTensor, dequantize_rtn, stiefel_project
@@ -133,30 +134,6 @@ def _spec_hash(manifest: Mapping[str, Any]) -> str:
     if name != WEIGHTS_NAME:  # (absent from the hash of residuals written under the one name this package uses)
         spec["weights_file"] = name
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-def _parse_header(data: bytes, path: Path) -> dict[str, Any]:
-    """Check a safetensors byte string's header and data extent; return the header."""
-    size = len(data)
-    try:
-        if size < 8:
-            raise ValueError("shorter than the 8-byte header length")
-        header_len = int.from_bytes(data[:8], "little")
-        if header_len <= 0 or 8 + header_len > size:
-            raise ValueError("header length past the end of the file")
-        header = json.loads(data[8 : 8 + header_len])
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ResidualFormatError(
-            f"The residual weights file '{path}' is unreadable ({exc}); it is truncated or corrupted. "
-            "Copy it again or re-encode the residual."
-        ) from exc
-    if 8 + header_len + end > size:
-        raise ResidualFormatError(
-            f"The residual weights file '{path}' is truncated ({size} bytes, its header needs {8 + header_len + end}). "
-            "Copy it again or re-encode the residual."
-        )
-    return header
 
 
 class EREResidual:
@@ -297,7 +274,10 @@ class EREResidual:
         if not wpath.is_file():
             raise ResidualFormatError(f"The residual weights file '{wpath}' is missing. Copy it again or re-encode.")
         data = wpath.read_bytes()
-        header = _parse_header(data, wpath)
+        _, meta = read_safetensors_header(
+            wpath, data=data, what="residual weights file", fix="Copy it again or re-encode the residual.",
+            error=ResidualFormatError,
+        )
         if len(data) != weights.get("bytes"):
             raise ResidualFormatError(
                 f"The residual weights file '{wpath}' has {len(data)} bytes but the manifest recorded "
@@ -308,7 +288,6 @@ class EREResidual:
                 f"The residual weights file '{wpath}' does not match the sha256 in its manifest: it was edited or "
                 "corrupted. Copy it again or re-encode."
             )
-        meta = header.get("__metadata__") or {}
         for key, want in (("format_version", FORMAT_VERSION), ("bits", bits), ("group_size", manifest["group_size"])):
             if meta.get(key) != str(want):
                 raise ResidualFormatError(
