@@ -4,6 +4,8 @@ Importing the package registers its PEFT types (``FISHER_LORA``, ``WELORE_LRC``,
 factorized-checkpoint format (``quant_method: hf_lowrank``) with transformers.
 """
 
+from importlib import metadata as _metadata
+
 from .compression import (
     CompressedCheckpointError,
     CompressionReport,
@@ -14,7 +16,7 @@ from .compression import (
     load_compressed,
     save_compressed,
 )
-from .compression.residual import (
+from .compression.ere import (
     BaseMismatchError,
     EREResidual,
     ResidualError,
@@ -37,7 +39,10 @@ from .peft_configs.spsft import SPSFTConfig, SPSFTModel, export_spsft_as_lora, s
 from .peft_configs.welore import WeLoreLRCConfig, WeLoreModel, welore_ranks_for_model
 from .trainer_mixins import CompressOnSaveCallback, FisherCollectorCallback, LowRankTrainer, LowRankTrainerMixin
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("hf-lowrank")
+except _metadata.PackageNotFoundError:  # pragma: no cover (a source tree on sys.path, not installed)
+    __version__ = "0+unknown"
 
 __all__ = [
     "BaseMismatchError",

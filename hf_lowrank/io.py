@@ -29,6 +29,7 @@ __all__ = [
     "atomic_write_json",
     "carried_over",
     "read_json",
+    "read_safetensors_header",
     "recover_directory",
 ]
 
@@ -98,6 +99,89 @@ def atomic_save_safetensors(
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def read_safetensors_header(
+    path: str | os.PathLike,
+    *,
+    data: bytes | None = None,
+    what: str = "weights file",
+    fix: str = "Copy, download or save it again.",
+    error: type[Exception] = ValueError,
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The checked header of a safetensors file, read without loading any tensor.
+
+    Every entry must have a safetensors dtype, a shape of sizes and ``data_offsets`` spanning exactly its bytes, and
+    the file must hold all the data the header places.
+
+    Args:
+        path: the file (read from disk unless ``data`` is given; named in the errors).
+        data: the file's bytes, when the caller already read them (e.g. to hash them).
+        what: how the errors call the file (``"residual weights file"``).
+        fix: the sentence the errors end with, what to do about it.
+        error: the exception class raised.
+
+    Returns:
+        ``(tensors, metadata)``: ``{name: {"dtype", "shape", "data_offsets"}}`` and the ``__metadata__`` strings
+        (``{}`` when the file has none).
+
+    Raises:
+        error: the header is unreadable (not JSON, a malformed entry), or the file is shorter than the header says.
+    """
+    path = Path(path)
+    try:
+        if data is None:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                head = fh.read(8)
+                header_len = int.from_bytes(head, "little")
+                raw = fh.read(header_len) if len(head) == 8 and 0 < header_len <= size - 8 else b""
+        else:
+            size, header_len = len(data), int.from_bytes(data[:8], "little")
+            raw = data[8 : 8 + header_len]
+        if size < 8:
+            raise ValueError("shorter than the 8-byte header length")
+        if header_len <= 0 or 8 + header_len > size:
+            raise ValueError("header length past the end of the file")
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("its __metadata__ is not a JSON object")
+        end = max((_entry_end(key, entry) for key, entry in header.items()), default=0)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise error(f"The {what} '{path}' is unreadable ({exc}); it is probably truncated or corrupted. {fix}") from exc
+    if 8 + header_len + end > size:
+        raise error(f"The {what} '{path}' is truncated ({size} bytes, its header needs {8 + header_len + end}). {fix}")
+    return header, metadata
+
+
+def _entry_end(key: str, entry: Any) -> int:
+    """Check one header entry (known dtype, shape of non-negative ints, data extent matching them); its end."""
+    dtype, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets")) if isinstance(
+        entry, dict) else (None, None, None)
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"tensor '{key}' has dtype {dtype!r}, not a safetensors dtype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise ValueError(f"tensor '{key}' has shape {shape!r}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor '{key}' has data_offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * _DTYPE_BYTES[dtype]:
+        raise ValueError(
+            f"tensor '{key}' is {dtype} of shape {shape} ({numel * _DTYPE_BYTES[dtype]} bytes) but holds "
+            f"{offsets[1] - offsets[0]} bytes"
+        )
+    return offsets[1]
 
 
 def check_plain_name(name: Any, *, field: str, where: str | os.PathLike, error: type[Exception] = ValueError) -> str:

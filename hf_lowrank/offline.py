@@ -31,7 +31,9 @@ __all__ = [
     "cache_root",
     "load_minilm",
     "load_smollm2",
+    "MODEL_ALIASES",
     "minilm_dir",
+    "resolve_model_alias",
     "smollm2_dir",
     "smollm2_gguf_path",
 ]
@@ -262,3 +264,17 @@ def load_minilm(
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+MODEL_ALIASES = {"smollm2": smollm2_dir, "minilm": minilm_dir}
+"""Names that stand for the embedded offline models wherever a model folder or Hub id is accepted."""
+
+
+def resolve_model_alias(name_or_path: str) -> str:
+    """The folder of the offline model ``name_or_path`` names (``smollm2``, ``minilm``), else ``name_or_path``.
+
+    THE one place that knows the aliases: the ``hf-lowrank`` command, :func:`hf_lowrank.load_residual` and the ERE
+    compress-on-save hook resolve their model arguments here.
+    """
+    folder = MODEL_ALIASES.get(name_or_path)
+    return str(folder()) if folder is not None else name_or_path

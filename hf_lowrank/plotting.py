@@ -7,13 +7,12 @@ a fraction of its full rank, per layer type and block, low-rank components in gr
 seed's Figure 6).
 
 Both render with matplotlib's Agg canvas (no display, no global backend switch) and write the PNG atomically. The
-``hf-lowrank plot spectra|ranks`` subcommands come from :func:`add_parser`.
+``hf-lowrank plot spectra|ranks`` subcommands (:mod:`hf_lowrank.cli.plot`) call them.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -21,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, read_json, read_safetensors_header
 
-__all__ = ["add_parser", "plot_compression_summary", "plot_ranks", "plot_spectra", "ranks_from_adapter"]
+__all__ = ["plot_compression_summary", "plot_ranks", "plot_spectra", "ranks_from_adapter"]
 
 _BLOCK = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<kind>.+)$")
 
@@ -245,8 +244,6 @@ def ranks_from_adapter(path: str | Path) -> tuple[dict[str, int], dict[str, tupl
     Shapes come from the tensor headers of ``adapter_model.safetensors`` (LRC factors and truncated N-LRCs); an
     N-LRC kept exact has its full rank recorded, which is all the rank map needs.
     """
-    from .io import read_json
-
     path = Path(path)
     cfg = read_json(path / "adapter_config.json", what="adapter config")
     if cfg.get("peft_type") != "WELORE_LRC" or not cfg.get("rank_map"):
@@ -255,12 +252,9 @@ def ranks_from_adapter(path: str | Path) -> tuple[dict[str, int], dict[str, tupl
     weights = path / "adapter_model.safetensors"
     header: dict = {}
     if weights.is_file():
-        with open(weights, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        header, _ = read_safetensors_header(weights, what="adapter weights file", fix="Save the adapter again.")
     down, up, dense = {}, {}, {}
     for key, meta in header.items():
-        if key == "__metadata__":
-            continue
         name = key.removeprefix("base_model.model.")
         for tag, store in ((".welore_down", down), (".welore_up", up), (".welore_weight", dense)):
             if name.endswith(tag):
@@ -274,83 +268,3 @@ def ranks_from_adapter(path: str | Path) -> tuple[dict[str, int], dict[str, tupl
         else:
             shapes[name] = (rank, rank)  # kept exact: full rank recorded, the aspect ratio does not matter here
     return ranks, shapes, list(cfg.get("lrc_modules") or [])
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _targets_arg(value: str | None):
-    if not value:
-        return None
-    return value if any(c in value for c in "\\*[]()^$|+?") else value.split(",")
-
-
-def _cmd_spectra(args) -> int:
-    from .cli import load_model_for_cli
-    from .compression.compress import find_target_linears
-    from .peft_configs.welore.spectra import compute_spectra, default_spectra_cache, welore_allocation
-
-    model, _ = load_model_for_cli(args.model)
-    targets = find_target_linears(model, _targets_arg(args.target_modules))
-    spectra = compute_spectra(targets, cache=default_spectra_cache(args.cache_dir), progress=True)
-    threshold = None
-    if args.reduction is not None:
-        shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
-        threshold = welore_allocation(spectra, shapes, args.reduction, lrc_ratio=args.lrc_ratio).threshold
-    out = plot_spectra(spectra, args.out, threshold=threshold, title=f"{Path(args.model).name}: normalised spectra")
-    print(f"wrote {out}")
-    return 0
-
-
-def _cmd_ranks(args) -> int:
-    source = Path(args.model)
-    if (source / "adapter_config.json").is_file():
-        ranks, shapes, lrc = ranks_from_adapter(source)
-        title = f"{source.name}: WeLoreLRC adapter"
-    else:
-        from .cli import load_model_for_cli
-        from .peft_configs.welore.spectra import default_spectra_cache, welore_ranks_for_model
-
-        if args.reduction is None:
-            raise SystemExit("plot ranks MODEL needs --reduction (e.g. 0.3), or pass a saved WeLoreLRC adapter folder.")
-        model, _ = load_model_for_cli(args.model)
-        _, alloc = welore_ranks_for_model(
-            model, args.reduction, _targets_arg(args.target_modules), lrc_ratio=args.lrc_ratio, nlrc=args.nlrc,
-            cache=default_spectra_cache(args.cache_dir),
-        )
-        ranks, shapes, lrc = alloc.ranks, alloc.shapes, alloc.lrc
-        title = f"{Path(args.model).name}: WeLore at {args.reduction:.0%}"
-        print(alloc.summary())
-    out = plot_ranks(ranks, shapes, args.out, lrc=lrc, title=title)
-    print(f"wrote {out}")
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    """Add ``plot spectra`` and ``plot ranks`` to the ``hf-lowrank`` command."""
-    p = subparsers.add_parser("plot", help="PNG pictures: normalised spectra per layer type, WeLore kept-rank map")
-    sub = p.add_subparsers(dest="plot_command", required=True)
-
-    common = dict(
-        target_modules=dict(default=None, help="comma-separated module names or a regex (default: block Linears)"),
-        cache_dir=dict(default=None, help="folder caching spectra between runs (default: $HF_LOWRANK_SPECTRA_CACHE)"),
-        lrc_ratio=dict(type=float, default=0.5, help="LRC criterion: kept rank < lrc_ratio * full rank"),
-    )
-    s = sub.add_parser("spectra", help="normalised singular values per layer type (WeLore Figure 4)")
-    s.add_argument("model", help="model folder, Hub id, or 'smollm2'")
-    s.add_argument("--out", required=True, help="PNG file to write")
-    s.add_argument("--reduction", type=float, default=None, help="also draw the WeLore threshold for this reduction")
-    for flag, kw in common.items():
-        s.add_argument("--" + flag.replace("_", "-"), dest=flag, **kw)
-    s.set_defaults(func=_cmd_spectra)
-
-    r = sub.add_parser("ranks", help="kept rank per layer, LRC vs N-LRC (WeLore Figure 6)")
-    r.add_argument("model", help="a saved WeLoreLRC adapter folder, or a model (folder, Hub id, 'smollm2')")
-    r.add_argument("--out", required=True, help="PNG file to write")
-    r.add_argument("--reduction", type=float, default=None, help="WeLore target reduction (needed for a model)")
-    r.add_argument("--nlrc", choices=("keep", "truncate"), default="keep", help="what happens to N-LRCs")
-    for flag, kw in common.items():
-        r.add_argument("--" + flag.replace("_", "-"), dest=flag, **kw)
-    r.set_defaults(func=_cmd_ranks)

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     mode, path, seed, what = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     if what == "residual":  # an ERE residual re-encoded into the folder of the previous one
         from tiny_models import make_tiny_llama
-        import hf_lowrank.compression.residual as mu
+        import hf_lowrank.compression.ere.format as mu
 
         base, ft = make_tiny_llama(seed=0), make_tiny_llama(seed=0)
         with torch.no_grad():
@@ -169,7 +169,7 @@ def _logits(path):
 def test_kill_between_the_two_renames_is_recovered(tmp_path):
     """Without RENAME_EXCHANGE a folder is swapped by two renames; a kill between them leaves no folder at `path`
     (the previous one waits in a hidden `.ckpt.old-*`). Every load and save first moves it back."""
-    from hf_lowrank.compression.residual import EREResidual
+    from hf_lowrank.compression.ere import EREResidual
 
     target = tmp_path / "ckpt"
     _save_in_process(target, 1)
@@ -213,7 +213,7 @@ def test_kill_right_after_the_exchange_leaves_the_new_checkpoint(tmp_path):
 def test_killed_residual_reencode_keeps_the_previous_residual(tmp_path):
     """An ERE residual re-encoded into the folder of an earlier one, killed after the weights file is written and
     before the manifest: the earlier residual is still there, whole and decodable."""
-    from hf_lowrank.compression.residual import EREResidual
+    from hf_lowrank.compression.ere import EREResidual
 
     target = tmp_path / "res"
     first = _run("none", target, 1, what="residual")

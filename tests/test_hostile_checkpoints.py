@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from tiny_models import make_tiny_llama
 
 import hf_lowrank
-from hf_lowrank.compression.residual import EREResidual
+from hf_lowrank.compression.ere import EREResidual
 
 SETTINGS = settings.get_profile("hostile")  # registered in conftest.py
 

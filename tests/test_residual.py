@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_bert_config, make_tiny_llama
 
-from hf_lowrank.compression.residual import (
+from hf_lowrank.compression.ere import (
     BaseMismatchError,
     EREResidual,
     ResidualFormatError,
@@ -404,7 +404,7 @@ def test_trainer_compress_on_save_callback(tmp_path):
 
 
 def test_cli_encode_info_decode_export(tmp_path, capsys):
-    from hf_lowrank.compression.residual_cli import add_parser
+    from hf_lowrank.cli.residual import add_parser
 
     base = make_tiny_llama()
     base.save_pretrained(tmp_path / "base")

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from transformers.models.roberta.modeling_roberta import RobertaClassificationHead
 
 from hf_lowrank import SPSFTConfig, WeLoreLRCConfig
-from hf_lowrank.compression.residual import decode_residual, encode_residual, export_residual_as_lora
+from hf_lowrank.compression.ere import decode_residual, encode_residual, export_residual_as_lora
 
 
 def _batch():

@@ -19,7 +19,7 @@ from tiny_models import make_tiny_llama
 
 import hf_lowrank
 from hf_lowrank.compression.checkpoint import CompressedCheckpointError
-from hf_lowrank.compression.residual import EREResidual, ResidualFormatError
+from hf_lowrank.compression.ere import EREResidual, ResidualFormatError
 
 IDS = torch.arange(20).reshape(2, 10)
 

@@ -18,9 +18,9 @@ def _load(path: str, architecture: str | None, dtype: str):
     import torch
     import transformers
 
-    from .residual import _resolve_base_path
+    from ..offline import resolve_model_alias
 
-    folder = _resolve_base_path(path)
+    folder = resolve_model_alias(path)
     if architecture is None:
         config = transformers.AutoConfig.from_pretrained(folder)
         archs = getattr(config, "architectures", None) or []
@@ -42,18 +42,18 @@ def _load(path: str, architecture: str | None, dtype: str):
 def _tokenizer(*paths: str):
     from transformers import AutoTokenizer
 
-    from .residual import _resolve_base_path
+    from ..offline import resolve_model_alias
 
     for path in paths:
         try:
-            return AutoTokenizer.from_pretrained(_resolve_base_path(path))
+            return AutoTokenizer.from_pretrained(resolve_model_alias(path))
         except (OSError, ValueError, TypeError):
             continue
     return None
 
 
 def _cmd_encode(args) -> int:
-    from .residual import encode_residual
+    from ..compression.ere import encode_residual
 
     started = time.perf_counter()
     finetuned, arch = _load(args.finetuned, args.model_class, args.dtype)
@@ -87,8 +87,8 @@ def _cmd_encode(args) -> int:
 
 
 def _cmd_decode(args) -> int:
+    from ..compression.ere import load_residual
     from ..io import atomic_directory
-    from .residual import load_residual
 
     started = time.perf_counter()
     model_class = None
@@ -112,11 +112,11 @@ def _cmd_decode(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .residual import export_residual_as_lora
+    from ..compression.ere import export_residual_as_lora
 
     base = None
     if args.base:
-        from .residual import EREResidual
+        from ..compression.ere import EREResidual
 
         arch = EREResidual.load(args.residual).manifest.get("architecture")
         base, _ = _load(args.base, arch, args.dtype)
@@ -132,7 +132,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .residual import EREResidual
+    from ..compression.ere import EREResidual
 
     res = EREResidual.load(args.residual)
     m = res.manifest

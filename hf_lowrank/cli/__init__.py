@@ -1,6 +1,7 @@
 """The ``hf-lowrank`` command: compress, inspect, residual, plot.
 
-``MODEL`` arguments accept a local folder, a Hub id, or ``smollm2`` for the embedded offline SmolLM2-135M.
+``MODEL`` arguments accept a local folder, a Hub id, or ``smollm2`` / ``minilm`` for the embedded offline
+SmolLM2-135M / all-MiniLM-L6-v2 (:func:`hf_lowrank.offline.resolve_model_alias`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ __all__ = ["CliError", "load_model_for_cli", "main", "resolve_model_class"]
 
 # Modules that contribute subcommands through `add_parser(subparsers)`; each is optional at import time so one
 # method's missing extra (e.g. matplotlib for plots) never breaks the others.
-_PLUGIN_MODULES = ("hf_lowrank.compression.residual_cli", "hf_lowrank.plotting")
+_PLUGIN_MODULES = ("hf_lowrank.cli.residual", "hf_lowrank.cli.plot")
 
 _MODEL_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
@@ -33,11 +34,9 @@ class CliError(Exception):
 
 
 def _model_path(model: str) -> str:
-    if model == "smollm2":
-        from .offline import smollm2_dir
+    from ..offline import resolve_model_alias
 
-        return str(smollm2_dir())
-    return model
+    return resolve_model_alias(model)
 
 
 def _class_named(name: str):
@@ -103,7 +102,7 @@ def load_model_for_cli(model: str, *, model_class: str | None = None, gguf_file:
     import torch
     import transformers
 
-    from .compression.checkpoint import load_compressed
+    from ..compression.checkpoint import load_compressed
 
     path = _model_path(model)
     kwargs = {"dtype": dtype or torch.float32}
@@ -137,8 +136,8 @@ def _ranks_arg(args) -> int | float | dict:
 
 
 def _cmd_compress(args) -> int:
-    from .compression.checkpoint import save_compressed
-    from .compression.compress import compress_model
+    from ..compression.checkpoint import save_compressed
+    from ..compression.compress import compress_model
 
     model, tok = load_model_for_cli(args.model, model_class=args.model_class, gguf_file=args.gguf_file)
     targets = args.target_modules.split(",") if args.target_modules else None
@@ -148,13 +147,13 @@ def _cmd_compress(args) -> int:
     elif args.method == "fwsvd":
         if not args.fisher:
             raise SystemExit("--method fwsvd needs --fisher FILE (the Fisher state a FisherCollectorCallback saved).")
-        from .fisher_cli import compress_with_fisher_file
+        from ..fisher_cli import compress_with_fisher_file
 
         report = compress_with_fisher_file(
             model, args.fisher, _ranks_arg(args), weighting=args.weighting, target_modules=targets, method=args.svd
         )
     elif args.method == "welore":
-        from .peft_configs.welore import welore_ranks_for_model
+        from ..peft_configs.welore import welore_ranks_for_model
 
         ranks, allocation = welore_ranks_for_model(model, args.reduction, target_modules=targets)
         report = compress_model(model, ranks, method=args.svd, report_method="welore")
@@ -170,7 +169,7 @@ def _cmd_compress(args) -> int:
 
 
 def _write_card(args, model, report) -> None:
-    from .model_card import write_model_card
+    from ..model_card import write_model_card
 
     if args.method == "welore":
         settings = {"reduction": args.reduction}
@@ -192,8 +191,8 @@ def _write_card(args, model, report) -> None:
 
 
 def _cmd_inspect(args) -> int:
-    from .compression.checkpoint import check_safetensors_file
-    from .io import read_json
+    from ..compression.checkpoint import check_safetensors_file
+    from ..io import read_json
 
     path = Path(args.path)
     cfg = read_json(path / "config.json", what="model config")
@@ -201,7 +200,7 @@ def _cmd_inspect(args) -> int:
     if qcfg.get("quant_method") != "hf_lowrank":
         print(f"{path}: not an hf-lowrank factorized checkpoint (no hf_lowrank quantization_config).")
         return 1
-    from .compression.checkpoint import check_compressed_checkpoint
+    from ..compression.checkpoint import check_compressed_checkpoint
 
     check_compressed_checkpoint(path)  # rank map vs factor tensors, both ways, naming the module
     shards = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
@@ -244,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="factorize a model's Linear layers and save a factorized checkpoint")
-    c.add_argument("model", help="model folder, Hub id, or 'smollm2' for the embedded offline SmolLM2")
+    c.add_argument("model", help="model folder, Hub id, or 'smollm2' / 'minilm' for an embedded offline model")
     c.add_argument("--out", required=True, help="output folder (written atomically)")
     c.add_argument("--method", choices=("svd", "fwsvd", "welore"), default="svd")
     size = c.add_mutually_exclusive_group()
@@ -289,6 +288,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-lowrank: error: {exc}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
