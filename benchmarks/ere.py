@@ -170,7 +170,7 @@ def main(argv=None) -> int:
 
     hf_logging.set_verbosity_error()
     from hf_lowrank import bundled
-    from hf_lowrank.compression.residual import decode_residual, encode_residual
+    from hf_lowrank.compression.ere import decode_residual, encode_residual
     from hf_lowrank.offline import load_minilm
 
     t0 = time.perf_counter()

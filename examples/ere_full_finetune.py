@@ -53,7 +53,7 @@ def minilm(args) -> dict:
 
     import hf_lowrank  # noqa: F401
     from hf_lowrank import bundled
-    from hf_lowrank.compression.residual import load_residual
+    from hf_lowrank.compression.ere import load_residual
     from hf_lowrank.evaluation import accuracy
     from hf_lowrank.offline import load_minilm, minilm_dir
     from hf_lowrank.trainer_mixins.callbacks import CompressOnSaveCallback
@@ -114,7 +114,7 @@ def smollm2(args) -> dict:
 
     import hf_lowrank  # noqa: F401
     from hf_lowrank import bundled
-    from hf_lowrank.compression.residual import load_residual
+    from hf_lowrank.compression.ere import load_residual
     from hf_lowrank.evaluation import perplexity
     from hf_lowrank.offline import load_smollm2, smollm2_dir
     from hf_lowrank.trainer_mixins.callbacks import CompressOnSaveCallback

@@ -11,7 +11,6 @@ layers; :func:`load_compressed` (and the CLI) always import the plugin and also 
 
 from __future__ import annotations
 
-import json
 import numbers
 import os
 from pathlib import Path
@@ -23,6 +22,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..io import read_safetensors_header
 from ..modules import LowRankLinear
 
 __all__ = [
@@ -483,57 +483,8 @@ def check_safetensors_file(shard: Path) -> dict:
     Returns:
         The file's header: ``{tensor name: {"dtype", "shape", "data_offsets"}}`` (plus ``__metadata__``).
     """
-    size = shard.stat().st_size
-    try:
-        with open(shard, "rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            if header_len <= 0 or 8 + header_len > size:
-                raise ValueError("header length past the end of the file")
-            header = json.loads(fh.read(header_len))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        end = 0
-        for key, entry in header.items():
-            if key != "__metadata__":
-                end = max(end, _entry_end(key, entry))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CompressedCheckpointError(
-            f"The weights file '{shard}' is unreadable ({exc}); it is probably truncated or corrupted. "
-            "Copy, download or save it again."
-        ) from exc
-    if 8 + header_len + end > size:
-        raise CompressedCheckpointError(
-            f"The weights file '{shard}' is truncated ({size} bytes, its header needs {8 + header_len + end}). "
-            "Copy, download or save it again."
-        )
-    return header
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def _entry_end(key: str, entry: Any) -> int:
-    """Check one header entry (known dtype, shape of non-negative ints, data extent matching them); its end."""
-    dtype, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets")) if isinstance(
-        entry, dict) else (None, None, None)
-    if dtype not in _DTYPE_BYTES:
-        raise ValueError(f"tensor '{key}' has dtype {dtype!r}, not a safetensors dtype")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        raise ValueError(f"tensor '{key}' has shape {shape!r}, not a list of sizes")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        raise ValueError(f"tensor '{key}' has data_offsets {offsets!r}")
-    numel = 1
-    for d in shape:
-        numel *= d
-    if offsets[1] - offsets[0] != numel * _DTYPE_BYTES[dtype]:
-        raise ValueError(
-            f"tensor '{key}' is {dtype} of shape {shape} ({numel * _DTYPE_BYTES[dtype]} bytes) but holds "
-            f"{offsets[1] - offsets[0]} bytes"
-        )
-    return offsets[1]
+    tensors, metadata = read_safetensors_header(shard, error=CompressedCheckpointError)
+    return {**tensors, "__metadata__": metadata} if metadata else tensors
 
 
 def save_compressed(

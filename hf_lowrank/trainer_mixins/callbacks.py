@@ -171,7 +171,7 @@ class CompressOnSaveCallback(TrainerCallback):
           ``FisherCollectorCallback(source="full")``) through ``compress_with_fisher``.
         - ``"svd"``: plain truncated SVD, no Fisher.
         - ``"ere"``: efficient residual encoding of the fine-tuned weights (seed 003), delegated to
-          ``hf_lowrank.compression.residual.save_residual_on_save(model, output_dir, base_model=..., **kwargs)``.
+          ``hf_lowrank.compression.ere.save_residual_on_save(model, output_dir, base_model=..., **kwargs)``.
           ERE encodes ``W_finetuned - W_base`` and therefore needs the base weights: pass ``base_model=`` here (or
           let ``save_residual_on_save`` decide how to find them; see its documentation).
 
@@ -237,7 +237,7 @@ class CompressOnSaveCallback(TrainerCallback):
         from ..peft_configs.fisher_lora.fisher import unwrap_model
 
         if self.method == "ere":
-            from ..compression.residual import save_residual_on_save
+            from ..compression.ere import save_residual_on_save
 
             while hasattr(model, "module") and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
                 model = model.module
