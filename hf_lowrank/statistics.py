@@ -183,6 +183,19 @@ class GramHooks:
         return hook
 
 
+def _batch_inputs(batch, device, model: nn.Module) -> dict:
+    """A calibration batch as forward kwargs on ``device`` (labels dropped, no KV cache)."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise ValueError(
+            "Each calibration batch must be a dict with 'input_ids' (and optionally 'attention_mask'), e.g. a "
+            f"tokenizer's output or a DataLoader over such dicts; got {type(batch).__name__}."
+        )
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        inputs["use_cache"] = False
+    return inputs
+
+
 @torch.no_grad()
 def calibration_grams(
     model: nn.Module,
@@ -217,14 +230,7 @@ def calibration_grams(
     hooks.attach(model)
     try:
         for batch in tqdm(calibration, desc="calibration", unit="batch", disable=not progress):
-            if not isinstance(batch, Mapping) or "input_ids" not in batch:
-                raise ValueError(
-                    "Each calibration batch must be a dict with 'input_ids' (and optionally 'attention_mask'), e.g. "
-                    f"a tokenizer's output or a DataLoader over such dicts; got {type(batch).__name__}."
-                )
-            inputs = {k: v.to(target) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
-            kwargs = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
-            model(**inputs, **kwargs)
+            model(**_batch_inputs(batch, target, model))
     finally:
         hooks.detach()
         model.train(was_training)
@@ -283,19 +289,12 @@ class BlockStream:
         handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
         try:
             for batch in tqdm(calibration, desc="calibration inputs", unit="batch", disable=not progress):
-                if not isinstance(batch, Mapping) or "input_ids" not in batch:
-                    raise ValueError(
-                        "Each calibration batch must be a dict with 'input_ids' (and optionally 'attention_mask'); "
-                        f"got {type(batch).__name__}."
-                    )
-                inputs = {k: v.to(target) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-                          if k != "labels"}
+                inputs = _batch_inputs(batch, target, model)
                 mask = inputs.get("attention_mask")
                 self._mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
                 self.tokens += int(self._mask.sum()) if self._mask is not None else int(inputs["input_ids"].numel())
-                kwargs = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
                 try:
-                    model(**inputs, **kwargs)
+                    model(**inputs)
                 except _StopForward:
                     pass
         finally:
