@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from hf_lowrank import load_compressed
@@ -92,3 +93,48 @@ def test_compress_writes_a_model_card(tiny_llama, tmp_path):
     assert "14 factorized Linear layers; rank min 8, median 8, max 8" in card
     after = sum(p.numel() for p in load_compressed(tmp_path / "c").parameters())
     assert f"{after:,} after" in card and f"{sum(p.numel() for p in tiny_llama.parameters()):,} before" in card
+
+
+def _char_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", *"abcdefghijklmnopqrstuvwxyz .,:"])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def test_compress_with_calibration_file_and_sequential(tiny_llama, tmp_path):
+    import json as _json
+
+    import hf_lowrank
+
+    tiny_llama.save_pretrained(tmp_path / "dense")
+    _char_tokenizer().save_pretrained(tmp_path / "dense")
+    texts = tmp_path / "calib.jsonl"
+    texts.write_text("\n".join(_json.dumps({"text": t}) for t in ["a cat is an animal.", "red is a colour.",
+                                                                   "an oak is a tree.", "rain is water."]))
+    for extra in ([], ["--sequential"], ["--allocation", "global"]):
+        out = tmp_path / f"c{len(extra)}{''.join(extra)}"
+        assert main(["compress", str(tmp_path / "dense"), "--keep", "0.5", "--calibration", str(texts), *extra,
+                     "--out", str(out)]) == 0
+        report = _json.loads((out / "compression_report.json").read_text())
+        assert report["method"] == "whitened" and report["info"]["calibration_tokens"] > 0
+        hf_lowrank.load_compressed(out)
+    assert main(["compress", str(tmp_path / "dense"), "--sequential", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_cli_errors_are_one_line_unless_debug(tiny_llama, tmp_path, capsys):
+    import json as _json
+
+    tiny_llama.save_pretrained(tmp_path / "dense")
+    assert main(["compress", str(tmp_path / "dense"), "--keep", "0.5", "--out", str(tmp_path / "c")]) == 0
+    config = _json.loads((tmp_path / "c" / "config.json").read_text())
+    config["quantization_config"]["ranks"] = {}
+    (tmp_path / "c" / "config.json").write_text(_json.dumps(config))
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-lowrank: error:") and "\n" not in err and "Traceback" not in err
+    with pytest.raises(ValueError):
+        main(["inspect", str(tmp_path / "c"), "--debug"])

@@ -143,7 +143,11 @@ def _cmd_compress(args) -> int:
     targets = args.target_modules.split(",") if args.target_modules else None
     started = time.perf_counter()
     if args.method == "svd":
-        report = compress_model(model, _ranks_arg(args), target_modules=targets, method=args.svd)
+        calibration = _calibration_arg(args, tok)
+        if calibration is None and (args.sequential or args.allocation != "uniform"):
+            raise CliError("--sequential and --allocation global need --calibration FILE|bundled.")
+        report = compress_model(model, _ranks_arg(args), target_modules=targets, method=args.svd,
+                                calibration=calibration, allocation=args.allocation, sequential=args.sequential)
     elif args.method == "fwsvd":
         if not args.fisher:
             raise SystemExit("--method fwsvd needs --fisher FILE (the Fisher state a FisherCollectorCallback saved).")
@@ -166,6 +170,38 @@ def _cmd_compress(args) -> int:
     print(report.summary())
     print(f"compressed in {elapsed:.1f}s; saved to {args.out}")
     return 0
+
+
+def _calibration_arg(args, tok):
+    """Calibration batches from ``--calibration``: 'bundled' (WordNet prose), a .txt file (one text per non-empty
+    line) or a .jsonl file (one {"text": ...} per line)."""
+    source = getattr(args, "calibration", None)
+    if not source:
+        return None
+    if tok is None:
+        raise CliError("--calibration needs the model's tokenizer, and none was found next to the model.")
+    from ..evaluation import calibration_batches
+
+    if source == "bundled":
+        from ..bundled import prose_texts
+
+        texts = prose_texts("train", n=args.calibration_texts)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise CliError(f"--calibration {source!r} is neither 'bundled' nor a file.")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.suffix == ".jsonl":
+            try:
+                texts = [json.loads(line)["text"] for line in lines]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CliError(f"--calibration {source}: each line must be a JSON object with 'text' ({exc}).") from None
+        else:
+            texts = lines
+        texts = texts[: args.calibration_texts]
+        if not texts:
+            raise CliError(f"--calibration {source} holds no text.")
+    return calibration_batches(tok, texts, max_length=256)
 
 
 def _write_card(args, model, report) -> None:
@@ -253,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fisher", default=None, help="Fisher state file saved by FisherCollectorCallback (fwsvd)")
     c.add_argument("--weighting", choices=("row", "two_sided"), default=None, help="FisherLoRA weighting (fwsvd)")
     c.add_argument("--target-modules", default=None, help="comma-separated module names or suffixes")
+    c.add_argument("--calibration", default=None,
+                   help="svd: 'bundled' or a .txt/.jsonl file of texts; whitens each weight by its inputs' Gram")
+    c.add_argument("--calibration-texts", type=int, default=128, help="calibration texts used (default 128)")
+    c.add_argument("--allocation", choices=("uniform", "global"), default="uniform", help="rank allocation (svd)")
+    c.add_argument("--sequential", action="store_true", help="block-by-block calibration with error feedback")
     c.add_argument("--svd", choices=("auto", "exact", "randomized"), default="auto", help="SVD algorithm")
     c.add_argument("--gguf-file", default=None, help="GGUF file inside MODEL to read the weights from")
     c.add_argument(
@@ -281,10 +322,17 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return int(args.func(args) or 0)
     except CliError as exc:
         print(f"hf-lowrank: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, OSError) as exc:  # the package's errors name the problem and the fix
+        if debug:
+            raise
+        print(f"hf-lowrank: error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return 2
 
