@@ -436,3 +436,32 @@ def test_recompressing_a_compressed_model_says_so():
     compress_model(model, 0.5, progress=False)
     with pytest.raises(ValueError, match="already compressed"):
         compress_model(model, 0.5, progress=False)
+
+
+def test_kronecker_on_a_4bit_base_compresses_the_dequantized_weights(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from test_fisher_lora import _qlora_model
+
+    import hf_lowrank
+
+    base = _qlora_model(make_tiny_llama(seed=0), tmp_path)
+    assert type(base.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    cfg = FisherLoRAConfig(r=4, target_modules=["up_proj", "down_proj"], merge_before_compress=False,
+                           compress_keep=0.5, init_lora_weights=False)
+    assert cfg.fisher_weighting == "kronecker" and cfg.compress_allocation == "global"  # the measured defaults
+    pm = get_peft_model(base, cfg)
+    collector = FisherCollector("lora").attach(pm)
+    pm.train()
+    for b in _batches(n=3):
+        pm(**b, labels=b["input_ids"]).loss.backward()
+    collector.detach()
+    G_in, G_out = collector.snapshot().grams("model.layers.0.mlp.up_proj")
+    assert G_in.shape == (64, 64) and G_out.shape == (128, 128) and G_in.any() and G_out.any()
+    out, report = compress_peft_model(pm, fisher=collector, progress=False)
+    assert not any(type(m).__name__ == "Linear4bit" for m in out.modules())
+    assert report.info["fisher_weighting"] == "kronecker" and report.kept_fraction <= 0.5 + 1e-6
+    folder = hf_lowrank.save_compressed(out, tmp_path / "q", report=report)
+    reloaded = hf_lowrank.load_compressed(folder).eval()
+    x = _batches(n=1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**x).logits, out.eval()(**x).logits, rtol=1e-5, atol=1e-5)
