@@ -8,7 +8,6 @@ import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -20,14 +19,13 @@ from ..ops.fisher import (
     DEFAULT_DAMPING,
     fisher_weights,
     gram_factor,
-    regression_target,
     weighted_lowrank,
     weighted_relative_error,
     weighted_spectrum,
 )
 from ..ops.rank_allocation import global_ranks
 from ..ops.svd import break_even_rank, factorized_params, rank_for_keep, relative_error
-from ..statistics import BlockStream, calibration_grams, gram_memory_bytes, paired_grams, split_into_blocks
+from ..statistics import GRAM_IN, BlockStream, GramHooks, calibration_grams, gram_memory_bytes, split_into_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -333,10 +331,9 @@ def compress_model(
         loss_normalization: with ``"global"``: ``"none"`` (raw weighted losses) or ``"relative"`` (per module).
         damping: Gram damping ``lambda`` (``G / mean(diag G) + lambda I``).
         max_gram_dim: calibration Grams of sides wider than this keep their diagonal only.
-        sequential: with ``calibration``: compress block by block, each block's statistics measured on the outputs
-            of the already-compressed blocks before it, and each module fitted to reproduce the DENSE model's outputs
-            from those inputs (error feedback: earlier errors are corrected, not compounded; one block's statistics
-            in memory at a time). Uniform ranks (or a rank map) only.
+        sequential: with ``calibration``: compress block by block, each block's input Grams measured on the outputs
+            of the already-compressed blocks before it (one block's Grams in memory at a time). Uniform ranks (or a
+            rank map) only.
         target_modules: see :func:`find_target_linears`; with a ``{name: rank}`` dict and no target_modules,
             the dict's names are the targets.
         method: SVD method, ``"auto"``, ``"exact"`` or ``"randomized"``.
@@ -446,14 +443,8 @@ def _factorize_plan(targets, plan, sides, report, allocation, method, dtype, pro
 
 def _compress_sequential(model, targets, plan, calibration, report, row_weights, col_weights, grams_out, exponent,
                          eps, damping, max_gram_dim, method, dtype, progress):
-    """Block by block, with error feedback (GPTQ / SVD-LLM v2 practice).
-
-    Two activation streams go through the blocks: the dense model's (``reference``) and the one after the blocks
-    already compressed (``current``). For each block, every target's inputs ``X`` (reference) and ``X'`` (current)
-    give ``G' = X'^T X'`` and ``C = X^T X'``, and the module is replaced by the rank-``k`` minimiser of
-    ``||X W^T - X' W_hat^T||``: the dense layer's outputs are reproduced from the inputs it now receives, so the
-    errors of earlier blocks are corrected instead of compounded (:func:`~hf_lowrank.ops.fisher.regression_target`).
-    One block's statistics are in memory at a time. On any failure every replaced module is put back."""
+    """Block by block: each block's input Grams are measured on the outputs of the already-compressed blocks before
+    it (one block's Grams in memory at a time). On any failure every replaced module is put back."""
     blocks = split_into_blocks(targets)
     parents = {name.rpartition(".")[0] for name in blocks}
     if len(parents) != 1:
@@ -461,17 +452,10 @@ def _compress_sequential(model, targets, plan, calibration, report, row_weights,
             f"sequential calibration needs the targets in ONE list of repeated blocks; they are in {sorted(parents)}. "
             "Restrict target_modules to one stack (e.g. the decoder) or use sequential=False."
         )
-    if row_weights or col_weights or grams_out or max_gram_dim is not None:
-        raise ValueError(
-            "sequential=True weighs each module by its calibration inputs alone; row_weights / col_weights / "
-            "grams_out / max_gram_dim are not supported with it."
-        )
     parent_name = parents.pop()
     stack = model.get_submodule(parent_name)
     indices = sorted(int(name.rpartition(".")[2]) for name in blocks)
-    current = BlockStream().capture(model, stack[indices[0]], calibration, progress=progress)
-    reference = BlockStream()
-    reference.items, reference.tokens = list(current.items), current.tokens
+    stream = BlockStream().capture(model, stack[indices[0]], calibration, progress=progress)
     originals: dict[str, nn.Module] = {}
     sides: dict = {}
     was_training = model.training
@@ -479,47 +463,36 @@ def _compress_sequential(model, targets, plan, calibration, report, row_weights,
     try:
         for index in tqdm(range(indices[0], indices[-1] + 1), desc="sequential blocks", disable=not progress,
                           unit="block"):
+            block_name = f"{parent_name}.{index}"
             block = stack[index]
-            names = blocks.get(f"{parent_name}.{index}", [])
-            if not names:
-                reference.run(block, advance=True)
-                current.run(block, advance=True)
-                continue
-            sub = {n: targets[n] for n in names}
-            grams, cross = paired_grams(block, sub, reference, current)
-            for name in names:
-                module, rank = sub[name], plan[name]
-                out_f, in_f = module.out_features, module.in_features
-                bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-                before = out_f * in_f + (out_f if bias is not None else 0)
-                if rank is None:
-                    report.modules.append(ModuleReport(name, (out_f, in_f), None, before, before,
-                                                       skipped="rank saves no parameters"))
-                    continue
-                factor = gram_factor(grams[name], damping=damping, name=name)
-                W = dense_weight(module)
-                target = regression_target(W.float(), cross[name], factor)
-                holder = SimpleNamespace(weight=target, bias=bias, out_features=out_f, in_features=in_f)
-                new, _, werr = factorize_linear(holder, rank, None, factor.L, method=method,
-                                                dtype=dtype or (W.dtype if W.is_floating_point() else None), name=name)
-                new = new.to(W.device)
-                err = relative_error(W.float(), new.up.weight.float() @ new.down.weight.float())
-                sides[name] = _Side(in_factor=factor.L, scale=factor.scale, fallback=factor.fallback == "eigh")
-                new.train(module.training)
-                originals[name] = module
-                set_submodule(model, name, new)
-                report.modules.append(ModuleReport(name, (out_f, in_f), rank, before,
-                                                   factorized_params(out_f, in_f, rank) + (before - out_f * in_f),
-                                                   err, werr))
-            del grams, cross
-            current.run(block, advance=True)
+            names = blocks.get(block_name, [])
+            if names:
+                sub = {n: targets[n] for n in names}
+                hooks = GramHooks(sub, share=True, max_dim=max_gram_dim).attach()
+                try:
+                    stream.run(block, hooks=hooks)
+                finally:
+                    hooks.detach()
+                grams = {n: hooks.store[n + GRAM_IN] for n in names if n + GRAM_IN in hooks.store}
+                block_sides = _weighting_sides(
+                    sub, _only(row_weights, names), _only(col_weights, names), grams, _only(grams_out, names),
+                    exponent, eps, damping,
+                )
+                sides.update(block_sides)
+                replacements = _factorize_plan(sub, {n: plan[n] for n in names}, block_sides, report, "uniform",
+                                               method, dtype, progress=False)
+                for name, new in replacements.items():
+                    originals[name] = targets[name]
+                    set_submodule(model, name, new)
+                del grams, block_sides, hooks
+            stream.run(block, advance=True)
     except BaseException:
         for name, module in originals.items():  # all or nothing
             set_submodule(model, name, module)
         raise
     finally:
         model.train(was_training)
-    return sides, current.tokens
+    return sides, stream.tokens
 
 
 def _only(weights, names):

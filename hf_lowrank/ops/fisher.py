@@ -24,7 +24,6 @@ __all__ = [
     "GramFactor",
     "fisher_weights",
     "gram_factor",
-    "regression_target",
     "weighted_lowrank",
     "weighted_spectrum",
     "fwsvd",
@@ -292,37 +291,6 @@ def weighted_spectrum(
     _check_factor(in_factor, W.shape[1], "in", name)
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     return singular_values(_weighted_matrix(W, out_factor, in_factor, dtype), name=name).to(torch.float64)
-
-
-@torch.no_grad()
-def regression_target(W: torch.Tensor, cross: torch.Tensor, factor: GramFactor) -> torch.Tensor:
-    """The dense map that best reproduces ``W``'s outputs from shifted inputs: ``W C G'^{-1}``.
-
-    With ``X`` the inputs a layer was trained on and ``X'`` the inputs it sees now (rows are tokens; e.g. after
-    earlier layers were compressed), ``C = X^T X'`` and ``G' = X'^T X'`` (factorized by :func:`gram_factor`, damped),
-    ``min ||X W^T - X' W_hat^T||_F`` over rank-``k`` ``W_hat`` is the truncation of ``W_t = W C G'^{-1}`` weighted by
-    ``G'``: pass ``W_t`` with ``in_factor=factor.L`` to :func:`weighted_lowrank`. With ``X' = X`` it is ``W`` (up to
-    the damping).
-
-    Args:
-        W: ``(out, in)`` weight.
-        cross: ``(in, in)`` cross Gram ``C = X^T X'``.
-        factor: :class:`GramFactor` of ``G'`` (full, not diagonal).
-
-    Returns:
-        ``(out, in)`` float32 target (float64 for a float64 ``W``).
-    """
-    L = factor.L
-    if L.ndim != 2 or tuple(cross.shape) != tuple(L.shape) or W.shape[1] != L.shape[0]:
-        raise ValueError(
-            f"regression_target needs a (in, in) cross Gram and a full Gram factor for a {tuple(W.shape)} weight, got "
-            f"{tuple(cross.shape)} and {tuple(L.shape)}."
-        )
-    A = (W.detach().double() @ cross.to(device=W.device, dtype=torch.float64)) / factor.scale
-    L = L.to(device=W.device, dtype=torch.float64)
-    Z = torch.linalg.solve_triangular(L.T, A, upper=True, left=False)  # Z L^T = A
-    target = torch.linalg.solve_triangular(L, Z, upper=False, left=False)  # target L = Z
-    return target.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
 
 
 @torch.no_grad()
