@@ -7,7 +7,8 @@ FisherLoRA pipeline (``merge_before_compress=False``: LoRA trains only to collec
 are compressed), which runs ``--steps`` steps on the same texts. No row is fine-tuned after compression.
 
 Rows: ``svd`` (uniform), ``fisher_two_sided`` (today's FisherLoRA diagonal weighting, uniform), ``whitened`` (the
-calibration Grams, SVD-LLM's whitening; uniform and global allocation, raw and per-module relative losses),
+calibration Grams, SVD-LLM's whitening; uniform and global allocation, raw and per-module relative losses; and
+block-by-block ``sequential`` calibration),
 ``kronecker`` (input and output-gradient Grams from the LoRA probe; uniform and global). Costs, measured in the same
 run: LoRA probe step time with the Kronecker Grams and with the diagonal Fisher hooks vs a plain peft LoRA step, the
 Grams' memory vs the LoRA training state, the compression time vs the bare SVD loop.
@@ -129,6 +130,13 @@ def main() -> None:
         label = f"whitened {alloc}" + (f" ({norm})" if alloc == "global" else "")
         record(label, model, report, time.perf_counter() - start)
         del model
+
+    model = copy.deepcopy(dense)
+    start = time.perf_counter()
+    report = compress_model(model, uniform_ranks, calibration=batches, sequential=True, target_modules=pattern,
+                            method="exact", progress=False)
+    record("whitened sequential uniform", model, report, time.perf_counter() - start)
+    del model
 
     probes = {}
     for kind in ("plain", "two_sided", "kronecker"):
