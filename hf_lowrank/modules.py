@@ -7,19 +7,41 @@ from torch import nn
 
 from .ops.svd import split_factors, truncated_svd
 
-__all__ = ["LowRankLinear", "dense_weight"]
+__all__ = ["LowRankLinear", "dense_weight", "is_conv1d", "linear_shape"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a GPT-2-style ``transformers.pytorch_utils.Conv1D`` (a Linear whose weight is stored
+    ``(in, out)``: ``y = x @ weight + bias``)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(module, Conv1D)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a Linear-like module: ``nn.Linear`` (bitsandbytes ones included) or a
+    ``Conv1D`` (``(nf, nx)``; it has no ``in_features`` / ``out_features``)."""
+    if is_conv1d(module):
+        return module.nf, module.nx
+    return module.out_features, module.in_features
 
 
 def dense_weight(linear: nn.Module) -> torch.Tensor:
     """The dense ``(out, in)`` weight of a Linear-like module, dequantized when it is a bitsandbytes 4/8-bit layer.
 
     Args:
-        linear: an ``nn.Linear`` (or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``).
+        linear: an ``nn.Linear`` (or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``), or a transformers
+            ``Conv1D``, whose ``(in, out)`` weight is returned transposed.
 
     Returns:
-        ``(out, in)`` floating tensor (a fresh tensor for quantized layers, the parameter's data otherwise).
+        ``(out, in)`` floating tensor (a fresh tensor for quantized layers, the parameter's data otherwise: a
+        transposed view of it for a ``Conv1D``).
     """
     weight = linear.weight
+    if is_conv1d(linear):
+        return weight.data.T
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes Params4bit
         import bitsandbytes.functional as bnbF

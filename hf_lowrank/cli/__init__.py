@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-lowrank", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    sub.add_parser("lm-eval", add_help=False,
+                   help="evaluate with lm-evaluation-harness (bundled tasks included): hf-lowrank lm-eval --model hf "
+                   "--model_args pretrained=DIR --tasks hf_lowrank_wordnet")
     c = sub.add_parser("compress", help="factorize a model's Linear layers and save a factorized checkpoint")
     c.add_argument("model", help="model folder, Hub id, or 'smollm2' / 'minilm' for an embedded offline model")
     c.add_argument("--out", required=True, help="output folder (written atomically)")
@@ -323,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval parses its own arguments
+        from ..lm_eval_cli import main as lm_eval_main
+
+        return lm_eval_main(argv[1:])
     debug = "--debug" in argv
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:

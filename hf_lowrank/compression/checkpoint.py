@@ -23,7 +23,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..io import read_safetensors_header
-from ..modules import LowRankLinear
+from ..modules import LowRankLinear, is_conv1d, linear_shape
 
 __all__ = [
     "FORMAT_VERSION",
@@ -155,20 +155,19 @@ def _replace_with_factorized(model: nn.Module, ranks: dict[str, int]) -> None:
         module = model.get_submodule(name)
         if isinstance(module, LowRankLinear):
             continue
-        if not isinstance(module, nn.Linear):
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise CompressedCheckpointError(f"Module '{name}' is a {type(module).__name__}, not a Linear layer.")
-        limit = min(module.in_features, module.out_features)
+        out_features, in_features = linear_shape(module)
+        limit = min(in_features, out_features)
         if not 1 <= rank <= limit:
             raise CompressedCheckpointError(
-                f"Rank {rank} recorded for '{name}' is out of bounds for its ({module.out_features}, "
-                f"{module.in_features}) weight (must be in [1, {limit}]): config.json was edited or belongs to "
+                f"Rank {rank} recorded for '{name}' is out of bounds for its ({out_features}, "
+                f"{in_features}) weight (must be in [1, {limit}]): config.json was edited or belongs to "
                 "another model. Re-create the checkpoint."
             )
         device = module.weight.device
         dtype = module.weight.dtype
-        new = LowRankLinear(
-            module.in_features, module.out_features, rank, bias=module.bias is not None, device=device, dtype=dtype
-        )
+        new = LowRankLinear(in_features, out_features, rank, bias=module.bias is not None, device=device, dtype=dtype)
         set_submodule(model, name, new)
 
 

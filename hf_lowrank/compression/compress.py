@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_json
-from ..modules import LowRankLinear, dense_weight
+from ..modules import LowRankLinear, dense_weight, is_conv1d
 from ..ops.fisher import (
     DEFAULT_DAMPING,
     fisher_weights,
@@ -110,7 +110,8 @@ class CompressionReport:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear)
+    """An ``nn.Linear`` (bitsandbytes ones included) or a GPT-2-style ``Conv1D`` (a Linear of weight ``W.T``)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def find_target_linears(
@@ -127,7 +128,9 @@ def find_target_linears(
             ``"." + entry``. Every list entry must match at least one Linear.
 
     Returns:
-        ``{qualified_name: module}`` in model order (bitsandbytes 4/8-bit Linears included).
+        ``{qualified_name: module}`` in model order (bitsandbytes 4/8-bit Linears and transformers ``Conv1D``
+        included; a ``Conv1D`` gets ``in_features`` / ``out_features`` attributes (``nx`` / ``nf``) so that it reads
+        like a Linear wherever a shape is needed, see :func:`hf_lowrank.modules.linear_shape`).
 
     Raises:
         ValueError: when nothing matches, a list entry names no Linear of the model, ``target_modules`` is not a
@@ -140,6 +143,8 @@ def find_target_linears(
         if isinstance(module, LowRankLinear):
             owned.update({f"{name}.down", f"{name}.up"})
         elif _is_linear(module) and name not in owned:
+            if is_conv1d(module):  # plain ints on the instance: no parameter, state dict or forward changes
+                module.out_features, module.in_features = module.nf, module.nx
             linears[name] = module
     if target_modules is None:
         chosen = {n: m for n, m in linears.items() if _BLOCK_INDEX.search(n)}

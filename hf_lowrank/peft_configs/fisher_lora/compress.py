@@ -508,7 +508,10 @@ def _effective_weight(wrapper: nn.Module, adapter: str, merge: bool, name: str) 
     """``W + s B A`` (``merge``) or ``W`` of a LoRA layer, dequantized when its base is 4/8-bit."""
     W = dense_weight(wrapper.get_base_layer())
     if merge and not getattr(wrapper, "merged", False):
-        return W.float() + wrapper.get_delta_weight(adapter).float().to(W.device)
+        delta = wrapper.get_delta_weight(adapter)  # in the base layer's layout: (in, out) for a Conv1D
+        if getattr(wrapper, "fan_in_fan_out", False):
+            delta = delta.T
+        return W.float() + delta.float().to(W.device)
     if not merge and getattr(wrapper, "merged", False):
         raise ValueError(
             f"Module '{name}' has its adapter merged into the base weight, so the original W is gone; "

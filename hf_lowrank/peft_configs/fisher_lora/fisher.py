@@ -50,6 +50,7 @@ from torch import nn
 
 from ...distributed import is_fsdp_model, world_size
 from ...io import atomic_save_safetensors
+from ...modules import is_conv1d
 from ...ops.fisher import lora_fisher_to_weights
 from ...statistics import GRAM_IN, GRAM_OUT, GramHooks
 
@@ -411,6 +412,10 @@ def _read_fingerprint(text: str | None, path) -> dict | None:
     return value
 
 
+def _linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def lora_linear_modules(model: nn.Module, adapter_name: str | None = None) -> tuple[dict[str, nn.Module], str | None]:
     """LoRA-adapted Linear layers of ``model`` (names as in the base transformers model) and the adapter name.
 
@@ -420,7 +425,7 @@ def lora_linear_modules(model: nn.Module, adapter_name: str | None = None) -> tu
 
     Returns:
         ``({name: lora_layer}, adapter_name)``; only layers whose base layer is an ``nn.Linear`` (bitsandbytes
-        4/8-bit Linears included) and that carry the adapter.
+        4/8-bit Linears included) or a GPT-2-style ``Conv1D`` and that carry the adapter.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -434,7 +439,7 @@ def lora_linear_modules(model: nn.Module, adapter_name: str | None = None) -> tu
             if not active:
                 continue
             adapter_name = active[0]
-        if adapter_name in module.lora_A and isinstance(module.get_base_layer(), nn.Linear):
+        if adapter_name in module.lora_A and _linear_like(module.get_base_layer()):
             found[name] = module
     return found, adapter_name
 

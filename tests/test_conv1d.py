@@ -1,0 +1,123 @@
+"""GPT-2-style ``Conv1D`` layers (weight stored ``(in, out)``) compress, round-trip and take FisherLoRA like Linears."""
+
+from __future__ import annotations
+
+import torch
+from peft import get_peft_model
+from torch.nn import functional as F
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, TrainingArguments
+from transformers.pytorch_utils import Conv1D
+
+import hf_lowrank
+from hf_lowrank import FisherLoRAConfig, LowRankLinear, LowRankTrainer, compress_peft_model, find_target_linears
+from hf_lowrank.modules import dense_weight, linear_shape
+from hf_lowrank.peft_configs.fisher_lora import lora_linear_modules
+
+CONV1D = ["c_attn", "c_proj", "c_fc"]
+
+
+def _tiny_gpt2(seed=0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    return GPT2LMHeadModel(config).float().eval()
+
+
+def _tokens(seed=0, bs=2, seq=12):
+    return torch.randint(0, 128, (bs, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def test_dense_weight_and_shape_of_conv1d():
+    conv = Conv1D(48, 16)  # nf=48 outputs, nx=16 inputs; weight (16, 48)
+    W = dense_weight(conv)
+    assert linear_shape(conv) == (48, 16) and W.shape == (48, 16)
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(F.linear(x, W, conv.bias), conv(x))
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # full-rank factors compute the same function
+    layer = LowRankLinear.from_factors(Vh, U * S, conv.bias.detach())
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-6)
+
+
+def test_find_targets_compress_save_reload_exact(tmp_path):
+    model = _tiny_gpt2()
+    targets = find_target_linears(model)
+    assert sorted({n.rsplit(".", 1)[-1] for n in targets}) == ["c_attn", "c_fc", "c_proj"]
+    assert len(targets) == 8 and all(isinstance(m, Conv1D) for m in targets.values())
+    x = _tokens(seed=1)
+    before = _logits(model, x)
+    report = hf_lowrank.compress_model(model, 0.5, progress=False)
+    assert len(report.ranks) == 8
+    attn = model.transformer.h[0].attn.c_attn
+    assert isinstance(attn, LowRankLinear) and (attn.out_features, attn.in_features) == (192, 64)
+    after = _logits(model, x)
+    assert not torch.equal(after, before)
+    hf_lowrank.save_compressed(model, tmp_path / "gpt2", report=report)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2").eval()
+    assert isinstance(reloaded.transformer.h[1].mlp.c_proj, LowRankLinear)
+    assert torch.equal(_logits(reloaded, x), after)
+    loaded = hf_lowrank.load_compressed(tmp_path / "gpt2").eval()
+    assert torch.equal(_logits(loaded, x), after)
+
+
+def test_compress_gives_the_truncated_svd_of_the_conv1d_function():
+    model = _tiny_gpt2(seed=3)
+    x = _tokens(seed=2)
+    before = _logits(model, x)
+    ranks = {n: min(linear_shape(m)) // 4 for n, m in find_target_linears(model).items()}
+    exact = {}
+    for name, module in find_target_linears(model).items():
+        U, S, Vh = torch.linalg.svd(dense_weight(module).double(), full_matrices=False)
+        r = ranks[name]
+        exact[name] = (U[:, :r] * S[:r] @ Vh[:r]).float()
+    hf_lowrank.compress_model(model, ranks, progress=False)
+    for name, ref in exact.items():
+        m = model.get_submodule(name)
+        torch.testing.assert_close(m.up.weight @ m.down.weight, ref, rtol=1e-4, atol=1e-5)
+    assert _logits(model, x).shape == before.shape
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=8, seq=12):
+        self.data = torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(123))
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.data[i], "labels": self.data[i]}
+
+
+def test_fisher_lora_trains_and_compresses_gpt2(tmp_path):
+    base = _tiny_gpt2(seed=5)
+    torch.manual_seed(1)
+    config = FisherLoRAConfig(r=4, lora_alpha=8, target_modules=CONV1D, init_lora_weights=False, compress_keep=0.5)
+    pm = get_peft_model(base, config)
+    modules, _ = lora_linear_modules(pm)
+    assert len(modules) == 8
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = LowRankTrainer(model=pm, args=args, train_dataset=_Tokens())
+    trainer.train()
+    state = trainer.fisher_callback.state
+    assert state.micro_batches == 2 and state.tensors
+    pm.eval()
+    x = _tokens(seed=4)
+    trained = _logits(pm, x)
+    # full rank (64 = min(out, in) everywhere) saves no parameters: every layer stays dense as W + BA, which must be
+    # the Conv1D's own function (peft's delta is in the Conv1D's (in, out) layout)
+    dense, dense_report = compress_peft_model(pm, fisher=state, rank=64, progress=False)
+    assert not dense_report.ranks
+    torch.testing.assert_close(_logits(dense, x), trained, rtol=1e-4, atol=1e-5)
+    out, report = compress_peft_model(pm, fisher=state, progress=False)
+    assert len(report.ranks) == 8 and isinstance(out.transformer.h[0].attn.c_attn, LowRankLinear)
+    compressed = _logits(out, x)
+    hf_lowrank.save_compressed(out, tmp_path / "fl", report=report)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fl").eval()
+    assert torch.equal(_logits(reloaded, x), compressed)
