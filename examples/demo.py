@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps for the methods that train")
     parser.add_argument("--methods", default="svd,welore,whitened,fisher_lora")
-    parser.add_argument("--calib-texts", type=int, default=128, help="bundled prose paragraphs for calibration")
+    parser.add_argument("--calib-texts", type=int, default=64, help="bundled prose paragraphs for calibration")
     parser.add_argument("--allocation", default="uniform", choices=["uniform", "global"],
                         help="rank allocation of the whitened row (uniform measured best for whitening alone)")
     parser.add_argument("--fisher-allocation", default="global", choices=["uniform", "global"],
