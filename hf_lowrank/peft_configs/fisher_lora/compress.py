@@ -305,6 +305,8 @@ def compress_peft_model(
     eps = float(pick(eps, "fisher_eps", 1e-6))
     merge = bool(pick(merge, "merge_before_compress", True))
     svd_method = pick(svd_method, "compress_svd_method", "auto")
+    if allocation is None and (rank is not None or rank_pattern):
+        allocation = "uniform"  # an explicit rank (or pattern) overrides the config's budget and its allocation
     allocation = pick(allocation, "compress_allocation", "uniform")
     damping = float(pick(damping, "compress_damping", DEFAULT_DAMPING))
     loss_normalization = pick(loss_normalization, "compress_loss_normalization", "none")
