@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops.svd import split_factors, truncated_svd
-
 __all__ = ["LowRankLinear", "dense_weight", "is_conv1d", "linear_shape"]
 
 
@@ -168,15 +166,12 @@ class LowRankLinear(nn.Module):
         """
         W = dense_weight(linear)
         out_dtype = dtype or (W.dtype if W.is_floating_point() else torch.float32)
-        if row_weights is None and col_weights is None:
-            down, up = split_factors(*truncated_svd(W, rank, method=method, name=name))
-        else:
-            from .ops.fisher import fwsvd
+        from .ops.fisher import fwsvd  # the one factorize path (plain SVD when no Fisher is given)
 
-            down, up = fwsvd(
-                W, rank, row_fisher=row_weights, col_fisher=col_weights, exponent=exponent, eps=eps, method=method,
-                name=name,
-            )
+        down, up = fwsvd(
+            W, rank, row_fisher=row_weights, col_fisher=col_weights, exponent=exponent, eps=eps, method=method,
+            name=name,
+        )
         bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
         layer = cls.from_factors(down.to(out_dtype), up.to(out_dtype), bias, dtype=out_dtype)
         return layer.to(W.device)

@@ -313,6 +313,4 @@ class BlockStream:
             if advance:
                 hidden = out[0] if isinstance(out, (tuple, list)) else out
                 self.items[i] = ([hidden, *args[1:]], kwargs, mask)
-            if hooks is not None:
-                hooks.tokens += int(mask.sum()) if mask is not None else 0
 

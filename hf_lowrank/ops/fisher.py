@@ -416,26 +416,17 @@ def weighted_relative_error(
     if any(isinstance(w, torch.Tensor) and w.ndim == 2 for w in (row_weights, col_weights)):
         _check_factor(row_weights, W.shape[0], "out", None)
         _check_factor(col_weights, W.shape[1], "in", None)
-        ref = _weighted_matrix(W, row_weights, col_weights, torch.float64)
-        diff = _weighted_matrix(W.detach().double() - W_hat.detach().to(W.device).double(), row_weights, col_weights,
-                                torch.float64)
-        denom, num = torch.linalg.matrix_norm(ref), torch.linalg.matrix_norm(diff)
-        if denom == 0:
-            return 0.0 if num == 0 else float("inf")
-        return float(num / denom)
-    sides = (("row_weights", row_weights, W.shape[0], "out"), ("col_weights", col_weights, W.shape[1], "in"))
-    for label, wts, size, side in sides:
-        if wts is not None and (not isinstance(wts, torch.Tensor) or wts.numel() != size):
-            shape = tuple(wts.shape) if isinstance(wts, torch.Tensor) else type(wts).__name__
-            raise ValueError(f"{label} must hold one weight per {side} feature ({size}) of W, got {shape}.")
-    A = W.detach().to(torch.float64)
-    diff = A - W_hat.detach().to(device=A.device, dtype=torch.float64)
-    if row_weights is not None:
-        r = row_weights.detach().to(device=A.device, dtype=torch.float64).reshape(-1, 1)
-        A, diff = A * r, diff * r
-    if col_weights is not None:
-        c = col_weights.detach().to(device=A.device, dtype=torch.float64).reshape(1, -1)
-        A, diff = A * c, diff * c
+    else:
+        sides = (("row_weights", row_weights, W.shape[0], "out"), ("col_weights", col_weights, W.shape[1], "in"))
+        for label, wts, size, side in sides:
+            if wts is not None and (not isinstance(wts, torch.Tensor) or wts.numel() != size):
+                shape = tuple(wts.shape) if isinstance(wts, torch.Tensor) else type(wts).__name__
+                raise ValueError(f"{label} must hold one weight per {side} feature ({size}) of W, got {shape}.")
+        row_weights = row_weights.reshape(-1) if row_weights is not None else None
+        col_weights = col_weights.reshape(-1) if col_weights is not None else None
+    A = _weighted_matrix(W, row_weights, col_weights, torch.float64)
+    diff = _weighted_matrix(W.detach().double() - W_hat.detach().to(W.device).double(), row_weights, col_weights,
+                            torch.float64)
     denom = torch.linalg.matrix_norm(A)
     num = torch.linalg.matrix_norm(diff)
     if denom == 0:
