@@ -15,7 +15,8 @@ with ``share=True`` they also share one storage (calibration), else the product 
 saved with safetensors, which refuses shared tensors).
 
 :func:`calibration_grams` runs a model over calibration batches and returns the input Grams (the SVD-LLM
-"truncation-aware whitening" statistics, METHODS.md section 5).
+"truncation-aware whitening" statistics, METHODS.md section 5) and, with ``outputs=True``, the output-gradient Grams
+of the model's loss on the same batches (the Kronecker-factored Fisher without a training run).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["GRAM_IN", "GRAM_OUT", "GramHooks", "calibration_grams", "gram_memory_bytes"]
+__all__ = ["GRAM_IN", "GRAM_OUT", "GramHooks", "calibration_grams", "gram_memory_bytes", "is_causal_lm"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,55 +184,126 @@ class GramHooks:
         return hook
 
 
-def _batch_inputs(batch, device, model: nn.Module) -> dict:
-    """A calibration batch as forward kwargs on ``device`` (labels dropped, no KV cache)."""
+def _batch_inputs(batch, device, model: nn.Module, *, labels: bool = False) -> dict:
+    """A calibration batch as forward kwargs on ``device`` (no KV cache; ``labels`` kept only when asked)."""
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise ValueError(
             "Each calibration batch must be a dict with 'input_ids' (and optionally 'attention_mask'), e.g. a "
             f"tokenizer's output or a DataLoader over such dicts; got {type(batch).__name__}."
         )
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+              if labels or k != "labels"}
     if hasattr(getattr(model, "config", None), "use_cache"):
         inputs["use_cache"] = False
     return inputs
 
 
-@torch.no_grad()
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal language model (a class of transformers' ``AutoModelForCausalLM`` mapping, or
+    named ``*ForCausalLM``): its loss on calibration text needs no labels but the text."""
+    name = type(model).__name__
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - transformers without the auto mapping
+        known: set[str] = set()
+    else:
+        known = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    return name in known or name.endswith("ForCausalLM")
+
+
+def _language_model_labels(model: nn.Module, inputs: dict) -> None:
+    """Give ``inputs`` next-token labels (padded positions ignored) when it has none, or say what is missing."""
+    if "labels" in inputs:
+        return
+    if not is_causal_lm(model):
+        raise ValueError(
+            "calibration_weighting='kronecker' weighs by the gradients of the model's loss on the calibration data, "
+            f"and {type(model).__name__} is not a causal language model whose labels are its input_ids: pass "
+            "batches with 'labels' (e.g. class labels for a classifier), or use calibration_weighting='whitened'."
+        )
+    labels = inputs["input_ids"].clone()
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.shape == labels.shape:
+        labels[mask == 0] = -100
+    inputs["labels"] = labels
+
+
 def calibration_grams(
     model: nn.Module,
     modules: Mapping[str, nn.Module],
     calibration: Iterable[Mapping[str, torch.Tensor]],
     *,
+    outputs: bool = False,
     max_dim: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Input Grams of ``modules`` over calibration batches (forward passes only, eval mode, no KV cache).
+) -> tuple[dict[str, torch.Tensor], int] | tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """Grams of ``modules`` over calibration batches, in eval mode, no KV cache, the weights left unchanged.
+
+    With ``outputs=False`` only forward passes run and the input Grams are returned (SVD-LLM whitening). With
+    ``outputs=True`` each batch also runs a backward pass of the model's loss (its ``labels``, or for a causal
+    language model the next-token loss on ``input_ids``; the mean loss times the batch's number of labels, so batches
+    weigh by their size) with every parameter frozen, and the
+    Grams of the gradients at the modules' outputs are returned too: the Kronecker-factored (empirical) Fisher of
+    the calibration data, no training run needed. No parameter gradient is formed.
 
     Args:
         model: the model to run (its ``forward`` takes the batch's keys, e.g. ``input_ids``, ``attention_mask``).
         modules: ``{name: Linear}`` of ``model``.
-        calibration: iterable of batches (dicts of tensors with ``input_ids`` and optionally ``attention_mask``; a
-            ``DataLoader`` works).
+        calibration: iterable of batches (dicts of tensors with ``input_ids`` and optionally ``attention_mask`` and
+            ``labels``; a ``DataLoader`` works).
+        outputs: also collect the output-gradient Grams (a backward pass per batch).
         max_dim, device: see :class:`GramHooks`.
         progress: show a progress bar.
 
     Returns:
-        ``({name: G_in}, tokens)``; modules fed the same input share one tensor.
+        ``({name: G_in}, tokens)``, or with ``outputs=True`` ``({name: G_in}, {name: G_out}, tokens)``; modules fed
+        the same input share one ``G_in`` tensor.
 
     Raises:
-        ValueError: a batch that is not a dict with ``input_ids``, or no token at all.
+        ValueError: a batch that is not a dict with ``input_ids``, no token at all, or (``outputs``) no loss to
+            differentiate.
     """
-    hooks = GramHooks(modules, inputs=True, max_dim=max_dim, device=device, share=True)
+    hooks = GramHooks(modules, inputs=True, outputs=outputs, max_dim=max_dim, device=device, share=True)
     param = next(model.parameters(), None)
     target = param.device if param is not None else torch.device("cpu")
     was_training = model.training
+    frozen = [p for p in model.parameters() if p.requires_grad] if outputs else []
+    handles = []
+    if outputs:
+        embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+        if embeddings is None:
+            raise ValueError(
+                f"calibration_weighting='kronecker' needs the input embeddings of {type(model).__name__} "
+                "(get_input_embeddings()) to start the backward pass; use calibration_weighting='whitened'."
+            )
+        # parameters frozen, the embedding output made a leaf that requires grad: backward reaches every module's
+        # output without forming a single weight gradient
+        handles.append(embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
     model.eval()
     hooks.attach(model)
     try:
+        for p in frozen:
+            p.requires_grad_(False)
         for batch in tqdm(calibration, desc="calibration", unit="batch", disable=not progress):
-            model(**_batch_inputs(batch, target, model))
+            inputs = _batch_inputs(batch, target, model, labels=outputs)
+            if not outputs:
+                with torch.no_grad():
+                    model(**inputs)
+                continue
+            _language_model_labels(model, inputs)
+            with torch.enable_grad():
+                loss = model(**inputs).loss
+                if loss is None or not loss.requires_grad:
+                    raise ValueError(f"{type(model).__name__} returned no differentiable loss for the calibration "
+                                     "batch; pass batches with 'labels' or use calibration_weighting='whitened'.")
+                counted = int((inputs["labels"] != -100).sum())
+                (loss * max(counted, 1)).backward()
     finally:
+        for h in handles:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
         hooks.detach()
         model.train(was_training)
     if hooks.tokens == 0:
@@ -239,7 +311,10 @@ def calibration_grams(
     if hooks.skipped:
         logger.warning("calibration: %d non-finite Gram contributions were skipped.", hooks.skipped)
     grams = {name: hooks.store[name + GRAM_IN] for name in modules if name + GRAM_IN in hooks.store}
-    return grams, hooks.tokens
+    if not outputs:
+        return grams, hooks.tokens
+    grads = {name: hooks.store[name + GRAM_OUT] for name in modules if name + GRAM_OUT in hooks.store}
+    return grams, grads, hooks.tokens
 
 
 class _StopForward(Exception):

@@ -114,12 +114,16 @@ def test_compress_with_calibration_file_and_sequential(tiny_llama, tmp_path):
     texts = tmp_path / "calib.jsonl"
     texts.write_text("\n".join(_json.dumps({"text": t}) for t in ["a cat is an animal.", "red is a colour.",
                                                                    "an oak is a tree.", "rain is water."]))
-    for extra in ([], ["--sequential"], ["--allocation", "global"]):
-        out = tmp_path / f"c{len(extra)}{''.join(extra)}"
+    cases = [([], "kronecker", "global"), (["--sequential"], "whitened", "uniform"),
+             (["--calibration-weighting", "whitened", "--allocation", "global"], "whitened", "global"),
+             (["--calibration-weighting", "kronecker", "--allocation", "uniform"], "kronecker", "uniform")]
+    for i, (extra, weighting, allocation) in enumerate(cases):
+        out = tmp_path / f"c{i}"
         assert main(["compress", str(tmp_path / "dense"), "--keep", "0.5", "--calibration", str(texts), *extra,
                      "--out", str(out)]) == 0
         report = _json.loads((out / "compression_report.json").read_text())
-        assert report["method"] == "whitened" and report["info"]["calibration_tokens"] > 0
+        assert report["method"] == weighting and report["info"]["calibration_tokens"] > 0
+        assert report["info"]["allocation"] == allocation
         hf_lowrank.load_compressed(out)
     assert main(["compress", str(tmp_path / "dense"), "--sequential", "--out", str(tmp_path / "x")]) == 2
 

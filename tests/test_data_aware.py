@@ -231,7 +231,7 @@ def test_compress_model_with_calibration_beats_plain_svd_on_its_data_and_records
     dense = make_tiny_llama(seed=0)
     batches = _batches(n=6)
     whitened, plain = copy.deepcopy(dense), copy.deepcopy(dense)
-    report = compress_model(whitened, 0.5, calibration=batches, progress=False)
+    report = compress_model(whitened, 0.5, calibration=batches, calibration_weighting="whitened", progress=False)
     compress_model(plain, report.ranks, progress=False)
     assert report.method == "whitened" and report.info["calibration_tokens"] == sum(
         int(b["attention_mask"].sum()) for b in batches)
@@ -242,6 +242,103 @@ def test_compress_model_with_calibration_beats_plain_svd_on_its_data_and_records
     budget = 0.5 * sum(m.out_features * m.in_features for m in targets.values())
     spent = sum(m.params_after - (m.shape[0] if targets[m.name].bias is not None else 0) for m in rep.modules)
     assert spent <= budget and rep.info["allocation"] == "global"
+
+
+def test_calibration_kronecker_grams_are_the_loss_gradients_at_each_output_and_change_nothing():
+    """outputs=True: G_out = sum over unpadded tokens of g g^T, g the gradient of the summed next-token loss at the
+    module's output (read independently with tensor hooks); the weights, their requires_grad and .grad are left as
+    they were, and the input Grams equal the forward-only ones."""
+    model = make_tiny_llama(seed=0)
+    targets = find_target_linears(model)
+    batches = _batches()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    grams_in, grams_out, tokens = calibration_grams(model, targets, batches, outputs=True, progress=False)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    forward_only, _ = calibration_grams(model, targets, batches, progress=False)
+    for name in targets:
+        torch.testing.assert_close(grams_in[name], forward_only[name], rtol=1e-5, atol=1e-5)
+
+    reference = {n: 0.0 for n in targets}
+    ref_model = copy.deepcopy(model).eval()
+    mods = dict(ref_model.named_modules())
+    for b in batches:
+        outs = {}
+        handles = [mods[n].register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o)) for n in targets]
+        labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        out = ref_model(**b, labels=labels, use_cache=False)
+        for h in handles:
+            h.remove()
+        loss = out.loss * int((labels != -100).sum())
+        grads = torch.autograd.grad(loss, [outs[n] for n in targets])
+        mask = b["attention_mask"].bool()
+        for n, g in zip(targets, grads):
+            rows = g[mask]
+            reference[n] = reference[n] + rows.T @ rows
+    for name in targets:
+        torch.testing.assert_close(grams_out[name], reference[name], rtol=1e-4, atol=1e-6)
+    assert tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+def test_compress_model_kronecker_calibration_is_the_one_path_with_those_grams():
+    """calibration_weighting='kronecker' factorizes with the Grams of calibration_grams(outputs=True) (the same
+    weighted errors as passing them as grams_in= / grams_out=) and is labelled so."""
+    dense = make_tiny_llama(seed=0)
+    batches = _batches(n=6)
+    kron, explicit = copy.deepcopy(dense), copy.deepcopy(dense)
+    report = compress_model(kron, 0.6, calibration=batches, calibration_weighting="kronecker", progress=False)
+    assert report.method == "kronecker" and report.info["weighting"] == "kronecker"
+    targets = find_target_linears(dense)
+    g_in, g_out, _ = calibration_grams(dense, targets, batches, outputs=True, progress=False)
+    kept = report.ranks  # the global allocation may keep some modules dense
+    other = compress_model(explicit, kept, grams_in={n: g_in[n] for n in kept},
+                           grams_out={n: g_out[n] for n in kept}, progress=False)
+    # the factors themselves are not unique where the damped spectrum is flat (few tokens): compare the objective
+    ours = {m.name: m.weighted_rel_error for m in report.modules if m.rank is not None}
+    assert ours and ours == pytest.approx({m.name: m.weighted_rel_error for m in other.modules}, rel=1e-3, abs=1e-5)
+
+    with pytest.raises(ValueError, match="calibration_weighting='whitened'"):
+        compress_model(copy.deepcopy(dense), 0.6, calibration=batches, calibration_weighting="kronecker",
+                       sequential=True, progress=False)
+    with pytest.raises(ValueError, match="calibration_weighting must be one of"):
+        compress_model(copy.deepcopy(dense), 0.6, calibration=batches, calibration_weighting="fisher",
+                       progress=False)
+
+
+def test_calibration_defaults_are_the_measured_best_and_recorded():
+    """A causal LM with a float keep: Kronecker weighting and global allocation; a rank map or an int stays uniform;
+    sequential calibration is whitened; a model without a language-model head is whitened (it needs labels)."""
+    from transformers import BertConfig, BertModel
+
+    batches = _batches(n=2)
+    rep = compress_model(make_tiny_llama(seed=0), 0.5, calibration=batches, progress=False)
+    assert (rep.method, rep.info["weighting"], rep.info["allocation"]) == ("kronecker", "kronecker", "global")
+    rep = compress_model(make_tiny_llama(seed=0), 4, calibration=batches, progress=False)
+    assert (rep.method, rep.info["allocation"]) == ("kronecker", "uniform")
+    rep = compress_model(make_tiny_llama(seed=0), 0.5, calibration=batches, sequential=True, progress=False)
+    assert (rep.method, rep.info["allocation"]) == ("whitened", "uniform")
+    bert = BertModel(BertConfig(vocab_size=128, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=32))
+    rep = compress_model(bert, 0.5, calibration=batches, progress=False)
+    assert (rep.method, rep.info["allocation"]) == ("whitened", "uniform")
+
+
+def test_calibration_kronecker_on_a_model_without_a_language_model_loss_asks_for_labels():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     num_labels=2)
+    model = BertForSequenceClassification(cfg)
+    targets = find_target_linears(model)
+    batch = {"input_ids": torch.randint(0, 64, (2, 5))}
+    with pytest.raises(ValueError, match="pass batches with 'labels'"):
+        calibration_grams(model, targets, [batch], outputs=True, progress=False)
+    assert all(p.requires_grad for p in model.parameters())
+    _, grams_out, _ = calibration_grams(model, targets, [{**batch, "labels": torch.tensor([0, 1])}], outputs=True,
+                                        progress=False)
+    assert set(grams_out) == set(targets)
 
 
 def test_compress_model_is_all_or_nothing():
@@ -354,7 +451,7 @@ def test_save_compressed_writes_a_model_card_with_the_method_and_how_to_load(tmp
     folder = hf_lowrank.save_compressed(model, tmp_path / "out", report=report)
     card = (folder / "README.md").read_text()
     assert card.startswith("---") and "hf-lowrank" in card and "import hf_lowrank" in card
-    assert "whitened" in card and "global" in card
+    assert "kronecker" in card and "global" in card
     plain = make_tiny_llama(seed=0)
     hf_lowrank.save_compressed(plain, tmp_path / "dense")
     assert not (tmp_path / "dense" / "README.md").exists()  # not compressed: no hf-lowrank card
@@ -365,7 +462,7 @@ def test_sequential_calibration_measures_each_block_after_the_compressed_ones_be
     batches = _batches(n=4)
     seq, flat = copy.deepcopy(dense), copy.deepcopy(dense)
     rep = compress_model(seq, 0.5, calibration=batches, sequential=True, progress=False)
-    compress_model(flat, 0.5, calibration=batches, progress=False)
+    compress_model(flat, 0.5, calibration=batches, calibration_weighting="whitened", progress=False)
     assert rep.info["sequential"] and rep.info["calibration_tokens"] == sum(int(b["attention_mask"].sum())
                                                                              for b in batches)
 

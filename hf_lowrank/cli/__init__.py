@@ -144,10 +144,12 @@ def _cmd_compress(args) -> int:
     started = time.perf_counter()
     if args.method == "svd":
         calibration = _calibration_arg(args, tok)
-        if calibration is None and (args.sequential or args.allocation != "uniform"):
-            raise CliError("--sequential and --allocation global need --calibration FILE|bundled.")
+        if calibration is None and (args.sequential or args.allocation == "global" or args.calibration_weighting):
+            raise CliError("--sequential, --allocation global and --calibration-weighting need --calibration "
+                           "FILE|bundled.")
         report = compress_model(model, _ranks_arg(args), target_modules=targets, method=args.svd,
-                                calibration=calibration, allocation=args.allocation, sequential=args.sequential)
+                                calibration=calibration, calibration_weighting=args.calibration_weighting,
+                                allocation=args.allocation, sequential=args.sequential)
     elif args.method == "fwsvd":
         if not args.fisher:
             raise SystemExit("--method fwsvd needs --fisher FILE (the Fisher state a FisherCollectorCallback saved).")
@@ -293,10 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weighting", choices=("row", "two_sided"), default=None, help="FisherLoRA weighting (fwsvd)")
     c.add_argument("--target-modules", default=None, help="comma-separated module names or suffixes")
     c.add_argument("--calibration", default=None,
-                   help="svd: 'bundled' or a .txt/.jsonl file of texts; whitens each weight by its inputs' Gram")
+                   help="svd: 'bundled' or a .txt/.jsonl file of texts; weighs each weight by the Grams measured on "
+                   "them (see --calibration-weighting)")
     c.add_argument("--calibration-texts", type=int, default=128, help="calibration texts used (default 128)")
-    c.add_argument("--allocation", choices=("uniform", "global"), default="uniform", help="rank allocation (svd)")
-    c.add_argument("--sequential", action="store_true", help="block-by-block calibration with error feedback")
+    c.add_argument("--calibration-weighting", choices=("whitened", "kronecker"), default=None,
+                   help="with --calibration: 'kronecker' (input and loss-gradient Grams: forward + backward passes; "
+                   "default for causal LMs) or 'whitened' (input Grams only, SVD-LLM)")
+    c.add_argument("--allocation", choices=("uniform", "global"), default=None,
+                   help="rank allocation (svd; default: global with kronecker calibration, else uniform)")
+    c.add_argument("--sequential", action="store_true",
+                   help="block-by-block whitened calibration, each block measured after the compressed ones before it")
     c.add_argument("--svd", choices=("auto", "exact", "randomized"), default="auto", help="SVD algorithm")
     c.add_argument("--gguf-file", default=None, help="GGUF file inside MODEL to read the weights from")
     c.add_argument(

@@ -25,7 +25,15 @@ from ..ops.fisher import (
 )
 from ..ops.rank_allocation import global_ranks
 from ..ops.svd import break_even_rank, factorized_params, rank_for_keep, relative_error
-from ..statistics import GRAM_IN, BlockStream, GramHooks, calibration_grams, gram_memory_bytes, split_into_blocks
+from ..statistics import (
+    GRAM_IN,
+    BlockStream,
+    GramHooks,
+    calibration_grams,
+    gram_memory_bytes,
+    is_causal_lm,
+    split_into_blocks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +292,7 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 ALLOCATIONS = ("uniform", "global")
+CALIBRATION_WEIGHTINGS = ("whitened", "kronecker")
 
 
 @torch.no_grad()
@@ -296,7 +305,8 @@ def compress_model(
     grams_in: Mapping[str, torch.Tensor] | None = None,
     grams_out: Mapping[str, torch.Tensor] | None = None,
     calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
-    allocation: str = "uniform",
+    calibration_weighting: str | None = None,
+    allocation: str | None = None,
     loss_normalization: str = "none",
     damping: float = DEFAULT_DAMPING,
     max_gram_dim: int | None = None,
@@ -329,10 +339,19 @@ def compress_model(
         grams_in: optional ``{name: (in, in) or (in,)}`` Grams of the module's inputs ``sum x x^T``.
         grams_out: optional ``{name: (out, out) or (out,)}`` Grams of the gradients at the module's outputs.
         calibration: optional iterable of batches (dicts with ``input_ids``, optionally ``attention_mask``; a
-            ``DataLoader`` works): the input Grams are collected from them first (SVD-LLM whitening).
+            ``DataLoader`` works): the Grams are collected from them first, as ``calibration_weighting`` says.
+        calibration_weighting: ``"whitened"`` (input Grams, forward passes only: SVD-LLM whitening) or
+            ``"kronecker"`` (input Grams and the Grams of the loss gradients at each module's output: a forward and
+            a backward pass per batch with the weights frozen, no update; the loss is the batch's ``labels`` or, for
+            a causal language model, next-token prediction on ``input_ids``). Default (measured best,
+            ``benchmarks/compression_quality.py``): ``"kronecker"`` for a causal language model, else (and with
+            ``sequential=True``) ``"whitened"``.
         allocation: ``"uniform"`` (the same fraction in every module) or ``"global"`` (per-module ranks minimising
             the summed weighted truncation loss under the total parameter budget,
-            :func:`hf_lowrank.ops.rank_allocation.global_ranks`; needs a float ``ranks``).
+            :func:`hf_lowrank.ops.rank_allocation.global_ranks`; needs a float ``ranks``). Default: ``"global"``
+            for a float ``ranks`` weighted by output-gradient Grams (Kronecker: their losses are on the scale of the
+            model's loss, so they compare across modules), else ``"uniform"`` (whitened or plain losses do not
+            compare across modules: global allocation of them measured worse than uniform).
         loss_normalization: with ``"global"``: ``"none"`` (raw weighted losses) or ``"relative"`` (per module).
         damping: Gram damping ``lambda`` (``G / mean(diag G) + lambda I``).
         max_gram_dim: calibration Grams of sides wider than this keep their diagonal only.
@@ -353,6 +372,15 @@ def compress_model(
         A :class:`CompressionReport` (``info`` records the weighting, allocation, calibration tokens and any Gram
         whose factorization needed the eigendecomposition fallback).
     """
+    if calibration_weighting is None:
+        calibration_weighting = "kronecker" if (is_causal_lm(model) and not sequential) else "whitened"
+    if calibration_weighting not in CALIBRATION_WEIGHTINGS:
+        raise ValueError(
+            f"calibration_weighting must be one of {CALIBRATION_WEIGHTINGS}, got {calibration_weighting!r}."
+        )
+    kronecker = calibration is not None and calibration_weighting == "kronecker"
+    if allocation is None:
+        allocation = "global" if isinstance(ranks, float) and (kronecker or bool(grams_out)) else "uniform"
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
     if allocation == "global" and not isinstance(ranks, float):
@@ -372,10 +400,11 @@ def compress_model(
         targets = find_target_linears(model, target_modules)
     info: dict = {}
     if sequential:
-        if calibration is None or grams_in or allocation == "global":
+        if calibration is None or grams_in or allocation == "global" or kronecker:
             raise ValueError(
                 "sequential=True measures each block's input Grams on the outputs of the already-compressed blocks "
-                "before it: it needs calibration= (not grams_in=) and allocation='uniform' (or a rank map)."
+                "before it: it needs calibration= (not grams_in=), calibration_weighting='whitened' (the output "
+                "gradients need the whole model) and allocation='uniform' (or a rank map)."
             )
         plan = resolve_ranks(targets, ranks)
         report = CompressionReport(method=report_method or "whitened")
@@ -386,14 +415,18 @@ def compress_model(
         default_label = report.method
     else:
         if calibration is not None:
-            if grams_in:
-                raise ValueError("Pass calibration= or grams_in=, not both (calibration collects the input Grams).")
+            if grams_in or (kronecker and (grams_out or row_weights)):
+                raise ValueError("Pass calibration= or grams_in=/grams_out=, not both (calibration collects the "
+                                 "Grams).")
             shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
-            estimate = gram_memory_bytes(shapes, max_dim=max_gram_dim)
-            logger.warning("calibration: input Grams of %d modules, at most %.1f MB (float32, before sharing).",
-                           len(targets), estimate / 2**20)
-            grams_in, tokens = calibration_grams(model, targets, calibration, max_dim=max_gram_dim,
-                                                 progress=progress)
+            estimate = gram_memory_bytes(shapes, outputs=kronecker, max_dim=max_gram_dim)
+            logger.warning("calibration: %s Grams of %d modules, at most %.1f MB (float32, before sharing).",
+                           "input and output-gradient" if kronecker else "input", len(targets), estimate / 2**20)
+            collected = calibration_grams(model, targets, calibration, outputs=kronecker, max_dim=max_gram_dim,
+                                          progress=progress)
+            grams_in, tokens = collected[0], collected[-1]
+            if kronecker:
+                grams_out = collected[1]
             info["calibration_tokens"] = tokens
         sides = _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping)
         if allocation == "global":
@@ -401,7 +434,8 @@ def compress_model(
         else:
             plan = resolve_ranks(targets, ranks)
         weighted = any(side.weighted for side in sides.values())
-        default_label = "whitened" if (grams_in or grams_out) else ("fwsvd" if weighted else "svd")
+        default_label = ("kronecker" if grams_out else "whitened") if (grams_in or grams_out) else (
+            "fwsvd" if weighted else "svd")
         report = CompressionReport(method=report_method or default_label)
         replacements = _factorize_plan(targets, plan, sides, report, allocation, method, dtype, progress)
         for name, new in replacements.items():  # all factors exist: swap them in
