@@ -23,7 +23,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..io import read_safetensors_header
-from ..modules import LowRankLinear, is_conv1d, linear_shape
+from ..modules import LowRankLinear, is_conv1d, linear_shape, set_submodule
 
 __all__ = [
     "FORMAT_VERSION",
@@ -143,8 +143,6 @@ def _resolve_name(model: nn.Module, name: str) -> str | None:
 
 
 def _replace_with_factorized(model: nn.Module, ranks: dict[str, int]) -> None:
-    from .compress import set_submodule
-
     for recorded, rank in ranks.items():
         name = _resolve_name(model, recorded)
         if name is None:
@@ -284,8 +282,6 @@ def mark_compressed(model: nn.Module, ranks: dict[str, int], *, method: str = "s
 
 def decompress_model(model: nn.Module) -> nn.Module:
     """Replace every ``LowRankLinear`` by a dense ``nn.Linear`` (``up @ down``) and drop the quantization config."""
-    from .compress import set_submodule
-
     for name, module in list(model.named_modules()):
         if isinstance(module, LowRankLinear):
             set_submodule(model, name, module.to_dense())

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_json
-from ..modules import LowRankLinear, dense_weight, is_conv1d
+from ..modules import LowRankLinear, dense_weight, is_conv1d, set_submodule
 from ..ops.fisher import (
     DEFAULT_DAMPING,
     fisher_weights,
@@ -26,6 +26,7 @@ from ..ops.fisher import (
 from ..ops.rank_allocation import global_ranks
 from ..ops.svd import break_even_rank, factorized_params, rank_for_keep, relative_error
 from ..statistics import GRAM_IN, BlockStream, GramHooks, calibration_grams, gram_memory_bytes, split_into_blocks
+from .checkpoint import mark_compressed
 
 logger = logging.getLogger(__name__)
 
@@ -276,13 +277,6 @@ def resolve_ranks(targets: Mapping[str, nn.Module], ranks: RankSpec) -> dict[str
     return resolved
 
 
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 ALLOCATIONS = ("uniform", "global")
 
 
@@ -416,8 +410,6 @@ def compress_model(
     if allocation == "global":
         info["loss_normalization"] = loss_normalization
     report.info = {**info, **report.info}
-    from .checkpoint import mark_compressed
-
     mark_compressed(model, report.ranks, method=report.method)
     return report
 
