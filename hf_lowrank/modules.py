@@ -185,3 +185,17 @@ class LowRankLinear(nn.Module):
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` (e.g. ``model.layers.0.mlp.up_proj``) by ``new``.
+
+    The parent is found with ``get_submodule``, so numeric components index a ``ModuleList``. Torch 2.5+ has the
+    same as ``nn.Module.set_submodule`` (which also refuses an empty name or a non-module ``new``), but it cannot be
+    relied on with torch 2.4, which the package supports: it was added in June 2024 (pytorch#127714) and, until a
+    fix in July 2024 (pytorch#130075), refused every parent that is not exactly an ``nn.Module``, such as a
+    ``ModuleList``.
+    """
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -760,6 +760,7 @@ def test_ere_ranks_contract(data, spectra, r_avg, alpha):
             assert res.blended[n] == 0  # nothing to encode
     assert res.used_pre_blend == sum(res.ranks[n] * cost[n] for n in spectra)
     assert res.used == sum(res.blended[n] * cost[n] for n in spectra)
+    assert res.used <= res.budget + 1e-6  # the blend never spends more than the budget
     assert res.used_pre_blend <= res.budget + 1e-6
     full_cost = sum(cap[n] * cost[n] for n in spectra)
     if all(float(S.abs().max()) > 0 for S in spectra.values()):

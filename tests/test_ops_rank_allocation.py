@@ -170,6 +170,17 @@ def test_split_lrc():
 # ---------------------------------------------------------------- ERE
 
 
+def _budget_rounding(target: dict[str, float], cost: dict[str, int], cap: dict[str, int], budget: float):
+    """Reference for the blended ranks: floor, then +1 by largest fractional part (ties by name) while it fits."""
+    ranks = {k: min(math.floor(x + 1e-9), cap[k]) for k, x in target.items()}
+    used = sum(ranks[k] * cost[k] for k in ranks)
+    for k in sorted(ranks, key=lambda k: (-(target[k] - ranks[k]), k)):
+        if target[k] - ranks[k] > 1e-9 and ranks[k] < cap[k] and used + cost[k] <= budget + 1e-6:
+            ranks[k] += 1
+            used += cost[k]
+    return ranks
+
+
 def _check_ere(alloc: EREAllocation, spectra, shapes, r_avg, alpha):
     cost = {k: sum(shapes[k]) for k in shapes}
     budget = r_avg * sum(cost.values())
@@ -181,14 +192,21 @@ def _check_ere(alloc: EREAllocation, spectra, shapes, r_avg, alpha):
     # the relaxed solution spends the budget exactly
     relaxed_spent = sum(alloc.relaxed[k] * cost[k] for k in shapes)
     assert relaxed_spent == pytest.approx(budget, rel=1e-9)
+    target = {}
     for k in shapes:
         assert 0 <= alloc.relaxed[k] <= len(spectra[k])
         assert abs(alloc.ranks[k] - alloc.relaxed[k]) < 1.0
-        expect = math.floor((1 - alpha) * alloc.relaxed[k] + alpha * r_avg + 0.5)
+        target[k] = (1 - alpha) * alloc.relaxed[k] + alpha * min(r_avg, len(spectra[k]))
         if not bool((spectra[k] > 0).any()):
-            expect = 0  # nothing to encode in a zero matrix
-        assert alloc.blended[k] == min(max(expect, 0), len(spectra[k]))
+            target[k] = 0.0  # nothing to encode in a zero matrix
+    # the blend with the prior rank is rounded budget-aware, as the pre-blend ranks are: never above the budget
+    caps = {k: len(spectra[k]) for k in shapes}
+    assert alloc.blended == _budget_rounding(target, cost, caps, budget)
+    for k in shapes:
+        assert abs(alloc.blended[k] - target[k]) < 1.0
     assert alloc.used == sum(alloc.blended[k] * cost[k] for k in shapes)
+    assert alloc.used <= budget + 1e-6
+    assert alloc.used > sum(target[k] * cost[k] for k in shapes) - max(cost.values()) - 1e-6
     assert alloc.lam > 0
 
 
@@ -245,6 +263,33 @@ def test_ere_blend_alpha_and_degenerate_layers():
     # a budget above full rank keeps everything
     full = ere_ranks({"a": spectra["a"]}, {"a": (60, 40)}, 1000.0, alpha=0.0)
     assert full.ranks["a"] == 40 and full.relaxed["a"] == pytest.approx(40)
+
+
+def test_ere_blend_never_exceeds_the_budget():
+    # half-up rounding of each blended rank overspends here: r_avg 3, costs 43, 37, 46 (budget 378), relaxed ranks
+    # 6.76, 0, 1.90 blend to 4.88, 1.5, 2.45; rounded half-up 5, 2, 2 would spend 381
+    g = torch.Generator().manual_seed(0)
+    overspent = 0
+    for trial in range(40):
+        shapes = {f"m{i}": tuple(int(v) for v in torch.randint(8, 40, (2,), generator=g)) for i in range(4)}
+        decay = {k: int(torch.randint(1, 8, (1,), generator=g)) for k in shapes}
+        spectra = {k: torch.rand(min(s), generator=g).pow(decay[k]) for k, s in shapes.items()}
+        if trial % 5 == 0:
+            spectra["m3"] = torch.zeros(min(shapes["m3"]))  # a module with nothing to encode
+        r_avg = int(torch.randint(1, 9, (1,), generator=g))
+        for alpha in (0.0, 0.5, 0.9):
+            alloc = ere_ranks(spectra, shapes, r_avg, alpha=alpha)
+            _check_ere(alloc, spectra, shapes, r_avg, alpha)
+            assert alloc.used <= alloc.budget
+            cost = {k: sum(s) for k, s in shapes.items()}
+            half_up = {  # the paper's round(.) per module, what the old twin did
+                k: min(math.floor((1 - alpha) * alloc.relaxed[k] + alpha * r_avg + 0.5), len(spectra[k]))
+                if bool((spectra[k] > 0).any())
+                else 0
+                for k in shapes
+            }
+            overspent += sum(half_up[k] * cost[k] for k in shapes) > alloc.budget
+    assert overspent > 0  # the case the budget-aware rounding exists for does occur on these spectra
 
 
 def test_ere_fit_range_and_validation():

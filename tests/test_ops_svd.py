@@ -127,6 +127,27 @@ def test_gram_fallback_when_linalg_svd_always_raises(monkeypatch, shape):
     assert torch.allclose(S2, ref[:5], rtol=1e-8)
 
 
+@pytest.mark.parametrize("shape", [(70, 50), (50, 70), (40, 40)])
+def test_gram_singular_values_match_svdvals(monkeypatch, shape):
+    A = _low_rank_plus_noise(*shape, r=12, noise=1e-3)
+    ref = torch.linalg.svdvals(A)
+    S = singular_values(A, gram=True)
+    assert S.dtype == torch.float64 and S.shape == ref.shape and bool((S[:-1] >= S[1:]).all())
+    # the squares (tail energies) to ~1e-16 of the total energy
+    assert torch.allclose(S.square(), ref.square(), rtol=0, atol=1e-13 * float(ref.square().sum()))
+    S32 = singular_values(A.float(), gram=True)  # computed in float64, returned in float32
+    assert S32.dtype == torch.float32
+    assert torch.allclose(S32, torch.linalg.svdvals(A.float().double()).float(), rtol=1e-5, atol=1e-6 * float(ref[0]))
+    with pytest.raises(SVDError, match="enc.dense"):
+        singular_values(torch.full(shape, float("nan")), name="enc.dense", gram=True)
+
+    def broken(*args, **kwargs):
+        raise torch.linalg.LinAlgError("simulated failure")
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", broken)  # falls back to svdvals
+    assert torch.allclose(singular_values(A, gram=True), ref, rtol=1e-10)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_input_raises_svd_error_naming_module(bad):
     A = torch.randn(8, 6)

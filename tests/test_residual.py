@@ -93,6 +93,20 @@ def test_allocation_meets_budget_and_blends_with_alpha(llama_pair):
     assert pure[most] > pure[least]
 
 
+def test_encoder_ranks_are_the_ops_allocation(llama_pair):
+    # one rule: the encoder's ranks are ere_ranks(...).blended on its spectra (float64 Gram eigenvalues)
+    base, ft = llama_pair
+    for r_avg, alpha in ((3, 0.5), (5, 0.3), (6, 0.0)):
+        res = encode_residual(base, ft, rank=r_avg, bits=8, alpha=alpha, progress=False)
+        names = _lowrank_names(res)
+        shapes = {n: tuple(ft.state_dict()[n].shape) for n in names}
+        sd, base_sd = ft.state_dict(), base.state_dict()
+        spectra = {n: singular_values(sd[n].float() - base_sd[n].float(), gram=True) for n in names}
+        alloc = ere_ranks(spectra, shapes, r_avg, alpha=alpha)
+        assert {n: res.ranks[n] for n in names} == alloc.blended
+        assert res.manifest["used"] == alloc.used <= alloc.budget == res.manifest["budget"]
+
+
 @pytest.mark.parametrize("bits,tol", [(32, 1e-5), (16, 2e-3)])
 def test_unquantized_full_rank_decode_is_exact(bits, tol):
     base = make_tiny_llama()

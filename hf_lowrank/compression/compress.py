@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_json
-from ..modules import LowRankLinear, dense_weight, is_conv1d
+from ..modules import LowRankLinear, dense_weight, is_conv1d, set_submodule
 from ..ops.fisher import (
     DEFAULT_DAMPING,
     fisher_weights,
@@ -34,6 +34,7 @@ from ..statistics import (
     is_causal_lm,
     split_into_blocks,
 )
+from .checkpoint import mark_compressed
 
 logger = logging.getLogger(__name__)
 
@@ -284,13 +285,6 @@ def resolve_ranks(targets: Mapping[str, nn.Module], ranks: RankSpec) -> dict[str
     return resolved
 
 
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 ALLOCATIONS = ("uniform", "global")
 CALIBRATION_WEIGHTINGS = ("whitened", "kronecker")
 
@@ -450,8 +444,6 @@ def compress_model(
     if allocation == "global":
         info["loss_normalization"] = loss_normalization
     report.info = {**info, **report.info}
-    from .checkpoint import mark_compressed
-
     mark_compressed(model, report.ranks, method=report.method)
     return report
 

@@ -236,11 +236,12 @@ class EREAllocation:
     Attributes:
         ranks: ``{name: rank}`` pre-blend Lagrangian allocation, rounded so that the budget holds
             (``budget - max(out+in) < used_pre_blend <= budget`` whenever the budget is below full rank).
-        blended: ``{name: rank}`` final ranks ``round((1 - alpha) * relaxed + alpha * r_avg)`` clamped to
-            ``[0, len(spectrum)]``; this is the allocation to use.
+        blended: ``{name: rank}`` final ranks, the budget-aware rounding of ``(1 - alpha) * relaxed + alpha *
+            min(r_avg, len(spectrum))`` (0 for a zero spectrum); never above the budget. This is the allocation to
+            use (:func:`hf_lowrank.compression.ere.encode_residual` uses it).
         lam: the Lagrange multiplier found by bisection.
         budget: ``M = r_avg * sum(out + in)``.
-        used: parameters of ``blended``, ``sum blended_l * (out_l + in_l)``.
+        used: parameters of ``blended``, ``sum blended_l * (out_l + in_l) <= budget``.
         relaxed: ``{name: float}`` continuous clamped solution ``r_l(lam)`` before any rounding.
         used_pre_blend: parameters of ``ranks``.
         fit: ``{name: (a_l, b_l)}`` the log-linear tail fit ``log f_l(r) ~= a_l r + b_l``.
@@ -286,6 +287,22 @@ def _fit_tail(S: torch.Tensor, r_avg: float, fit_range: tuple[float, float] | No
     return a, b
 
 
+def _round_to_budget(
+    values: list[float], cost: list[int], cap: list[int], budget: float, names: list[str]
+) -> list[int]:
+    """Integer ranks near ``values`` that never spend more than ``budget``: floor each value, then add 1 in order of
+    largest fractional part (ties by name) while ``sum rank * cost`` stays within the budget (``1e-6`` slack for a
+    float ``r_avg``) and the rank below ``cap``. When ``sum values * cost <= budget``, the result falls short of
+    that sum by less than one module's cost unless a cap stops it."""
+    ranks = [min(math.floor(x + 1e-9), k) for x, k in zip(values, cap)]
+    used = sum(r * c for r, c in zip(ranks, cost))
+    for i in sorted(range(len(names)), key=lambda i: (-(values[i] - ranks[i]), names[i])):
+        if values[i] - ranks[i] > 1e-9 and ranks[i] < cap[i] and used + cost[i] <= budget + 1e-6:
+            ranks[i] += 1
+            used += cost[i]
+    return ranks
+
+
 def ere_ranks(
     spectra: Mapping[str, torch.Tensor],
     shapes: Mapping[str, tuple[int, int]],
@@ -302,8 +319,12 @@ def ere_ranks(
     ``lam`` is bisected (in log space) until the relaxed allocation spends exactly ``M``. The pre-blend integer
     ranks round the relaxed ones down and then up in order of largest fractional part while the budget allows,
     so they never exceed ``M`` and fall short by less than one module's ``c_l``. The final ranks blend the
-    relaxed solution with the prior rank: ``round_half_up((1 - alpha) r_l + alpha r_avg)`` clamped to
-    ``[0, k_l]``.
+    relaxed solution with the prior rank, ``t_l = (1 - alpha) r_l + alpha min(r_avg, k_l)`` (a convex combination
+    of two allocations within ``[0, k_l]`` and within ``M``), and round ``t_l`` the same budget-aware way (floor,
+    then +1 by largest fractional part, ties by name, while ``M`` allows), not half-up: the paper's
+    ``round(.)`` applied to every module independently can overspend ``M`` by up to half a rank per module
+    (e.g. three modules rounding ``x.5`` up), and the budget is the point of the allocation. A zero spectrum gets
+    rank 0 (nothing to encode).
 
     Fit range (our choice; the paper states none): by default ``r`` in ``[0, max(ceil(2 r_avg), 4)]`` (capped at
     ``k - 1``). The Lagrangian only equates the marginal gains ``g_l'(r_l)`` at the chosen ranks, which lie around
@@ -399,23 +420,12 @@ def ere_ranks(
     relaxed = [0.0] * len(names)
     for j, i in enumerate(active):
         relaxed[i] = float(rel_active[j])
-    # budget-aware rounding of the relaxed ranks: floor, then +1 by largest fractional part while it fits
-    ranks = [math.floor(x + 1e-9) for x in relaxed]
-    used = sum(r * cst for r, cst in zip(ranks, cost))
-    frac_order = sorted(range(len(names)), key=lambda i: (-(relaxed[i] - ranks[i]), names[i]))
-    for i in frac_order:
-        if relaxed[i] - ranks[i] <= 1e-9 or ranks[i] >= cap[i]:
-            continue
-        if used + cost[i] <= budget + 1e-6:
-            ranks[i] += 1
-            used += cost[i]
-    blended = []
-    for i, n in enumerate(names):
-        if fits[n] is None:
-            blended.append(0)
-            continue
-        x = (1.0 - alpha) * relaxed[i] + alpha * float(r_avg)
-        blended.append(int(min(max(math.floor(x + 0.5), 0), cap[i])))
+    ranks = _round_to_budget(relaxed, cost, cap, budget, names)
+    target = [
+        0.0 if fits[n] is None else (1.0 - alpha) * relaxed[i] + alpha * min(float(r_avg), cap[i])
+        for i, n in enumerate(names)
+    ]
+    blended = _round_to_budget(target, cost, cap, budget, names)
     return EREAllocation(
         ranks=dict(zip(names, ranks)),
         blended=dict(zip(names, blended)),
@@ -423,7 +433,7 @@ def ere_ranks(
         budget=budget,
         used=sum(r * cst for r, cst in zip(blended, cost)),
         relaxed=dict(zip(names, relaxed)),
-        used_pre_blend=used,
+        used_pre_blend=sum(r * cst for r, cst in zip(ranks, cost)),
         fit={n: fits[n] if fits[n] is not None else (0.0, float("-inf")) for n in names},
     )
 

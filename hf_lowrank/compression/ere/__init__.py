@@ -22,10 +22,12 @@ For every 2-D weight with a counterpart in the base, the residual ``R = W_ft - W
 
 ``bits`` is 2..8 (quantized), 16 (factors kept unquantized in fp16) or 32 (unquantized fp32: lossless up to float
 rounding at full rank). Our choices where the paper is silent: group size 64; the tail-energy fit range of
-``ere_ranks`` (ranks ``0 .. max(ceil(2 r_avg), 4)``, capped at ``k - 1``; full spectra from float64 Gram
-eigenvalues); the blended ranks ``(1 - alpha) r_l + alpha r_avg`` are
-rounded budget-aware (floor, then +1 by largest fraction while the budget ``M = r_avg sum(out + in)`` allows), so
-the allocation never spends more than ``M``; the singular values are the SVD's, as in the paper (``refit=True``
+``ere_ranks`` (ranks ``0 .. max(ceil(2 r_avg), 4)``, capped at ``k - 1``, leaving out tail energies below
+``1e-12`` of the total; full spectra from float64 Gram eigenvalues,
+:func:`hf_lowrank.ops.svd.singular_values` with ``gram=True``); the blended ranks ``(1 - alpha) r_l + alpha
+min(r_avg, k_l)`` are rounded budget-aware (floor, then +1 by largest fraction while the budget ``M = r_avg
+sum(out + in)`` allows; the encoder takes ``ere_ranks(...).blended`` as is), so the allocation never spends more
+than ``M``; the singular values are the SVD's, as in the paper (``refit=True``
 replaces them by ``s_i = u_i^T R v_i`` for the quantized, projected factors: the least-squares optimum per matrix,
 which lowers each matrix's Frobenius error slightly but did not improve the MiniLM benchmark's outputs, so it is
 off by default).

@@ -5,11 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,24 +93,6 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, aliases
 
 
-@torch.no_grad()
-def _spectrum(R: torch.Tensor, name: str) -> torch.Tensor:
-    """Singular values of ``R`` (descending) from the float64 Gram matrix of its smaller side.
-
-    Several times faster than ``svdvals`` on CPU; in float64 the values are accurate far below the ``1e-12``
-    relative tail energy the allocation fit uses. Falls back to :func:`hf_lowrank.ops.svd.singular_values`.
-    """
-    try:
-        A = R.to(torch.float64)
-        G = A @ A.T if A.shape[0] <= A.shape[1] else A.T @ A
-        ev = torch.linalg.eigvalsh(G)
-        if bool(torch.isfinite(ev).all()):
-            return ev.clamp_min(0).sqrt().flip(0).to(torch.float32 if R.dtype != torch.float64 else torch.float64)
-    except RuntimeError:
-        pass
-    return singular_values(R, name=name)
-
-
 def _quant_bytes(rows: int, cols: int, bits: int, group_size: int) -> int:
     """Bytes of ``quantize_rtn`` on a ``(rows, cols)`` matrix (codes plus fp16 scale and offset per group)."""
     if bits in UNQUANTIZED_BITS:
@@ -156,28 +137,6 @@ def _encode_rows(values: torch.Tensor, bits: int, group_size: int, prefix: str) 
         return {prefix: values.to(torch.float16 if bits == 16 else torch.float32).cpu()}
     q = quantize_rtn(values.contiguous(), bits, group_size=group_size)
     return {k: v.cpu() for k, v in q.to_dict(prefix + ".").items()}
-
-
-def _blend(
-    alloc_relaxed: Mapping[str, float],
-    caps: Mapping[str, int],
-    costs: Mapping[str, int],
-    r_avg: int,
-    alpha: float,
-    zero: set[str],
-) -> dict[str, int]:
-    """Budget-aware rounding of ``(1 - alpha) relaxed + alpha r_avg`` (never above ``M = r_avg sum(costs)``)."""
-    budget = r_avg * sum(costs.values())
-    target = {
-        n: 0.0 if n in zero else (1 - alpha) * alloc_relaxed[n] + alpha * min(float(r_avg), caps[n]) for n in caps
-    }
-    ranks = {n: min(int(math.floor(x + 1e-9)), caps[n]) for n, x in target.items()}
-    used = sum(ranks[n] * costs[n] for n in ranks)
-    for n in sorted(ranks, key=lambda k: (-(target[k] - ranks[k]), k)):
-        if target[n] - ranks[n] > 1e-9 and ranks[n] < caps[n] and used + costs[n] <= budget:
-            ranks[n] += 1
-            used += costs[n]
-    return ranks
 
 
 @torch.no_grad()
@@ -309,14 +268,12 @@ def encode_residual(
     shapes = {n: tuple(ft[n].shape) for n in lowrank}
     spectra: dict[str, torch.Tensor] = {}
     for name in tqdm(lowrank, desc="ERE spectra", unit="tensor", disable=not progress):
-        spectra[name] = _spectrum(residual(name), name).cpu()
+        spectra[name] = singular_values(residual(name), name=name, gram=True).cpu()
     ranks: dict[str, int] = {}
     budget, alloc = 0.0, None
     if lowrank:
         alloc = ere_ranks(spectra, shapes, rank, alpha=alpha, fit_range=fit_range)
-        zero = {n for n in lowrank if float(spectra[n].max()) == 0.0}
-        costs = {n: sum(shapes[n]) for n in lowrank}
-        ranks = _blend(alloc.relaxed, {n: len(spectra[n]) for n in lowrank}, costs, rank, alpha, zero)
+        ranks = dict(alloc.blended)  # budget-aware blend with the prior rank, never above the budget
         budget = float(alloc.budget)
 
     # 2. factors, quantization, errors
