@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..distributed import barrier, gather_full_model, is_fsdp_model
+from ..peft_configs.fisher_lora.config import DEFAULT_WEIGHTING
 from ..peft_configs.fisher_lora.fisher import (
     FisherCollector,
     FisherState,
@@ -179,7 +180,8 @@ class CompressOnSaveCallback(TrainerCallback):
         method: ``"fwsvd"``, ``"svd"`` or ``"ere"``.
         fisher: Fisher source for ``"fwsvd"``.
         rank, keep, rank_pattern: compression target (a FisherLoRA config supplies its own when these are None).
-        weighting: ``"two_sided"`` or ``"row"`` for ``"fwsvd"`` (default: the adapter config's, else two-sided).
+        weighting: ``"two_sided"`` or ``"row"`` for ``"fwsvd"`` (default: the adapter config's, else
+            :data:`~hf_lowrank.peft_configs.fisher_lora.config.DEFAULT_WEIGHTING`).
         output_subdir: folder name written inside ``args.output_dir`` (and inside checkpoints).
         at_checkpoints: also write ``<checkpoint>/<output_subdir>`` at every save (costly for big models).
         base_model: for ``"ere"``.
@@ -280,7 +282,7 @@ class CompressOnSaveCallback(TrainerCallback):
             compressed = shared_weight_copy(unwrap_model(gathered))
             if fisher is not None:
                 report = compress_with_fisher(
-                    compressed, fisher, ranks, weighting=self.weighting or "two_sided", progress=progress,
+                    compressed, fisher, ranks, weighting=self.weighting or DEFAULT_WEIGHTING, progress=progress,
                     **self.method_kwargs,
                 )
             else:

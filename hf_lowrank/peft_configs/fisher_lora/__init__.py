@@ -8,11 +8,11 @@ from .._registry import register_method
 from .compress import compress_peft_model, compress_with_fisher, plan_ranks, resolve_fisher
 from .config import FISHER_SOURCES, FISHER_WEIGHTINGS, FisherLoRAConfig
 from .fisher import FisherCollector
+from .model import FisherLoraModel
 from .save import export_lora_adapter, save_compressed_model
 from .state import FISHER_STATE_NAME, FisherState, FisherStateError, fisher_state_filename
 from .unload import shared_weight_copy
 from .walk import lora_linear_modules
-from .model import FisherLoraModel
 
 PEFT_TYPE = register_method(name="fisher_lora", config_cls=FisherLoRAConfig, model_cls=FisherLoraModel, prefix="lora_")
 

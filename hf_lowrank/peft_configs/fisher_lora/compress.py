@@ -30,10 +30,18 @@ from ...compression.compress import (
     set_submodule,
 )
 from ...modules import dense_weight
-from ...ops.fisher import DEFAULT_DAMPING, weighted_spectrum
+from ...ops.fisher import weighted_spectrum
 from ...ops.rank_allocation import global_ranks
 from ...ops.svd import factorized_params, rank_for_keep
-from .config import FisherLoRAConfig
+from .config import (
+    DEFAULT_ALLOCATION,
+    DEFAULT_EPS,
+    DEFAULT_EXPONENT,
+    DEFAULT_WEIGHTING,
+    FISHER_WEIGHTINGS,
+    NO_CONFIG_DEFAULTS,
+    FisherLoRAConfig,
+)
 from .fisher import FisherCollector
 from .save import export_lora_adapter, save_compressed_model
 from .sides import _check_adapter_rank, _fisher_side, _warn_degenerate_fisher
@@ -217,22 +225,24 @@ def compress_peft_model(
     peft_config = getattr(peft_model, "peft_config", {}).get(adapter) if hasattr(peft_model, "peft_config") else None
     cfg = peft_config if isinstance(peft_config, FisherLoRAConfig) else None
 
-    def pick(value, attr, default):
+    def pick(value, attr):  # the argument, else the adapter's resolved config, else the config's defaults
         if value is not None:
             return value
-        return getattr(cfg, attr) if cfg is not None else default
+        return getattr(cfg, attr) if cfg is not None else NO_CONFIG_DEFAULTS[attr]
 
-    source = pick(fisher_source, "fisher_source", "lora" if fisher is not None else "none")
-    weighting = pick(weighting, "fisher_weighting", "two_sided")
-    exponent = float(pick(exponent, "fisher_exponent", 0.5))
-    eps = float(pick(eps, "fisher_eps", 1e-6))
-    merge = bool(pick(merge, "merge_before_compress", True))
-    svd_method = pick(svd_method, "compress_svd_method", "auto")
+    if fisher_source is None and cfg is None:
+        fisher_source = "lora" if fisher is not None else "none"
+    source = pick(fisher_source, "fisher_source")
+    weighting = pick(weighting, "fisher_weighting")
+    exponent = float(pick(exponent, "fisher_exponent"))
+    eps = float(pick(eps, "fisher_eps"))
+    merge = bool(pick(merge, "merge_before_compress"))
+    svd_method = pick(svd_method, "compress_svd_method")
     if allocation is None and (rank is not None or rank_pattern):
-        allocation = "uniform"  # an explicit rank (or pattern) overrides the config's budget and its allocation
-    allocation = pick(allocation, "compress_allocation", "uniform")
-    damping = float(pick(damping, "compress_damping", DEFAULT_DAMPING))
-    loss_normalization = pick(loss_normalization, "compress_loss_normalization", "none")
+        allocation = DEFAULT_ALLOCATION  # an explicit rank (or pattern) overrides the config's budget and allocation
+    allocation = pick(allocation, "compress_allocation")
+    damping = float(pick(damping, "compress_damping"))
+    loss_normalization = pick(loss_normalization, "compress_loss_normalization")
     if rank is None and keep is None and rank_pattern is None and cfg is not None:
         rank, keep, rank_pattern = cfg.compress_rank, cfg.compress_keep, cfg.compress_rank_pattern
     if dtype is None and cfg is not None and cfg.compress_dtype is not None:
@@ -243,7 +253,7 @@ def compress_peft_model(
         dtype = _DTYPES[dtype]
     if source not in _REPORT_METHOD:
         raise ValueError(f"fisher_source must be 'lora', 'full' or 'none', got {source!r}.")
-    if weighting not in ("row", "two_sided", "kronecker"):
+    if weighting not in FISHER_WEIGHTINGS:
         raise ValueError(f"weighting must be 'row', 'two_sided' or 'kronecker', got {weighting!r}.")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
@@ -383,10 +393,10 @@ def compress_with_fisher(
     fisher,
     ranks: int | float | Mapping[str, int],
     *,
-    weighting: str = "two_sided",
+    weighting: str = DEFAULT_WEIGHTING,
     target_modules=None,
-    exponent: float = 0.5,
-    eps: float = 1e-6,
+    exponent: float = DEFAULT_EXPONENT,
+    eps: float = DEFAULT_EPS,
     method: str = "auto",
     dtype: torch.dtype | None = None,
     progress: bool = True,
@@ -401,7 +411,7 @@ def compress_with_fisher(
         model: the model to compress (modified in place).
         fisher: ``FisherState``, collector, callback or path.
         ranks: ``int`` rank, ``float`` keep fraction, or ``{name: rank}``.
-        weighting: ``"two_sided"`` (default) or ``"row"``.
+        weighting: ``"two_sided"`` or ``"row"``; default :data:`~.config.DEFAULT_WEIGHTING`.
         target_modules: as for :func:`hf_lowrank.compress_model`; default: every module that has Fisher.
         exponent, eps, method, dtype, progress: as for :func:`hf_lowrank.compress_model`.
 

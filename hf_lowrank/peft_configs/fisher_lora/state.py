@@ -19,6 +19,7 @@ import torch
 from ...io import atomic_save_safetensors
 from ...ops.fisher import lora_fisher_to_weights
 from ...statistics import GRAM_IN, GRAM_OUT
+from .config import DEFAULT_WEIGHTING
 
 __all__ = ["FISHER_STATE_NAME", "SOURCES", "FisherState", "FisherStateError", "fisher_state_filename"]
 
@@ -91,7 +92,7 @@ class FisherState:
         """True when no gradient was accumulated (no tensors, or all zero)."""
         return not self.tensors or all(not bool(t.any()) for t in self.tensors.values())
 
-    def row_col(self, name: str, weighting: str = "two_sided") -> tuple[torch.Tensor, torch.Tensor | None]:
+    def row_col(self, name: str, weighting: str = DEFAULT_WEIGHTING) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fisher per output row ``(out,)`` and, for ``"two_sided"``, per input column ``(in,)`` of module ``name``.
 
         LoRA source: :func:`~hf_lowrank.ops.fisher.lora_fisher_to_weights`. Full source: ``F_W.sum(1)`` and
@@ -123,7 +124,7 @@ class FisherState:
         return parts["Gin"], parts["Gout"]
 
     def weights(
-        self, weighting: str = "two_sided", names: Iterable[str] | None = None
+        self, weighting: str = DEFAULT_WEIGHTING, names: Iterable[str] | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """``(row_fisher, col_fisher)`` dicts for ``names`` (default: all), as ``compress_model`` takes them."""
         rows: dict[str, torch.Tensor] = {}
