@@ -2,9 +2,10 @@
 
 The mixin overrides as little as possible: ``__init__`` (attach the Fisher callback when the model carries a
 FisherLoRA adapter), ``train`` (tell the callback which checkpoint a resume reads, and the fp16 loss scaler), and
-``save_model`` (only the user's final call compresses; the Trainer's own checkpoint saves stay ordinary adapter
-checkpoints plus the Fisher state, written with the model files before ``save_total_limit`` rotation can delete the
-previous checkpoint, so training can resume after a kill at any point).
+``save_model`` (only the user's final call compresses, through :func:`~.callbacks.compress_on_save` as
+``CompressOnSaveCallback`` does; the Trainer's own checkpoint saves stay ordinary adapter checkpoints plus the Fisher
+state, written with the model files before ``save_total_limit`` rotation can delete the previous checkpoint, so
+training can resume after a kill at any point).
 """
 
 from __future__ import annotations

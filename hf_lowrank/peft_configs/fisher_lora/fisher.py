@@ -34,6 +34,9 @@ Trainer's loss normalisation, by accumulation steps or by tokens across devices,
 read when the hooks are attached (``torch.distributed``, initialised by ``accelerate launch`` / ``torchrun`` before
 the Trainer is built). :meth:`FisherCollector.reduced_state` sums the processes' states (a collective call: every
 process must call it) and is what compression uses.
+
+The state and its file live in :mod:`.state`, model walking (unwrapping, LoRA layers, fingerprints) in :mod:`.walk`;
+the names they export are re-exported here.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from torch import nn
 from ...distributed import is_fsdp_model, world_size
 from ...statistics import GRAM_IN, GRAM_OUT, GramHooks
 from .state import _KINDS, FISHER_STATE_NAME, SOURCES, FisherState, FisherStateError, fisher_state_filename
-from .walk import _full_targets, lora_linear_modules, model_fingerprint, unwrap_model
+from .walk import _full_targets, lora_linear_modules, model_fingerprint, unwrap_model, unwrap_wrappers
 
 __all__ = [
     "FISHER_STATE_NAME",
@@ -208,9 +211,7 @@ class FisherCollector:
     def _kronecker_settings(self, model: nn.Module) -> tuple[bool, int | None, str | None]:
         if self.kronecker is not None or self.source != "lora":
             return bool(self.kronecker) and self.source == "lora", self.gram_max_dim, self.gram_device
-        while not hasattr(model, "peft_config") and isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module  # DDP / DataParallel wrapper
-        configs = getattr(model, "peft_config", None) or {}
+        configs = getattr(unwrap_wrappers(model), "peft_config", None) or {}
         config = configs.get(self.adapter_name) if isinstance(configs, dict) else None
         if getattr(config, "fisher_weighting", None) == "kronecker":
             return True, getattr(config, "kronecker_max_dim", None), getattr(config, "kronecker_device", None)
