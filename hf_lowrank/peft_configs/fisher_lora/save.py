@@ -15,6 +15,7 @@ from .state import FISHER_STATE_NAME, FisherState
 
 __all__ = ["export_lora_adapter", "save_compressed_model"]
 
+
 def save_compressed_model(
     model: nn.Module,
     output_dir: str | os.PathLike,

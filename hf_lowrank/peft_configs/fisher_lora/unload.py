@@ -13,6 +13,7 @@ from ...modules import dense_weight
 
 __all__ = ["shared_weight_copy"]
 
+
 def shared_weight_copy(model: nn.Module) -> nn.Module:
     """A structural copy of ``model`` whose parameters and buffers ARE the original tensors (no weight memory).
 
