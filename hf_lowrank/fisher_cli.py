@@ -15,11 +15,9 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from .compression.compress import CompressionReport
+from .peft_configs.fisher_lora.config import DEFAULT_EPS, DEFAULT_EXPONENT, DEFAULT_WEIGHTING
 
-__all__ = ["DEFAULT_WEIGHTING", "compress_with_fisher_file"]
-
-# Chosen from benchmarks/fisher_lora.py (see FisherLoRAConfig.fisher_weighting).
-DEFAULT_WEIGHTING = "two_sided"
+__all__ = ["DEFAULT_WEIGHTING", "compress_with_fisher_file"]  # DEFAULT_WEIGHTING: FisherLoRAConfig's, re-exported
 
 
 def compress_with_fisher_file(
@@ -30,8 +28,8 @@ def compress_with_fisher_file(
     weighting: str | None = None,
     target_modules: Sequence[str] | str | None = None,
     method: str = "auto",
-    exponent: float = 0.5,
-    eps: float = 1e-6,
+    exponent: float = DEFAULT_EXPONENT,
+    eps: float = DEFAULT_EPS,
     progress: bool = True,
 ) -> CompressionReport:
     """Compress ``model`` in place by Fisher-weighted SVD with the Fisher state in ``fisher_file``.

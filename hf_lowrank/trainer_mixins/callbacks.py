@@ -1,28 +1,29 @@
 """Trainer callbacks: Fisher collection with checkpoint/resume, and compression when training ends.
 
 Both work with a plain ``transformers.Trainer`` / ``trl.SFTTrainer``; ``LowRankTrainer`` / ``LowRankSFTTrainer``
-attach :class:`FisherCollectorCallback` by themselves and compress in ``save_model``.
+attach :class:`FisherCollectorCallback` by themselves and compress in ``save_model``. :func:`compress_on_save` is the
+one compress-and-write path that both :class:`CompressOnSaveCallback` and ``LowRankTrainer.save_model`` go through.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
+from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..compression.compress import CompressionReport
 from ..distributed import barrier, gather_full_model, is_fsdp_model
-from ..peft_configs.fisher_lora.fisher import (
-    FisherCollector,
-    FisherState,
-    FisherStateError,
-    fisher_state_filename,
-    lora_linear_modules,
-)
+from ..peft_configs.fisher_lora.config import DEFAULT_WEIGHTING
+from ..peft_configs.fisher_lora.fisher import FisherCollector
+from ..peft_configs.fisher_lora.state import FisherState, FisherStateError, fisher_state_filename
+from ..peft_configs.fisher_lora.walk import lora_linear_modules, unwrap_model, unwrap_wrappers
 
-__all__ = ["CompressOnSaveCallback", "FisherCollectorCallback"]
+__all__ = ["CompressOnSaveCallback", "FisherCollectorCallback", "compress_on_save", "reduced_fisher"]
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,8 @@ class CompressOnSaveCallback(TrainerCallback):
         method: ``"fwsvd"``, ``"svd"`` or ``"ere"``.
         fisher: Fisher source for ``"fwsvd"``.
         rank, keep, rank_pattern: compression target (a FisherLoRA config supplies its own when these are None).
-        weighting: ``"two_sided"`` or ``"row"`` for ``"fwsvd"`` (default: the adapter config's, else two-sided).
+        weighting: ``"two_sided"`` or ``"row"`` for ``"fwsvd"`` (default: the adapter config's, else
+            :data:`~hf_lowrank.peft_configs.fisher_lora.config.DEFAULT_WEIGHTING`).
         output_subdir: folder name written inside ``args.output_dir`` (and inside checkpoints).
         at_checkpoints: also write ``<checkpoint>/<output_subdir>`` at every save (costly for big models).
         base_model: for ``"ere"``.
@@ -221,72 +223,145 @@ class CompressOnSaveCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.at_checkpoints and model is not None:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / self.output_subdir
-            self._write(args, model, folder, kwargs.get("processing_class"))
+            self._write(args, state, model, folder, kwargs.get("processing_class"))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
-            self._write(args, model, Path(args.output_dir) / self.output_subdir, kwargs.get("processing_class"))
+            self._write(args, state, model, Path(args.output_dir) / self.output_subdir, kwargs.get("processing_class"))
 
-    def _write(self, args, model, folder: Path, tokenizer) -> None:
+    def _write(self, args, state, model, folder: Path, tokenizer) -> None:
         """Every process calls this (the Fisher reduction and the FSDP gather are collectives); the main process
         writes; the others wait for it, so the folder is complete wherever training goes on."""
-        self._write_on_main(args, model, folder, tokenizer)
-        barrier()
-
-    def _write_on_main(self, args, model, folder: Path, tokenizer) -> None:
-        from ..peft_configs.fisher_lora.fisher import unwrap_model
-
+        should_save = getattr(args, "should_save", True)
         if self.method == "ere":
-            from ..compression.ere import save_residual_on_save
-
-            while hasattr(model, "module") and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
-                model = model.module
-            if is_fsdp_model(model):  # full weights on the main process only (a collective)
-                model = gather_full_model(unwrap_model(model))
-            if model is not None and getattr(args, "should_save", True):
-                ere_kwargs = dict(self.method_kwargs)
-                if self.rank is not None:  # `rank` is the ERE prior (average) rank
-                    ere_kwargs.setdefault("rank", self.rank)
-                self.last_report = save_residual_on_save(
-                    model, folder, base_model=self.base_model, tokenizer=tokenizer, **ere_kwargs
-                )
-                self.last_output_dir = folder
+            self._write_residual(model, folder, tokenizer, should_save)
+            barrier()
             return
-        from ..peft_configs.fisher_lora.compress import (
-            compress_peft_model,
-            compress_with_fisher,
-            resolve_fisher,
-            save_compressed_model,
-            shared_weight_copy,
+        fisher = self.fisher if self.method == "fwsvd" else None
+        _, report = compress_on_save(
+            model, folder, fisher=fisher, fisher_source=None if fisher is not None else "none", tokenizer=tokenizer,
+            should_save=should_save, progress=not getattr(args, "disable_tqdm", False),
+            global_step=getattr(state, "global_step", None), rank=self.rank, keep=self.keep,
+            rank_pattern=self.rank_pattern, weighting=self.weighting, **self.method_kwargs,
         )
+        if report is not None:
+            self.last_report = report
+            self.last_output_dir = folder
 
-        fisher = resolve_fisher(self.fisher) if self.method == "fwsvd" else None  # collective under DDP
-        gathered = gather_full_model(unwrap_model(model)) if is_fsdp_model(model) else model  # FSDP: a collective
-        if gathered is None or not getattr(args, "should_save", True):
-            return
-        progress = not getattr(args, "disable_tqdm", False)
+    def _write_residual(self, model, folder: Path, tokenizer, should_save: bool) -> None:
+        from ..compression.ere import save_residual_on_save
+
+        model = unwrap_wrappers(model)
+        if is_fsdp_model(model):  # full weights on the main process only (a collective)
+            model = gather_full_model(unwrap_model(model))
+        if model is not None and should_save:
+            ere_kwargs = dict(self.method_kwargs)
+            if self.rank is not None:  # `rank` is the ERE prior (average) rank
+                ere_kwargs.setdefault("rank", self.rank)
+            self.last_report = save_residual_on_save(
+                model, folder, base_model=self.base_model, tokenizer=tokenizer, **ere_kwargs
+            )
+            self.last_output_dir = folder
+
+
+def reduced_fisher(fisher, global_step: int | None = None) -> FisherState | None:
+    """The Fisher to compress or save with: a callback's or collector's state summed over processes (a collective:
+    every process calls it; a copy, whose ``global_step`` is set to ``global_step`` when given), a loaded path, or a
+    ``FisherState`` as given (not modified); None for None. See
+    :func:`~hf_lowrank.peft_configs.fisher_lora.resolve_fisher`."""
+    from ..peft_configs.fisher_lora.compress import resolve_fisher
+
+    state = resolve_fisher(fisher)
+    if state is not None and state is not fisher and global_step is not None:
+        state.global_step = int(global_step)
+    return state
+
+
+def compress_on_save(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    fisher=None,
+    fisher_source: str | None = None,
+    tokenizer=None,
+    should_save: bool = True,
+    progress: bool = True,
+    inplace: bool = False,
+    global_step: int | None = None,
+    rank: int | None = None,
+    keep: float | None = None,
+    rank_pattern: Mapping | None = None,
+    weighting: str | None = None,
+    **method_kwargs,
+) -> tuple[nn.Module | None, CompressionReport | None]:
+    """Compress a trained model and write it to ``output_dir``: the one compress-on-save path.
+
+    :class:`CompressOnSaveCallback` (``"fwsvd"`` / ``"svd"``) and ``LowRankTrainer.save_model`` both call it. Every
+    process calls it: the Fisher reduction over processes and the FSDP gather are collectives. In order:
+
+    1. unwrap DDP / DataParallel / DeepSpeed / ``torch.compile`` wrappers (:func:`unwrap_wrappers`);
+    2. reduce the Fisher over processes (:func:`reduced_fisher`);
+    3. gather FSDP-sharded weights onto the main process;
+    4. on the writing process (``should_save``) only: compress, a model with LoRA layers through
+       :func:`~hf_lowrank.compress_peft_model` (every argument left None from its :class:`FisherLoRAConfig`), a plain
+       model on a weight-sharing copy through ``compress_with_fisher`` (with ``fisher``) or ``compress_model``
+       (needs ``rank``, ``keep`` or ``rank_pattern``);
+    5. write it atomically (:func:`~hf_lowrank.peft_configs.fisher_lora.save_compressed_model`: the factorized
+       model, ``tokenizer``, ``compression_report.json`` and the Fisher state);
+    6. wait for every process, so the folder is complete wherever training goes on.
+
+    Args:
+        model: the trained model (a ``PeftModel``, a model with LoRA layers, or a plain model), wrapped or not.
+        output_dir: the folder to write.
+        fisher: ``FisherCollectorCallback`` / ``FisherCollector`` / ``FisherState`` / path, or None (plain SVD).
+        fisher_source: for ``compress_peft_model`` (None: the adapter config's).
+        tokenizer: saved with the model when given.
+        should_save: whether this process writes (``TrainingArguments.should_save``).
+        progress: show progress bars.
+        inplace: compress the LoRA model itself instead of a copy (``compress_peft_model(inplace=True)``).
+        global_step: recorded in the reduced Fisher state (a ``FisherState`` passed in is not modified).
+        rank, keep, rank_pattern, weighting, **method_kwargs: the compression target and settings.
+
+    Returns:
+        ``(model, report)`` on the writing process: ``model`` is the compressed model with ``inplace=True`` (it
+        replaces the trained one), else None (the copy is dropped once written). ``(None, None)`` elsewhere.
+    """
+    from ..peft_configs.fisher_lora.compress import (
+        compress_peft_model,
+        compress_with_fisher,
+        save_compressed_model,
+        shared_weight_copy,
+    )
+
+    model = unwrap_wrappers(model)
+    state = reduced_fisher(fisher, global_step)  # a collective under DDP
+    gathered = gather_full_model(unwrap_model(model)) if is_fsdp_model(model) else model  # FSDP: a collective
+    compressed = report = None
+    if gathered is not None and should_save:
         lora, _ = lora_linear_modules(gathered)
         if lora:
             compressed, report = compress_peft_model(
-                gathered, fisher=fisher, fisher_source=None if fisher is not None else "none", rank=self.rank,
-                keep=self.keep, rank_pattern=self.rank_pattern, weighting=self.weighting, progress=progress,
-                **self.method_kwargs,
+                gathered, fisher=state, fisher_source=fisher_source, rank=rank, keep=keep, rank_pattern=rank_pattern,
+                weighting=weighting, inplace=inplace, progress=progress, **method_kwargs,
             )
         else:
-            if self.rank is None and self.keep is None and not self.rank_pattern:
+            if rank is None and keep is None and not rank_pattern:
                 raise ValueError("CompressOnSaveCallback on a model without adapters needs rank=, keep= or "
-                                 "rank_pattern=.")
-            ranks = self.rank_pattern or (self.rank if self.rank is not None else self.keep)
+                                 "rank_pattern= (the model carries no LoRA adapter on a Linear layer).")
+            ranks = rank_pattern or (rank if rank is not None else keep)
             compressed = shared_weight_copy(unwrap_model(gathered))
-            if fisher is not None:
+            if state is not None:
                 report = compress_with_fisher(
-                    compressed, fisher, ranks, weighting=self.weighting or "two_sided", progress=progress,
-                    **self.method_kwargs,
+                    compressed, state, ranks, weighting=weighting or DEFAULT_WEIGHTING, progress=progress,
+                    **method_kwargs,
                 )
             else:
                 from ..compression.compress import compress_model
 
-                report = compress_model(compressed, ranks, progress=progress, **self.method_kwargs)
-        save_compressed_model(compressed, folder, tokenizer=tokenizer, report=report, fisher_state=fisher)
-        self.last_report = report
-        self.last_output_dir = folder
+                report = compress_model(compressed, ranks, progress=progress, **method_kwargs)
+        save_compressed_model(compressed, output_dir, tokenizer=tokenizer, report=report, fisher_state=state)
+        logger.info("Compressed model saved to %s: %s", output_dir, report.summary())
+        if not inplace:
+            compressed = None  # the copy's new factors are freed before the other processes are released
+    barrier()
+    return compressed, report

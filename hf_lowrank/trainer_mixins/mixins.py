@@ -2,9 +2,10 @@
 
 The mixin overrides as little as possible: ``__init__`` (attach the Fisher callback when the model carries a
 FisherLoRA adapter), ``train`` (tell the callback which checkpoint a resume reads, and the fp16 loss scaler), and
-``save_model`` (only the user's final call compresses; the Trainer's own checkpoint saves stay ordinary adapter
-checkpoints plus the Fisher state, written with the model files before ``save_total_limit`` rotation can delete the
-previous checkpoint, so training can resume after a kill at any point).
+``save_model`` (only the user's final call compresses, through :func:`~.callbacks.compress_on_save` as
+``CompressOnSaveCallback`` does; the Trainer's own checkpoint saves stay ordinary adapter checkpoints plus the Fisher
+state, written with the model files before ``save_total_limit`` rotation can delete the previous checkpoint, so
+training can resume after a kill at any point).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ..distributed import is_fsdp_model
 from ..io import atomic_directory
 from ..peft_configs.fisher_lora.config import FisherLoRAConfig
+from ..peft_configs.fisher_lora.state import FISHER_STATE_NAME
 from ..precision import warn_if_slow_bf16
-from .callbacks import FisherCollectorCallback
+from .callbacks import FisherCollectorCallback, compress_on_save, reduced_fisher
 
 __all__ = ["LowRankSFTTrainer", "LowRankTrainer", "LowRankTrainerMixin"]  # noqa: F822 (lazy, see __getattr__)
 
@@ -118,8 +120,6 @@ class LowRankTrainerMixin:
             if _internal_call and output_dir is not None and self.fisher_callback is not None:
                 self._save_fisher_into_checkpoint(output_dir)
             return None
-        from ..peft_configs.fisher_lora.compress import compress_peft_model, save_compressed_model
-
         output_dir = output_dir or self.args.output_dir
         if is_fsdp_model(self.model):
             raise NotImplementedError(
@@ -127,9 +127,6 @@ class LowRankTrainerMixin:
                 "Fisher are sharded per process (and FSDP loses the per-micro-batch gradients the Fisher needs). "
                 "Train FisherLoRA with DDP: `accelerate launch` without FSDP; the adapters are small."
             )
-        fisher = self.fisher_callback.collector.reduced_state() if self.fisher_callback is not None else None
-        if fisher is not None:
-            fisher.global_step = self.state.global_step
         if not config.has_compression_target:
             warnings.warn(
                 "The FisherLoRA config sets no compression target (compress_rank / compress_keep / "
@@ -137,24 +134,20 @@ class LowRankTrainerMixin:
                 "with hf_lowrank.compress_peft_model or `hf-lowrank compress --method fwsvd --fisher`.",
                 stacklevel=2,
             )
+            fisher = reduced_fisher(self.fisher_callback, self.state.global_step)  # a collective under DDP
             super().save_model(output_dir, _internal_call)
             if fisher is not None and self.args.should_save:
-                fisher.save(Path(output_dir) / "fisher_state.safetensors")
+                fisher.save(Path(output_dir) / FISHER_STATE_NAME)
             return None
-        if self.args.should_save:
-            model = self.accelerator.unwrap_model(self.model)
-            compressed, report = compress_peft_model(
-                model, fisher=fisher, inplace=self.compress_inplace, progress=not self.args.disable_tqdm
-            )
+        compressed, report = compress_on_save(
+            self.model, output_dir, fisher=self.fisher_callback, tokenizer=self.processing_class,
+            should_save=self.args.should_save, progress=not self.args.disable_tqdm, inplace=self.compress_inplace,
+            global_step=self.state.global_step,
+        )
+        if report is not None:
             if self.compress_inplace:
                 self.model = self.model_wrapped = compressed
-            save_compressed_model(
-                compressed, output_dir, tokenizer=self.processing_class, report=report, fisher_state=fisher
-            )
             self.compression_report = report
-            logger.info("Compressed model saved to %s: %s", output_dir, report.summary())
-            del compressed
-        self.accelerator.wait_for_everyone()
         return None
 
 

@@ -5,25 +5,14 @@ FisherLoRAConfig(...))``, ``PeftModel.from_pretrained`` and ``PeftConfig.from_pr
 """
 
 from .._registry import register_method
-from .compress import (
-    compress_peft_model,
-    compress_with_fisher,
-    export_lora_adapter,
-    plan_ranks,
-    resolve_fisher,
-    save_compressed_model,
-    shared_weight_copy,
-)
+from .compress import compress_peft_model, compress_with_fisher, plan_ranks, resolve_fisher
 from .config import FISHER_SOURCES, FISHER_WEIGHTINGS, FisherLoRAConfig
-from .fisher import (
-    FISHER_STATE_NAME,
-    FisherCollector,
-    FisherState,
-    FisherStateError,
-    fisher_state_filename,
-    lora_linear_modules,
-)
+from .fisher import FisherCollector
 from .model import FisherLoraModel
+from .save import export_lora_adapter, save_compressed_model
+from .state import FISHER_STATE_NAME, FisherState, FisherStateError, fisher_state_filename
+from .unload import shared_weight_copy
+from .walk import lora_linear_modules
 
 PEFT_TYPE = register_method(name="fisher_lora", config_cls=FisherLoRAConfig, model_cls=FisherLoraModel, prefix="lora_")
 

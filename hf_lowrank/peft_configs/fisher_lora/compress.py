@@ -1,4 +1,4 @@
-"""Compression of a (Fisher)LoRA-adapted model with Fisher-weighted SVD, and saving the result.
+"""Compression of a (Fisher)LoRA-adapted model with Fisher-weighted SVD (saving the result: :mod:`.save`).
 
 :func:`compress_peft_model` turns a trained ``PeftModel`` into a plain transformers model whose adapted Linear
 layers are ``LowRankLinear`` factor pairs (a factorized checkpoint, see ``hf_lowrank.compression.checkpoint``).
@@ -8,14 +8,12 @@ its adapter) stays usable and the extra memory is that of the new factors plus o
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
 import re
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -31,20 +29,34 @@ from ...compression.compress import (
     resolve_ranks,
     set_submodule,
 )
-from ...io import atomic_directory, atomic_write_json, read_json
 from ...modules import dense_weight
-from ...ops.fisher import DEFAULT_DAMPING, fisher_weights, gram_factor, weighted_spectrum
+from ...ops.fisher import weighted_spectrum
 from ...ops.rank_allocation import global_ranks
 from ...ops.svd import factorized_params, rank_for_keep
-from .config import FISHER_FIELDS, FisherLoRAConfig
-from .fisher import (
-    FISHER_STATE_NAME,
-    FisherCollector,
-    FisherState,
-    FisherStateError,
-    lora_linear_modules,
-    model_fingerprint,
+from .config import (
+    DEFAULT_ALLOCATION,
+    DEFAULT_EPS,
+    DEFAULT_EXPONENT,
+    DEFAULT_WEIGHTING,
+    FISHER_WEIGHTINGS,
+    NO_CONFIG_DEFAULTS,
+    FisherLoRAConfig,
 )
+from .fisher import FisherCollector
+from .save import export_lora_adapter, save_compressed_model
+from .sides import _check_adapter_rank, _fisher_side, _warn_degenerate_fisher
+from .state import FISHER_STATE_NAME, FisherState
+from .unload import (
+    _cast_params,
+    _dense_linear,
+    _drop_bnb_quantization,
+    _effective_weight,
+    _finish_unload,
+    _float_dtype,
+    _is_quantized_linear,
+    shared_weight_copy,
+)
+from .walk import lora_linear_modules, model_fingerprint, unwrap_model
 
 __all__ = [
     "compress_peft_model",
@@ -143,87 +155,6 @@ def plan_ranks(
     return resolve_ranks(fake, wanted)
 
 
-def shared_weight_copy(model: nn.Module) -> nn.Module:
-    """A structural copy of ``model`` whose parameters and buffers ARE the original tensors (no weight memory).
-
-    Replacing modules of the copy (e.g. by compression) leaves the original untouched; changing a shared tensor in
-    place would change both. Instance-level ``forward`` overrides (trainer wrappers) are dropped from the copy.
-    """
-    memo = {id(t): t for t in model.parameters()}
-    memo.update({id(t): t for t in model.buffers()})
-    try:
-        clone = copy.deepcopy(model, memo)
-    except Exception as exc:  # deepcopy fails on exotic attributes (locks, handles)
-        raise RuntimeError(
-            f"Could not make a weight-sharing copy of the model for compression ({exc}). Pass inplace=True to "
-            "compress the model itself (the adapter model is then consumed)."
-        ) from exc
-    # Trainers patch `forward` on the instance (accelerate's autocast wrapper, trl's fused-loss forward); such a
-    # wrapper closes over the ORIGINAL model's forward, so the copy would silently run the original. Use the class's.
-    for module in clone.modules():
-        module.__dict__.pop("forward", None)
-    return clone
-
-
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and "lora_" not in name:
-            return p.dtype
-    return torch.float32
-
-
-def _cast_params(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast floating parameters to ``dtype`` by REPLACING them (shared tensors of the original stay untouched)."""
-    new_of: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for pname, p in list(module._parameters.items()):
-            if p is None or not p.is_floating_point() or p.dtype == dtype:
-                continue
-            if id(p) not in new_of:
-                new_of[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
-            module._parameters[pname] = new_of[id(p)]
-
-
-def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
-    out_f, in_f = weight.shape
-    layer = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    layer.requires_grad_(False)
-    return layer
-
-
-def _is_quantized_linear(module: nn.Module) -> bool:
-    w = getattr(module, "weight", None)
-    return isinstance(module, nn.Linear) and w is not None and (
-        getattr(w, "quant_state", None) is not None or (w.dtype == torch.int8 and getattr(w, "SCB", None) is not None)
-    )
-
-
-def _drop_bnb_quantization(model: nn.Module) -> None:
-    """Forget a bitsandbytes quantization config on a model whose layers were all dequantized."""
-    config = getattr(model, "config", None)
-    qc = getattr(config, "quantization_config", None) if config is not None else None
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    if qc is None or str(getattr(method, "value", method)) != "bitsandbytes":
-        return
-    del config.quantization_config
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            try:
-                delattr(model, attr)
-            except AttributeError:
-                setattr(model, attr, None)
-    for attr in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
-        if hasattr(model, attr):
-            try:
-                setattr(model, attr, False)
-            except AttributeError:
-                pass
-
-
 @torch.no_grad()
 def compress_peft_model(
     peft_model: nn.Module,
@@ -294,22 +225,24 @@ def compress_peft_model(
     peft_config = getattr(peft_model, "peft_config", {}).get(adapter) if hasattr(peft_model, "peft_config") else None
     cfg = peft_config if isinstance(peft_config, FisherLoRAConfig) else None
 
-    def pick(value, attr, default):
+    def pick(value, attr):  # the argument, else the adapter's resolved config, else the config's defaults
         if value is not None:
             return value
-        return getattr(cfg, attr) if cfg is not None else default
+        return getattr(cfg, attr) if cfg is not None else NO_CONFIG_DEFAULTS[attr]
 
-    source = pick(fisher_source, "fisher_source", "lora" if fisher is not None else "none")
-    weighting = pick(weighting, "fisher_weighting", "two_sided")
-    exponent = float(pick(exponent, "fisher_exponent", 0.5))
-    eps = float(pick(eps, "fisher_eps", 1e-6))
-    merge = bool(pick(merge, "merge_before_compress", True))
-    svd_method = pick(svd_method, "compress_svd_method", "auto")
+    if fisher_source is None and cfg is None:
+        fisher_source = "lora" if fisher is not None else "none"
+    source = pick(fisher_source, "fisher_source")
+    weighting = pick(weighting, "fisher_weighting")
+    exponent = float(pick(exponent, "fisher_exponent"))
+    eps = float(pick(eps, "fisher_eps"))
+    merge = bool(pick(merge, "merge_before_compress"))
+    svd_method = pick(svd_method, "compress_svd_method")
     if allocation is None and (rank is not None or rank_pattern):
-        allocation = "uniform"  # an explicit rank (or pattern) overrides the config's budget and its allocation
-    allocation = pick(allocation, "compress_allocation", "uniform")
-    damping = float(pick(damping, "compress_damping", DEFAULT_DAMPING))
-    loss_normalization = pick(loss_normalization, "compress_loss_normalization", "none")
+        allocation = DEFAULT_ALLOCATION  # an explicit rank (or pattern) overrides the config's budget and allocation
+    allocation = pick(allocation, "compress_allocation")
+    damping = float(pick(damping, "compress_damping"))
+    loss_normalization = pick(loss_normalization, "compress_loss_normalization")
     if rank is None and keep is None and rank_pattern is None and cfg is not None:
         rank, keep, rank_pattern = cfg.compress_rank, cfg.compress_keep, cfg.compress_rank_pattern
     if dtype is None and cfg is not None and cfg.compress_dtype is not None:
@@ -320,7 +253,7 @@ def compress_peft_model(
         dtype = _DTYPES[dtype]
     if source not in _REPORT_METHOD:
         raise ValueError(f"fisher_source must be 'lora', 'full' or 'none', got {source!r}.")
-    if weighting not in ("row", "two_sided", "kronecker"):
+    if weighting not in FISHER_WEIGHTINGS:
         raise ValueError(f"weighting must be 'row', 'two_sided' or 'kronecker', got {weighting!r}.")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
@@ -362,8 +295,6 @@ def compress_peft_model(
         else:
             _warn_degenerate_fisher(state, plan, weighting)
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    from .fisher import unwrap_model
-
     base = unwrap_model(base)
     work = base if inplace else shared_weight_copy(base)
     quantized = any(_is_quantized_linear(m) for m in work.modules())
@@ -456,137 +387,16 @@ def compress_peft_model(
     return work, report
 
 
-def _check_adapter_rank(state: FisherState, names, adapter_rank: int) -> None:
-    """A LoRA Fisher has the adapter's rank in its shapes: ``F_A`` is ``(r, in)``, checked even without metadata."""
-    for name in names:
-        a = state.module_fisher(name).get("A")
-        if a is not None and a.ndim == 2 and a.shape[0] != adapter_rank:
-            raise FisherStateError(
-                f"The Fisher of '{name}' was collected with LoRA adapter rank r={a.shape[0]} (F_A {tuple(a.shape)}) "
-                f"but the adapter being compressed has r={adapter_rank}: the Fisher of the LoRA factors belongs to "
-                "the adapter it was collected with. Collect it again with this adapter."
-            )
-
-
-_WEIGHTING_KINDS = {"kronecker": ("Gin", "Gout"), "row": ("A", "B", "W"), "two_sided": ("A", "B", "W")}
-
-
-def _warn_degenerate_fisher(state: FisherState, names, weighting: str) -> None:
-    """Warn when a module's Fisher carries no information (all zero or non-finite): it gets plain SVD."""
-    dead, broken = [], []
-    for name in names:
-        parts = [t for k, t in state.module_fisher(name).items() if k in _WEIGHTING_KINDS[weighting]]
-        if not parts:
-            continue
-        finite = [torch.isfinite(t) for t in parts]
-        if not all(bool(f.all()) for f in finite):
-            broken.append(name)
-        if not any(bool((t.masked_fill(~f, 0) != 0).any()) for t, f in zip(parts, finite)):
-            dead.append(name)
-    if not dead and not broken:
-        return
-    lines = []
-    if dead:
-        every = " (every module)" if len(dead) == len(list(names)) else ""
-        lines.append(
-            f"the Fisher of {len(dead)} module(s){every} is all zero or non-finite, so their compression falls back "
-            f"to plain SVD although it is labelled Fisher-weighted: {', '.join(dead[:8])}"
-            + (", ..." if len(dead) > 8 else "")
-        )
-    if broken:
-        lines.append(
-            f"{len(broken)} module(s) have NaN/inf Fisher entries, treated as zero: {', '.join(broken[:8])}"
-            + (", ..." if len(broken) > 8 else "")
-        )
-    warnings.warn(
-        "Fisher state: " + "; ".join(lines) + ". The state is corrupt or no usable gradient reached these modules; "
-        "collect the Fisher again (check the loss for NaN), or compress with fisher_source='none'.",
-        UserWarning,
-        stacklevel=3,
-    )
-
-
-def _effective_weight(wrapper: nn.Module, adapter: str, merge: bool, name: str) -> torch.Tensor:
-    """``W + s B A`` (``merge``) or ``W`` of a LoRA layer, dequantized when its base is 4/8-bit."""
-    W = dense_weight(wrapper.get_base_layer())
-    if merge and not getattr(wrapper, "merged", False):
-        delta = wrapper.get_delta_weight(adapter)  # in the base layer's layout: (in, out) for a Conv1D
-        if getattr(wrapper, "fan_in_fan_out", False):
-            delta = delta.T
-        return W.float() + delta.float().to(W.device)
-    if not merge and getattr(wrapper, "merged", False):
-        raise ValueError(
-            f"Module '{name}' has its adapter merged into the base weight, so the original W is gone; "
-            "unmerge it (model.unmerge_adapter()) before compressing with merge_before_compress=False."
-        )
-    return W
-
-
-def _fisher_side(state: FisherState, name: str, weighting: str, exponent: float, eps: float, damping: float):
-    """``(out_factor, in_factor, scale, fell_back)`` of module ``name`` from the collected state."""
-    if weighting == "kronecker":
-        # non-finite entries are treated as zero, as for the diagonal Fisher (and warned about with it)
-        G_in, G_out = (torch.where(torch.isfinite(G), G, torch.zeros_like(G)) for G in state.grams(name))
-        f_in, f_out = gram_factor(G_in, damping=damping, name=name), gram_factor(G_out, damping=damping, name=name)
-        return f_out.L, f_in.L, f_in.scale * f_out.scale, "eigh" in (f_in.fallback, f_out.fallback)
-    row, col = state.row_col(name, weighting)
-    rw = fisher_weights(row, exponent=exponent, eps=eps) if row is not None else None
-    cw = fisher_weights(col, exponent=exponent, eps=eps) if col is not None else None
-    return rw, cw, 1.0, False
-
-
-def _finish_unload(work: nn.Module, adapter: str, *, inplace: bool, merge: bool) -> None:
-    """Remove what is left of peft from ``work``: other LoRA layers, ``modules_to_save`` wrappers, peft attributes."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
-
-    for name, module in list(work.named_modules()):
-        if not name:
-            continue
-        try:
-            current = work.get_submodule(name)
-        except AttributeError:
-            continue  # inside a module replaced earlier in this loop
-        if current is not module:
-            continue
-        if isinstance(module, BaseTunerLayer):
-            base_layer = module.get_base_layer()
-            lora_a = getattr(module, "lora_A", {})
-            if merge and adapter in lora_a and not getattr(module, "merged", False) and hasattr(base_layer, "weight"):
-                # A non-Linear LoRA layer (e.g. an embedding): merge its delta into a new weight tensor.
-                merged = copy.copy(base_layer)
-                merged._parameters = dict(base_layer._parameters)
-                delta = module.get_delta_weight(adapter).to(base_layer.weight.dtype)
-                merged.weight = nn.Parameter(base_layer.weight.detach() + delta, requires_grad=False)
-                set_submodule(work, name, merged)
-            else:
-                set_submodule(work, name, base_layer)
-        elif isinstance(module, ModulesToSaveWrapper):
-            set_submodule(work, name, module.unload_and_optionally_merge_module(False, False, None))
-        elif isinstance(module, AuxiliaryTrainingWrapper):
-            if not inplace:
-                raise ValueError(
-                    f"Module '{name}' is a {type(module).__name__} (trainable_token_indices); compressing a copy "
-                    "cannot merge it without changing the trained model. Pass inplace=True."
-                )
-            set_submodule(work, name, module.unload_and_optionally_merge_module(True, False, None))
-    for attr in ("peft_config",):
-        if attr in work.__dict__:
-            del work.__dict__[attr]
-    if getattr(work, "_hf_peft_config_loaded", False):
-        work._hf_peft_config_loaded = False
-
-
 @torch.no_grad()
 def compress_with_fisher(
     model: nn.Module,
     fisher,
     ranks: int | float | Mapping[str, int],
     *,
-    weighting: str = "two_sided",
+    weighting: str = DEFAULT_WEIGHTING,
     target_modules=None,
-    exponent: float = 0.5,
-    eps: float = 1e-6,
+    exponent: float = DEFAULT_EXPONENT,
+    eps: float = DEFAULT_EPS,
     method: str = "auto",
     dtype: torch.dtype | None = None,
     progress: bool = True,
@@ -601,7 +411,7 @@ def compress_with_fisher(
         model: the model to compress (modified in place).
         fisher: ``FisherState``, collector, callback or path.
         ranks: ``int`` rank, ``float`` keep fraction, or ``{name: rank}``.
-        weighting: ``"two_sided"`` (default) or ``"row"``.
+        weighting: ``"two_sided"`` or ``"row"``; default :data:`~.config.DEFAULT_WEIGHTING`.
         target_modules: as for :func:`hf_lowrank.compress_model`; default: every module that has Fisher.
         exponent, eps, method, dtype, progress: as for :func:`hf_lowrank.compress_model`.
 
@@ -641,69 +451,3 @@ def compress_with_fisher(
     report.info = {"fisher_weighting": weighting, "fisher_exponent": exponent, "fisher_eps": eps, **state.summary()}
     return report
 
-
-def save_compressed_model(
-    model: nn.Module,
-    output_dir: str | os.PathLike,
-    *,
-    tokenizer=None,
-    report: CompressionReport | None = None,
-    fisher_state: FisherState | None = None,
-) -> Path:
-    """Write a compressed model, its tokenizer, ``compression_report.json`` and the Fisher state, atomically.
-
-    The folder is built beside ``output_dir`` and swapped in only when everything is written (see
-    :func:`hf_lowrank.io.atomic_directory`). A folder that holds a PEFT adapter at its top level is refused: the
-    adapter files would be carried over and ``from_pretrained`` would load the adapter instead of the model.
-
-    Returns:
-        The output folder.
-    """
-    output_dir = Path(output_dir)
-    if (output_dir / "adapter_config.json").exists():
-        raise ValueError(
-            f"'{output_dir}' already holds a PEFT adapter (adapter_config.json); saving a compressed model there would "
-            "mix the two. Save to another folder, or remove the adapter files first."
-        )
-    with atomic_directory(output_dir) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if report is not None:
-            data = report.to_dict()
-            if report.info:  # a FisherLoRA report: the Fisher facts go under "fisher"
-                data["fisher"] = data.pop("info")
-            atomic_write_json(Path(tmp) / "compression_report.json", data)
-        if fisher_state is not None:
-            fisher_state.save(Path(tmp) / FISHER_STATE_NAME)
-        from ...model_card import write_model_card_for
-
-        write_model_card_for(model, tmp, report)
-    return output_dir
-
-
-def export_lora_adapter(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy a saved FisherLoRA adapter folder as a vanilla LoRA adapter (loadable without hf-lowrank).
-
-    ``adapter_config.json`` is rewritten with ``peft_type: "LORA"`` and without the FisherLoRA fields; the weights
-    file is copied unchanged (the tensor names and shapes are LoRA's).
-
-    Returns:
-        The destination folder.
-    """
-    import shutil
-
-    src, dst = Path(src), Path(dst)
-    config = read_json(src / "adapter_config.json", what="adapter config")
-    if config.get("peft_type") not in ("FISHER_LORA", "LORA"):
-        raise ValueError(f"'{src}' holds a {config.get('peft_type')} adapter, not a FisherLoRA one.")
-    config = {k: v for k, v in config.items() if k not in FISHER_FIELDS}
-    config["peft_type"] = "LORA"
-    weights = [p for p in src.iterdir() if p.name.startswith("adapter_model.")]
-    if not weights:
-        raise ValueError(f"'{src}' has no adapter_model.* weights file; save the adapter with save_pretrained first.")
-    with atomic_directory(dst) as tmp:
-        for p in weights:
-            shutil.copy2(p, Path(tmp) / p.name)
-        atomic_write_json(Path(tmp) / "adapter_config.json", config)
-    return dst

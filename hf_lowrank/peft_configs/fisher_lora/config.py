@@ -3,17 +3,58 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from types import MappingProxyType
 
 from peft import LoraConfig
 
+from ...ops.fisher import DEFAULT_DAMPING
 from .._registry import ensure_peft_type
 
-__all__ = ["FISHER_SOURCES", "FISHER_WEIGHTINGS", "FisherLoRAConfig"]
+__all__ = [
+    "DEFAULT_ALLOCATION",
+    "DEFAULT_EPS",
+    "DEFAULT_EXPONENT",
+    "DEFAULT_LORA_WEIGHTING",
+    "DEFAULT_WEIGHTING",
+    "FISHER_SOURCES",
+    "NO_CONFIG_DEFAULTS",
+    "FISHER_WEIGHTINGS",
+    "FisherLoRAConfig",
+    "default_allocation",
+    "default_weighting",
+]
 
 FISHER_SOURCES = ("lora", "full", "none")
 FISHER_WEIGHTINGS = ("row", "two_sided", "kronecker")
 _ALLOCATIONS = ("uniform", "global")
+
+# The Fisher defaults, spelled here only: FisherLoRAConfig resolves its None fields with them (default_weighting,
+# default_allocation) and every other path (a vanilla LoRA adapter, a plain model, the CLI) reads them from here.
+DEFAULT_LORA_WEIGHTING = "kronecker"
+"""``fisher_weighting`` when it is None and ``fisher_source="lora"``: the Grams are collected during LoRA training."""
+DEFAULT_WEIGHTING = "two_sided"
+"""``fisher_weighting`` otherwise, and wherever no FisherLoRA config says (a diagonal Fisher state has no Grams)."""
+DEFAULT_ALLOCATION = "uniform"
+"""``compress_allocation`` when the global budget does not apply (see :func:`default_allocation`)."""
+DEFAULT_EXPONENT = 0.5
+"""``fisher_exponent``: Fisher weights are ``(F / mean(F) + eps) ** exponent`` (FWSVD's ``sqrt(F)``)."""
+DEFAULT_EPS = 1e-6
+"""``fisher_eps``: the floor of the normalised Fisher."""
+
+
+def default_weighting(fisher_source: str) -> str:
+    """``fisher_weighting`` that ``fisher_weighting=None`` resolves to for ``fisher_source``."""
+    return DEFAULT_LORA_WEIGHTING if fisher_source == "lora" else DEFAULT_WEIGHTING
+
+
+def default_allocation(fisher_weighting: str, compress_keep: float | None, compress_rank_pattern) -> str:
+    """``compress_allocation`` that ``None`` resolves to: ``"global"`` with kronecker weighting, a ``compress_keep``
+    budget and no per-module pattern (measured best), else :data:`DEFAULT_ALLOCATION`."""
+    if fisher_weighting == "kronecker" and compress_keep is not None and not compress_rank_pattern:
+        return "global"
+    return DEFAULT_ALLOCATION
 _NORMALIZATIONS = ("none", "relative")
 _SVD_METHODS = ("auto", "exact", "randomized")
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -118,7 +159,7 @@ class FisherLoRAConfig(LoraConfig):
         },
     )
     compress_damping: float = field(
-        default=1e-4,
+        default=DEFAULT_DAMPING,
         metadata={"help": "Damping lambda of the Kronecker Grams: G / mean(diag G) + lambda * I. >= 0."},
     )
     compress_loss_normalization: str = field(
@@ -126,11 +167,11 @@ class FisherLoRAConfig(LoraConfig):
         metadata={"help": "With compress_allocation='global': 'none' (raw losses) or 'relative' (per module)."},
     )
     fisher_exponent: float = field(
-        default=0.5,
+        default=DEFAULT_EXPONENT,
         metadata={"help": "Weights are (fisher / mean + eps) ** exponent; 0.5 is FWSVD's sqrt(F). >= 0."},
     )
     fisher_eps: float = field(
-        default=1e-6,
+        default=DEFAULT_EPS,
         metadata={"help": "Floor of the normalised Fisher, > 0: rows without Fisher keep a small positive weight."},
     )
     merge_before_compress: bool = field(
@@ -196,10 +237,11 @@ class FisherLoRAConfig(LoraConfig):
 
     def _validate_fisher_fields(self) -> None:
         if self.fisher_weighting is None:
-            self.fisher_weighting = "kronecker" if self.fisher_source == "lora" else "two_sided"
+            self.fisher_weighting = default_weighting(self.fisher_source)
         if self.compress_allocation is None:
-            kron = self.fisher_weighting == "kronecker" and self.compress_keep is not None
-            self.compress_allocation = "global" if kron and not self.compress_rank_pattern else "uniform"
+            self.compress_allocation = default_allocation(
+                self.fisher_weighting, self.compress_keep, self.compress_rank_pattern
+            )
         if self.compress_rank is not None and self.compress_keep is not None:
             raise ValueError(
                 f"FisherLoRAConfig got both compress_rank={self.compress_rank!r} and compress_keep="
@@ -294,3 +336,15 @@ def _fisher_field_names() -> set[str]:
 
 
 FISHER_FIELDS: frozenset[str] = frozenset(_fisher_field_names())
+
+
+NO_CONFIG_DEFAULTS: Mapping[str, object] = MappingProxyType(
+    {
+        **{f.name: f.default for f in fields(FisherLoRAConfig) if f.name in FISHER_FIELDS and f.default is not MISSING},
+        "fisher_weighting": DEFAULT_WEIGHTING,
+        "compress_allocation": DEFAULT_ALLOCATION,
+    }
+)
+"""The FisherLoRA settings compression uses for an adapter without a :class:`FisherLoRAConfig` (a vanilla
+``LoraConfig``): the config's field defaults, with :data:`DEFAULT_WEIGHTING` (no Grams were collected) and
+:data:`DEFAULT_ALLOCATION`."""
