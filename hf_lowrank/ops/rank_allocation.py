@@ -465,6 +465,7 @@ def global_ranks(
     *,
     normalize: str = "none",
     min_rank: int = 1,
+    multiple: int = 1,
 ) -> GlobalAllocation:
     """Per-module ranks minimising the summed truncation loss under one parameter budget (METHODS.md section 5).
 
@@ -474,7 +475,9 @@ def global_ranks(
     (``k (out + in) >= out * in``) is kept dense instead: that last step costs ``out * in - k_be (out + in)``
     parameters and removes the whole remaining tail; where it would be taken before the rank steps it follows, the
     steps are pooled (adjacent violators) so the greedy order stays that of a concave gain. Every module keeps at
-    least ``min_rank``.
+    least ``min_rank``. With ``multiple > 1`` a rank step takes singular values up to the next multiple of it (what is
+    left below break-even joins the dense step), so every rank above ``min_rank`` is a multiple: the optimum over
+    those ranks (factor pairs with aligned inner dimensions run at their FLOP ratio, odd ones slower).
 
     Args:
         spectra: ``{name: singular values}`` of the weighted matrices (full spectra; see
@@ -486,6 +489,7 @@ def global_ranks(
         normalize: ``"none"`` (raw losses) or ``"relative"`` (each module's ``s^2`` divided by its total, i.e. the
             relative error of the module).
         min_rank: smallest rank any module gets, ``>= 1``.
+        multiple: ranks above ``min_rank`` are multiples of this, ``>= 1``.
 
     Returns:
         :class:`GlobalAllocation`.
@@ -501,6 +505,8 @@ def global_ranks(
         raise ValueError(f"normalize must be one of {LOSS_NORMALIZATIONS}, got {normalize!r}.")
     if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
         raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}.")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be an int >= 1, got {multiple!r}.")
     names = list(spectra)
     missing = [n for n in names if n not in shapes]
     if missing:
@@ -524,10 +530,13 @@ def global_ranks(
         ranks[n], dense[n] = start, False
         used += start * c
         base_loss += float(sq[start:].sum())
-        # steps: ranks start+1 .. k_be (one singular value each), then the dense step
-        steps = [[float(sq[i]), float(c), 1] for i in range(start, min(k_be, len(sq)))]
-        rest = float(sq[max(k_be, start):].sum())
-        dense_cost = out_f * in_f - max(k_be, start) * c
+        # steps: ranks start+1 .. top (``multiple`` at a time, ``top`` the last multiple below break-even; one
+        # singular value each when multiple == 1), then the dense step
+        top = max(start, min(k_be, len(sq)) // multiple * multiple)
+        edges = [start, *range((start // multiple + 1) * multiple, top + 1, multiple)]
+        steps = [[float(sq[a:b].sum()), float((b - a) * c), b - a] for a, b in zip(edges, edges[1:])]
+        rest = float(sq[top:].sum())
+        dense_cost = out_f * in_f - top * c
         if k_be >= 1 and dense_cost > 0:
             steps.append([rest, float(dense_cost), 0])  # kind 0: the dense step
         pooled: list[list] = []  # [gain, cost, [the steps pooled]]
@@ -560,7 +569,7 @@ def global_ranks(
                 break
             used += cost
             if is_rank:
-                ranks[names[owner]] += 1
+                ranks[names[owner]] += is_rank
             else:
                 dense[names[owner]] = True
             loss -= gain

@@ -32,7 +32,7 @@ from ...compression.compress import (
 from ...modules import dense_weight
 from ...ops.fisher import weighted_spectrum
 from ...ops.rank_allocation import global_ranks
-from ...ops.svd import factorized_params, rank_for_keep
+from ...ops.svd import RANK_MULTIPLE, factorized_params, rank_for_keep
 from .config import (
     DEFAULT_ALLOCATION,
     DEFAULT_EPS,
@@ -149,7 +149,7 @@ def plan_ranks(
         if isinstance(value, float):
             if not 0 < value <= 1:
                 raise ValueError(f"Keep fraction {value!r} for module '{name}' must be in (0, 1].")
-            value = rank_for_keep(out_f, in_f, value)
+            value = rank_for_keep(out_f, in_f, value, multiple=RANK_MULTIPLE)
         wanted[name] = value
     fake = {n: SimpleNamespace(out_features=shapes[n][0], in_features=shapes[n][1]) for n in wanted}
     return resolve_ranks(fake, wanted)
@@ -312,7 +312,7 @@ def compress_peft_model(
                 _effective_weight(work.get_submodule(name), adapter, merge, name), out_factor=out_factor,
                 in_factor=in_factor, name=name,
             ) * math.sqrt(scale)
-        plan = global_ranks(spectra, shapes, float(keep), normalize=loss_normalization).ranks
+        plan = global_ranks(spectra, shapes, float(keep), normalize=loss_normalization, multiple=RANK_MULTIPLE).ranks
     # Every replacement is computed before any module is swapped (all or nothing, as in compress_model): a failure
     # (an SVDError on a NaN weight, a bad Gram) leaves the model, with inplace=True the PeftModel itself, untouched.
     # The cost: the new factors of all modules exist at once, next to the dense weights they replace.
