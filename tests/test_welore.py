@@ -78,10 +78,10 @@ class _Counter:
 def svd_calls(monkeypatch):
     counters = {
         "spectra": _Counter(welore_spectra.singular_values),
-        "factors": _Counter(welore_layer.truncated_svd),
+        "factors": _Counter(welore_layer.fwsvd),
     }
     monkeypatch.setattr(welore_spectra, "singular_values", counters["spectra"])
-    monkeypatch.setattr(welore_layer, "truncated_svd", counters["factors"])
+    monkeypatch.setattr(welore_layer, "fwsvd", counters["factors"])  # the one factorization every WeLore layer uses
     return counters
 
 
@@ -251,6 +251,26 @@ def test_rank_pattern_pins_ranks(planted):
 # ---------------------------------------------------------------------------------------------------------------------
 # the PEFT model
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_welore_factors_go_through_the_one_factorization(method):
+    """A WeLore layer's factors are fwsvd's (the package's one path); without Fisher that is bit for bit the plain
+    truncated SVD split, with Fisher the weighted one."""
+    from hf_lowrank.ops.fisher import fwsvd
+    from hf_lowrank.ops.svd import split_factors, truncated_svd
+
+    lin = nn.Linear(48, 40)
+    row, col = torch.rand(40) + 0.1, torch.rand(48) + 0.1
+    for fisher, expect in (
+        ({}, lambda: split_factors(*truncated_svd(lin.weight, 6, method=method))),
+        ({"row_fisher": row, "col_fisher": col}, lambda: fwsvd(lin.weight, 6, row_fisher=row, col_fisher=col,
+                                                                method=method)),
+    ):
+        torch.manual_seed(0)  # the randomized range finder draws from the global generator
+        got = welore_layer.welore_factors(lin, 6, method=method, **fisher)
+        torch.manual_seed(0)
+        assert all(torch.equal(g, e) for g, e in zip(got, expect(), strict=True))
 
 
 def test_lrc_factors_are_the_truncated_svd(planted):
