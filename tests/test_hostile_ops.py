@@ -43,7 +43,6 @@ from hf_lowrank.ops.quant import (
 from hf_lowrank.ops.rank_allocation import (
     ere_ranks,
     normalized_spectrum,
-    split_lrc,
     uniform_ranks,
     welore_ranks,
 )
@@ -641,7 +640,7 @@ def _valid_shape(s) -> bool:
     keep=mostly(st.floats(1e-4, 1.0), st.sampled_from([*BAD_NUMBERS, 1.01])),
     lrc_ratio=mostly(st.floats(1e-3, 1.0), st.sampled_from([*BAD_NUMBERS, 2.0])),
 )
-def test_uniform_ranks_and_split_lrc(shapes, keep, lrc_ratio):
+def test_uniform_ranks_and_the_lrc_split(shapes, keep, lrc_ratio):
     bad_names = [n for n, s in shapes.items() if not _valid_shape(s)]
     bad_keep = not (0 < keep <= 1)
     if bad_names or bad_keep:
@@ -652,15 +651,22 @@ def test_uniform_ranks_and_split_lrc(shapes, keep, lrc_ratio):
     for n, r in ranks.items():
         assert _is_int(r) and 1 <= r <= min(shapes[n])
         assert r == rank_for_keep(*shapes[n], keep)
+    # the LRC split of WeLore on these ranks, pinned: a module is an LRC when its rank < lrc_ratio * min(out, in)
+    spectra = {n: torch.linspace(2.0, 1.0, min(s)) for n, s in shapes.items()}
+    total = sum(min(s) for s in shapes.values())
+    removed = sum(min(shapes[n]) - r for n, r in ranks.items() if 0 < lrc_ratio <= 1 and r < lrc_ratio * min(shapes[n]))
+    reduction = min(max(removed / total, 1e-9), 1 - 1e-9)
+    call = lambda: welore_ranks(spectra, reduction, lrc_ratio=lrc_ratio, pinned=ranks)  # noqa: E731
     if not (0 < lrc_ratio <= 1):
-        expect_error(lambda: split_lrc(ranks, shapes, lrc_ratio), "lrc_ratio")
+        expect_error(call, "lrc_ratio")
         return
-    lrc, nlrc = split_lrc(ranks, shapes, lrc_ratio)
+    alloc = call()
     event("valid")
+    lrc, nlrc = set(alloc.lrc), set(alloc.nlrc)
     assert lrc | nlrc == set(ranks) and not lrc & nlrc
     for n in ranks:
         assert (n in lrc) == (ranks[n] < lrc_ratio * min(shapes[n]))
-    expect_error(lambda: split_lrc({**ranks, "zz.missing": 1}, shapes, 0.5), "zz.missing")
+    expect_error(lambda: welore_ranks(spectra, reduction, pinned={**ranks, "zz.missing": 1}), "zz.missing")
 
 
 @st.composite

@@ -15,7 +15,6 @@ from hf_lowrank.ops.rank_allocation import (
     WeLoreAllocation,
     ere_ranks,
     normalized_spectrum,
-    split_lrc,
     uniform_ranks,
     welore_ranks,
 )
@@ -156,17 +155,21 @@ def test_welore_validates_reduction(bad):
 
 
 def test_split_lrc():
+    """The LRC rule on pinned ranks: a module is an LRC when its rank < lrc_ratio * min(out, in)."""
     ranks = {"a": 10, "b": 32, "c": 31, "d": 100}
     shapes = {"a": (64, 64), "b": (64, 128), "c": (64, 128), "d": (256, 512)}
-    lrc, nlrc = split_lrc(ranks, shapes)
-    assert lrc == {"a", "c", "d"} and nlrc == {"b"}  # b: 32 is not < 0.5 * 64
-    lrc1, nlrc1 = split_lrc(ranks, shapes, lrc_ratio=1.0)
-    assert lrc1 == {"a", "b", "c", "d"} and not nlrc1
+    spectra = {n: torch.linspace(2.0, 1.0, min(s)) for n, s in shapes.items()}
+    total = sum(min(s) for s in shapes.values())
+    alloc = welore_ranks(spectra, (54 + 33 + 156) / total, pinned=ranks)
+    assert alloc.lrc == ["a", "c", "d"] and alloc.nlrc == ["b"]  # b: 32 is not < 0.5 * 64
+    assert alloc.ranks == {**ranks, "b": 64}  # the N-LRC keeps its full rank
+    alloc1 = welore_ranks(spectra, (54 + 32 + 33 + 156) / total, lrc_ratio=1.0, pinned=ranks)
+    assert alloc1.lrc == ["a", "b", "c", "d"] and not alloc1.nlrc
     for bad in (0, 1.2, -1):
         with pytest.raises(ValueError, match="lrc_ratio"):
-            split_lrc(ranks, shapes, lrc_ratio=bad)
-    with pytest.raises(ValueError, match="no shape"):
-        split_lrc({"e": 3}, shapes)
+            welore_ranks(spectra, 0.3, lrc_ratio=bad)
+    with pytest.raises(ValueError, match="no spectrum"):
+        welore_ranks(spectra, 0.3, pinned={"e": 3})
 
 
 # ---------------------------------------------------------------- ERE

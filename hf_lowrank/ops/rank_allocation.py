@@ -15,7 +15,7 @@ import torch
 
 from ._checks import _check_shape, _check_spectrum
 from .svd import rank_for_keep, tail_energy
-from .welore_allocation import WeLoreAllocation, normalized_spectrum, split_lrc, welore_ranks
+from .welore_allocation import WeLoreAllocation, normalized_spectrum, welore_ranks
 
 __all__ = [
     "EREAllocation",
@@ -25,7 +25,6 @@ __all__ = [
     "ere_ranks",
     "global_ranks",
     "normalized_spectrum",
-    "split_lrc",
     "uniform_ranks",
     "welore_ranks",
 ]

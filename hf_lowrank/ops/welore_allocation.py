@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import _check_shape, _check_spectrum
+from ._checks import _check_spectrum
 
-__all__ = ["WeLoreAllocation", "normalized_spectrum", "split_lrc", "welore_ranks"]
+__all__ = ["WeLoreAllocation", "normalized_spectrum", "welore_ranks"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,31 +41,8 @@ def normalized_spectrum(S: torch.Tensor) -> torch.Tensor:
 
 
 def _is_lrc(rank, full, lrc_ratio: float):
-    """WeLore's low-rank-component rule, ``rank < lrc_ratio * min(out, in)`` (ints, or float64 tensors)."""
+    """THE low-rank-component rule of WeLore, ``rank < lrc_ratio * min(out, in)`` (ints, or float64 tensors)."""
     return rank < lrc_ratio * full
-
-
-def split_lrc(
-    ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]], lrc_ratio: float = 0.5
-) -> tuple[set[str], set[str]]:
-    """Split modules into low-rank components (LRC) and the rest (N-LRC), as WeLore does.
-
-    Args:
-        ranks: ``{name: rank}`` (e.g. :attr:`WeLoreAllocation.threshold_ranks`).
-        shapes: ``{name: (out, in)}``; must cover every name in ``ranks``.
-        lrc_ratio: a module is LRC when ``rank < lrc_ratio * min(out, in)``; in ``(0, 1]``.
-
-    Returns:
-        ``(lrc_names, nlrc_names)``.
-    """
-    _check_lrc_ratio(lrc_ratio)
-    lrc: set[str] = set()
-    nlrc: set[str] = set()
-    for name, r in ranks.items():
-        if name not in shapes:
-            raise ValueError(f"no shape for module '{name}': shapes must cover every module in ranks.")
-        (lrc if _is_lrc(r, min(_check_shape(name, shapes[name])), lrc_ratio) else nlrc).add(name)
-    return lrc, nlrc
 
 
 def _check_lrc_ratio(lrc_ratio: float) -> None:
