@@ -15,7 +15,6 @@ from hf_lowrank.ops.rank_allocation import (
     WeLoreAllocation,
     ere_ranks,
     normalized_spectrum,
-    split_lrc,
     uniform_ranks,
     welore_ranks,
 )
@@ -99,7 +98,7 @@ def test_normalized_spectrum():
 @pytest.mark.slow
 @pytest.mark.parametrize("target", [0.1, 0.2, 0.3, 0.4, 0.5])
 def test_welore_reaches_target_on_real_minilm_spectra(minilm_spectra, target):
-    alloc = welore_ranks(minilm_spectra, target)
+    alloc = welore_ranks(minilm_spectra, target, nlrc="truncate")  # every removed rank counts
     assert isinstance(alloc, WeLoreAllocation)
     assert abs(alloc.achieved_reduction - target) <= 0.005  # within 0.5 percentage points
     assert alloc.achieved_reduction == pytest.approx(_achieved(alloc.ranks, minilm_spectra), abs=1e-12)
@@ -118,7 +117,7 @@ def test_welore_achieved_is_monotone_in_target():
     spectra = {f"l{i}": torch.linalg.svdvals(torch.randn(40, 30 + i, generator=g) ** (1 + i % 3)) for i in range(6)}
     prev = -1.0
     for target in (0.05, 0.2, 0.35, 0.6, 0.9):
-        a = welore_ranks(spectra, target)
+        a = welore_ranks(spectra, target, nlrc="truncate")
         assert a.achieved_reduction >= prev
         prev = a.achieved_reduction
         assert abs(a.achieved_reduction - target) <= 0.5 / sum(len(s) for s in spectra.values()) + 1e-12
@@ -129,20 +128,22 @@ def test_welore_breaks_ties_one_rank_at_a_time():
     spectra = {f"layer{i}": torch.linspace(10.0, 1.0, 50) for i in range(8)}
     total = 8 * 50
     for target in (0.1, 0.237, 0.45):
-        a = welore_ranks(spectra, target)
+        a = welore_ranks(spectra, target, nlrc="truncate")
         assert abs(a.achieved_reduction - target) <= 0.5 / total + 1e-12
         assert max(a.ranks.values()) - min(a.ranks.values()) <= 1  # lowered among the boundary layers only
-    assert welore_ranks(spectra, 0.237).tie_breaks > 0
+    assert welore_ranks(spectra, 0.237, nlrc="truncate").tie_breaks > 0
 
 
 def test_welore_clamps_at_rank_one_and_unreachable_target():
     spectra = {"a": torch.tensor([5.0, 1.0, 0.5]), "b": torch.tensor([2.0, 0.1])}
-    a = welore_ranks(spectra, 0.99)  # more than rank 1 everywhere can give
+    with pytest.raises(ValueError, match=r"most WeLore can remove is 60\.00% \(every layer already keeps a single"):
+        welore_ranks(spectra, 0.99, nlrc="truncate")  # more than rank 1 everywhere can give: refused, naming 60%
+    a = welore_ranks(spectra, 0.6, nlrc="truncate")
     assert a.ranks == {"a": 1, "b": 1}
     assert a.achieved_reduction == pytest.approx(3 / 5)
-    z = welore_ranks({"z": torch.zeros(4), "a": torch.tensor([3.0, 2.0, 1.0, 0.0])}, 0.4)
-    # at any threshold > 0 the zero layer drops to rank 1 and "a" loses its zero: 4 ranks at once; the tie-break
-    # removes 3 of them one at a time, round-robin in name order
+    z = welore_ranks({"z": torch.zeros(4), "a": torch.tensor([3.0, 2.0, 1.0, 0.0])}, 0.4, nlrc="truncate")
+    # at any threshold > 0 the zero layer drops to rank 1 and "a" loses its zero: 4 ranks at once; the landing
+    # removes 3 of them one at a time, smallest normalised value first (all 0 here), equal values in name order
     assert z.ranks == {"a": 3, "z": 2} and z.tie_breaks == 3
     assert z.achieved_reduction == pytest.approx(3 / 8)
 
@@ -154,17 +155,21 @@ def test_welore_validates_reduction(bad):
 
 
 def test_split_lrc():
+    """The LRC rule on pinned ranks: a module is an LRC when its rank < lrc_ratio * min(out, in)."""
     ranks = {"a": 10, "b": 32, "c": 31, "d": 100}
     shapes = {"a": (64, 64), "b": (64, 128), "c": (64, 128), "d": (256, 512)}
-    lrc, nlrc = split_lrc(ranks, shapes)
-    assert lrc == {"a", "c", "d"} and nlrc == {"b"}  # b: 32 is not < 0.5 * 64
-    lrc1, nlrc1 = split_lrc(ranks, shapes, lrc_ratio=1.0)
-    assert lrc1 == {"a", "b", "c", "d"} and not nlrc1
+    spectra = {n: torch.linspace(2.0, 1.0, min(s)) for n, s in shapes.items()}
+    total = sum(min(s) for s in shapes.values())
+    alloc = welore_ranks(spectra, (54 + 33 + 156) / total, pinned=ranks)
+    assert alloc.lrc == ["a", "c", "d"] and alloc.nlrc == ["b"]  # b: 32 is not < 0.5 * 64
+    assert alloc.ranks == {**ranks, "b": 64}  # the N-LRC keeps its full rank
+    alloc1 = welore_ranks(spectra, (54 + 32 + 33 + 156) / total, lrc_ratio=1.0, pinned=ranks)
+    assert alloc1.lrc == ["a", "b", "c", "d"] and not alloc1.nlrc
     for bad in (0, 1.2, -1):
         with pytest.raises(ValueError, match="lrc_ratio"):
-            split_lrc(ranks, shapes, lrc_ratio=bad)
-    with pytest.raises(ValueError, match="no shape"):
-        split_lrc({"e": 3}, shapes)
+            welore_ranks(spectra, 0.3, lrc_ratio=bad)
+    with pytest.raises(ValueError, match="no spectrum"):
+        welore_ranks(spectra, 0.3, pinned={"e": 3})
 
 
 # ---------------------------------------------------------------- ERE

@@ -89,7 +89,7 @@ def _planted():
 
 def test_welore_get_peft_model_is_all_or_nothing(monkeypatch):
     """A factor SVD that fails in the last layer (its weight seen with a NaN) leaves the model as it was."""
-    real = welore_layer.truncated_svd
+    real = welore_layer.fwsvd
     seen = []
 
     def nan_in_last(W, rank, *args, name=None, **kwargs):
@@ -103,7 +103,7 @@ def test_welore_get_peft_model_is_all_or_nothing(monkeypatch):
     probe = get_peft_model(_planted(), WeLoreLRCConfig(reduction=0.3, progress=False))
     last = [n for n, m in probe.named_modules() if isinstance(m, WeLoreLayer)][-1].removeprefix("base_model.model.")
     before = _snapshot(model)
-    monkeypatch.setattr(welore_layer, "truncated_svd", nan_in_last)
+    monkeypatch.setattr(welore_layer, "fwsvd", nan_in_last)
     with pytest.raises(SVDError, match=last.replace(".", r"\.")):
         get_peft_model(model, WeLoreLRCConfig(reduction=0.3, progress=False))
     assert len(seen) > 2 and seen[-1] == last  # it failed late, after other layers had their factors

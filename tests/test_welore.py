@@ -12,7 +12,6 @@ from torch import nn
 
 import hf_lowrank.peft_configs.welore as welore
 from hf_lowrank.modules import LowRankLinear
-from hf_lowrank.ops.rank_allocation import welore_ranks
 from hf_lowrank.ops.svd import full_svd
 from hf_lowrank.peft_configs.welore import (
     DenseWeightDroppedError,
@@ -20,7 +19,6 @@ from hf_lowrank.peft_configs.welore import (
     WeLoreLinear,
     WeLoreLRCConfig,
     compute_spectra,
-    welore_allocation,
     welore_ranks_for_model,
 )
 from hf_lowrank.peft_configs.welore import layer as welore_layer
@@ -78,10 +76,10 @@ class _Counter:
 def svd_calls(monkeypatch):
     counters = {
         "spectra": _Counter(welore_spectra.singular_values),
-        "factors": _Counter(welore_layer.truncated_svd),
+        "factors": _Counter(welore_layer.fwsvd),
     }
     monkeypatch.setattr(welore_spectra, "singular_values", counters["spectra"])
-    monkeypatch.setattr(welore_layer, "truncated_svd", counters["factors"])
+    monkeypatch.setattr(welore_layer, "fwsvd", counters["factors"])  # the one factorization every WeLore layer uses
     return counters
 
 
@@ -156,44 +154,6 @@ def test_unreachable_reduction_names_what_is_reachable(planted, reduction, kwarg
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _synthetic(seed: int, n: int = 24):
-    g = torch.Generator().manual_seed(seed)
-    spectra, shapes = {}, {}
-    for j in range(n):
-        out_f = int(torch.randint(16, 96, (1,), generator=g))
-        in_f = int(torch.randint(16, 96, (1,), generator=g))
-        k = min(out_f, in_f)
-        decay = float(torch.rand(1, generator=g)) * 0.5 + 0.01
-        spectra[f"l{j}"] = torch.exp(-torch.arange(k) / (decay * k)) + 0.05 * torch.rand(k, generator=g)
-        shapes[f"l{j}"] = (out_f, in_f)
-    return spectra, shapes
-
-
-@pytest.mark.parametrize("nlrc", ["keep", "truncate"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_achieved_reduction_within_half_a_point_of_target(seed, nlrc):
-    spectra, shapes = _synthetic(seed)
-    for target in (0.1, 0.2, 0.3, 0.4, 0.5):
-        alloc = welore_allocation(spectra, shapes, target, nlrc=nlrc)
-        full = {n: min(s) for n, s in shapes.items()}
-        achieved = sum(full[n] - alloc.ranks[n] for n in full) / sum(full.values())
-        assert achieved == pytest.approx(alloc.achieved_reduction)
-        assert abs(achieved - target) <= 0.005, (target, achieved)
-        if nlrc == "keep":  # N-LRCs keep their full weight; the authors' "attempted" figure overstates
-            assert all(alloc.ranks[n] == full[n] for n in alloc.nlrc)
-            assert alloc.attempted_reduction >= alloc.achieved_reduction - 1e-12
-
-
-def test_truncate_mode_agrees_with_ops_welore_ranks():
-    spectra, shapes = _synthetic(3)
-    for target in (0.15, 0.35):
-        ours = welore_allocation(spectra, shapes, target, nlrc="truncate")
-        ref = welore_ranks(spectra, target)
-        assert abs(ours.achieved_reduction - ref.achieved_reduction) <= 1.0 / sum(min(s) for s in shapes.values())
-        # same global threshold rule: every rank within one of the ops allocation
-        assert max(abs(ours.ranks[n] - ref.ranks[n]) for n in shapes) <= 1
-
-
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 1.0])
 def test_lrc_split_follows_lrc_ratio(planted, ratio):
     model = get_peft_model(planted(), _cfg(reduction=0.2, lrc_ratio=ratio))
@@ -225,6 +185,26 @@ def test_rank_pattern_pins_ranks(planted):
 # ---------------------------------------------------------------------------------------------------------------------
 # the PEFT model
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_welore_factors_go_through_the_one_factorization(method):
+    """A WeLore layer's factors are fwsvd's (the package's one path); without Fisher that is bit for bit the plain
+    truncated SVD split, with Fisher the weighted one."""
+    from hf_lowrank.ops.fisher import fwsvd
+    from hf_lowrank.ops.svd import split_factors, truncated_svd
+
+    lin = nn.Linear(48, 40)
+    row, col = torch.rand(40) + 0.1, torch.rand(48) + 0.1
+    for fisher, expect in (
+        ({}, lambda: split_factors(*truncated_svd(lin.weight, 6, method=method))),
+        ({"row_fisher": row, "col_fisher": col}, lambda: fwsvd(lin.weight, 6, row_fisher=row, col_fisher=col,
+                                                                method=method)),
+    ):
+        torch.manual_seed(0)  # the randomized range finder draws from the global generator
+        got = welore_layer.welore_factors(lin, 6, method=method, **fisher)
+        torch.manual_seed(0)
+        assert all(torch.equal(g, e) for g, e in zip(got, expect(), strict=True))
 
 
 def test_lrc_factors_are_the_truncated_svd(planted):

@@ -18,7 +18,8 @@ def _targets_arg(value: str | None):
 
 def _cmd_spectra(args) -> int:
     from ..compression.compress import find_target_linears
-    from ..peft_configs.welore.spectra import compute_spectra, default_spectra_cache, welore_allocation
+    from ..peft_configs.welore.allocation import welore_allocation
+    from ..peft_configs.welore.spectra import compute_spectra, default_spectra_cache
 
     model, _ = load_model_for_cli(args.model)
     targets = find_target_linears(model, _targets_arg(args.target_modules))
@@ -38,7 +39,8 @@ def _cmd_ranks(args) -> int:
         ranks, shapes, lrc = ranks_from_adapter(source)
         title = f"{source.name}: WeLoreLRC adapter"
     else:
-        from ..peft_configs.welore.spectra import default_spectra_cache, welore_ranks_for_model
+        from ..peft_configs.welore.allocation import welore_ranks_for_model
+        from ..peft_configs.welore.spectra import default_spectra_cache
 
         if args.reduction is None:
             raise SystemExit("plot ranks MODEL needs --reduction (e.g. 0.3), or pass a saved WeLoreLRC adapter folder.")

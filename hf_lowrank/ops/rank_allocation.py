@@ -1,7 +1,8 @@
 """Rank allocation across modules: uniform, WeLore global threshold, ERE budget allocation.
 
 Pure functions from spectra and shapes to ``{module name: rank}`` (see METHODS.md sections 2 and 3). Spectra are
-1-D tensors of singular values (any order; they are sorted here); shapes are ``(out, in)`` tuples.
+1-D tensors of singular values (any order; they are sorted here); shapes are ``(out, in)`` tuples. WeLore's
+threshold lives in :mod:`.welore_allocation` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._checks import _check_shape, _check_spectrum
 from .svd import rank_for_keep, tail_energy
+from .welore_allocation import WeLoreAllocation, normalized_spectrum, welore_ranks
 
 __all__ = [
     "EREAllocation",
@@ -22,33 +25,9 @@ __all__ = [
     "ere_ranks",
     "global_ranks",
     "normalized_spectrum",
-    "split_lrc",
     "uniform_ranks",
     "welore_ranks",
 ]
-
-
-def _check_shape(name: str, shape: tuple[int, int]) -> tuple[int, int]:
-    try:
-        out_f, in_f = (int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"shape of '{name}' must be an (out, in) pair of ints, got {shape!r}.") from None
-    if out_f < 1 or in_f < 1:
-        raise ValueError(f"shape of '{name}' must have positive sizes, got {shape!r}.")
-    return out_f, in_f
-
-
-def _check_spectrum(name: str, S: torch.Tensor) -> torch.Tensor:
-    if not isinstance(S, torch.Tensor) or S.ndim != 1 or S.numel() == 0:
-        shape = tuple(S.shape) if isinstance(S, torch.Tensor) else type(S).__name__
-        raise ValueError(
-            f"spectrum of '{name}' must be a non-empty 1-D tensor of singular values, got {shape}. "
-            "Compute it with hf_lowrank.ops.svd.singular_values(W)."
-        )
-    S = S.detach().to(device="cpu", dtype=torch.float64)
-    if not bool(torch.isfinite(S).all()) or bool((S < 0).any()):
-        raise ValueError(f"spectrum of '{name}' must hold finite non-negative singular values.")
-    return torch.sort(S, descending=True).values
 
 
 def uniform_ranks(shapes: Mapping[str, tuple[int, int]], keep: float) -> dict[str, int]:
@@ -66,167 +45,6 @@ def uniform_ranks(shapes: Mapping[str, tuple[int, int]], keep: float) -> dict[st
         out_f, in_f = _check_shape(name, shape)
         ranks[name] = rank_for_keep(out_f, in_f, keep)
     return ranks
-
-
-def normalized_spectrum(S: torch.Tensor) -> torch.Tensor:
-    """Min-max normalised singular values, as the WeLore authors compute them.
-
-    Args:
-        S: ``(k,)`` singular values (any order).
-
-    Returns:
-        ``(k,)`` float64 tensor, sorted descending, ``(s - s_min) / (s_max - s_min)`` in ``[0, 1]``. A constant
-        spectrum has no decay to exploit: it maps to all ones when non-zero (every direction matters equally, the
-        layer keeps its full rank under any threshold ``<= 1``) and to all zeros when it is identically zero.
-    """
-    S = _check_spectrum("spectrum", S)
-    s_max, s_min = S[0], S[-1]
-    span = s_max - s_min
-    if span <= 0:
-        return torch.ones_like(S) if s_max > 0 else torch.zeros_like(S)
-    return ((S - s_min) / span).clamp_(0.0, 1.0)
-
-
-@dataclass
-class WeLoreAllocation:
-    """Result of :func:`welore_ranks`.
-
-    Attributes:
-        ranks: ``{name: kept rank}``, each ``>= 1``.
-        threshold: the global threshold ``k`` on normalised singular values.
-        achieved_reduction: ``sum(full - rank) / sum(full)`` over the modules, what was really removed.
-        target: the requested reduction.
-        tie_breaks: ranks removed one at a time, beyond the threshold rule, among modules whose next normalised
-            singular value sits exactly on the threshold boundary (0 when the threshold alone was closest).
-    """
-
-    ranks: dict[str, int]
-    threshold: float
-    achieved_reduction: float
-    target: float
-    tie_breaks: int = 0
-
-
-def welore_ranks(
-    spectra: Mapping[str, torch.Tensor], reduction: float, *, tol: float = 1e-4, max_iter: int = 100
-) -> WeLoreAllocation:
-    """WeLore: one global threshold on min-max normalised spectra, set to reach an achieved rank reduction.
-
-    Each module keeps ``r_l = max(1, #(s_norm_l >= k))``; the achieved reduction ``R(k) = sum(full_l - r_l) /
-    sum(full_l)`` (``full_l`` = length of the spectrum) is a non-decreasing step function of ``k`` whose steps sit
-    at the normalised singular values. We bisect over the sorted distinct normalised values (an exact search over
-    every threshold that changes something, at most ``log2(#values)`` steps), stopping early once
-    ``|R - target| <= tol``, and take the candidate closest to the target. When one step of the threshold removes
-    several ranks at once (equal normalised values, e.g. every layer's minimum at ``k > 0``), we land in between
-    by lowering ranks one at a time among the modules whose next normalised singular value equals the lower
-    threshold, cycling through them in name order, and stop at the count closest to the target. The result is
-    then within half a rank of the target (``0.5 / sum(full)``), except when the target exceeds the reduction of
-    all-rank-1.
-
-    Args:
-        spectra: ``{name: (k_l,) singular values}`` (full spectra: ``k_l = min(out, in)``).
-        reduction: target achieved reduction, in ``(0, 1)``.
-        tol: accept a threshold as soon as ``|achieved - target| <= tol``.
-        max_iter: cap on bisection steps, ``>= 1``.
-
-    Returns:
-        :class:`WeLoreAllocation`.
-    """
-    if not (isinstance(reduction, (int, float)) and 0 < reduction < 1):
-        raise ValueError(f"reduction must be in (0, 1) (e.g. 0.3 removes 30% of the ranks), got {reduction!r}.")
-    if not spectra:
-        raise ValueError("spectra is empty: pass {module name: singular values} for at least one module.")
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1 (the cap on bisection steps, default 100), got {max_iter!r}.")
-    names = sorted(spectra)
-    norm = [normalized_spectrum(_check_spectrum(n, spectra[n])) for n in names]
-    # ascending copies for searchsorted: count(s >= k) = len - searchsorted(asc, k, side="left")
-    asc = [s.flip(0).contiguous() for s in norm]
-    full = torch.tensor([len(s) for s in norm], dtype=torch.long)
-    total = int(full.sum())
-
-    def ranks_at(k: float) -> torch.Tensor:
-        kk = torch.tensor([k], dtype=torch.float64)
-        r = torch.stack([len(a) - torch.searchsorted(a, kk, side="left")[0] for a in asc])
-        return r.clamp_min(1)
-
-    def achieved(r: torch.Tensor) -> float:
-        return float((full - r).sum()) / total
-
-    cands = torch.unique(torch.cat(norm))  # ascending distinct thresholds
-    cands = torch.cat([cands, torch.tensor([math.inf], dtype=torch.float64)])  # everything to rank 1
-    # largest index j with R(c_j) <= target (R(c_0) = 0 <= target always)
-    lo, hi = 0, len(cands) - 1
-    r_lo = ranks_at(float(cands[0]))
-    if achieved(ranks_at(float(cands[hi]))) <= reduction:
-        lo = hi
-        r_lo = ranks_at(float(cands[hi]))
-    else:
-        it = 0
-        while hi - lo > 1 and it < max_iter:
-            it += 1
-            mid = (lo + hi) // 2
-            r_mid = ranks_at(float(cands[mid]))
-            if achieved(r_mid) <= reduction:
-                lo, r_lo = mid, r_mid
-                if reduction - achieved(r_mid) <= tol:
-                    break
-            else:
-                hi = mid
-    threshold = float(cands[lo])
-    ranks = r_lo.clone()
-    tie_breaks = 0
-    if lo + 1 < len(cands) and reduction - achieved(ranks) > tol:
-        r_next = ranks_at(float(cands[lo + 1]))
-        # modules whose rank the next step lowers; step down one rank at a time toward r_next
-        room = (ranks - r_next).tolist()
-        gap = round((reduction - achieved(ranks)) * total)  # ranks still to remove, to the nearest rank
-        order = [i for i, d in enumerate(room) if d > 0]
-        while gap > 0 and order:
-            progressed = False
-            for i in order:
-                if gap == 0:
-                    break
-                if room[i] > 0:
-                    ranks[i] -= 1
-                    room[i] -= 1
-                    gap -= 1
-                    tie_breaks += 1
-                    progressed = True
-            if not progressed:
-                break
-    return WeLoreAllocation(
-        ranks={n: int(r) for n, r in zip(names, ranks.tolist())},
-        threshold=threshold,
-        achieved_reduction=achieved(ranks),
-        target=float(reduction),
-        tie_breaks=tie_breaks,
-    )
-
-
-def split_lrc(
-    ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]], lrc_ratio: float = 0.5
-) -> tuple[set[str], set[str]]:
-    """Split modules into low-rank components (LRC) and the rest (N-LRC), as WeLore does.
-
-    Args:
-        ranks: ``{name: rank}`` (e.g. :attr:`WeLoreAllocation.ranks`).
-        shapes: ``{name: (out, in)}``; must cover every name in ``ranks``.
-        lrc_ratio: a module is LRC when ``rank < lrc_ratio * min(out, in)``; in ``(0, 1]``.
-
-    Returns:
-        ``(lrc_names, nlrc_names)``.
-    """
-    if not (isinstance(lrc_ratio, (int, float)) and 0 < lrc_ratio <= 1):
-        raise ValueError(f"lrc_ratio must be in (0, 1] (WeLore uses 0.5), got {lrc_ratio!r}.")
-    lrc: set[str] = set()
-    nlrc: set[str] = set()
-    for name, r in ranks.items():
-        if name not in shapes:
-            raise ValueError(f"no shape for module '{name}': shapes must cover every module in ranks.")
-        out_f, in_f = _check_shape(name, shapes[name])
-        (lrc if r < lrc_ratio * min(out_f, in_f) else nlrc).add(name)
-    return lrc, nlrc
 
 
 @dataclass

@@ -5,18 +5,11 @@ Importing this package registers ``PeftType.WELORE_LRC`` with peft, so ``get_pef
 """
 
 from .._registry import register_method
+from .allocation import WeLoreLRCAllocation, welore_allocation, welore_ranks_for_model
 from .config import WeLoreLRCConfig
 from .layer import DenseWeightDroppedError, WeLoreLayer, WeLoreLinear
 from .model import WeLoreModel
-from .spectra import (
-    SpectraCache,
-    WeLoreLRCAllocation,
-    compute_spectra,
-    default_spectra_cache,
-    weight_fingerprint,
-    welore_allocation,
-    welore_ranks_for_model,
-)
+from .spectra import SpectraCache, compute_spectra, default_spectra_cache, weight_fingerprint
 
 register_method(name="welore_lrc", config_cls=WeLoreLRCConfig, model_cls=WeLoreModel, prefix="welore_")
 

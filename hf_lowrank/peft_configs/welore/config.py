@@ -12,7 +12,7 @@ import torch
 from peft.config import PeftConfig
 
 from .._registry import ensure_peft_type
-from .spectra import rank_pattern_regex
+from .allocation import rank_pattern_regex
 
 __all__ = ["WeLoreLRCConfig"]
 

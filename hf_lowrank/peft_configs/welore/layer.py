@@ -21,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...modules import LowRankLinear, dense_weight
-from ...ops.svd import split_factors, truncated_svd
+from ...ops.fisher import fwsvd
 
 __all__ = ["DenseWeightDroppedError", "WeLoreLayer", "WeLoreLinear", "welore_factors"]
 
@@ -318,15 +318,13 @@ def welore_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(down (r, in), up (out, r))`` of a Linear's (Fisher-weighted) truncated SVD: a WeLore layer's initial factors.
 
+    Goes through the package's one factorization, :func:`hf_lowrank.ops.fisher.fwsvd` (without Fisher: the plain
+    truncated SVD split into balanced factors).
+
     Raises:
         SVDError: the weight (or its factors) is not finite; names the module.
     """
-    W = dense_weight(base_layer)
-    if row_fisher is None and col_fisher is None:
-        return split_factors(*truncated_svd(W, rank, method=method, name=name))
-    from ...ops.fisher import fwsvd
-
-    return fwsvd(W, rank, row_fisher=row_fisher, col_fisher=col_fisher, method=method, name=name)
+    return fwsvd(dense_weight(base_layer), rank, row_fisher=row_fisher, col_fisher=col_fisher, method=method, name=name)
 
 
 def _mark_loaded(module: WeLoreLayer, state_dict, prefix, *args) -> None:

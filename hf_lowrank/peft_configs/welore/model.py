@@ -11,15 +11,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...compression.compress import find_target_linears
+from .allocation import WeLoreLRCAllocation, welore_allocation_for_targets
 from .config import WeLoreLRCConfig
 from .layer import DenseWeightDroppedError, WeLoreLayer, WeLoreLinear, _dropped_message, welore_factors
-from .spectra import (
-    WeLoreLRCAllocation,
-    compute_spectra,
-    default_spectra_cache,
-    match_rank_pattern,
-    welore_allocation,
-)
+from .spectra import default_spectra_cache
 
 __all__ = ["WeLoreModel"]
 
@@ -81,18 +76,10 @@ class WeLoreModel(BaseTuner):
         row_fisher, col_fisher = getattr(config, "_welore_fisher", (None, None))
         if config.rank_map is None:
             targets = _find_targets(model, config.target_modules)
-            shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
-            pinned = {n: r for n in targets if (r := match_rank_pattern(config.rank_pattern, n)) is not None}
-            spectra = compute_spectra(
-                targets,
-                cache=default_spectra_cache(config.spectra_cache_dir),
-                row_fisher=row_fisher,
-                col_fisher=col_fisher,
-                progress=config.progress,
-            )
-            alloc = welore_allocation(
-                spectra, shapes, config.reduction, lrc_ratio=config.lrc_ratio, nlrc=config.nlrc, pinned=pinned,
-                weighted=bool(row_fisher) or bool(col_fisher),
+            alloc = welore_allocation_for_targets(
+                targets, config.reduction, lrc_ratio=config.lrc_ratio, nlrc=config.nlrc,
+                rank_pattern=config.rank_pattern, row_fisher=row_fisher, col_fisher=col_fisher,
+                cache=default_spectra_cache(config.spectra_cache_dir), progress=config.progress,
             )
             config.rank_map = dict(alloc.ranks)
             config.lrc_modules = list(alloc.lrc)

@@ -1,0 +1,229 @@
+"""WeLore's rank allocation for the PEFT method: the ops allocation with shapes, pins from ``rank_pattern``, spectra.
+
+The rank rule itself is :func:`hf_lowrank.ops.rank_allocation.welore_ranks` (METHODS.md section 2): the target is
+the ACHIEVED effective rank reduction counting what is really removed. With ``nlrc="keep"`` (the authors' code) the
+non-low-rank components keep their full weight, so their threshold ranks do not count as removed; the global
+threshold is bisected on that achieved figure, not on the attempted one the authors log. This module adds what the
+PEFT method needs around it: the module shapes (parameter accounting), ``rank_pattern`` pins and the spectra of a
+model's target Linears (:mod:`.spectra`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+
+from ...ops.svd import factorized_params
+from ...ops.welore_allocation import WeLoreAllocation, _check_reduction, welore_ranks
+from .spectra import SpectraCache, compute_spectra
+
+__all__ = [
+    "WeLoreLRCAllocation",
+    "match_rank_pattern",
+    "rank_pattern_regex",
+    "welore_allocation",
+    "welore_allocation_for_targets",
+    "welore_ranks_for_model",
+]
+
+
+@dataclass
+class WeLoreLRCAllocation(WeLoreAllocation):
+    """Outcome of :func:`welore_allocation`: a :class:`~hf_lowrank.ops.rank_allocation.WeLoreAllocation` (ranks,
+    threshold ranks, the LRC / N-LRC split, threshold, achieved and attempted reduction) with the module shapes and
+    what the ranks cost in parameters.
+
+    Attributes:
+        shapes: ``{name: (out, in)}``.
+        weighted: whether the spectra were Fisher-weighted.
+    """
+
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    weighted: bool = False
+
+    @property
+    def full_ranks(self) -> dict[str, int]:
+        return {n: min(s) for n, s in self.shapes.items()}
+
+    @property
+    def params_before(self) -> int:
+        """Weight parameters of the targets when dense (biases excluded)."""
+        return sum(o * i for o, i in self.shapes.values())
+
+    @property
+    def params_after(self) -> int:
+        """Weight parameters after compression: LRC factor pairs plus dense N-LRCs."""
+        lrc = set(self.lrc)
+        return sum(factorized_params(o, i, self.ranks[n]) if n in lrc else o * i for n, (o, i) in self.shapes.items())
+
+    @property
+    def lrc_params(self) -> int:
+        """Parameters of the LRC factor pairs (what trains)."""
+        return sum(factorized_params(*self.shapes[n], self.ranks[n]) for n in self.lrc)
+
+    @property
+    def param_saving(self) -> float:
+        """Fraction of the targets' weight parameters removed."""
+        return 1.0 - self.params_after / max(self.params_before, 1)
+
+    def summary(self) -> str:
+        return (
+            f"WeLore: achieved rank reduction {self.achieved_reduction:.2%} (target {self.target:.2%}; threshold "
+            f"k={self.threshold:.4f}, attempted {self.attempted_reduction:.2%}); {len(self.lrc)} LRCs factorized and "
+            f"trainable, {len(self.nlrc)} N-LRCs {'kept exact' if self.nlrc_mode == 'keep' else 'truncated'} and "
+            f"frozen; target weights {self.params_before:,} -> {self.params_after:,} parameters "
+            f"({self.param_saving:.2%} saved), LRC factors {self.lrc_params:,}"
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shapes"] = {n: list(s) for n, s in self.shapes.items()}
+        d.update(
+            params_before=self.params_before,
+            params_after=self.params_after,
+            lrc_params=self.lrc_params,
+            param_saving=self.param_saving,
+        )
+        return d
+
+
+def match_rank_pattern(rank_pattern: Mapping[str, int] | None, name: str) -> int | None:
+    """Rank pinned for module ``name`` by ``rank_pattern`` (peft's convention: a key matches a module whose full name
+    ends with it, as a regular expression on dot boundaries; the first matching key wins)."""
+    for key, rank in (rank_pattern or {}).items():
+        if rank_pattern_regex(key).match(name):
+            return int(rank)
+    return None
+
+
+def rank_pattern_regex(key: str) -> re.Pattern:
+    """The compiled form of a ``rank_pattern`` key (it matches a module whose full name ends with it, on a dot
+    boundary); a key that is not a string or not a valid regular expression raises ``ValueError`` naming it."""
+    if not isinstance(key, str):
+        raise ValueError(f"rank_pattern keys must be regex strings, got the key {key!r}.")
+    try:
+        return re.compile(rf"(.*\.)?({key})$")
+    except re.error as exc:
+        raise ValueError(
+            f"rank_pattern key {key!r} is not a valid regular expression ({exc}); escape special characters "
+            "(re.escape) or fix the pattern."
+        ) from None
+
+
+
+
+def welore_allocation(
+    spectra: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, int]],
+    reduction: float,
+    *,
+    lrc_ratio: float = 0.5,
+    nlrc: str = "keep",
+    pinned: Mapping[str, int] | None = None,
+    weighted: bool = False,
+    max_iter: int = 100,
+) -> WeLoreLRCAllocation:
+    """WeLore ranks for an ACHIEVED rank reduction, with the LRC / N-LRC split and the parameter accounting.
+
+    The ranks are those of :func:`hf_lowrank.ops.rank_allocation.welore_ranks` (one global threshold, then one rank
+    at a time in threshold order to land within half a rank of the target); this checks that every spectrum is the
+    full spectrum of its ``(out, in)`` weight and records the shapes.
+
+    Args:
+        spectra: ``{name: (min(out, in),) singular values}`` of the free and the pinned modules (full spectra).
+        shapes: ``{name: (out, in)}`` for the same names.
+        reduction, lrc_ratio, nlrc, pinned, max_iter: as for :func:`~hf_lowrank.ops.rank_allocation.welore_ranks`.
+        weighted: recorded in the result (spectra were Fisher-weighted).
+
+    Returns:
+        :class:`WeLoreLRCAllocation`.
+
+    Raises:
+        ValueError: missing shapes, spectra of the wrong length, and everything ``welore_ranks`` refuses.
+    """
+    shp: dict[str, tuple[int, int]] = {}
+    for n in sorted(spectra):
+        if n not in shapes:
+            raise ValueError(f"no shape for module '{n}': shapes must cover every module in spectra.")
+        o, i = (int(s) for s in shapes[n])
+        shp[n] = (o, i)
+        S = spectra[n]
+        if isinstance(S, torch.Tensor) and (S.ndim != 1 or S.numel() != min(o, i)):
+            raise ValueError(
+                f"spectrum of '{n}' has {S.numel()} values but its ({o}, {i}) weight has {min(o, i)}: pass "
+                "the full spectrum (hf_lowrank.ops.svd.singular_values)."
+            )
+    alloc = welore_ranks(spectra, reduction, lrc_ratio=lrc_ratio, nlrc=nlrc, pinned=pinned, max_iter=max_iter)
+    return WeLoreLRCAllocation(**{f.name: getattr(alloc, f.name) for f in fields(alloc)}, shapes=shp, weighted=weighted)
+
+
+def welore_allocation_for_targets(
+    targets: Mapping[str, nn.Module],
+    reduction: float,
+    *,
+    lrc_ratio: float = 0.5,
+    nlrc: str = "keep",
+    rank_pattern: Mapping[str, int] | None = None,
+    row_fisher: Mapping[str, torch.Tensor] | None = None,
+    col_fisher: Mapping[str, torch.Tensor] | None = None,
+    cache: SpectraCache | None = None,
+    progress: bool = True,
+) -> WeLoreLRCAllocation:
+    """:func:`welore_allocation` on the spectra of ``{name: Linear}`` targets, ``rank_pattern`` keys pinning ranks.
+
+    Args:
+        targets: ``{name: Linear}`` (see :func:`~.spectra.compute_spectra`).
+        reduction, lrc_ratio, nlrc: as for :func:`welore_allocation` (``reduction`` is checked before any SVD).
+        rank_pattern: ``{key: rank}`` pins (see :func:`match_rank_pattern`).
+        row_fisher, col_fisher, cache, progress: as for :func:`~.spectra.compute_spectra`.
+    """
+    _check_reduction(reduction)
+    shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
+    pinned = {n: r for n in targets if (r := match_rank_pattern(rank_pattern, n)) is not None}
+    spectra = compute_spectra(targets, cache=cache, row_fisher=row_fisher, col_fisher=col_fisher, progress=progress)
+    return welore_allocation(
+        spectra, shapes, reduction, lrc_ratio=lrc_ratio, nlrc=nlrc, pinned=pinned,
+        weighted=bool(row_fisher) or bool(col_fisher),
+    )
+
+
+def welore_ranks_for_model(
+    model: nn.Module,
+    reduction: float,
+    target_modules: str | Sequence[str] | None = None,
+    progress: bool = True,
+    *,
+    lrc_ratio: float = 0.5,
+    nlrc: str = "keep",
+    rank_pattern: Mapping[str, int] | None = None,
+    row_fisher: Mapping[str, torch.Tensor] | None = None,
+    col_fisher: Mapping[str, torch.Tensor] | None = None,
+    cache: SpectraCache | None = None,
+) -> tuple[dict[str, int], WeLoreLRCAllocation]:
+    """WeLore ranks for a model, in the form :func:`hf_lowrank.compress_model` takes.
+
+    Args:
+        model: a transformers model (or any module with Linear layers).
+        reduction: target achieved rank reduction over the targets, in ``(0, 1)``.
+        target_modules: see :func:`hf_lowrank.find_target_linears` (default: the Linears of the transformer blocks).
+        progress: progress bar for the spectra.
+        lrc_ratio, nlrc, rank_pattern: as in :class:`~hf_lowrank.peft_configs.welore.WeLoreLRCConfig`.
+        row_fisher, col_fisher: optional Fisher (``{name: (out,)}`` / ``{name: (in,)}``) weighting the spectra.
+        cache: spectra cache (default: the process-wide one).
+
+    Returns:
+        ``(ranks, allocation)``: ``ranks`` maps each LRC to its rank (what ``compress_model`` factorizes; N-LRCs
+        stay dense there), ``allocation`` the full :class:`WeLoreLRCAllocation`.
+    """
+    from ...compression.compress import find_target_linears
+
+    _check_reduction(reduction)
+    alloc = welore_allocation_for_targets(
+        find_target_linears(model, target_modules), reduction, lrc_ratio=lrc_ratio, nlrc=nlrc,
+        rank_pattern=rank_pattern, row_fisher=row_fisher, col_fisher=col_fisher, cache=cache, progress=progress,
+    )
+    return {n: alloc.ranks[n] for n in alloc.lrc}, alloc
