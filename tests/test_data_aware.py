@@ -124,14 +124,15 @@ def test_gram_factor_refuses_bad_input():
 
 
 # ------------------------------------------------------------------------------------------------- global allocation
-def _brute_force(spectra, shapes, keep):
+def _brute_force(spectra, shapes, keep, multiple=1):
     budget = keep * sum(o * i for o, i in shapes.values())
     names = list(spectra)
     options = []
     for n in names:
         o, i = shapes[n]
         S2 = spectra[n].double().square()
-        opts = [(k * (o + i), float(S2[k:].sum()), k) for k in range(1, min(o, i) + 1) if k * (o + i) < o * i]
+        opts = [(k * (o + i), float(S2[k:].sum()), k) for k in range(1, min(o, i) + 1)
+                if k * (o + i) < o * i and (k == 1 or k % multiple == 0)]
         opts.append((o * i, 0.0, None))
         options.append(opts)
     best = None
@@ -154,6 +155,42 @@ def test_global_allocation_matches_exhaustive_search_on_equal_shapes(seed):
         loss, _ = _brute_force(spectra, shapes, keep)
         assert alloc.used <= alloc.budget + 1e-9
         assert alloc.loss == pytest.approx(loss, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_global_allocation_over_rank_multiples_matches_exhaustive_search(seed):
+    """multiple=4: every rank is 1 or a multiple of 4 (or dense); the loss is the optimum over such ranks on equal
+    shapes, and within the largest single step (greedy on a knapsack) on mixed shapes."""
+    torch.manual_seed(seed)
+    for shapes in ({n: (16, 16) for n in "abc"}, {"a": (24, 24), "b": (24, 16), "c": (16, 32)}):
+        spectra = {n: (torch.rand(min(s)) * 10 ** (2 * torch.rand(1))).sort(descending=True).values
+                   for n, s in shapes.items()}
+        equal = len(set(shapes.values())) == 1
+        slack = 0.0 if equal else max(float(S[:4].square().sum()) for S in spectra.values())
+        for keep in (0.3, 0.5, 0.7):
+            alloc = global_ranks(spectra, shapes, keep, multiple=4)
+            assert all(r is None or r == 1 or r % 4 == 0 for r in alloc.ranks.values()), alloc.ranks
+            loss, _ = _brute_force(spectra, shapes, keep, multiple=4)
+            assert alloc.used <= alloc.budget + 1e-9
+            assert loss * (1 - 1e-9) - 1e-9 <= alloc.loss <= loss * (1 + 1e-9) + slack + 1e-9
+
+
+def test_compress_model_keep_ranks_are_multiples_of_eight_unless_told():
+    """A float keep gives ranks rounded down to RANK_MULTIPLE (uniform and global); rank_multiple=1 the exact floor;
+    an explicit rank is used as given."""
+    from hf_lowrank.ops.svd import RANK_MULTIPLE, rank_for_keep
+
+    assert RANK_MULTIPLE == 8 and rank_for_keep(1536, 576, 0.9, multiple=8) == 376
+    assert rank_for_keep(1536, 576, 0.9) == 377 and rank_for_keep(16, 16, 0.3, multiple=8) == 2
+    model = make_tiny_llama(seed=0)
+    rep = compress_model(copy.deepcopy(model), 0.7, progress=False)
+    assert rep.ranks and all(r % 8 == 0 for r in rep.ranks.values())
+    exact = compress_model(copy.deepcopy(model), 0.7, rank_multiple=1, progress=False)
+    targets = find_target_linears(model)
+    assert exact.ranks == {n: rank_for_keep(m.out_features, m.in_features, 0.7) for n, m in targets.items()}
+    glob = compress_model(copy.deepcopy(model), 0.7, calibration=_batches(n=2), progress=False)
+    assert glob.info["allocation"] == "global" and all(r == 1 or r % 8 == 0 for r in glob.ranks.values())
+    assert set(compress_model(copy.deepcopy(model), 13, progress=False).ranks.values()) == {13}
 
 
 def test_global_allocation_is_near_optimal_on_mixed_shapes_and_keeps_dense_modules():
