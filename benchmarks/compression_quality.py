@@ -8,7 +8,9 @@ are compressed), which runs ``--steps`` steps on the same texts. No row is fine-
 
 Rows: ``svd`` (uniform), ``fisher_two_sided`` (today's FisherLoRA diagonal weighting, uniform), ``whitened`` (the
 calibration Grams, SVD-LLM's whitening; uniform and global allocation, raw and per-module relative losses; and
-block-by-block ``sequential`` calibration),
+block-by-block ``sequential`` calibration), ``calibration kronecker`` (``compress_model``'s default for causal LMs:
+input and loss-gradient Grams from forward + backward passes over the calibration batches, no training; uniform,
+global, and global with ``--kronecker-max-dim``),
 ``kronecker`` (input and output-gradient Grams from the LoRA probe; uniform and global). Costs, measured in the same
 run: LoRA probe step time with the Kronecker Grams and with the diagonal Fisher hooks vs a plain peft LoRA step, the
 Grams' memory vs the LoRA training state, the compression time vs the bare SVD loop.
@@ -50,7 +52,9 @@ def _probe(dense, tok, texts, args, *, kind):
     if kind == "plain":
         model, trainer_cls = get_peft_model(copy.deepcopy(dense), LoraConfig(**common)), Trainer
     else:
-        cfg = FisherLoRAConfig(**common, fisher_weighting=kind, merge_before_compress=False, compress_keep=args.keep)
+        extra = {"kronecker_max_dim": args.kronecker_max_dim} if kind == "kronecker_small" else {}
+        cfg = FisherLoRAConfig(**common, fisher_weighting=kind.replace("_small", ""), merge_before_compress=False,
+                               compress_keep=args.keep, **extra)
         model, trainer_cls = get_peft_model(copy.deepcopy(dense), cfg), LowRankTrainer
     targs = TrainingArguments(
         output_dir=str(Path(args.work) / f"probe-{kind}"), max_steps=args.steps, per_device_train_batch_size=4,
@@ -75,9 +79,19 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kronecker-max-dim", type=int, default=1024,
+                        help="also run the Kronecker rows with sides wider than this kept diagonal (0: skip)")
     parser.add_argument("--work", default="runs/compression_quality")
+    parser.add_argument("--rows", default="whitened,sequential,calibration,probes",
+                        help="row groups to run besides plain SVD: whitened (uniform, global raw/relative), "
+                        "whitened-uniform, sequential, calibration, probes (plain, two_sided, kronecker and, with "
+                        "--kronecker-max-dim, kronecker_small) or a comma list of probe kinds")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    groups = set(args.rows.split(","))
+    probe_kinds = {"plain", "two_sided", "kronecker", "kronecker_small"}
+    if "probes" in groups:
+        groups |= probe_kinds
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -121,7 +135,10 @@ def main() -> None:
     start = time.perf_counter()
     grams, _ = calibration_grams(dense, find_target_linears(dense, pattern), batches, progress=False)
     gram_s = time.perf_counter() - start
-    for alloc, norm in (("uniform", "none"), ("global", "none"), ("global", "relative")):
+    whitened_rows = (("uniform", "none"), ("global", "none"), ("global", "relative"))
+    if "whitened" not in groups:
+        whitened_rows = whitened_rows[:1] if "whitened-uniform" in groups else ()
+    for alloc, norm in whitened_rows:
         model = copy.deepcopy(dense)
         start = time.perf_counter()
         report = compress_model(model, uniform_ranks if alloc == "uniform" else args.keep, grams_in=grams,
@@ -131,31 +148,56 @@ def main() -> None:
         record(label, model, report, time.perf_counter() - start)
         del model
 
-    model = copy.deepcopy(dense)
-    start = time.perf_counter()
-    report = compress_model(model, uniform_ranks, calibration=batches, sequential=True, target_modules=pattern,
-                            method="exact", progress=False)
-    record("whitened sequential uniform", model, report, time.perf_counter() - start)
-    del model
+    if "sequential" in groups:
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        report = compress_model(model, uniform_ranks, calibration=batches, sequential=True, target_modules=pattern,
+                                method="exact", progress=False)
+        record("whitened sequential uniform", model, report, time.perf_counter() - start)
+        del model
 
-    probes = {}
-    for kind in ("plain", "two_sided", "kronecker"):
+    # calibration only, Kronecker: input and loss-gradient Grams from forward + backward passes (no training)
+    settings = [("uniform", uniform_ranks, None), ("global", args.keep, None)]
+    if args.kronecker_max_dim:
+        settings.append(("global", args.keep, args.kronecker_max_dim))
+    if "calibration" not in groups:
+        settings = []
+    for alloc, ranks, max_dim in settings:
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        report = compress_model(model, ranks, calibration=batches, calibration_weighting="kronecker",
+                                allocation=alloc, max_gram_dim=max_dim, target_modules=pattern, method="exact",
+                                progress=False)
+        label = f"calibration kronecker {alloc}" + (f" (max_gram_dim {max_dim})" if max_dim else "")
+        record(label, model, report, time.perf_counter() - start)
+        del model
+
+    probes, gram_bytes = {}, {}
+    kinds = [k for k in ("plain", "two_sided", "kronecker", "kronecker_small") if k in groups]
+    if not args.kronecker_max_dim and "kronecker_small" in kinds:
+        kinds.remove("kronecker_small")
+    if kinds and kinds[0] != "plain":
+        kinds.insert(0, "plain")  # every probe's cost is a ratio to a plain LoRA step
+    for kind in kinds:
         peft_model, state, step_s = _probe(dense, tok, calib, args, kind=kind)
         probes[kind] = step_s
         if kind == "plain":
             lora_bytes = sum(4 * p.numel() * 4 for p in peft_model.parameters() if p.requires_grad)  # p, grad, Adam
             continue
-        settings = [("uniform", "none")] if kind == "two_sided" else [("uniform", "none"), ("global", "none"),
-                                                                     ("global", "relative")]
+        settings = {"two_sided": [("uniform", "none")], "kronecker_small": [("global", "none")]}.get(
+            kind, [("uniform", "none"), ("global", "none"), ("global", "relative")])
         for alloc, norm in settings:
             start = time.perf_counter()
-            model, report = compress_peft_model(peft_model, fisher=state, weighting=kind, allocation=alloc,
-                                                loss_normalization=norm, svd_method="exact", progress=False)
+            model, report = compress_peft_model(peft_model, fisher=state, weighting=kind.replace("_small", ""),
+                                                allocation=alloc, loss_normalization=norm, svd_method="exact",
+                                                progress=False)
             label = f"fisher_lora {kind} {alloc}" + (f" ({norm})" if alloc == "global" else "")
+            if kind == "kronecker_small":
+                label = f"fisher_lora kronecker (kronecker_max_dim {args.kronecker_max_dim}) {alloc}"
             record(label, model, report, time.perf_counter() - start)
             del model
-        if kind == "kronecker":
-            gram_bytes = sum(4 * t.numel() for k, t in state.tensors.items() if ".gram_" in k)
+        if kind.startswith("kronecker"):
+            gram_bytes[kind] = sum(4 * t.numel() for k, t in state.tensors.items() if ".gram_" in k)
         del peft_model, state
 
     summary = {
@@ -169,12 +211,13 @@ def main() -> None:
         "rows": rows,
         "costs": {
             "probe_step_s": {k: round(v, 3) for k, v in probes.items()},
-            "kronecker_step_vs_lora": round(probes["kronecker"] / probes["plain"], 3),
-            "two_sided_step_vs_lora": round(probes["two_sided"] / probes["plain"], 3),
-            "kronecker_gram_MB": round(gram_bytes / 2**20, 1),
-            "kronecker_grams_vs_lora_training_state": round(gram_bytes / lora_bytes, 2),
+            **{f"{k}_step_vs_lora": round(probes[k] / probes["plain"], 3) for k in probes if k != "plain"},
+            **{f"{k}_gram_MB": round(v / 2**20, 1) for k, v in gram_bytes.items()},
+            **{f"{k}_grams_vs_lora_training_state": round(v / lora_bytes, 2) for k, v in gram_bytes.items()},
+            "model_fp32_MB": round(sum(4 * p.numel() for p in dense.parameters()) / 2**20, 1),
             "calibration_gram_collection_s": round(gram_s, 1),
-            "whitened_uniform_compress_vs_svd": round(rows[1]["compress_s"] / max(svd_s, 1e-9), 2),
+            **({"whitened_uniform_compress_vs_svd": round(rows[1]["compress_s"] / max(svd_s, 1e-9), 2)}
+               if whitened_rows else {}),
         },
         "command": "python benchmarks/compression_quality.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "work")),

@@ -11,8 +11,11 @@ Methods:
 - ``svd``: uniform plain SVD, the same fraction of parameters kept in every module.
 - ``welore``: WeLore's data-free non-uniform ranks (global threshold on normalised spectra), with the reduction
   bisected so the parameter count matches the target; then a short fine-tune of only its low-rank components.
-- ``whitened``: calibration only, no training: the input Grams of every block Linear on other bundled prose, then
-  the whitened SVD (SVD-LLM's truncation-aware whitening), uniform ranks (measured better than global here).
+- ``calibration``: calibration only, no training (``compress_model(model, keep, calibration=batches)`` with its
+  defaults): forward and backward passes over other bundled prose, the weights frozen, give each block Linear's
+  input Gram and the Gram of the loss gradient at its output (the Kronecker-factored Fisher); each weight is
+  factorized by the weighted SVD, ranks allocated globally (``--calibration-weighting whitened`` gives SVD-LLM's
+  input whitening alone, with uniform ranks).
 - ``fisher_lora``: FisherLoRA: a short LoRA SFT on the bundled definitions collects the Kronecker-factored Fisher
   (Grams of each adapted layer's input and output gradient); on save the merged model is compressed by the weighted
   SVD with global rank allocation. ``fisher_lora_2s``: the same adapter compressed with the diagonal two-sided
@@ -100,10 +103,12 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=32, help="held-out prose paragraphs for perplexity")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps for the methods that train")
-    parser.add_argument("--methods", default="svd,welore,whitened,fisher_lora")
+    parser.add_argument("--methods", default="svd,welore,calibration,fisher_lora")
     parser.add_argument("--calib-texts", type=int, default=64, help="bundled prose paragraphs for calibration")
-    parser.add_argument("--allocation", default="uniform", choices=["uniform", "global"],
-                        help="rank allocation of the whitened row (uniform measured best for whitening alone)")
+    parser.add_argument("--calibration-weighting", default=None, choices=["whitened", "kronecker"],
+                        help="weighting of the calibration row (default: compress_model's, kronecker for a causal LM)")
+    parser.add_argument("--allocation", default=None, choices=["uniform", "global"],
+                        help="rank allocation of the calibration row (default: compress_model's, global with kronecker)")
     parser.add_argument("--fisher-allocation", default="global", choices=["uniform", "global"],
                         help="rank allocation of the Kronecker FisherLoRA row")
     parser.add_argument("--loss-normalization", default="none", choices=["none", "relative"])
@@ -216,15 +221,16 @@ def run_welore(model, tok, args):
     return merged, {"reduction": round(reduction, 4), "trainable_params": trainable}
 
 
-def run_whitened(model, tok, args):
-    """Calibration only (no training): input Grams of every block Linear on bundled prose, whitened SVD."""
+def run_calibration(model, tok, args):
+    """Calibration only (no training): Grams of every block Linear on bundled prose, weighted SVD."""
     from hf_lowrank import bundled, compress_model
     from hf_lowrank.evaluation import calibration_batches
 
     batches = calibration_batches(tok, bundled.prose_texts("train", n=args.calib_texts), max_length=256)
-    report = compress_model(model, args.keep, calibration=batches, allocation=args.allocation)
+    report = compress_model(model, args.keep, calibration=batches, calibration_weighting=args.calibration_weighting,
+                            allocation=args.allocation)
     return model, {"mean_rel_error": _mean_error(report), "calibration_tokens": report.info["calibration_tokens"],
-                   "allocation": args.allocation}
+                   "weighting": report.info["weighting"], "allocation": report.info["allocation"]}
 
 
 def run_fisher_lora(model, tok, args):
@@ -275,7 +281,7 @@ def run_fisher_lora(model, tok, args):
 _EXTRA_ROWS: list = []  # rows a runner produces besides its own (the diagonal FisherLoRA from the same SFT run)
 
 
-METHODS = {"svd": run_svd, "welore": run_welore, "whitened": run_whitened, "fisher_lora": run_fisher_lora}
+METHODS = {"svd": run_svd, "welore": run_welore, "calibration": run_calibration, "fisher_lora": run_fisher_lora}
 
 
 if __name__ == "__main__":

@@ -188,6 +188,7 @@ def plot_ranks(
     lrc: Sequence[str] | None = None,
     title: str | None = None,
     dpi: int = 110,
+    labels: tuple[str, str] = ("low-rank component (LRC)", "N-LRC"),
 ) -> Path:
     """PNG of kept rank / full rank per block, one panel per layer type; LRCs green, N-LRCs red.
 
@@ -198,6 +199,7 @@ def plot_ranks(
         lrc: names of the low-rank components (default: every module whose rank is below its full rank).
         title: figure title.
         dpi: resolution.
+        labels: legend of the green and the red bars.
 
     Returns:
         The written path.
@@ -229,7 +231,7 @@ def plot_ranks(
     from matplotlib.patches import Patch
 
     fig.legend(
-        handles=[Patch(color="tab:green", label="low-rank component (LRC)"), Patch(color="tab:red", label="N-LRC")],
+        handles=[Patch(color="tab:green", label=labels[0]), Patch(color="tab:red", label=labels[1])],
         loc="lower center", ncols=2, fontsize=8,
     )
     fig.suptitle(
@@ -268,3 +270,22 @@ def ranks_from_adapter(path: str | Path) -> tuple[dict[str, int], dict[str, tupl
         else:
             shapes[name] = (rank, rank)  # kept exact: full rank recorded, the aspect ratio does not matter here
     return ranks, shapes, list(cfg.get("lrc_modules") or [])
+
+
+def ranks_from_report(path: str | Path) -> tuple[dict[str, int], dict[str, tuple[int, int]], list[str]]:
+    """``(ranks, shapes, factorized)`` of a compressed checkpoint's ``compression_report.json`` (a folder or the file).
+
+    A module kept dense (e.g. by the global allocation) counts as its full rank and is not in ``factorized``.
+    """
+    import json
+
+    path = Path(path)
+    file = path / "compression_report.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{path} holds no compression_report.json (save_compressed writes one beside the weights).")
+    modules = json.loads(file.read_text()).get("modules") or []
+    if not modules:
+        raise ValueError(f"{file} lists no module: nothing to plot.")
+    shapes = {m["name"]: tuple(m["shape"]) for m in modules}
+    ranks = {m["name"]: m["rank"] if m.get("rank") is not None else min(m["shape"]) for m in modules}
+    return ranks, shapes, [m["name"] for m in modules if m.get("rank") is not None]

@@ -494,6 +494,25 @@ def test_save_compressed_writes_a_model_card_with_the_method_and_how_to_load(tmp
     assert not (tmp_path / "dense" / "README.md").exists()  # not compressed: no hf-lowrank card
 
 
+def test_plot_ranks_of_a_global_allocation_checkpoint(tmp_path):
+    """hf-lowrank plot ranks FOLDER draws a compressed checkpoint's rank map; dense-kept modules count as full rank."""
+    pytest.importorskip("matplotlib")
+    import hf_lowrank
+    from hf_lowrank.cli import main
+    from hf_lowrank.plotting import ranks_from_report
+
+    model = make_tiny_llama(seed=0)
+    report = compress_model(model, 0.5, calibration=_batches(n=2), progress=False)
+    folder = hf_lowrank.save_compressed(model, tmp_path / "out", report=report)
+    ranks, shapes, factorized = ranks_from_report(folder)
+    assert set(ranks) == {m.name for m in report.modules} and set(factorized) == set(report.ranks)
+    assert all(ranks[n] == (report.ranks[n] if n in report.ranks else min(shapes[n])) for n in ranks)
+    assert main(["plot", "ranks", str(folder), "--out", str(tmp_path / "ranks.png")]) == 0
+    assert (tmp_path / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="compression_report.json"):
+        ranks_from_report(tmp_path)
+
+
 def test_sequential_calibration_measures_each_block_after_the_compressed_ones_before_it():
     dense = make_tiny_llama(seed=0)
     batches = _batches(n=4)

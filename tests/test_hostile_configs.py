@@ -481,7 +481,8 @@ def _expected_ranks(spec) -> dict[str, int] | None:
     if _is_int(spec):
         return dict.fromkeys(targets, spec) if all(1 <= spec <= min(s) for s in targets.values()) else None
     if isinstance(spec, float) and 0 < spec <= 1:
-        return {n: max(1, min(min(s), math.floor(spec * s[0] * s[1] / (s[0] + s[1])))) for n, s in targets.items()}
+        floor = {n: max(1, min(min(s), math.floor(spec * s[0] * s[1] / (s[0] + s[1])))) for n, s in targets.items()}
+        return {n: r // 8 * 8 if r >= 8 else r for n, r in floor.items()}  # rounded down to RANK_MULTIPLE
     return None
 
 

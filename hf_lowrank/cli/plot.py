@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from ..plotting import plot_ranks, plot_spectra, ranks_from_adapter
+from ..plotting import plot_ranks, plot_spectra, ranks_from_adapter, ranks_from_report
 from . import load_model_for_cli
 
 __all__ = ["add_parser"]
@@ -35,7 +36,14 @@ def _cmd_spectra(args) -> int:
 
 def _cmd_ranks(args) -> int:
     source = Path(args.model)
-    if (source / "adapter_config.json").is_file():
+    labels = ("low-rank component (LRC)", "N-LRC")
+    if (source / "compression_report.json").is_file():  # a compressed checkpoint: its rank map
+        ranks, shapes, lrc = ranks_from_report(source)
+        report = json.loads((source / "compression_report.json").read_text())
+        info = report.get("info") or {}
+        title = f"{source.name}: {report.get('method', '?')}, {info.get('allocation', 'uniform')} allocation"
+        labels = ("factorized", "kept dense")
+    elif (source / "adapter_config.json").is_file():
         ranks, shapes, lrc = ranks_from_adapter(source)
         title = f"{source.name}: WeLoreLRC adapter"
     else:
@@ -52,7 +60,7 @@ def _cmd_ranks(args) -> int:
         ranks, shapes, lrc = alloc.ranks, alloc.shapes, alloc.lrc
         title = f"{Path(args.model).name}: WeLore at {args.reduction:.0%}"
         print(alloc.summary())
-    out = plot_ranks(ranks, shapes, args.out, lrc=lrc, title=title)
+    out = plot_ranks(ranks, shapes, args.out, lrc=lrc, title=title, labels=labels)
     print(f"wrote {out}")
     return 0
 
@@ -75,8 +83,10 @@ def add_parser(subparsers) -> None:
         s.add_argument("--" + flag.replace("_", "-"), dest=flag, **kw)
     s.set_defaults(func=_cmd_spectra)
 
-    r = sub.add_parser("ranks", help="kept rank per layer, LRC vs N-LRC (WeLore Figure 6)")
-    r.add_argument("model", help="a saved WeLoreLRC adapter folder, or a model (folder, Hub id, 'smollm2' / 'minilm')")
+    r = sub.add_parser("ranks", help="kept rank per layer: a compressed checkpoint's rank map (e.g. the global "
+                       "allocation), or WeLore's LRC vs N-LRC (Figure 6)")
+    r.add_argument("model", help="a compressed checkpoint folder (its compression_report.json), a saved WeLoreLRC "
+                   "adapter folder, or a model (folder, Hub id, 'smollm2' / 'minilm') with --reduction")
     r.add_argument("--out", required=True, help="PNG file to write")
     r.add_argument("--reduction", type=float, default=None, help="WeLore target reduction (needed for a model)")
     r.add_argument("--nlrc", choices=("keep", "truncate"), default="keep", help="what happens to N-LRCs")
