@@ -1,6 +1,6 @@
-"""The PEFT contract, as one matrix in the spirit of peft's ``PeftCommonTester``: (FisherLoRA, WeLoreLRC, SPSFT) x
-(tiny Llama, Qwen2 with biased q/k/v, Phi3 with fused qkv_proj/gate_up_proj, T5 encoder-decoder, RoBERTa classifier
-with its two-layer head, BERT classifier), one test per check:
+"""The PEFT contract, as one matrix in the spirit of peft's ``PeftCommonTester``: (FisherLoRA, WeLoreLRC with and
+without its dense weights, SPSFT) x (tiny Llama, Qwen2 with biased q/k/v, Phi3 with fused qkv_proj/gate_up_proj, T5
+encoder-decoder, RoBERTa classifier with its two-layer head, BERT classifier), one test per check:
 
 - ``test_training_changes_only_adapter_params``: a few optimizer steps change the adapter (and ``modules_to_save``)
   parameters only; every base weight is bit-identical to the model before ``get_peft_model``;
@@ -27,6 +27,7 @@ from peft.utils import ModulesToSaveWrapper
 from tiny_models import make_tiny_model
 
 from hf_lowrank import FisherLoRAConfig, SPSFTConfig, WeLoreLRCConfig
+from hf_lowrank.peft_configs.welore import DenseWeightDroppedError
 
 KINDS = ["llama", "qwen2", "phi3", "t5", "roberta_cls", "bert_cls"]
 TASKS = {
@@ -51,6 +52,8 @@ METHODS = {
     # keep_dense: disable_adapter() (and the bit-identical base check) need the dense weights WeLore otherwise drops.
     "welore": lambda task: WeLoreLRCConfig(reduction=0.3, task_type=task, keep_dense=True, progress=False),
     "spsft": lambda task: SPSFTConfig(r=4, task_type=task),
+    # WeLore's default: the dense weights of the replaced layers are dropped (the PEFT model IS the compressed model)
+    "welore_dropped": lambda task: WeLoreLRCConfig(reduction=0.3, task_type=task, progress=False),
 }
 NON_DEFAULT = {
     # Fields away from their defaults (and ones that change what get_peft_model builds), for the config round trip.
@@ -60,12 +63,15 @@ NON_DEFAULT = {
         init_lora_weights=False,
     ),
     "welore": lambda task: WeLoreLRCConfig(
-        reduction=0.2, lrc_ratio=0.9, svd_method="exact", spectra_cache_dir="", task_type=task,
-        progress=False,
+        reduction=0.2, lrc_ratio=0.9, svd_method="exact", spectra_cache_dir="", task_type=task, progress=False,
+        keep_dense=True,
+    ),
+    "welore_dropped": lambda task: WeLoreLRCConfig(
+        reduction=0.4, lrc_ratio=1.0, svd_method="randomized", task_type=task, progress=False,
     ),
     "spsft": lambda task: SPSFTConfig(ratio=0.25, importance="taylor", init_weights=False, task_type=task),
 }
-OWN_PARAMS = {"fisher_lora": ".lora_", "welore": ".welore_", "spsft": ".spsft_"}
+OWN_PARAMS = {"fisher_lora": ".lora_", "welore": ".welore_", "welore_dropped": ".welore_", "spsft": ".spsft_"}
 """What each method's own trainable parameters are called: the adapter must train, not just a classifier head."""
 STEPS = 3
 RTOL = 1e-5  # float32 after a merge: the bits may differ with the order of the sums, the values may not
@@ -99,15 +105,20 @@ def _trained(kind: str, method: str):
     base = make_tiny_model(kind)
     base_out = _out(base, kind)
     model = get_peft_model(base, METHODS[method](TASKS[kind]))
+    _train(model, kind, [p for p in model.parameters() if p.requires_grad])
+    assert not _close(_out(model, kind), base_out, 1e-3)  # the adapter does change the outputs
+    return base_out, model
+
+
+def _train(model, kind: str, params) -> None:
+    """``STEPS`` AdamW steps on ``params`` (each on its own batch), leaving ``model`` in eval mode."""
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.AdamW(params, lr=1e-2)
     for step in range(STEPS):
         model(**_inputs(kind, labels=True, seed=100 + step)).loss.backward()
         opt.step()
         opt.zero_grad()
     model.eval()
-    assert not _close(_out(model, kind), base_out, 1e-3)  # the adapter does change the outputs
-    return base_out, model
 
 
 def _base_name(peft_name: str) -> str:
@@ -133,13 +144,7 @@ def test_training_changes_only_adapter_params(kind, method):
     assert trainable and any(OWN_PARAMS[method] in n for n in trainable)
     assert all(OWN_PARAMS[method] in n or ".modules_to_save." in n for n in trainable), sorted(trainable)[:3]
 
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # all of them: frozen ones must stay put on their own
-    for step in range(STEPS):
-        model(**_inputs(kind, labels=True, seed=100 + step)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-
+    _train(model, kind, model.parameters())  # all of them: the frozen ones must stay put on their own
     after = model.state_dict()
     changed = {n for n, t in after.items() if not torch.equal(t, before[n])}
     assert changed and changed <= trainable, sorted(changed - trainable)[:3]
@@ -150,8 +155,12 @@ def test_training_changes_only_adapter_params(kind, method):
         if name not in trainable and key in original:
             assert torch.equal(tensor, original[key]), name
             compared.add(key)
-    # every base tensor is still there, bit for bit (a tied lm_head shows once in state_dict either way)
-    assert compared == set(original), sorted(set(original) - compared)[:3]
+    # every base tensor is still there, bit for bit (a tied lm_head shows once in state_dict either way), but the
+    # dense weights WeLore drops by default (keep_dense=False): exactly those of its low-rank components are gone
+    dropped = {f"{n}.weight" for n in model.welore_allocation.lrc} if method == "welore_dropped" else set()
+    assert compared == set(original) - dropped, sorted(set(original) - dropped - compared)[:3]
+    assert all(model.base_model.model.get_submodule(n[: -len(".weight")]).get_base_layer().weight is None
+               for n in dropped)
 
 
 @pytest.mark.parametrize("kind, method", CELLS)
@@ -179,8 +188,9 @@ def test_peft_config_from_pretrained_keeps_every_field(tmp_path, kind, method, v
     model = get_peft_model(make_tiny_model(kind), make_config(TASKS[kind]))
     config = model.peft_config["default"]
     model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == config.peft_type.value
     loaded = PeftConfig.from_pretrained(tmp_path)
-    assert type(loaded) is type(config)
+    assert type(loaded) is type(config) and loaded.peft_type is config.peft_type
     # peft's save_pretrained writes inference_mode=True for every adapter type (vanilla LoRA too): not a field lost
     want, got = dict(config.to_dict(), inference_mode=True), loaded.to_dict()
     assert set(got) == set(want), sorted(set(got) ^ set(want))
@@ -208,9 +218,16 @@ def test_merge_equals_unmerged(kind, method):
 
 @pytest.mark.parametrize("kind, method", CELLS)
 def test_disable_adapter_is_the_base_model(kind, method):
-    """Bit for bit: inside ``disable_adapter()`` the base layers (and the original head) run as they were."""
+    """Bit for bit: inside ``disable_adapter()`` the base layers (and the original head) run as they were. WeLore
+    without ``keep_dense`` has dropped the dense weights and refuses, as its config documents."""
     base_out, model = _trained(kind, method)
     out = _out(model, kind)
+    if method == "welore_dropped":  # documented: without the dense weights there is no base model to run
+        with pytest.raises(DenseWeightDroppedError, match="keep_dense=True"):
+            with model.disable_adapter():
+                pass
+        assert torch.equal(_out(model, kind), out)  # still usable after the refusal
+        return
     with model.disable_adapter():
         assert torch.equal(_out(model, kind), base_out)
     assert torch.equal(_out(model, kind), out)  # and the adapter is back on leaving the context
