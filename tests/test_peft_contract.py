@@ -5,6 +5,7 @@ encoder-decoder, RoBERTa classifier with its two-layer head, BERT classifier), o
 - ``test_training_changes_only_adapter_params``: a few optimizer steps change the adapter (and ``modules_to_save``)
   parameters only; every base weight is bit-identical to the model before ``get_peft_model``;
 - ``test_save_and_from_pretrained_are_exact``: ``save_pretrained`` -> ``PeftModel.from_pretrained`` on a fresh base;
+- ``test_load_adapter_adds_a_second_adapter``: ``load_adapter`` of the same folder as a second adapter;
 - ``test_peft_config_from_pretrained_keeps_every_field``: ``PeftConfig.from_pretrained`` gives the same ``to_dict()``;
 - ``test_merge_equals_unmerged``: ``merge_adapter`` / ``unmerge_adapter`` / ``merge_and_unload`` keep the outputs;
 - ``test_disable_adapter_is_the_base_model``: ``with model.disable_adapter():`` runs the base model;
@@ -177,6 +178,26 @@ def test_save_and_from_pretrained_are_exact(tmp_path, kind, method):
     assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {
         n for n, p in model.named_parameters() if p.requires_grad
     }
+
+
+@pytest.mark.parametrize("kind, method", CELLS)
+def test_load_adapter_adds_a_second_adapter(tmp_path, kind, method):
+    """``PeftModel.load_adapter`` puts the saved adapter next to the one loaded first (peft's multi-adapter path: the
+    model it loads into is already wrapped, a classifier head sits in a ``modules_to_save`` wrapper). WeLore refuses
+    a second adapter by design: its factors replace the weights instead of adding to them."""
+    _, model = _trained(kind, method)
+    out = _out(model, kind)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(make_tiny_model(kind), tmp_path)
+    if method.startswith("welore"):
+        with pytest.raises(ValueError, match="one adapter per model"):
+            reloaded.load_adapter(tmp_path, adapter_name="second")
+        return
+    reloaded.load_adapter(tmp_path, adapter_name="second")
+    reloaded.set_adapter("second")
+    assert torch.equal(_out(reloaded.eval(), kind), out)
+    reloaded.set_adapter("default")
+    assert torch.equal(_out(reloaded, kind), out)
 
 
 @pytest.mark.parametrize("variant", ["contract", "non_default"])
