@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_models import TINY_MLP, make_tiny_fisher_lora
 from transformers import AutoModelForCausalLM
 
 from hf_lowrank.modules import LowRankLinear, dense_weight
@@ -24,16 +25,6 @@ from hf_lowrank.peft_configs.fisher_lora import (
     plan_ranks,
     save_compressed_model,
 )
-
-MLP = ["gate_proj", "up_proj", "down_proj"]
-
-
-def _peft(model, **kw):
-    torch.manual_seed(1)
-    defaults = dict(r=4, lora_alpha=8, target_modules=MLP, init_lora_weights=False, compress_rank=8,
-                    fisher_weighting="two_sided")  # the diagonal Fisher's mechanics (Kronecker: test_data_aware)
-    defaults.update(kw)
-    return get_peft_model(model, FisherLoRAConfig(**defaults))
 
 
 def _batches(n, bs=2, seq=12, vocab=128, seed=0):
@@ -58,29 +49,9 @@ def _logits(model, x):
 
 
 # --------------------------------------------------------------------------------------------- the PEFT type
-def test_config_roundtrip_through_peft(tiny_llama, tmp_path):
-    fresh = copy.deepcopy(tiny_llama)
-    pm = _peft(tiny_llama, compress_keep=None, compress_rank=None, compress_rank_pattern={"down_proj": 0.5},
-               fisher_weighting="row", merge_before_compress=False, compress_dtype="bfloat16")  # non-defaults
-    assert pm.peft_config["default"].peft_type.value == "FISHER_LORA"
-    x = _batches(1)[0]
-    pm.eval()
-    ref = _logits(pm, x)
-    pm.save_pretrained(tmp_path / "ad")
-    saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert saved["peft_type"] == "FISHER_LORA" and saved["fisher_weighting"] == "row"
-    cfg = PeftConfig.from_pretrained(tmp_path / "ad")
-    assert isinstance(cfg, FisherLoRAConfig)
-    assert cfg.compress_rank_pattern == {"down_proj": 0.5} and cfg.merge_before_compress is False
-    assert cfg.compress_dtype == "bfloat16" and cfg.r == 4
-    loaded = PeftModel.from_pretrained(fresh, tmp_path / "ad")
-    assert isinstance(loaded.peft_config["default"], FisherLoRAConfig)
-    torch.testing.assert_close(_logits(loaded.eval(), x), ref)
-
-
 def test_vanilla_lora_loads_the_adapter(tiny_llama, tmp_path):
     fresh = copy.deepcopy(tiny_llama)
-    pm = _peft(tiny_llama)
+    pm = make_tiny_fisher_lora(tiny_llama)
     x = _batches(1)[0]
     ref = _logits(pm.eval(), x)
     pm.save_pretrained(tmp_path / "ad")
@@ -112,12 +83,12 @@ def test_vanilla_lora_loads_the_adapter(tiny_llama, tmp_path):
 )
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        FisherLoRAConfig(r=4, target_modules=MLP, **kwargs)
+        FisherLoRAConfig(r=4, target_modules=TINY_MLP, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- collection
 def test_full_source_squares_each_backward_and_leaves_frozen_weights_alone(tiny_llama):
-    pm = _peft(tiny_llama)
+    pm = make_tiny_fisher_lora(tiny_llama)
     W = pm.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight
     xs = _batches(2)
     # Reference: grad(W) of each backward, computed on its own.
@@ -141,7 +112,7 @@ def test_full_source_squares_each_backward_and_leaves_frozen_weights_alone(tiny_
 
 @pytest.mark.parametrize("sync_free", [False, True], ids=["host-check", "sync-free"])
 def test_non_finite_gradients_are_skipped_and_counted(tiny_llama, sync_free):
-    pm = _peft(tiny_llama)
+    pm = make_tiny_fisher_lora(tiny_llama)
     collector = FisherCollector().attach(pm)
     collector.sync_free = sync_free  # the accelerator path (sync-free masking) runs on the CPU too
     x = _batches(1)[0]
@@ -162,7 +133,7 @@ def test_collector_refuses_model_without_adapters(tiny_llama):
 
 
 def test_state_save_load_roundtrip(tiny_llama, tmp_path):
-    c = _collect(_peft(tiny_llama))
+    c = _collect(make_tiny_fisher_lora(tiny_llama))
     c.save(tmp_path / FISHER_STATE_NAME, global_step=7)
     loaded = FisherState.load(tmp_path)
     assert loaded.global_step == 7 and loaded.micro_batches == 3 and loaded.samples == 6
@@ -189,7 +160,7 @@ def _reference_factors(pm, name, state, weighting, merge=True):
 
 @pytest.mark.parametrize("weighting, merge", [("row", True), ("two_sided", True), ("row", False)])
 def test_compression_matches_reference_fwsvd(tiny_llama, weighting, merge):
-    pm = _peft(tiny_llama, fisher_weighting=weighting, merge_before_compress=merge)
+    pm = make_tiny_fisher_lora(tiny_llama, fisher_weighting=weighting, merge_before_compress=merge)
     c = _collect(pm)
     x = _batches(1, seed=5)[0]
     before = _logits(pm, x)
@@ -207,7 +178,7 @@ def test_compression_matches_reference_fwsvd(tiny_llama, weighting, merge):
 
 
 def test_fisher_of_ones_equals_plain_svd(tiny_llama):
-    pm = _peft(tiny_llama)
+    pm = make_tiny_fisher_lora(tiny_llama)
     c = _collect(pm, n=1)
     ones = FisherState(source="lora", tensors={k: torch.ones_like(v) for k, v in c.state.tensors.items()})
     x = _batches(1, seed=3)[0]
@@ -223,7 +194,7 @@ def test_fisher_of_ones_equals_plain_svd(tiny_llama):
 
 
 def test_compressed_model_save_reload_is_exact(tiny_llama, tmp_path):
-    pm = _peft(tiny_llama, compress_keep=0.5, compress_rank=None)
+    pm = make_tiny_fisher_lora(tiny_llama, compress_keep=0.5, compress_rank=None)
     c = _collect(pm)
     out, report = compress_peft_model(pm, fisher=c, progress=False)
     save_compressed_model(out, tmp_path / "out", report=report, fisher_state=c.state)
@@ -260,12 +231,12 @@ def test_errors_no_target_rank_out_of_range_and_foreign_fisher(tiny_llama, tiny_
 
     with pytest.raises(ValueError, match="No target modules matched"):
         compress_peft_model(tiny_llama, fisher_source="none", rank=4)
-    pm = _peft(tiny_llama, compress_rank=65)
+    pm = make_tiny_fisher_lora(tiny_llama, compress_rank=65)
     with pytest.raises(ValueError, match="out of range"):
         compress_peft_model(pm, fisher_source="none", progress=False)
-    c = _collect(_peft(LlamaForCausalLM(tiny_llama_config)), n=1)
+    c = _collect(make_tiny_fisher_lora(LlamaForCausalLM(tiny_llama_config)), n=1)
     cfg = tiny_llama_config.__class__(**{**tiny_llama_config.to_dict(), "intermediate_size": 96})
-    other = _peft(LlamaForCausalLM(cfg))
+    other = make_tiny_fisher_lora(LlamaForCausalLM(cfg))
     with pytest.raises(ValueError, match="another shape"):
         compress_peft_model(other, fisher=c, progress=False)
     with pytest.raises(ValueError, match="another shape"):
@@ -277,7 +248,7 @@ def test_errors_no_target_rank_out_of_range_and_foreign_fisher(tiny_llama, tiny_
 def test_cli_compress_with_fisher_file_matches_peft_path(tiny_llama, tmp_path):
     from hf_lowrank.fisher_cli import compress_with_fisher_file
 
-    pm = _peft(tiny_llama, fisher_weighting="two_sided")
+    pm = make_tiny_fisher_lora(tiny_llama, fisher_weighting="two_sided")
     c = _collect(pm)
     c.save(tmp_path / FISHER_STATE_NAME)
     via_peft, _ = compress_peft_model(pm, fisher=c, progress=False)
@@ -301,7 +272,7 @@ def _qlora_model(tiny_llama, tmp_path, device="cpu"):
 def _qlora_roundtrip(tiny_llama, tmp_path, device):
     base = _qlora_model(tiny_llama, tmp_path, device)
     assert type(base.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
-    pm = _peft(base)
+    pm = make_tiny_fisher_lora(base)
     collector = FisherCollector().attach(pm)
     pm.train()
     for x in _batches(2):

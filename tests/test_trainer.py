@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
+from tiny_models import TINY_MLP, make_tiny_fisher_lora
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from hf_lowrank.modules import LowRankLinear
@@ -23,8 +24,6 @@ from hf_lowrank.trainer_mixins import (
     FisherCollectorCallback,
     LowRankTrainer,
 )
-
-MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
 class _Tokens(torch.utils.data.Dataset):
@@ -53,12 +52,7 @@ def _args(tmp_path, **kw):
 
 def _peft_model(config, **kw):
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    torch.manual_seed(1)
-    cfg = dict(r=4, lora_alpha=8, target_modules=MLP, init_lora_weights=False, compress_rank=8,
-          fisher_weighting="two_sided")  # the diagonal Fisher's mechanics (Kronecker: test_data_aware)
-    cfg.update(kw)
-    return get_peft_model(model, FisherLoRAConfig(**cfg))
+    return make_tiny_fisher_lora(LlamaForCausalLM(config), **kw)
 
 
 def _lora_params(model):
@@ -198,7 +192,7 @@ def test_full_fine_tune_baseline_with_compress_on_save(tiny_llama_config, tmp_pa
     model = LlamaForCausalLM(tiny_llama_config)
     for name, p in model.named_parameters():
         p.requires_grad_(".mlp." in name)
-    fisher = FisherCollectorCallback(source="full", target_modules=MLP)
+    fisher = FisherCollectorCallback(source="full", target_modules=TINY_MLP)
     saver = CompressOnSaveCallback("fwsvd", fisher=fisher, keep=0.5)
     trainer = Trainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=_Tokens(),
                       callbacks=[fisher, saver])
@@ -238,7 +232,7 @@ def test_sft_trainer_paths(tiny_llama_config, tmp_path, use_mixin):
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config)
-    cfg = FisherLoRAConfig(r=4, target_modules=MLP, init_lora_weights=False, compress_rank=8, task_type="CAUSAL_LM")
+    cfg = FisherLoRAConfig(r=4, target_modules=TINY_MLP, init_lora_weights=False, compress_rank=8, task_type="CAUSAL_LM")
     args = trl.SFTConfig(
         output_dir=str(tmp_path / "sft"), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
         max_length=24, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from peft import PeftModel
     from transformers import (
         BertConfig,
         LlamaConfig,
@@ -102,3 +103,24 @@ def make_tiny_model(kind: str, seed: int = 0) -> PreTrainedModel:
     config = getattr(transformers, config_cls)(**fields)
     torch.manual_seed(seed)
     return getattr(transformers, model_cls)(config).float().eval()
+
+
+TINY_MLP = ["gate_proj", "up_proj", "down_proj"]
+"""The tiny Llama's MLP projections: the FisherLoRA tests' targets."""
+
+TINY_FISHER_LORA = dict(
+    r=4, lora_alpha=8, target_modules=TINY_MLP, init_lora_weights=False, compress_rank=8, fisher_weighting="two_sided"
+)
+"""The FisherLoRA adapter of the Fisher and trainer tests: random (not zero) B so that the adapter is not a no-op,
+compression to rank 8, the diagonal two-sided Fisher weighting (the Kronecker one: ``test_data_aware.py``)."""
+
+
+def make_tiny_fisher_lora(model: PreTrainedModel, **overrides: Any) -> PeftModel:
+    """``get_peft_model(model, FisherLoRAConfig(**TINY_FISHER_LORA))``, ``overrides`` replacing or adding config
+    fields; the random LoRA init is drawn after seeding the global torch RNG with 1."""
+    from peft import get_peft_model
+
+    from hf_lowrank import FisherLoRAConfig
+
+    torch.manual_seed(1)
+    return get_peft_model(model, FisherLoRAConfig(**{**TINY_FISHER_LORA, **overrides}))

@@ -22,6 +22,7 @@ from .layer import Linear, SPSFTLayer
 __all__ = ["SPSFTModel", "export_spsft_as_lora", "spsft_to_lora"]
 
 _LAYER_INDEX_NAMES = ("layers", "layer", "h", "blocks", "block")
+_PEFT_WRAPPER_SEGMENT = re.compile(r"\.(?:original_module|modules_to_save\.[^.]+)(?=\.|$)")
 
 
 class SPSFTModel(BaseTuner):
@@ -132,9 +133,12 @@ def _check_names_exist(model: nn.Module, names) -> None:
     """Every listed target must name some module (peft's rule: the full name, or its last dotted parts).
 
     peft adapts whatever the list matches and ignores the rest, so a typo (``"v_porj"``) would silently leave that
-    layer untrained; SPSFT refuses it instead.
+    layer untrained; SPSFT refuses it instead. Names are read as in the base model: a module that peft already
+    wrapped (``x.original_module.dense`` / ``x.modules_to_save.<adapter>.dense`` of a ``modules_to_save`` head, as
+    when a second adapter is loaded) still answers to ``x.dense``, the name the resolved config of the first adapter
+    saved for it.
     """
-    modules = [n for n, _ in model.named_modules() if n]
+    modules = [_PEFT_WRAPPER_SEGMENT.sub("", n) for n, _ in model.named_modules() if n]
     for entry in names:
         if not any(n == entry or n.endswith("." + entry) for n in modules):
             leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
