@@ -581,6 +581,7 @@ def test_kronecker_on_a_4bit_base_compresses_the_dequantized_weights(tmp_path):
     cfg = FisherLoRAConfig(r=4, target_modules=["up_proj", "down_proj"], merge_before_compress=False,
                            compress_keep=0.5, init_lora_weights=False)
     assert cfg.fisher_weighting == "kronecker" and cfg.compress_allocation == "global"  # the measured defaults
+    assert cfg.kronecker_max_dim == "hidden_size"
     pm = get_peft_model(base, cfg)
     collector = FisherCollector("lora").attach(pm)
     pm.train()
@@ -588,7 +589,8 @@ def test_kronecker_on_a_4bit_base_compresses_the_dequantized_weights(tmp_path):
         pm(**b, labels=b["input_ids"]).loss.backward()
     collector.detach()
     G_in, G_out = collector.snapshot().grams("model.layers.0.mlp.up_proj")
-    assert G_in.shape == (64, 64) and G_out.shape == (128, 128) and G_in.any() and G_out.any()
+    # kronecker_max_dim='hidden_size' (64): the 128-wide output side keeps its diagonal
+    assert G_in.shape == (64, 64) and G_out.shape == (128,) and G_in.any() and G_out.any()
     out, report = compress_peft_model(pm, fisher=collector, progress=False)
     assert not any(type(m).__name__ == "Linear4bit" for m in out.modules())
     assert report.info["fisher_weighting"] == "kronecker" and report.kept_fraction <= 0.5 + 1e-6

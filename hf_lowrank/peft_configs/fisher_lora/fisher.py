@@ -78,6 +78,21 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
 
 
 # -------------------------------------------------------------------------------------------------- collector
+def hidden_size(model: nn.Module) -> int:
+    """The residual-stream width of a (peft-wrapped) transformers model: ``hidden_size``, ``d_model`` or ``n_embd``."""
+    config = getattr(unwrap_wrappers(model), "config", None)
+    base = getattr(getattr(unwrap_wrappers(model), "base_model", None), "model", None)
+    for cfg in (config, getattr(base, "config", None)):
+        for key in ("hidden_size", "d_model", "n_embd"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+                return value
+    raise ValueError(
+        f"kronecker_max_dim='hidden_size' needs the model's hidden size, and {type(model).__name__} has no config with "
+        "hidden_size, d_model or n_embd: pass kronecker_max_dim as an int (or None for full Grams)."
+    )
+
+
 class FisherCollector:
     """Accumulates per micro-batch squared gradients of a model's LoRA factors (or dense weights).
 
@@ -214,7 +229,10 @@ class FisherCollector:
         configs = getattr(unwrap_wrappers(model), "peft_config", None) or {}
         config = configs.get(self.adapter_name) if isinstance(configs, dict) else None
         if getattr(config, "fisher_weighting", None) == "kronecker":
-            return True, getattr(config, "kronecker_max_dim", None), getattr(config, "kronecker_device", None)
+            max_dim = getattr(config, "kronecker_max_dim", None)
+            if max_dim == "hidden_size":
+                max_dim = hidden_size(model)
+            return True, max_dim, getattr(config, "kronecker_device", None)
         return False, None, None
 
     def _attach_grams(self, model: nn.Module) -> None:
