@@ -40,6 +40,7 @@ from .modules import LowRankLinear, is_conv1d
 __all__ = [
     "ALL_LINEAR",
     "PEFT_PREFIX",
+    "TARGETS_HELP",
     "all_linear_names",
     "block_index",
     "check_pattern_key",
@@ -59,6 +60,7 @@ ALL_LINEAR = INCLUDE_LINEAR_LAYERS_SHORTHAND
 PEFT_PREFIX = "base_model.model."
 _BLOCK = re.compile(r"^(?:(?P<prefix>.*?)\.)?(?P<index>\d+)\.(?P<kind>.+)$")
 _REGEX_CHARS = set("\\*[]()^$|+?{}")
+TARGETS_HELP = "'all-linear' (peft's), a regex (any of \\*[]()^$|+?{}), or comma-separated module names/suffixes"
 
 
 # ------------------------------------------------------------------------------------------------ name rules

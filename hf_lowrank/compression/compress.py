@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_json
-from ..modules import LowRankLinear, dense_weight, is_conv1d, set_submodule
+from ..modules import LowRankLinear, dense_weight, set_submodule
 from ..ops.fisher import (
     DEFAULT_DAMPING,
     fisher_weights,

@@ -32,7 +32,7 @@ from ...modules import dense_weight
 from ...ops.fisher import weighted_spectrum
 from ...ops.rank_allocation import global_ranks
 from ...ops.svd import RANK_MULTIPLE, factorized_params, rank_for_keep
-from ...targets import check_pattern_key, pattern_key
+from ...targets import check_pattern_key, find_target_linears, pattern_key
 from .config import (
     DEFAULT_ALLOCATION,
     DEFAULT_EPS,
@@ -417,8 +417,6 @@ def compress_with_fisher(
     state = resolve_fisher(fisher)
     if state is None:
         raise ValueError("compress_with_fisher needs a Fisher state; for plain SVD use hf_lowrank.compress_model.")
-    from ...compression.compress import find_target_linears
-
     if target_modules is None and not isinstance(ranks, Mapping):
         names = dict(model.named_modules())
         missing = [n for n in state.modules if n not in names]
