@@ -13,7 +13,6 @@ Both render with matplotlib's Agg canvas (no display, no global backend switch) 
 from __future__ import annotations
 
 import io
-import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,18 +20,16 @@ from pathlib import Path
 import torch
 
 from .io import atomic_write_bytes, read_json, read_safetensors_header
+from .targets import block_index, strip_peft_prefix
 
 __all__ = ["plot_compression_summary", "plot_ranks", "plot_spectra", "ranks_from_adapter"]
 
-_BLOCK = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<kind>.+)$")
-
-
 def _block_and_kind(name: str) -> tuple[int, str]:
     """``model.layers.3.self_attn.q_proj`` -> ``(3, "self_attn.q_proj")``; names outside blocks get block -1."""
-    m = _BLOCK.match(name)
-    if m is None:
+    block = block_index(name)
+    if block is None:
         return -1, name
-    return int(m.group("index")), m.group("kind")
+    return block[1], block[2]
 
 
 def _group(names: Sequence[str]) -> dict[str, list[tuple[int, str]]]:
@@ -257,7 +254,7 @@ def ranks_from_adapter(path: str | Path) -> tuple[dict[str, int], dict[str, tupl
         header, _ = read_safetensors_header(weights, what="adapter weights file", fix="Save the adapter again.")
     down, up, dense = {}, {}, {}
     for key, meta in header.items():
-        name = key.removeprefix("base_model.model.")
+        name = strip_peft_prefix(key)
         for tag, store in ((".welore_down", down), (".welore_up", up), (".welore_weight", dense)):
             if name.endswith(tag):
                 store[name[: -len(tag)]] = meta["shape"]

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..targets import TARGETS_HELP, parse_targets
+
 __all__ = ["CliError", "load_model_for_cli", "main", "resolve_model_class"]
 
 # Modules that contribute subcommands through `add_parser(subparsers)`; each is optional at import time so one
@@ -140,7 +142,7 @@ def _cmd_compress(args) -> int:
     from ..compression.compress import compress_model
 
     model, tok = load_model_for_cli(args.model, model_class=args.model_class, gguf_file=args.gguf_file)
-    targets = args.target_modules.split(",") if args.target_modules else None
+    targets = parse_targets(args.target_modules)
     started = time.perf_counter()
     if args.method == "svd":
         calibration = _calibration_arg(args, tok)
@@ -293,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reduction", type=float, default=0.3, help="achieved effective rank reduction (welore)")
     c.add_argument("--fisher", default=None, help="Fisher state file saved by FisherCollectorCallback (fwsvd)")
     c.add_argument("--weighting", choices=("row", "two_sided"), default=None, help="FisherLoRA weighting (fwsvd)")
-    c.add_argument("--target-modules", default=None, help="comma-separated module names or suffixes")
+    c.add_argument("--target-modules", default=None, help=f"{TARGETS_HELP} (default: block Linears)")
     c.add_argument("--calibration", default=None,
                    help="svd: 'bundled' or a .txt/.jsonl file of texts; weighs each weight by the Grams measured on "
                    "them (see --calibration-weighting)")

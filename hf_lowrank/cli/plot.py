@@ -6,24 +6,18 @@ import json
 from pathlib import Path
 
 from ..plotting import plot_ranks, plot_spectra, ranks_from_adapter, ranks_from_report
+from ..targets import TARGETS_HELP, find_target_linears, parse_targets
 from . import load_model_for_cli
 
 __all__ = ["add_parser"]
 
 
-def _targets_arg(value: str | None):
-    if not value:
-        return None
-    return value if any(c in value for c in "\\*[]()^$|+?") else value.split(",")
-
-
 def _cmd_spectra(args) -> int:
-    from ..compression.compress import find_target_linears
     from ..peft_configs.welore.allocation import welore_allocation
     from ..peft_configs.welore.spectra import compute_spectra, default_spectra_cache
 
     model, _ = load_model_for_cli(args.model)
-    targets = find_target_linears(model, _targets_arg(args.target_modules))
+    targets = find_target_linears(model, parse_targets(args.target_modules))
     spectra = compute_spectra(targets, cache=default_spectra_cache(args.cache_dir), progress=True)
     threshold = None
     if args.reduction is not None:
@@ -54,7 +48,7 @@ def _cmd_ranks(args) -> int:
             raise SystemExit("plot ranks MODEL needs --reduction (e.g. 0.3), or pass a saved WeLoreLRC adapter folder.")
         model, _ = load_model_for_cli(args.model)
         _, alloc = welore_ranks_for_model(
-            model, args.reduction, _targets_arg(args.target_modules), lrc_ratio=args.lrc_ratio, nlrc=args.nlrc,
+            model, args.reduction, parse_targets(args.target_modules), lrc_ratio=args.lrc_ratio, nlrc=args.nlrc,
             cache=default_spectra_cache(args.cache_dir),
         )
         ranks, shapes, lrc = alloc.ranks, alloc.shapes, alloc.lrc
@@ -71,7 +65,7 @@ def add_parser(subparsers) -> None:
     sub = p.add_subparsers(dest="plot_command", required=True)
 
     common = dict(
-        target_modules=dict(default=None, help="comma-separated module names or a regex (default: block Linears)"),
+        target_modules=dict(default=None, help=f"{TARGETS_HELP} (default: block Linears)"),
         cache_dir=dict(default=None, help="folder caching spectra between runs (default: $HF_LOWRANK_SPECTRA_CACHE)"),
         lrc_ratio=dict(type=float, default=0.5, help="LRC criterion: kept rank < lrc_ratio * full rank"),
     )

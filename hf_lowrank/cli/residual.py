@@ -11,6 +11,8 @@ import json
 import time
 from pathlib import Path
 
+from ..targets import TARGETS_HELP, parse_targets
+
 __all__ = ["add_parser"]
 
 
@@ -58,9 +60,7 @@ def _cmd_encode(args) -> int:
     started = time.perf_counter()
     finetuned, arch = _load(args.finetuned, args.model_class, args.dtype)
     base, _ = _load(args.base, arch, args.dtype)
-    targets = None
-    if args.target_modules:
-        targets = args.target_modules.split(",") if "," in args.target_modules else [args.target_modules]
+    targets = parse_targets(args.target_modules)
     res = encode_residual(
         base,
         finetuned,
@@ -179,7 +179,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--bits", type=int, default=4, help="2..8 quantized factors, 16 fp16, 32 fp32")
     e.add_argument("--alpha", type=float, default=0.5, help="prior-rank blend weight in [0, 1]")
     e.add_argument("--group-size", type=int, default=64, help="entries per quantization scale")
-    e.add_argument("--target-modules", default=None, help="comma-separated module names/suffixes to low-rank encode")
+    e.add_argument("--target-modules", default=None, help=f"modules to low-rank encode: {TARGETS_HELP}")
     e.add_argument("--store-exact", default=None, help="comma-separated tensor/module names to store exactly")
     e.add_argument("--refit", action="store_true", help="refit singular values to the quantized factors")
     e.add_argument("--model-class", default=None, help="transformers class (default: FINETUNED's architecture)")

@@ -21,7 +21,8 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..modules import LowRankLinear, is_conv1d, linear_shape, set_submodule
+from ..modules import LowRankLinear, linear_shape, set_submodule
+from ..targets import is_linear, resolve_name
 from .checkpoint_checks import (
     FORMAT_VERSION,
     QUANT_METHOD,
@@ -78,22 +79,10 @@ class LowRankConfig(QuantizationConfigMixin):
         return self.to_dict()
 
 
-def _resolve_name(model: nn.Module, name: str) -> str | None:
-    """Map a recorded module name onto ``model`` (also when saved with / loaded without the task head wrapper)."""
-    names = dict(model.named_modules())
-    if name in names:
-        return name
-    prefix = getattr(model, "base_model_prefix", "")
-    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in names:
-        return name[len(prefix) + 1 :]
-    if prefix and f"{prefix}.{name}" in names:
-        return f"{prefix}.{name}"
-    return None
-
-
 def _replace_with_factorized(model: nn.Module, ranks: dict[str, int]) -> None:
+    names, prefixes = dict(model.named_modules()), [getattr(model, "base_model_prefix", "") or ""]
     for recorded, rank in ranks.items():
-        name = _resolve_name(model, recorded)
+        name = resolve_name(recorded, names, prefixes)  # also when saved with / loaded without the task head
         if name is None:
             raise CompressedCheckpointError(
                 f"The checkpoint records a factorized module '{recorded}' that this model class does not have: it "
@@ -102,7 +91,7 @@ def _replace_with_factorized(model: nn.Module, ranks: dict[str, int]) -> None:
         module = model.get_submodule(name)
         if isinstance(module, LowRankLinear):
             continue
-        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+        if not is_linear(module):
             raise CompressedCheckpointError(f"Module '{name}' is a {type(module).__name__}, not a Linear layer.")
         out_features, in_features = linear_shape(module)
         limit = min(in_features, out_features)

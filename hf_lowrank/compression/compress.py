@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -14,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_json
-from ..modules import LowRankLinear, dense_weight, is_conv1d, set_submodule
+from ..modules import LowRankLinear, dense_weight, set_submodule
 from ..ops.fisher import (
     DEFAULT_DAMPING,
     fisher_weights,
@@ -34,6 +33,7 @@ from ..statistics import (
     is_causal_lm,
     split_into_blocks,
 )
+from ..targets import find_target_linears
 from .checkpoint import mark_compressed
 
 logger = logging.getLogger(__name__)
@@ -50,9 +50,6 @@ __all__ = [
 ]
 
 RankSpec = int | float | Mapping[str, int]
-
-_BLOCK_INDEX = re.compile(r"(^|\.)\d+\.")
-
 
 @dataclass
 class ModuleReport:
@@ -118,107 +115,6 @@ class CompressionReport:
         )
 
 
-def _is_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` (bitsandbytes ones included) or a GPT-2-style ``Conv1D`` (a Linear of weight ``W.T``)."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def find_target_linears(
-    model: nn.Module, target_modules: str | Sequence[str] | None = None
-) -> dict[str, nn.Module]:
-    """Linear layers of ``model`` to compress.
-
-    Args:
-        model: any torch module (a transformers model, or a peft model's base model).
-        target_modules: ``None`` for every Linear inside the repeated transformer blocks (a module path with a
-            numeric index such as ``model.layers.3.mlp.up_proj``): embeddings, the LM head, poolers and
-            classification heads are left alone. A string is a regular expression matched against the full
-            module name (peft's convention); a list matches a module whose name equals an entry or ends with
-            ``"." + entry``. Every list entry must match at least one Linear.
-
-    Returns:
-        ``{qualified_name: module}`` in model order (bitsandbytes 4/8-bit Linears and transformers ``Conv1D``
-        included; a ``Conv1D`` gets ``in_features`` / ``out_features`` attributes (``nx`` / ``nf``) so that it reads
-        like a Linear wherever a shape is needed, see :func:`hf_lowrank.modules.linear_shape`).
-
-    Raises:
-        ValueError: when nothing matches, a list entry names no Linear of the model, ``target_modules`` is not a
-            string, a list/tuple/set of strings or ``None``, is an empty list, or is a regex that does not compile.
-    """
-    _check_target_modules(target_modules)
-    linears: dict[str, nn.Module] = {}
-    owned = set()
-    for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            owned.update({f"{name}.down", f"{name}.up"})
-        elif _is_linear(module) and name not in owned:
-            if is_conv1d(module):  # plain ints on the instance: no parameter, state dict or forward changes
-                module.out_features, module.in_features = module.nf, module.nx
-            linears[name] = module
-    if target_modules is None:
-        chosen = {n: m for n, m in linears.items() if _BLOCK_INDEX.search(n)}
-        if not chosen:
-            done = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
-            if done:
-                raise ValueError(
-                    f"This model is already compressed ({len(done)} LowRankLinear layers, e.g. '{done[0]}'): no dense "
-                    "Linear is left in its transformer blocks. Compress the original model, or decompress it first "
-                    "(hf_lowrank.decompress_model(model)) to compress it again."
-                )
-            raise ValueError(
-                "No Linear layer inside repeated transformer blocks was found; pass target_modules explicitly "
-                f"(Linear layers of this model: {_preview(linears)})."
-            )
-        return chosen
-    if isinstance(target_modules, str):
-        if target_modules == "all-linear":
-            return find_target_linears(model, None)
-        try:
-            pattern = re.compile(target_modules)
-        except re.error as exc:
-            raise ValueError(
-                f"target_modules {target_modules!r} is not a valid regular expression ({exc}). Pass a valid regex "
-                "matched against full module names, or a list of module names."
-            ) from None
-        chosen = {n: m for n, m in linears.items() if pattern.fullmatch(n)}
-        if not chosen:
-            raise ValueError(
-                f"target_modules regex {target_modules!r} matches no Linear layer. Linear layers of this model: "
-                f"{_preview(linears)}."
-            )
-        return chosen
-    chosen = {}
-    for entry in target_modules:
-        hits = {n: m for n, m in linears.items() if n == entry or n.endswith("." + entry)}
-        if not hits:
-            raise ValueError(
-                f"Unknown target module {entry!r}: no Linear layer is named so or ends with '.{entry}'. "
-                f"Linear layers of this model: {_preview(linears)}."
-            )
-        chosen.update(hits)
-    return {n: m for n, m in linears.items() if n in chosen}
-
-
-def _check_target_modules(target_modules: object) -> None:
-    if target_modules is None or isinstance(target_modules, str):
-        return
-    if not isinstance(target_modules, (list, tuple, set, frozenset)):
-        raise ValueError(
-            f"target_modules must be None, a regex string or a list of module names, got "
-            f"{type(target_modules).__name__} {target_modules!r}."
-        )
-    if not target_modules:
-        raise ValueError(
-            "target_modules is an empty list, which selects nothing to compress; name at least one module (e.g. "
-            "['q_proj', 'v_proj']) or pass None for every Linear in the transformer blocks."
-        )
-    bad = [e for e in target_modules if not isinstance(e, str) or not e]
-    if bad:
-        raise ValueError(
-            f"target_modules entries must be non-empty module names (str), got {bad[:5]!r}. Pass e.g. ['q_proj']."
-        )
-
-
 def _check_rank_keys(ranks: Mapping) -> None:
     bad = [k for k in ranks if not isinstance(k, str)]
     if bad:
@@ -226,13 +122,6 @@ def _check_rank_keys(ranks: Mapping) -> None:
             f"A rank dict maps module names (str) to ranks, got key(s) {bad[:5]!r}. Use the full module names from "
             "model.named_modules(), e.g. {'model.layers.0.mlp.up_proj': 16}."
         )
-
-
-def _preview(names: Mapping[str, object], limit: int = 8) -> str:
-    keys = list(names)
-    suffixes = sorted({k.rsplit(".", 1)[-1] for k in keys})
-    text = ", ".join(suffixes[:limit]) + (", ..." if len(suffixes) > limit else "")
-    return f"{len(keys)} in all, short names: {text}" if keys else "none"
 
 
 def resolve_ranks(targets: Mapping[str, nn.Module], ranks: RankSpec, *, multiple: int = 1) -> dict[str, int | None]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import peft
 from peft.utils import PeftType
 
-__all__ = ["SUPPORTED_PEFT_VERSIONS", "ensure_peft_type", "register_method"]
+__all__ = ["SUPPORTED_PEFT_VERSIONS", "ensure_peft_type", "peft_all_linear_names", "register_method"]
 
 # The enum surgery below was checked against these peft minor versions; another version gets a clear error from
 # `ensure_peft_type` if the enum internals changed, and tests/test_registry.py fails loudly.
@@ -69,3 +69,23 @@ def register_method(*, name: str, config_cls: type, model_cls: type, prefix: str
         return peft_type
     register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
     return peft_type
+
+
+def peft_all_linear_names(model, task_type=None) -> set[str]:
+    """peft's own expansion of ``target_modules="all-linear"`` on ``model`` (a private peft helper, hence here).
+
+    Every ``nn.Linear`` / ``Conv1D`` (and adapter "Linear" layers) except, on a ``PreTrainedModel``, its output
+    embeddings (the LM head), or with ``task_type="SEQ_CLS"`` its classification head; never the inner layers of
+    an adapter.
+    """
+    from types import SimpleNamespace
+
+    try:
+        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+    except ImportError as exc:  # pragma: no cover - only on an unsupported peft
+        raise ImportError(
+            f"peft {peft.__version__} no longer has _maybe_include_all_linear_layers, which hf-lowrank uses for "
+            f"'all-linear' (checked against peft {', '.join(SUPPORTED_PEFT_VERSIONS)}). Install peft 0.21."
+        ) from exc
+    config = SimpleNamespace(target_modules="all-linear", task_type=task_type)
+    return set(_maybe_include_all_linear_layers(config, model).target_modules)

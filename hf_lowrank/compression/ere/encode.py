@@ -6,7 +6,6 @@ import copy
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,8 @@ from ...offline import resolve_model_alias
 from ...ops.quant import QuantizedTensor, dequantize_rtn, quantize_rtn, stiefel_project
 from ...ops.rank_allocation import ere_ranks
 from ...ops.svd import singular_values, truncated_svd
-from .fingerprint import _base_prefix, _match_name, base_fingerprint
+from ...targets import all_linear_names, is_all_linear, module_matches, resolve_name
+from .fingerprint import _base_prefix, base_fingerprint
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -41,22 +41,6 @@ from .report import ResidualEntry, ResidualReport
 __all__ = ["encode_residual", "save_residual_on_save"]
 
 logger = logging.getLogger(__name__)
-
-
-def _matches(module: str, patterns: str | Sequence[str] | None) -> bool:
-    """peft-style module selection: a string is a regex (full match), a list holds names or name suffixes."""
-    if patterns is None:
-        return True
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, module) is not None
-    return any(module == p or module.endswith("." + p) for p in patterns)
-
-
-def _name_matches(name: str, patterns: Sequence[str] | None) -> bool:
-    if not patterns:
-        return False
-    mod, _ = _module_of(name)
-    return any(name == p or mod == p or name.endswith("." + p) or mod.endswith("." + p) for p in patterns)
 
 
 def _checkpoint_keys(model: nn.Module) -> set[str] | None:
@@ -167,8 +151,9 @@ def encode_residual(
         rank: prior rank ``r_avg``; the budget is ``M = r_avg * sum(out + in)`` over the low-rank tensors.
         bits: 2..8 (RTN-quantized ``U``, ``V``), 16 (fp16 factors) or 32 (fp32 factors).
         alpha: blend weight of the prior rank in ``[0, 1]`` (1: the same rank everywhere, 0: pure allocation).
-        target_modules: module names/suffixes (list) or a regex (str) whose 2-D weights are low-rank encoded;
-            changed 2-D weights of other modules are stored exactly. None: every 2-D weight.
+        target_modules: module names/suffixes (list), a regex (str) or peft's ``"all-linear"`` (see
+            :mod:`hf_lowrank.targets`) whose 2-D weights are low-rank encoded; changed 2-D weights of other modules
+            are stored exactly. None: every 2-D weight.
         group_size: entries per quantization scale (along each singular vector).
         fit_range: optional ``(lo, hi)`` fractions of the spectrum for the tail-energy fit (see ``ere_ranks``).
         refit: refit the singular values to the quantized, projected factors (encoder-side; same format;
@@ -197,12 +182,13 @@ def encode_residual(
     ckpt = _checkpoint_keys(base_model)
     not_in_ckpt: set[str] = set()
     if ckpt is not None:
-        missing = {k for k in base_sd if _match_name(k, ckpt, b_prefix, ft_prefix) is None}
+        missing = {k for k in base_sd if resolve_name(k, ckpt, (b_prefix, ft_prefix)) is None}
         if len(missing) <= 0.5 * len(base_sd):
             not_in_ckpt = missing
         else:
             logger.warning("base checkpoint key names do not match the model's; not using them to spot new heads")
     modules = dict(finetuned_model.named_modules())
+    targets = all_linear_names(finetuned_model) if is_all_linear(target_modules) else target_modules
     quantized = bits not in UNQUANTIZED_BITS
 
     spec: dict[str, dict[str, Any]] = {}
@@ -220,7 +206,7 @@ def encode_residual(
             "module_type": type(module).__name__ if module is not None else None,
         }
         spec[name] = entry
-        bname = _match_name(name, base_sd, ft_prefix, b_prefix)
+        bname = resolve_name(name, base_sd, (ft_prefix, b_prefix))
         b = base_sd.get(bname) if bname is not None else None
         if b is None or tuple(b.shape) != tuple(t.shape) or bname in not_in_ckpt or b.device.type == "meta":
             entry["kind"] = "exact"
@@ -235,13 +221,14 @@ def encode_residual(
             exact.add(name)
         elif same:
             entry["kind"] = "base"
-        elif _name_matches(name, store_exact) or t.ndim != 2 or min(t.shape) < MIN_DIM:
+        elif module_matches(name, store_exact) or module_matches(mod_name, store_exact) or t.ndim != 2 \
+                or min(t.shape) < MIN_DIM:
             entry["kind"] = "exact"
             exact.add(name)
         elif isinstance(module, nn.Embedding):
             entry["kind"] = "embedding"
             embeds.append(name)
-        elif not _matches(mod_name, target_modules):
+        elif targets is not None and not module_matches(mod_name, targets):
             entry["kind"] = "exact"
             exact.add(name)
         else:

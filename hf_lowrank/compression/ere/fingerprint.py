@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ...targets import resolve_name
 from .format import BaseMismatchError, ResidualFormatError, _dtype_name
 
 if TYPE_CHECKING:
@@ -56,18 +57,6 @@ def base_fingerprint(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 def _base_prefix(model: nn.Module) -> str:
     return str(getattr(model, "base_model_prefix", "") or "")
-
-
-def _match_name(name: str, keys: Mapping[str, Any] | set, ft_prefix: str, base_prefix: str) -> str | None:
-    """The base key holding ``name`` (a fine-tuned key) when the two models differ by a head/backbone prefix."""
-    if name in keys:
-        return name
-    for prefix in {ft_prefix, base_prefix} - {""}:
-        if name.startswith(prefix + ".") and name[len(prefix) + 1 :] in keys:
-            return name[len(prefix) + 1 :]
-        if f"{prefix}.{name}" in keys:
-            return f"{prefix}.{name}"
-    return None
 
 
 def _verify_base(res: EREResidual, base_of: Mapping[str, torch.Tensor | None]) -> None:
@@ -127,7 +116,7 @@ def verified_base_tensors(
     base_of: dict[str, torch.Tensor | None] = {}
     for name, e in res.entries.items():
         if e["kind"] in ("base", "lowrank", "sparse"):
-            key = _match_name(name, base_sd, ft_prefix, b_prefix)
+            key = resolve_name(name, base_sd, (ft_prefix, b_prefix))
             base_of[name] = base_sd.get(key) if key is not None else None
     _verify_base(res, base_of)
     return base_of

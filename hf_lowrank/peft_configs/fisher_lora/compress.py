@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from types import SimpleNamespace
@@ -33,6 +32,7 @@ from ...modules import dense_weight
 from ...ops.fisher import weighted_spectrum
 from ...ops.rank_allocation import global_ranks
 from ...ops.svd import RANK_MULTIPLE, factorized_params, rank_for_keep
+from ...targets import check_pattern_key, find_target_linears, pattern_key
 from .config import (
     DEFAULT_ALLOCATION,
     DEFAULT_EPS,
@@ -91,15 +91,6 @@ def resolve_fisher(fisher) -> FisherState | None:
     )
 
 
-def _key_matches(key: str, name: str) -> bool:
-    if name == key or name.endswith("." + key):
-        return True
-    try:
-        return re.fullmatch(key, name) is not None
-    except re.error:
-        return False
-
-
 def plan_ranks(
     shapes: Mapping[str, tuple[int, int]],
     *,
@@ -113,8 +104,8 @@ def plan_ranks(
         shapes: ``{name: (out, in)}`` of the candidate modules.
         rank: one rank for every module; exclusive with ``keep``.
         keep: fraction of each module's parameters kept, in ``(0, 1]``.
-        rank_pattern: ``{key: rank or keep}``; a key matches a name equal to it, ending with ``"." + key``, or
-            fully matching it as a regex; the first matching key wins.
+        rank_pattern: ``{key: rank or keep}``; peft's ``rank_pattern`` rule (:func:`hf_lowrank.targets.pattern_key`):
+            a key is a regex matched against the end of the name on a dot boundary; the first matching key wins.
 
     Returns:
         ``{name: rank}`` for the modules to compress, ``None`` where that rank would not save parameters (the module
@@ -134,14 +125,16 @@ def plan_ranks(
     if not shapes:
         raise ValueError("No target modules matched: the model has no adapted Linear layer to compress.")
     for key in pattern:
-        if not any(_key_matches(key, n) for n in shapes):
+        check_pattern_key(key, "compress_rank_pattern")
+        if not any(pattern_key([key], n) for n in shapes):
             raise ValueError(
                 f"compress_rank_pattern key {key!r} matches no target module (targets end with e.g. "
                 f"{sorted({n.rsplit('.', 1)[-1] for n in shapes})[:6]}). Fix the key or remove it."
             )
     wanted: dict[str, int] = {}
     for name, (out_f, in_f) in shapes.items():
-        value = next((v for k, v in pattern.items() if _key_matches(k, name)), None)
+        key = pattern_key(pattern, name)
+        value = None if key is None else pattern[key]
         if value is None:
             value = rank if rank is not None else keep
         if value is None:
@@ -424,8 +417,6 @@ def compress_with_fisher(
     state = resolve_fisher(fisher)
     if state is None:
         raise ValueError("compress_with_fisher needs a Fisher state; for plain SVD use hf_lowrank.compress_model.")
-    from ...compression.compress import find_target_linears
-
     if target_modules is None and not isinstance(ranks, Mapping):
         names = dict(model.named_modules())
         missing = [n for n in state.modules if n not in names]

@@ -10,6 +10,7 @@ from types import MappingProxyType
 from peft import LoraConfig
 
 from ...ops.fisher import DEFAULT_DAMPING
+from ...targets import check_pattern_key
 from .._registry import ensure_peft_type
 
 __all__ = [
@@ -113,8 +114,8 @@ class FisherLoRAConfig(LoraConfig):
     compress_rank_pattern: dict = field(
         default_factory=dict,
         metadata={
-            "help": "Per-module override {key: rank (int) or keep fraction (float)}; a key matches a module whose "
-            "name equals it, ends with '.' + key, or fully matches it as a regex."
+            "help": "Per-module override {key: rank (int) or keep fraction (float)}; keys match as in rank_pattern "
+            "(peft's rule: a regex matched against the end of the module name on a dot boundary; the first wins)."
         },
     )
     fisher_source: str = field(
@@ -266,6 +267,7 @@ class FisherLoRAConfig(LoraConfig):
                 f"{type(self.compress_rank_pattern).__name__}."
             )
         for key, value in self.compress_rank_pattern.items():
+            check_pattern_key(key, "compress_rank_pattern")
             if not ((_is_int(value) and value >= 1) or _is_keep(value)):
                 raise ValueError(
                     f"compress_rank_pattern[{key!r}] = {value!r}: use an int rank >= 1 or a float keep fraction in "

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...modules import is_conv1d
+from ...targets import find_target_linears
 
 __all__ = ["lora_linear_modules", "model_fingerprint", "unwrap_model", "unwrap_wrappers"]
 
@@ -119,7 +120,5 @@ def _full_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
     lora, _ = lora_linear_modules(base)
     if lora and target_modules is None:
         return {name: m.get_base_layer() for name, m in lora.items()}
-    from ...compression.compress import find_target_linears
-
     found = find_target_linears(base, target_modules)
     return {name.removesuffix(".base_layer"): m for name, m in found.items()}

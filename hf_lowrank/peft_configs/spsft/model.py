@@ -16,12 +16,12 @@ from peft.utils import get_quantization_kwargs
 from safetensors.torch import save_file
 from torch import nn
 
+from ...targets import PEFT_PREFIX, all_linear_names, in_block, module_matches, strip_peft_prefix
 from .config import SPSFTConfig
 from .layer import Linear, SPSFTLayer
 
 __all__ = ["SPSFTModel", "export_spsft_as_lora", "spsft_to_lora"]
 
-_LAYER_INDEX_NAMES = ("layers", "layer", "h", "blocks", "block")
 _PEFT_WRAPPER_SEGMENT = re.compile(r"\.(?:original_module|modules_to_save\.[^.]+)(?=\.|$)")
 
 
@@ -49,7 +49,7 @@ class SPSFTModel(BaseTuner):
         if isinstance(target, str) and target.lower() == "all-linear" and peft_config.layers_to_transform is not None:
             # peft matches fully spelled-out names before it looks at layers_to_transform, so expand 'all-linear'
             # into the leaf names of the Linear layers that live inside a numbered block instead.
-            peft_config.target_modules = _block_linear_leaf_names(self.model)
+            peft_config.target_modules = _block_linear_leaf_names(self.model, peft_config.task_type)
         return peft_config
 
     def _create_and_replace(
@@ -130,7 +130,7 @@ class SPSFTModel(BaseTuner):
 
 
 def _check_names_exist(model: nn.Module, names) -> None:
-    """Every listed target must name some module (peft's rule: the full name, or its last dotted parts).
+    """Every listed target must name some module (peft's rule, :func:`hf_lowrank.targets.module_matches`).
 
     peft adapts whatever the list matches and ignores the rest, so a typo (``"v_porj"``) would silently leave that
     layer untrained; SPSFT refuses it instead. Names are read as in the base model: a module that peft already
@@ -140,7 +140,7 @@ def _check_names_exist(model: nn.Module, names) -> None:
     """
     modules = [_PEFT_WRAPPER_SEGMENT.sub("", n) for n, _ in model.named_modules() if n]
     for entry in names:
-        if not any(n == entry or n.endswith("." + entry) for n in modules):
+        if not any(module_matches(n, [entry]) for n in modules):
             leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
             raise ValueError(
                 f"SPSFTConfig.target_modules names {entry!r}, but no module of the model is called so or ends with "
@@ -149,19 +149,14 @@ def _check_names_exist(model: nn.Module, names) -> None:
             )
 
 
-def _block_linear_leaf_names(model: nn.Module) -> set[str]:
-    """Leaf names (e.g. ``q_proj``) of the Linear layers inside numbered blocks (``...layers.3.self_attn.q_proj``)."""
-    names = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or isinstance(module, BaseTunerLayer):
-            continue
-        parts = name.split(".")
-        if any(p.isdigit() and i > 0 and parts[i - 1] in _LAYER_INDEX_NAMES for i, p in enumerate(parts)):
-            names.add(parts[-1])
+def _block_linear_leaf_names(model: nn.Module, task_type=None) -> set[str]:
+    """Leaf names (e.g. ``q_proj``) of peft's 'all-linear' layers inside repeated blocks (:func:`in_block`)."""
+    names = {n.rsplit(".", 1)[-1] for n in all_linear_names(model, task_type) if in_block(n)}
     if not names:
         raise ValueError(
             "layers_to_transform with target_modules='all-linear' found no Linear layer inside a numbered block "
-            f"({', '.join(_LAYER_INDEX_NAMES)}); pass target_modules as a list of names."
+            "(a module path with a numeric index, e.g. model.layers.3.mlp.up_proj); pass target_modules as a list "
+            "of names."
         )
     return names
 
@@ -197,7 +192,7 @@ def spsft_to_lora(peft_model: nn.Module, adapter_name: str = "default") -> tuple
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for name, module in layers.items():
-        key = name if name.startswith("base_model.model.") else f"base_model.model.{name}"
+        key = PEFT_PREFIX + strip_peft_prefix(name)
         w_key, i_key = f"{key}.spsft_weight", f"{key}.spsft_indices"
         if w_key not in ckpt or i_key not in ckpt:
             raise RuntimeError(f"the SPSFT checkpoint lacks {w_key} / {i_key}; cannot export.")
@@ -208,7 +203,7 @@ def spsft_to_lora(peft_model: nn.Module, adapter_name: str = "default") -> tuple
         one_hot[idx, torch.arange(r)] = 1.0
         state[f"{key}.lora_A.weight"] = w_f
         state[f"{key}.lora_B.weight"] = one_hot
-        ranks[key.removeprefix("base_model.model.")] = r
+        ranks[strip_peft_prefix(key)] = r
     leftovers = [k for k in ckpt if ".spsft_" in k]
     if leftovers:
         raise RuntimeError(f"unexpected SPSFT entries left after the conversion: {leftovers[:3]}")

@@ -10,7 +10,6 @@ model's target Linears (:mod:`.spectra`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
@@ -19,12 +18,12 @@ from torch import nn
 
 from ...ops.svd import factorized_params
 from ...ops.welore_allocation import WeLoreAllocation, _check_reduction, welore_ranks
+from ...targets import find_target_linears, pattern_key
 from .spectra import SpectraCache, compute_spectra
 
 __all__ = [
     "WeLoreLRCAllocation",
     "match_rank_pattern",
-    "rank_pattern_regex",
     "welore_allocation",
     "welore_allocation_for_targets",
     "welore_ranks_for_model",
@@ -92,28 +91,10 @@ class WeLoreLRCAllocation(WeLoreAllocation):
 
 
 def match_rank_pattern(rank_pattern: Mapping[str, int] | None, name: str) -> int | None:
-    """Rank pinned for module ``name`` by ``rank_pattern`` (peft's convention: a key matches a module whose full name
-    ends with it, as a regular expression on dot boundaries; the first matching key wins)."""
-    for key, rank in (rank_pattern or {}).items():
-        if rank_pattern_regex(key).match(name):
-            return int(rank)
-    return None
-
-
-def rank_pattern_regex(key: str) -> re.Pattern:
-    """The compiled form of a ``rank_pattern`` key (it matches a module whose full name ends with it, on a dot
-    boundary); a key that is not a string or not a valid regular expression raises ``ValueError`` naming it."""
-    if not isinstance(key, str):
-        raise ValueError(f"rank_pattern keys must be regex strings, got the key {key!r}.")
-    try:
-        return re.compile(rf"(.*\.)?({key})$")
-    except re.error as exc:
-        raise ValueError(
-            f"rank_pattern key {key!r} is not a valid regular expression ({exc}); escape special characters "
-            "(re.escape) or fix the pattern."
-        ) from None
-
-
+    """Rank pinned for module ``name`` by ``rank_pattern`` (peft's pattern-key rule, :func:`hf_lowrank.targets.
+    pattern_key`: a key is a regex matched against the end of the full name on a dot boundary; the first wins)."""
+    key = pattern_key(rank_pattern, name)
+    return None if key is None else int(rank_pattern[key])
 
 
 def welore_allocation(
@@ -219,7 +200,6 @@ def welore_ranks_for_model(
         ``(ranks, allocation)``: ``ranks`` maps each LRC to its rank (what ``compress_model`` factorizes; N-LRCs
         stay dense there), ``allocation`` the full :class:`WeLoreLRCAllocation`.
     """
-    from ...compression.compress import find_target_linears
 
     _check_reduction(reduction)
     alloc = welore_allocation_for_targets(

@@ -11,8 +11,8 @@ from typing import Union
 import torch
 from peft.config import PeftConfig
 
+from ...targets import check_pattern_key
 from .._registry import ensure_peft_type
-from .allocation import rank_pattern_regex
 
 __all__ = ["WeLoreLRCConfig"]
 
@@ -56,9 +56,10 @@ class WeLoreLRCConfig(PeftConfig):
         default=None,
         metadata={
             "help": (
-                "Layers WeLore considers. None (default) or 'all-linear': every Linear inside the transformer "
-                "blocks (attention and MLP projections), not embeddings or the LM head. A string is a regex "
-                "fully matched against module names; a list matches names equal to or ending with an entry."
+                "Layers WeLore considers. None (default): every Linear inside the transformer blocks (attention "
+                "and MLP projections), not embeddings, poolers or heads. 'all-linear' is peft's: every Linear but "
+                "the output head. Another string is a regex fully matched against module names; a list matches "
+                "names equal to or ending with an entry (see hf_lowrank.targets)."
             )
         },
     )
@@ -163,7 +164,7 @@ class WeLoreLRCConfig(PeftConfig):
                     f"rank_pattern keys must be non-empty regex strings matched against the end of module names "
                     f"(e.g. 'q_proj' or 'up_proj|down_proj'), got the key {key!r}."
                 )
-            rank_pattern_regex(key)  # raises, naming the key, unless it compiles
+            check_pattern_key(key)  # raises, naming the key, unless peft can match with it
             if not _is_int(rank) or rank < 1:
                 raise ValueError(f"rank_pattern['{key}'] must be a positive int rank, got {rank!r}.")
         sc = self.spectra_cache_dir

@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...compression.compress import find_target_linears
+from ...targets import find_target_linears
 from .allocation import WeLoreLRCAllocation, welore_allocation_for_targets
 from .config import WeLoreLRCConfig
 from .layer import DenseWeightDroppedError, WeLoreLayer, WeLoreLinear, _dropped_message, welore_factors
@@ -19,10 +19,10 @@ from .spectra import default_spectra_cache
 __all__ = ["WeLoreModel"]
 
 
-def _find_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
+def _find_targets(model: nn.Module, target_modules, task_type=None) -> dict[str, nn.Module]:
     """``find_target_linears``, with a clear message for a model that is already compressed."""
     try:
-        return find_target_linears(model, target_modules)
+        return find_target_linears(model, target_modules, task_type=task_type)
     except ValueError as exc:
         from ...modules import LowRankLinear
 
@@ -75,7 +75,7 @@ class WeLoreModel(BaseTuner):
             raise ValueError(f"WeLoreModel needs a WeLoreLRCConfig, got {type(config).__name__}.")
         row_fisher, col_fisher = getattr(config, "_welore_fisher", (None, None))
         if config.rank_map is None:
-            targets = _find_targets(model, config.target_modules)
+            targets = _find_targets(model, config.target_modules, config.task_type)
             alloc = welore_allocation_for_targets(
                 targets, config.reduction, lrc_ratio=config.lrc_ratio, nlrc=config.nlrc,
                 rank_pattern=config.rank_pattern, row_fisher=row_fisher, col_fisher=col_fisher,
