@@ -28,13 +28,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
 
 
 @torch.inference_mode()
@@ -73,8 +70,8 @@ def _module_rows(report, model, batch: int, tokens: int, repeats: int) -> list[d
             dense(x), low(x)
         t_dense, t_low = [], []
         for _ in range(repeats):
-            t_dense.append(_median_time(lambda: dense(x), 1))
-            t_low.append(_median_time(lambda: low(x), 1))
+            t_dense.append(_seconds(dense, x))
+            t_low.append(_seconds(low, x))
         flop = m.rank * (in_f + out_f) / (in_f * out_f)
         ratio = statistics.median(t_low) / statistics.median(t_dense)
         rows.append({"shape": [out_f, in_f], "rank": m.rank, "flop_ratio": round(flop, 3),
@@ -118,7 +115,7 @@ def main() -> None:
         steps = {name: [] for name in models}
         for _ in range(args.repeats):
             for name, model in models.items():
-                times[name].append(_median_time(lambda: _prefill(model, ids), 1))
+                times[name].append(_seconds(_prefill, model, ids))
                 steps[name].append(_decode_step_s(model, ids, args.decode_steps))
         base, base_step = statistics.median(times["dense"]), statistics.median(steps["dense"])
         for name in models:

@@ -303,7 +303,7 @@ def test_calibration_kronecker_grams_are_the_loss_gradients_at_each_output_and_c
     mods = dict(ref_model.named_modules())
     for b in batches:
         outs = {}
-        handles = [mods[n].register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o)) for n in targets]
+        handles = [mods[n].register_forward_hook(lambda m, a, o, n=n, outs=outs: outs.__setitem__(n, o)) for n in targets]
         labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
         out = ref_model(**b, labels=labels, use_cache=False)
         for h in handles:
