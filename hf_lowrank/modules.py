@@ -84,6 +84,8 @@ class LowRankLinear(nn.Module):
         self.out_features = out_features
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+        #: the replaced layer was a GPT-2-style ``Conv1D``: :meth:`to_dense` gives one back (weight ``(in, out)``)
+        self.conv1d = False
 
     @property
     def rank(self) -> int:
@@ -176,14 +178,26 @@ class LowRankLinear(nn.Module):
         layer = cls.from_factors(down.to(out_dtype), up.to(out_dtype), bias, dtype=out_dtype)
         return layer.to(W.device)
 
-    def to_dense(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding ``up @ down`` (and the bias), in the factors' dtype and device."""
+    def to_dense(self) -> nn.Module:
+        """The dense layer holding ``up @ down`` (and the bias), in the factors' dtype and device: an ``nn.Linear``,
+        or a ``Conv1D`` (weight ``(in, out)``) when the replaced layer was one, so a decompressed GPT-2 saves the
+        layout stock transformers loads."""
         w = self.up.weight
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        product = (self.up.weight.float() @ self.down.weight.float()).to(w.dtype)
+        if self.conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            dense = Conv1D(self.out_features, self.in_features).to(device=w.device, dtype=w.dtype)
+            product = product.T
+        else:
+            dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                              dtype=w.dtype)
         with torch.no_grad():
-            dense.weight.copy_((self.up.weight.float() @ self.down.weight.float()).to(w.dtype))
+            dense.weight.copy_(product)
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
+            elif self.conv1d:
+                dense.bias.zero_()
         return dense
 
 

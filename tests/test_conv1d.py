@@ -121,3 +121,22 @@ def test_fisher_lora_trains_and_compresses_gpt2(tmp_path):
     hf_lowrank.save_compressed(out, tmp_path / "fl", report=report)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fl").eval()
     assert torch.equal(_logits(reloaded, x), compressed)
+
+
+def test_decompressed_gpt2_saves_the_stock_conv1d_layout(tmp_path):
+    """decompress_model of a compressed GPT-2 (fresh or reloaded) gives Conv1D layers back: the saved folder loads in
+    stock transformers with the compressed model's function."""
+    model = _tiny_gpt2()
+    x = _tokens(seed=2)
+    hf_lowrank.compress_model(model, 0.5, progress=False)
+    compressed = _logits(model, x)
+    hf_lowrank.save_compressed(model, tmp_path / "c")
+    for source in (model, hf_lowrank.load_compressed(tmp_path / "c").eval()):
+        dense = hf_lowrank.decompress_model(source)
+        assert not any(isinstance(m, LowRankLinear) for m in dense.modules())
+        assert isinstance(dense.transformer.h[0].attn.c_attn, Conv1D)
+        out = tmp_path / f"dense{id(source)}"
+        dense.save_pretrained(out)
+        stock = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert isinstance(stock.transformer.h[1].mlp.c_fc, Conv1D)
+        torch.testing.assert_close(_logits(stock, x), compressed, rtol=1e-4, atol=1e-5)

@@ -21,7 +21,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..modules import LowRankLinear, linear_shape, set_submodule
+from ..modules import LowRankLinear, is_conv1d, linear_shape, set_submodule
 from ..targets import is_linear, resolve_name
 from .checkpoint_checks import (
     FORMAT_VERSION,
@@ -104,6 +104,7 @@ def _replace_with_factorized(model: nn.Module, ranks: dict[str, int]) -> None:
         device = module.weight.device
         dtype = module.weight.dtype
         new = LowRankLinear(in_features, out_features, rank, bias=module.bias is not None, device=device, dtype=dtype)
+        new.conv1d = is_conv1d(module)
         set_submodule(model, name, new)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_json
-from ..modules import LowRankLinear, dense_weight, set_submodule
+from ..modules import LowRankLinear, dense_weight, is_conv1d, set_submodule
 from ..ops.fisher import (
     DEFAULT_DAMPING,
     fisher_weights,
@@ -513,6 +513,7 @@ def factorize_linear(
     down, up = weighted_lowrank(W, rank, out_factor=out_factor, in_factor=in_factor, method=method, name=name)
     bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
     new = LowRankLinear.from_factors(down.to(out_dtype), up.to(out_dtype), bias, dtype=out_dtype).to(W.device)
+    new.conv1d = is_conv1d(module)
     W_hat = new.up.weight.float() @ new.down.weight.float()
     err = relative_error(W.float(), W_hat)
     werr = weighted_relative_error(W.float(), W_hat, out_factor, in_factor)
