@@ -52,7 +52,8 @@ def _probe(dense, tok, texts, args, *, kind):
     if kind == "plain":
         model, trainer_cls = get_peft_model(copy.deepcopy(dense), LoraConfig(**common)), Trainer
     else:
-        extra = {"kronecker_max_dim": args.kronecker_max_dim} if kind == "kronecker_small" else {}
+        # 'kronecker': full Grams on every side; 'kronecker_small': sides wider than --kronecker-max-dim diagonal
+        extra = {"kronecker_max_dim": args.kronecker_max_dim if kind == "kronecker_small" else None}
         cfg = FisherLoRAConfig(**common, fisher_weighting=kind.replace("_small", ""), merge_before_compress=False,
                                compress_keep=args.keep, **extra)
         model, trainer_cls = get_peft_model(copy.deepcopy(dense), cfg), LowRankTrainer
