@@ -1,14 +1,24 @@
-"""The PEFT-type registration (the only place touching peft private API) must fail loudly if peft changes. The
-config round trip of every registered type (PeftConfig.from_pretrained) is in test_peft_contract.py."""
+"""The private upstream API hf-lowrank relies on must fail loudly if peft, transformers or bitsandbytes change it: the
+PEFT-type registration (``peft_configs/_registry.py``) and every shim in ``hf_lowrank/_compat.py``, the only two
+modules that touch it. The config round trip of every registered type (PeftConfig.from_pretrained) is in
+test_peft_contract.py."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 import peft
 import pytest
+import torch
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import PeftType
+from torch import nn
 
 import hf_lowrank
+from hf_lowrank import _compat
+from hf_lowrank.modules import dense_weight, is_quantized
 from hf_lowrank.peft_configs._registry import SUPPORTED_PEFT_VERSIONS, ensure_peft_type, register_method
 
 CONFIGS = {
@@ -40,16 +50,6 @@ def test_registration_is_idempotent():
 
 
 # ---- hf_lowrank._compat: every private upstream symbol the package relies on, as it relies on it ----------------
-
-import importlib  # noqa: E402
-import inspect  # noqa: E402
-
-import torch  # noqa: E402
-from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
-from torch import nn  # noqa: E402
-
-from hf_lowrank import _compat  # noqa: E402
-from hf_lowrank.modules import dense_weight, is_quantized  # noqa: E402
 
 
 @pytest.mark.parametrize("package", sorted(_compat.CHECKED_VERSIONS))

@@ -21,7 +21,6 @@ from hf_lowrank.ops.importance import l2_importance, top_rows
 
 from ..._compat import BufferDict, get_in_out_features, move_adapter_to_device_of_base_layer
 from ...modules import dense_weight
-
 from .config import SPSFTConfig
 
 __all__ = ["Linear", "QuantizedMergeError", "SPSFTLayer", "SelectedRowsAdd", "selected_rows_add"]

@@ -18,8 +18,8 @@ from torch import nn
 
 from ..._compat import get_in_out_features
 from ...targets import PEFT_PREFIX, all_linear_names, in_block, module_matches, strip_peft_prefix
-from .config import SPSFTConfig
 from .._tuner import KeepUnloadedModules
+from .config import SPSFTConfig
 from .layer import Linear, SPSFTLayer
 
 __all__ = ["SPSFTModel", "export_spsft_as_lora", "spsft_to_lora"]
