@@ -29,7 +29,8 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 def is_quantized(linear: nn.Module) -> bool:
     """Whether ``linear`` holds a quantized weight that peft knows (bitsandbytes 4/8-bit, HQQ, ...).
 
-    peft's own test (``peft.utils.resolve_quantization_backend``), the one the package uses everywhere.
+    peft's own test (``peft.utils.resolve_quantization_backend``; SPSFT layers keep the backend it returns, as peft's
+    layers do).
     """
     from peft.utils import resolve_quantization_backend
 
