@@ -79,10 +79,13 @@ def gather_full_model(model: nn.Module) -> nn.Module | None:
     if not is_fsdp_model(model):
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import PreTrainedModel
+
+    from ._compat import model_from_config, tied_weights_keys
 
     cls = _original_class(model)
     config = getattr(model, "config", None)
-    if config is None or not hasattr(cls, "_from_config"):
+    if config is None or not issubclass(cls, PreTrainedModel):
         raise TypeError(
             f"gather_full_model rebuilds transformers models from their config, but the FSDP-sharded model is a "
             f"{cls.__name__}. Compress a PreTrainedModel (full fine-tuning), or train adapters with DDP, where "
@@ -93,9 +96,9 @@ def gather_full_model(model: nn.Module) -> nn.Module | None:
         return None
     dtype = next(iter(state.values())).dtype if state else torch.float32
     with torch.device("meta"):
-        copy = cls._from_config(config, dtype=dtype)
+        copy = model_from_config(cls, config, dtype=dtype)
     missing, unexpected = copy.load_state_dict(state, strict=False, assign=True)
-    tied = set(getattr(copy, "_tied_weights_keys", None) or {})
+    tied = tied_weights_keys(copy)
     really_missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
     if really_missing or unexpected:
         raise RuntimeError(

@@ -170,7 +170,7 @@ def write_model_card_for(model: Any, folder: str | os.PathLike, report: Any = No
         settings.update({k: v for k, v in report.info.items() if isinstance(v, (str, int, float, bool)) or v is None})
     config = getattr(model, "config", None)
     return write_model_card(
-        folder, base_model=getattr(config, "_name_or_path", None) or None,
+        folder, base_model=getattr(config, "name_or_path", None) or None,
         method=getattr(qconfig, "method", None) or (report.method if report is not None else "svd"),
         settings=settings, ranks=ranks, params_before=after + removed, params_after=after,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["LowRankLinear", "dense_weight", "is_conv1d", "linear_shape"]
+__all__ = ["LowRankLinear", "dense_weight", "is_conv1d", "is_quantized", "linear_shape"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -26,8 +26,23 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
+def is_quantized(linear: nn.Module) -> bool:
+    """Whether ``linear`` holds a quantized weight that peft knows (bitsandbytes 4/8-bit, HQQ, ...).
+
+    peft's own test (``peft.utils.resolve_quantization_backend``; SPSFT layers keep the backend it returns, as peft's
+    layers do).
+    """
+    from peft.utils import resolve_quantization_backend
+
+    return resolve_quantization_backend(linear) is not None
+
+
 def dense_weight(linear: nn.Module) -> torch.Tensor:
-    """The dense ``(out, in)`` weight of a Linear-like module, dequantized when it is a bitsandbytes 4/8-bit layer.
+    """The dense ``(out, in)`` weight of a Linear-like module, dequantized when it is quantized (bitsandbytes 4/8-bit).
+
+    The package's one way to read a possibly quantized weight: dequantization is peft's
+    (``peft.utils.integrations.dequantize_module_weight``, what peft's LoRA merge uses), after undoing bitsandbytes'
+    CPU inference repacking of a 4-bit weight (:func:`hf_lowrank._compat.unpack_bnb_cpu_weight`).
 
     Args:
         linear: an ``nn.Linear`` (or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``), or a transformers
@@ -40,14 +55,15 @@ def dense_weight(linear: nn.Module) -> torch.Tensor:
     weight = linear.weight
     if is_conv1d(linear):
         return weight.data.T
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:  # bitsandbytes Params4bit
-        import bitsandbytes.functional as bnbF
+    from peft.utils.integrations import dequantize_module_weight
 
-        return bnbF.dequantize_4bit(weight.data, quant_state).reshape(linear.out_features, linear.in_features)
-    if weight.dtype == torch.int8 and getattr(weight, "SCB", None) is not None:  # bitsandbytes Int8Params
-        return weight.data.float() * weight.SCB.float()[:, None] / 127.0
-    return weight.data
+    from ._compat import unpack_bnb_cpu_weight
+
+    unpack_bnb_cpu_weight(linear)  # no-op unless a repacked bitsandbytes 4-bit weight
+    W = dequantize_module_weight(linear)  # the weight itself when it is not quantized
+    if W is weight:
+        return weight.data
+    return W.reshape(linear_shape(linear))
 
 
 class LowRankLinear(nn.Module):

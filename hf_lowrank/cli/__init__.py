@@ -221,7 +221,7 @@ def _write_card(args, model, report) -> None:
     after = sum(p.numel() for p in model.parameters())
     write_model_card(
         args.out,
-        base_model=getattr(model.config, "_name_or_path", None) or args.model,
+        base_model=getattr(model.config, "name_or_path", None) or args.model,
         method=args.method,
         settings=settings,
         ranks=report.ranks,

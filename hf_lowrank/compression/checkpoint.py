@@ -21,6 +21,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .._compat import add_keys_to_ignore_on_load_unexpected
 from ..modules import LowRankLinear, is_conv1d, linear_shape, set_submodule
 from ..targets import is_linear, resolve_name
 from .checkpoint_checks import (
@@ -139,7 +140,7 @@ def _ignore_stock_guard(model: nn.Module) -> None:
     patterns = {rf"(^|\.){re.escape(STOCK_GUARD_KEY)}$"}
     if names:
         patterns.add(rf"^(?:{'|'.join(names)})\.weight$")
-    model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
+    add_keys_to_ignore_on_load_unexpected(model, patterns)
 
 
 class LowRankHfQuantizer(HfQuantizer):

@@ -1,7 +1,8 @@
 """Registration of hf-lowrank's PEFT methods with peft.
 
-This is the only module that touches peft private API. peft's ``register_peft_method`` only accepts names that are
-already members of the closed ``PeftType`` enum, so we add a member first. The member's value equals its name
+This module and :mod:`hf_lowrank._compat` (the other private peft / transformers / bitsandbytes symbols, behind
+checked-version shims) are the only ones that touch upstream private API. peft's ``register_peft_method`` only
+accepts names that are already members of the closed ``PeftType`` enum, so we add a member first. The member's value equals its name
 (e.g. ``"FISHER_LORA"``) because ``adapter_config.json`` stores the value and peft's mappings hash the string.
 
 Everything here is idempotent: importing ``hf_lowrank`` twice, or reloading it, registers nothing twice.

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..._compat import model_from_config
 from ...offline import resolve_model_alias
 from .fingerprint import verified_base_tensors
 from .format import EREResidual, ResidualError, _architecture_class, _as_residual, _compute_dtype, _dtype_of
@@ -31,7 +32,7 @@ def _build_model(res: EREResidual, base_model: nn.Module) -> nn.Module:
         )
     config = copy.deepcopy(res.config)
     dtype = _dtype_of(res.manifest["dtype"]) if res.manifest.get("dtype") else torch.float32
-    model = cls._from_config(config, dtype=dtype)
+    model = model_from_config(cls, config, dtype=dtype)
     device = next((p.device for p in base_model.parameters()), torch.device("cpu"))
     return model.to(device)
 

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 def _checkpoint_keys(model: nn.Module) -> set[str] | None:
     """Keys of the safetensors checkpoint ``model`` was loaded from (header only), or None when unknown."""
-    path = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    path = getattr(getattr(model, "config", None), "name_or_path", None) or getattr(model, "name_or_path", None)
     if not path or not Path(str(path)).is_dir():
         return None
     folder = Path(str(path))
@@ -409,7 +409,7 @@ def _version() -> str:
 
 
 def _name_or_path(model: nn.Module) -> str | None:
-    value = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    value = getattr(getattr(model, "config", None), "name_or_path", None) or getattr(model, "name_or_path", None)
     return str(value) if value else None
 
 
@@ -428,7 +428,7 @@ def save_residual_on_save(
         output_dir: folder to write (residual files are written atomically, the manifest last; other files already
             there are left alone).
         base_model: the base as a model, or a folder / Hub id to load it from. None: the model's own
-            ``config._name_or_path`` (what ``from_pretrained`` recorded), loaded on the CPU with the model's class
+            ``config.name_or_path`` (what ``from_pretrained`` recorded), loaded on the CPU with the model's class
             and dtype. Pass the model (or keep one around) when saving often, to avoid reloading it each time.
         tokenizer: optional tokenizer saved beside the residual.
         **kwargs: passed to :func:`encode_residual` (``rank``, ``bits``, ``alpha``, ``target_modules``,

@@ -28,7 +28,7 @@ from ...compression.compress import (
     resolve_ranks,
     set_submodule,
 )
-from ...modules import dense_weight
+from ...modules import dense_weight, is_quantized
 from ...ops.fisher import weighted_spectrum
 from ...ops.rank_allocation import global_ranks
 from ...ops.svd import RANK_MULTIPLE, factorized_params, rank_for_keep
@@ -53,7 +53,6 @@ from .unload import (
     _effective_weight,
     _finish_unload,
     _float_dtype,
-    _is_quantized_linear,
     shared_weight_copy,
 )
 from .walk import lora_linear_modules, model_fingerprint, unwrap_model
@@ -290,7 +289,7 @@ def compress_peft_model(
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     base = unwrap_model(base)
     work = base if inplace else shared_weight_copy(base)
-    quantized = any(_is_quantized_linear(m) for m in work.modules())
+    quantized = any(is_quantized(m) for m in work.modules())
     out_dtype = dtype or _float_dtype(work)
 
     report = CompressionReport(method=_REPORT_METHOD[source])
@@ -345,7 +344,7 @@ def compress_peft_model(
     _finish_unload(work, adapter, inplace=inplace, merge=merge)
     if quantized:
         for qname, module in list(work.named_modules()):
-            if _is_quantized_linear(module):
+            if is_quantized(module):
                 bias = module.bias.detach() if module.bias is not None else None
                 set_submodule(work, qname, _dense_linear(dense_weight(module), bias, out_dtype))
         _drop_bnb_quantization(work)

@@ -8,6 +8,7 @@ import copy
 import torch
 from torch import nn
 
+from ..._compat import clear_peft_config_loaded
 from ...compression.compress import set_submodule
 from ...modules import dense_weight
 
@@ -64,13 +65,6 @@ def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.
             layer.bias.copy_(bias)
     layer.requires_grad_(False)
     return layer
-
-
-def _is_quantized_linear(module: nn.Module) -> bool:
-    w = getattr(module, "weight", None)
-    return isinstance(module, nn.Linear) and w is not None and (
-        getattr(w, "quant_state", None) is not None or (w.dtype == torch.int8 and getattr(w, "SCB", None) is not None)
-    )
 
 
 def _drop_bnb_quantization(model: nn.Module) -> None:
@@ -149,5 +143,4 @@ def _finish_unload(work: nn.Module, adapter: str, *, inplace: bool, merge: bool)
     for attr in ("peft_config",):
         if attr in work.__dict__:
             del work.__dict__[attr]
-    if getattr(work, "_hf_peft_config_loaded", False):
-        work._hf_peft_config_loaded = False
+    clear_peft_config_loaded(work)

@@ -76,7 +76,7 @@ def model_fingerprint(model: nn.Module, modules: Mapping[str, nn.Module], adapte
     return {
         "adapter_rank": int(rank) if rank is not None else None,
         "model_type": getattr(config, "model_type", None) or None,
-        "name_or_path": str(getattr(config, "_name_or_path", "") or "") or None,
+        "name_or_path": str(getattr(config, "name_or_path", "") or "") or None,
         "sample": sample,
     }
 

@@ -13,13 +13,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
 from hf_lowrank.ops.importance import l2_importance, top_rows
 
+from ..._compat import BufferDict, get_in_out_features, move_adapter_to_device_of_base_layer
+from ...modules import dense_weight
 from .config import SPSFTConfig
 
 __all__ = ["Linear", "QuantizedMergeError", "SPSFTLayer", "SelectedRowsAdd", "selected_rows_add"]
@@ -75,21 +76,6 @@ def selected_rows_add(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, id
     return y.index_add_(-1, idx, delta.to(y.dtype))
 
 
-def _unpack_bnb_cpu_weight(base: nn.Module) -> None:
-    """Undo bitsandbytes' CPU inference repacking of a ``Linear4bit`` weight, in place.
-
-    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode on an input that does not require grad rewrites the
-    weight into a kernel-specific layout (``quant_state.packing_format_for_cpu``) that ``dequantize_4bit`` does not
-    understand. bitsandbytes undoes it the same way before saving a state dict; its next eval forward repacks.
-    """
-    weight = getattr(base, "weight", None)
-    state = getattr(weight, "quant_state", None)
-    if state is not None and getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-
-
 class SPSFTLayer(BaseTunerLayer):
     """Mixin holding, per adapter, the trainable rows ``spsft_weight[name] (r, in)`` and their row indices
     ``spsft_indices[name] (r,)`` (int64, persistent buffer, saved with the adapter)."""
@@ -108,7 +94,7 @@ class SPSFTLayer(BaseTunerLayer):
         self.merged_adapters = []
         # Set by hf_lowrank.spsft_importance while it scores rows: called with (layer, x, base_output, output).
         self._spsft_recorder: Callable[..., None] | None = None
-        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        in_features, out_features = get_in_out_features(self.get_base_layer())
         if in_features is None or out_features is None:
             raise TypeError(
                 f"SPSFT supports torch.nn.Linear layers (optionally bitsandbytes-quantized), got "
@@ -125,10 +111,7 @@ class SPSFTLayer(BaseTunerLayer):
         weight = getattr(base, "weight", None)
         if weight is None or weight.device.type == "meta":
             return None
-        if self.quantization_backend is not None:
-            _unpack_bnb_cpu_weight(base)
-            return self.quantization_backend.get_base_weight(base).float()
-        return weight.detach().float()
+        return dense_weight(base).float()
 
     def update_layer(
         self,
@@ -161,7 +144,7 @@ class SPSFTLayer(BaseTunerLayer):
         if not config.init_weights:
             w_f.normal_(0.0, 0.02)
         self.spsft_weight[adapter_name] = nn.Parameter(w_f)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        move_adapter_to_device_of_base_layer(self, adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def set_rows(self, adapter_name: str, indices: torch.Tensor) -> None:
@@ -246,7 +229,7 @@ class SPSFTLayer(BaseTunerLayer):
         if self.merged:
             raise ValueError("unmerge the adapter before building a dequantized merged copy.")
         dtype = self.spsft_weight[names[0]].dtype if names else weight.dtype
-        weight = weight.to(dtype)
+        weight = weight.to(dtype, copy=True)  # a dense base's weight is read in place: leave it untouched
         for name in names:
             weight.index_add_(0, self.spsft_indices[name].to(weight.device), self.spsft_weight[name].detach())
         bias = getattr(base, "bias", None)
@@ -259,6 +242,28 @@ class SPSFTLayer(BaseTunerLayer):
                 linear.bias.copy_(bias.detach().to(dtype))
         linear.requires_grad_(False)
         return linear
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: list[str] | None
+    ) -> nn.Module:
+        """What peft's ``BaseTuner`` unloading puts in this layer's place.
+
+        ``merge=False``: the base layer as it is (as peft's default unloading). ``merge=True``: the base layer
+        with ``W[idx] += W_f`` written in (:meth:`merge`); for a quantized base, a new dense ``nn.Linear`` holding
+        ``dequantize(W) + M @ W_f`` (:meth:`dequantized_merged_linear`): ``SPSFTModel.merge_and_unload`` only gets
+        here with ``dequantize=True`` and refuses before unloading anything otherwise.
+
+        Args:
+            merge: merge the rows instead of dropping them.
+            safe_merge: check the merged rows for inf/NaN before writing them.
+            adapter_names: adapters to merge (default: the active ones).
+        """
+        if not merge:
+            return self.get_base_layer()
+        if self.quantization_backend is not None:
+            return self.dequantized_merged_linear(adapter_names)
+        self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.get_base_layer()
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # Exactly a LoRA with one-hot B and A = W_f: see hf_lowrank.peft_configs.spsft.export_spsft_as_lora.

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import get_quantization_kwargs
 from safetensors.torch import save_file
 from torch import nn
 
+from ..._compat import get_in_out_features
 from ...targets import PEFT_PREFIX, all_linear_names, in_block, module_matches, strip_peft_prefix
+from .._tuner import KeepUnloadedModules
 from .config import SPSFTConfig
 from .layer import Linear, SPSFTLayer
 
@@ -25,7 +27,7 @@ __all__ = ["SPSFTModel", "export_spsft_as_lora", "spsft_to_lora"]
 _PEFT_WRAPPER_SEGMENT = re.compile(r"\.(?:original_module|modules_to_save\.[^.]+)(?=\.|$)")
 
 
-class SPSFTModel(BaseTuner):
+class SPSFTModel(KeepUnloadedModules, BaseTuner):
     """Injects SPSFT layers into a model (called by ``peft.get_peft_model`` with an :class:`SPSFTConfig`).
 
     Example::
@@ -65,7 +67,7 @@ class SPSFTModel(BaseTuner):
         if current_key is None:
             raise ValueError("current_key must not be None")
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        _, out_features = _get_in_out_features(base)
+        _, out_features = get_in_out_features(base)
         if out_features is None:
             raise TypeError(
                 f"SPSFT supports torch.nn.Linear layers, but '{current_key}' is a {type(base).__name__}; "
@@ -89,9 +91,6 @@ class SPSFTModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     # ------------------------------------------------------------------ merging
-    def _spsft_layers(self) -> list[tuple[str, Linear]]:
-        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, Linear)]
-
     def merge_and_unload(
         self,
         progressbar: bool = False,
@@ -101,32 +100,23 @@ class SPSFTModel(BaseTuner):
     ) -> nn.Module:
         """Merge ``W[idx] += W_f`` into every base weight and return the plain model.
 
+        peft's ``BaseTuner.merge_and_unload`` does the walk (:meth:`SPSFTLayer.unload_and_optionally_merge_module`
+        for each SPSFT layer; ``modules_to_save`` heads become their trained copies); this only adds ``dequantize``.
+
         Args:
             progressbar: show a progress bar.
             safe_merge: check the merged rows for inf/NaN before writing them.
             adapter_names: adapters to merge (default: the active ones).
             dequantize: for quantized (bitsandbytes) base layers, replace them with new dense ``nn.Linear`` layers
                 holding ``dequantize(W) + M @ W_f``. Without it a quantized base raises
-                :class:`~hf_lowrank.peft_configs.spsft.layer.QuantizedMergeError`, because re-quantizing would round
-                the fine-tuned rows away.
+                :class:`~hf_lowrank.peft_configs.spsft.layer.QuantizedMergeError` (before anything is unloaded),
+                because re-quantizing would round the fine-tuned rows away.
         """
-        quantized = [(n, m) for n, m in self._spsft_layers() if m.quantization_backend is not None]
-        if quantized and not dequantize:
-            quantized[0][1]._refuse_quantized_merge()
-        for name, module in quantized:
-            parent_name, _, child_name = name.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            setattr(parent, child_name, module.dequantized_merged_linear(adapter_names))
+        if not dequantize:
+            for module in self.model.modules():
+                if isinstance(module, Linear):
+                    module._refuse_quantized_merge()
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
-
-    def _replace_module(self, parent, child_name, new_module, child) -> None:
-        if isinstance(new_module, BaseTunerLayer):  # injection: peft's placement (bnb state, device)
-            super()._replace_module(parent, child_name, new_module, child)
-            return
-        # Unloading: the module returned (the base Linear, or the trained copy of a modules_to_save head) is already
-        # complete. peft's default would copy ``child.weight`` onto it, which fails for a head without a ``weight``
-        # (RoBERTa's two-layer RobertaClassificationHead).
-        setattr(parent, child_name, new_module)
 
 
 def _check_names_exist(model: nn.Module, names) -> None:

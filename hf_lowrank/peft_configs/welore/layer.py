@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..._compat import cast_input_dtype
 from ...modules import LowRankLinear, dense_weight
 from ...ops.fisher import fwsvd
 
@@ -278,6 +279,11 @@ class WeLoreLayer(BaseTunerLayer):
             if self._dense_dropped:
                 raise DenseWeightDroppedError(_dropped_message("unload()"))
             return self.get_base_layer()
+        return self.compressed_module(safe_merge)
+
+    def compressed_module(self, safe_merge: bool = False) -> nn.Module:
+        """:meth:`to_compressed` in the factors' dtype and this layer's train/eval mode; ``safe_merge`` refuses
+        factors with NaN/inf."""
         new = self.to_compressed(dtype=self._factor_dtype)
         if safe_merge and not all(torch.isfinite(p).all() for p in new.parameters()):
             name = getattr(self, "_welore_name", "this layer")
@@ -367,10 +373,10 @@ class WeLoreLinear(nn.Module, WeLoreLayer):
         if self.welore_role[adapter_name] == "lrc":
             down = self.welore_down[adapter_name]
             up = self.welore_up[adapter_name]
-            result = F.linear(F.linear(self._cast_input_dtype(x, down.dtype), down), up)
+            result = F.linear(F.linear(cast_input_dtype(self, x, down.dtype), down), up)
         else:
             weight = self.welore_weight[adapter_name]
-            result = F.linear(self._cast_input_dtype(x, weight.dtype), weight)
+            result = F.linear(cast_input_dtype(self, x, weight.dtype), weight)
         bias = self.get_base_layer().bias
         if bias is not None:
             result = result + bias.to(result.dtype)

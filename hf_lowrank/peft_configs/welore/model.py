@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...targets import find_target_linears
+from .._tuner import KeepUnloadedModules
 from .allocation import WeLoreLRCAllocation, welore_allocation_for_targets
 from .config import WeLoreLRCConfig
 from .layer import DenseWeightDroppedError, WeLoreLayer, WeLoreLinear, _dropped_message, welore_factors
@@ -38,7 +39,7 @@ def _find_targets(model: nn.Module, target_modules, task_type=None) -> dict[str,
 logger = logging.getLogger(__name__)
 
 
-class WeLoreModel(BaseTuner):
+class WeLoreModel(KeepUnloadedModules, BaseTuner):
     """Replaces WeLore's low-rank components by trainable factor pairs (see :class:`WeLoreLRCConfig`).
 
     Created by ``peft.get_peft_model(model, WeLoreLRCConfig(...))`` (or ``PeftModel.from_pretrained``). After
@@ -325,9 +326,7 @@ class WeLoreModel(BaseTuner):
             "nlrc": config.nlrc,
         }
         self._prepare_compressed(safe_merge)
-        model = self._unload_and_optionally_merge(
-            merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-        )
+        model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
         ranks = {n: m.rank for n, m in model.named_modules() if n in lrc and isinstance(m, LowRankLinear)}
         if ranks:
             mark_compressed(model, ranks, method="welore", extra=extra)
@@ -339,12 +338,8 @@ class WeLoreModel(BaseTuner):
         layers = self._welore_layers()
         try:
             self._materialize_all()
-            for name, layer in layers:
-                new = layer.to_compressed(dtype=layer._factor_dtype)
-                if safe_merge and not all(torch.isfinite(p).all() for p in new.parameters()):
-                    raise ValueError(f"NaN/inf in the WeLore weights of '{name}': the adapter is broken.")
-                new.train(layer.training)
-                layer._welore_unloaded = new
+            for _, layer in layers:
+                layer._welore_unloaded = layer.compressed_module(safe_merge)
         except BaseException:
             for _, layer in layers:
                 layer.__dict__.pop("_welore_unloaded", None)
@@ -354,16 +349,11 @@ class WeLoreModel(BaseTuner):
         """The original dense model (needs ``keep_dense=True``); ``modules_to_save`` get their original modules."""
         if any(m._dense_dropped for _, m in self._welore_layers()):
             raise DenseWeightDroppedError(_dropped_message("unload()"))  # before any layer is replaced
-        return self._unload_and_optionally_merge(merge=False)
+        return super().unload()
 
     def _check_adapter_names(self, adapter_names: list[str] | None) -> None:
         if adapter_names is not None and set(adapter_names) - set(self.peft_config):
             raise ValueError(f"Unknown adapter(s) {adapter_names}; this model has {list(self.peft_config)}.")
-
-    def _replace_module(self, parent, child_name, new_module, child) -> None:
-        # peft's default also copies ``child.weight`` onto a new module without ``base_layer``: wrong for a
-        # LowRankLinear (its weight is up @ down) and impossible for a modules_to_save head without a weight.
-        setattr(parent, child_name, new_module)
 
     # ---- saving ---------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,24 @@
+"""What the WeLore and SPSFT tuners share on top of peft's ``BaseTuner``."""
+
+from __future__ import annotations
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+__all__ = ["KeepUnloadedModules"]
+
+
+class KeepUnloadedModules:
+    """``BaseTuner`` mixin: unloading puts the module a layer returns in its place, as it is.
+
+    peft's ``_replace_module`` also copies ``child.weight`` (and ``bias``) onto a new module that has no
+    ``base_layer``: wrong for a ``LowRankLinear`` (its weight is ``up @ down``), for a dense ``nn.Linear`` built from
+    dequantized weights, and impossible for a ``modules_to_save`` head without a ``weight`` (RoBERTa's two-layer
+    ``RobertaClassificationHead``). Injection (a new tuner layer) keeps peft's placement (bnb state, device).
+    """
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if isinstance(new_module, BaseTunerLayer):
+            super()._replace_module(parent, child_name, new_module, child)
+            return
+        setattr(parent, child_name, new_module)
