@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = ["LowRankLinear", "dense_weight", "is_conv1d", "is_quantized", "linear_shape"]
 
@@ -66,6 +67,12 @@ def dense_weight(linear: nn.Module) -> torch.Tensor:
     return W.reshape(linear_shape(linear))
 
 
+def _plain(layer: nn.Module) -> bool:
+    """An unwrapped ``nn.Linear``: no hooks, no replaced ``forward`` (as accelerate's device hooks do)."""
+    return (type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+            and not layer._backward_hooks and not layer._backward_pre_hooks and "forward" not in layer.__dict__)
+
+
 class LowRankLinear(nn.Module):
     """A rank-``r`` factorization of an ``(out, in)`` Linear: ``y = x @ down.T @ up.T + bias``.
 
@@ -123,15 +130,20 @@ class LowRankLinear(nn.Module):
         ``compress_model(..., dtype=torch.float16)``) get ``x`` cast to the factor dtype and the output cast back.
         Under autocast the input is left alone (autocast already picks the matmul dtype).
         """
-        weight = getattr(self.down, "weight", None)
+        down, up = self.down, self.up
+        weight = getattr(down, "weight", None)
         dtype = weight.dtype if isinstance(weight, torch.Tensor) else x.dtype
-        if (
+        cast = not (
             x.dtype == dtype
             or not (x.is_floating_point() and dtype.is_floating_point)
             or torch.is_autocast_enabled(x.device.type)
-        ):
-            return self.up(self.down(x))
-        return self.up(self.down(x.to(dtype))).to(x.dtype)
+        )
+        h = x.to(dtype) if cast else x
+        if _plain(down) and _plain(up):  # two GEMMs without two module calls: decode steps are call-bound
+            y = F.linear(F.linear(h, down.weight), up.weight, up.bias)
+        else:  # a wrapped factor (peft adapter, accelerate hook, ...) runs as a module
+            y = up(down(h))
+        return y.to(x.dtype) if cast else y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

@@ -296,3 +296,30 @@ def test_smollm2_round_trip_and_file_size(smollm2, tmp_path):
                             method="randomized", progress=False)
     _save_and_reload(model, tmp_path, ids, AutoModelForCausalLM)
     assert report.kept_fraction <= 0.8
+
+
+def test_low_rank_linear_fast_path_equals_the_module_path_and_keeps_hooks():
+    """Plain factors run as two F.linear calls; a factor with a hook (or a replaced forward) runs as a module, so
+    hooks still fire; both give the same outputs and gradients."""
+    torch.manual_seed(0)
+    layer = LowRankLinear(12, 10, 4)
+    x = torch.randn(3, 12, requires_grad=True)
+    fast = layer(x)
+    fast.sum().backward()
+    g_fast, gw_fast = x.grad.clone(), layer.down.weight.grad.clone()
+    x.grad = None
+    layer.zero_grad()
+    seen = []
+    handle = layer.down.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    slow = layer(x)
+    slow.sum().backward()
+    assert seen == [torch.Size([3, 4])]
+    torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(x.grad, g_fast)
+    torch.testing.assert_close(layer.down.weight.grad, gw_fast)
+    handle.remove()
+    calls = []
+    original = layer.up.forward
+    layer.up.forward = lambda h: calls.append(1) or original(h)  # e.g. accelerate's device hooks
+    torch.testing.assert_close(layer(x), fast)
+    assert calls == [1]
