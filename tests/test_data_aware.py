@@ -352,6 +352,10 @@ def test_calibration_defaults_are_the_measured_best_and_recorded():
     batches = _batches(n=2)
     rep = compress_model(make_tiny_llama(seed=0), 0.5, calibration=batches, progress=False)
     assert (rep.method, rep.info["weighting"], rep.info["allocation"]) == ("kronecker", "kronecker", "global")
+    assert rep.info["loss_normalization"] == "none"  # losses on the model's loss scale compare raw
+    rep = compress_model(make_tiny_llama(seed=0), 0.5, calibration=batches, calibration_weighting="whitened",
+                         allocation="global", progress=False)
+    assert rep.info["loss_normalization"] == "relative"  # raw output errors do not compare across modules
     rep = compress_model(make_tiny_llama(seed=0), 4, calibration=batches, progress=False)
     assert (rep.method, rep.info["allocation"]) == ("kronecker", "uniform")
     rep = compress_model(make_tiny_llama(seed=0), 0.5, calibration=batches, sequential=True, progress=False)

@@ -191,7 +191,7 @@ def compress_model(
     calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
     calibration_weighting: str | None = None,
     allocation: str | None = None,
-    loss_normalization: str = "none",
+    loss_normalization: str | None = None,
     damping: float = DEFAULT_DAMPING,
     max_gram_dim: int | None = None,
     sequential: bool = False,
@@ -238,6 +238,9 @@ def compress_model(
             model's loss, so they compare across modules), else ``"uniform"`` (whitened or plain losses do not
             compare across modules: global allocation of them measured worse than uniform).
         loss_normalization: with ``"global"``: ``"none"`` (raw weighted losses) or ``"relative"`` (per module).
+            Default: ``"none"`` when the output side is weighted (output-gradient Grams or row Fisher: losses on the
+            scale of the model's loss), else ``"relative"`` (measured, whitening at 80% of SmolLM2's MLPs: 74.5
+            relative vs 296.5 raw; Kronecker: 27.0 raw vs 42.0 relative).
         damping: Gram damping ``lambda`` (``G / mean(diag G) + lambda I``).
         max_gram_dim: calibration Grams of sides wider than this keep their diagonal only.
         sequential: with ``calibration``: compress block by block, each block's input Grams measured on the outputs
@@ -317,6 +320,8 @@ def compress_model(
                 grams_out = collected[1]
             info["calibration_tokens"] = tokens
         sides = _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping)
+        if loss_normalization is None:
+            loss_normalization = "none" if (grams_out or row_weights) else "relative"
         if allocation == "global":
             plan = _global_plan(targets, sides, float(ranks), loss_normalization, rank_multiple, progress)
         else:
