@@ -222,10 +222,8 @@ class LowRankLinear(nn.Module):
                               dtype=w.dtype)
         with torch.no_grad():
             dense.weight.copy_(product)
-            if self.bias is not None:
+            if self.bias is not None:  # a Conv1D always has one
                 dense.bias.copy_(self.bias)
-            elif self.conv1d:
-                dense.bias.zero_()
         return dense
 
 

@@ -269,20 +269,22 @@ def ranks_from_adapter(path: str | Path) -> tuple[dict[str, int], dict[str, tupl
     return ranks, shapes, list(cfg.get("lrc_modules") or [])
 
 
-def ranks_from_report(path: str | Path) -> tuple[dict[str, int], dict[str, tuple[int, int]], list[str]]:
-    """``(ranks, shapes, factorized)`` of a compressed checkpoint's ``compression_report.json`` (a folder or the file).
-
-    A module kept dense (e.g. by the global allocation) counts as its full rank and is not in ``factorized``.
-    """
-    import json
+def ranks_from_report(
+    path: str | Path,
+) -> tuple[dict[str, int], dict[str, tuple[int, int]], list[str], dict]:
+    """``(ranks, shapes, factorized, report)`` of a compressed checkpoint's ``compression_report.json`` (a folder or
+    the file). A module kept dense (e.g. by the global allocation) counts as its full rank and is not in
+    ``factorized``; ``report`` is the whole JSON (method, info)."""
+    from .io import read_json
 
     path = Path(path)
     file = path / "compression_report.json" if path.is_dir() else path
     if not file.is_file():
         raise ValueError(f"{path} holds no compression_report.json (save_compressed writes one beside the weights).")
-    modules = json.loads(file.read_text()).get("modules") or []
+    report = read_json(file, what="compression report")
+    modules = report.get("modules") or []
     if not modules:
         raise ValueError(f"{file} lists no module: nothing to plot.")
     shapes = {m["name"]: tuple(m["shape"]) for m in modules}
     ranks = {m["name"]: m["rank"] if m.get("rank") is not None else min(m["shape"]) for m in modules}
-    return ranks, shapes, [m["name"] for m in modules if m.get("rank") is not None]
+    return ranks, shapes, [m["name"] for m in modules if m.get("rank") is not None], report

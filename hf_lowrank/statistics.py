@@ -21,6 +21,7 @@ of the model's loss on the same batches (the Kronecker-factored Fisher without a
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 
@@ -202,13 +203,16 @@ def is_causal_lm(model: nn.Module) -> bool:
     """Whether ``model`` is a causal language model (a class of transformers' ``AutoModelForCausalLM`` mapping, or
     named ``*ForCausalLM``): its loss on calibration text needs no labels but the text."""
     name = type(model).__name__
+    return name in _causal_lm_class_names() or name.endswith("ForCausalLM")
+
+
+@functools.cache
+def _causal_lm_class_names() -> frozenset[str]:
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:  # pragma: no cover - transformers without the auto mapping
-        known: set[str] = set()
-    else:
-        known = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
-    return name in known or name.endswith("ForCausalLM")
+        return frozenset()
+    return frozenset(n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v))
 
 
 def _language_model_labels(model: nn.Module, inputs: dict) -> None:

@@ -94,6 +94,14 @@ def pattern_key(pattern: Mapping[str, object] | Sequence[str] | None, name: str)
     return key if key in keys else None
 
 
+def check_regex(pattern: str, label: str, fix: str) -> None:
+    """``ValueError`` "<label> is not a valid regular expression (<why>). <fix>" when ``pattern`` does not compile."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{label} is not a valid regular expression ({exc}). {fix}") from None
+
+
 def check_pattern_key(key: object, what: str = "rank_pattern") -> str:
     """``key`` if it is a non-empty string peft can use as a pattern key; else ``ValueError`` naming it."""
     if not isinstance(key, str) or not key:
@@ -231,13 +239,8 @@ def find_target_linears(
             )
         return chosen
     if isinstance(target_modules, str):
-        try:
-            re.compile(target_modules)
-        except re.error as exc:
-            raise ValueError(
-                f"target_modules {target_modules!r} is not a valid regular expression ({exc}). Pass a valid regex "
-                "matched against full module names, or a list of module names."
-            ) from None
+        check_regex(target_modules, f"target_modules {target_modules!r}",
+                    "Pass a valid regex matched against full module names, or a list of module names.")
         chosen = {n: m for n, m in linears.items() if module_matches(n, target_modules)}
         if not chosen:
             raise ValueError(

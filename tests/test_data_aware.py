@@ -508,7 +508,8 @@ def test_plot_ranks_of_a_global_allocation_checkpoint(tmp_path):
     model = make_tiny_llama(seed=0)
     report = compress_model(model, 0.5, calibration=_batches(n=2), progress=False)
     folder = hf_lowrank.save_compressed(model, tmp_path / "out", report=report)
-    ranks, shapes, factorized = ranks_from_report(folder)
+    ranks, shapes, factorized, saved = ranks_from_report(folder)
+    assert saved["method"] == report.method
     assert set(ranks) == {m.name for m in report.modules} and set(factorized) == set(report.ranks)
     assert all(ranks[n] == (report.ranks[n] if n in report.ranks else min(shapes[n])) for n in ranks)
     assert main(["plot", "ranks", str(folder), "--out", str(tmp_path / "ranks.png")]) == 0

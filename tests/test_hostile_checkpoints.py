@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from tiny_models import make_tiny_llama
+from tiny_models import make_tiny_llama, write_safetensors_header
 
 import hf_lowrank
 from hf_lowrank.compression.ere import EREResidual
@@ -64,14 +64,6 @@ def _header(path: Path) -> tuple[int, dict]:
     return n, json.loads(data[8 : 8 + n])
 
 
-def _write_header(path: Path, header: dict) -> None:
-    data = path.read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
-
-
 def _tamper_checkpoint(folder: Path, data) -> None:
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
@@ -104,7 +96,7 @@ def _tamper_checkpoint(folder: Path, data) -> None:
         else:
             shape = header[key]["shape"]
             header[key]["shape"] = data.draw(st.sampled_from([shape[::-1], [*shape, 1], shape[:1], [0], [2, 3]]))
-        _write_header(shard, header)
+        write_safetensors_header(shard, header)
     else:
         index_path = folder / "model.safetensors.index.json"
         if not index_path.is_file():

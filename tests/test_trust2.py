@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftConfig, get_peft_model
-from tiny_models import make_tiny_llama
+from tiny_models import make_tiny_llama, write_safetensors_header
 
 import hf_lowrank
 from hf_lowrank.compression.checkpoint import CompressedCheckpointError, LowRankConfig
@@ -263,14 +263,6 @@ def _header(path: Path) -> dict:
     return json.loads(data[8 : 8 + n])
 
 
-def _write_header(path: Path, header: dict) -> None:
-    data = path.read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
-
-
 @pytest.mark.parametrize("dtype", ["I32", "U32"])
 def test_dense_weight_relabelled_as_integer_is_refused(tmp_path, dtype):
     """Found by HF_LOWRANK_HOSTILE_EXAMPLES=1000 (test_tampered_checkpoint_is_refused_or_loads_the_saved_model):
@@ -282,7 +274,7 @@ def test_dense_weight_relabelled_as_integer_is_refused(tmp_path, dtype):
     header = _header(shard)
     assert header["model.embed_tokens.weight"]["dtype"] == "F32"
     header["model.embed_tokens.weight"]["dtype"] = dtype
-    _write_header(shard, header)
+    write_safetensors_header(shard, header)
     with pytest.raises(CompressedCheckpointError, match="model.embed_tokens.weight.*not a float type"):
         hf_lowrank.load_compressed(tmp_path / "ckpt")
     shutil.rmtree(tmp_path / "ckpt")

@@ -124,3 +124,16 @@ def make_tiny_fisher_lora(model: PreTrainedModel, **overrides: Any) -> PeftModel
 
     torch.manual_seed(1)
     return get_peft_model(model, FisherLoRAConfig(**{**TINY_FISHER_LORA, **overrides}))
+
+
+def write_safetensors_header(path, header: dict) -> None:
+    """Replace the JSON header of a safetensors file in place (tests of hand-edited checkpoints)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..plotting import plot_ranks, plot_spectra, ranks_from_adapter, ranks_from_report
@@ -32,8 +31,7 @@ def _cmd_ranks(args) -> int:
     source = Path(args.model)
     labels = ("low-rank component (LRC)", "N-LRC")
     if (source / "compression_report.json").is_file():  # a compressed checkpoint: its rank map
-        ranks, shapes, lrc = ranks_from_report(source)
-        report = json.loads((source / "compression_report.json").read_text())
+        ranks, shapes, lrc, report = ranks_from_report(source)
         info = report.get("info") or {}
         title = f"{source.name}: {report.get('method', '?')}, {info.get('allocation', 'uniform')} allocation"
         labels = ("factorized", "kept dense")

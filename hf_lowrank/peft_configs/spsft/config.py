@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Union
 
 from peft.config import PeftConfig
 
 from hf_lowrank.peft_configs._registry import ensure_peft_type
+from hf_lowrank.targets import check_regex
 
 __all__ = ["DEFAULT_R", "IMPORTANCE_METHODS", "SPSFTConfig"]
 
@@ -25,14 +25,9 @@ def _check_module_spec(field_name: str, value) -> None:
     if value is None:
         return
     if isinstance(value, str):
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(
-                f"SPSFTConfig.{field_name}={value!r} is not a valid regular expression ({exc}). A string is matched "
-                "as a regex against full module names; pass a list of names (e.g. ['q_proj', 'v_proj']) instead, or "
-                "escape the special characters."
-            ) from None
+        check_regex(value, f"SPSFTConfig.{field_name}={value!r}",
+                    "A string is matched as a regex against full module names; pass a list of names (e.g. "
+                    "['q_proj', 'v_proj']) instead, or escape the special characters.")
         return
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         return
