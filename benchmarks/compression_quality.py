@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/compression_quality")
     parser.add_argument("--rows", default="whitened,sequential,calibration,probes",
                         help="row groups to run besides plain SVD: whitened (uniform, global raw/relative), "
-                        "whitened-uniform, sequential, calibration, probes (plain, two_sided, kronecker and, with "
+                        "whitened-uniform, sequential, calibration, calibration-global (the default row only), probes (plain, two_sided, kronecker and, with "
                         "--kronecker-max-dim, kronecker_small) or a comma list of probe kinds")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -162,7 +162,7 @@ def main() -> None:
     if args.kronecker_max_dim:
         settings.append(("global", args.keep, args.kronecker_max_dim))
     if "calibration" not in groups:
-        settings = []
+        settings = [("global", args.keep, None)] if "calibration-global" in groups else []
     for alloc, ranks, max_dim in settings:
         model = copy.deepcopy(dense)
         start = time.perf_counter()
