@@ -189,7 +189,7 @@ def bench_classifier(quick: bool, tmp: str) -> dict:
     from transformers import DataCollatorWithPadding, Trainer
 
     from hf_lowrank import bundled, evaluation, offline
-    from hf_lowrank.peft_configs.fisher_lora import FisherLoRAConfig, compress_with_fisher
+    from hf_lowrank.peft_configs.fisher_lora import FisherLoRAConfig
     from hf_lowrank.peft_configs.fisher_lora.compress import shared_weight_copy
     from hf_lowrank.trainer_mixins import FisherCollectorCallback, LowRankTrainer
 
@@ -255,7 +255,8 @@ def bench_classifier(quick: bool, tmp: str) -> dict:
         if label == "fullft_svd":
             rep = compress_model(copy_, keeps[0], target_modules=CLS_TARGETS, method="exact", progress=False)
         else:
-            rep = compress_with_fisher(copy_, fisher, keeps[0], weighting="row", method="exact", progress=False)
+            rep = compress_model(copy_, keeps[0], fisher=fisher, fisher_weighting="row", method="exact",
+                                 progress=False)
         result["rows"][label] = _levels(copy_, rep, keeps, metric)
         del copy_
     return result
@@ -384,9 +385,8 @@ def memory_probe(config: str, quick: bool) -> dict:
     _quiet()
     from peft import get_peft_model
 
-    from hf_lowrank import bundled, offline
+    from hf_lowrank import bundled, compress_model, offline
     from hf_lowrank.peft_configs.fisher_lora import FisherCollector, FisherLoRAConfig, compress_peft_model
-    from hf_lowrank.peft_configs.fisher_lora.compress import compress_with_fisher
 
     idle = max(idle, _rss_mb())
     model, tok = offline.load_smollm2()
@@ -426,7 +426,7 @@ def memory_probe(config: str, quick: bool) -> dict:
         trained.eval()
         if config == "full_ft_fwsvd":
             del opt
-            compress_with_fisher(trained, collector, keep, weighting="row", progress=False)
+            compress_model(trained, keep, fisher=collector, fisher_weighting="row", progress=False)
         else:
             # "fisher_lora": on a copy, as LowRankTrainer.save_model does by default (the trained model stays usable);
             # "fisher_lora_inplace": LowRankTrainer(compress_inplace=True)

@@ -142,3 +142,39 @@ def test_cli_errors_are_one_line_unless_debug(tiny_llama, tmp_path, capsys):
     assert err.startswith("hf-lowrank: error:") and "\n" not in err and "Traceback" not in err
     with pytest.raises(ValueError):
         main(["inspect", str(tmp_path / "c"), "--debug"])
+
+
+def test_compress_fwsvd_with_a_kronecker_fisher_file(tiny_llama, tmp_path):
+    """``--method fwsvd --fisher FILE``: one compress_model(fisher=...) call; a state with Grams is used as Kronecker
+    Fisher by default, and the saved model equals the library call on the same merged model."""
+    import copy
+
+    from tiny_models import make_tiny_fisher_lora
+
+    from hf_lowrank import compress_model
+
+    from hf_lowrank.peft_configs.fisher_lora import FisherCollector
+
+    pm = make_tiny_fisher_lora(tiny_llama, fisher_weighting="kronecker")
+    collector = FisherCollector().attach(pm)
+    pm.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ids = torch.randint(0, 128, (2, 12), generator=g)
+        pm(input_ids=ids, labels=ids).loss.backward()
+    collector.detach()
+    collector.state.save(tmp_path / "fisher_state.safetensors")
+    merged = pm.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    expect = copy.deepcopy(merged)
+    report = compress_model(expect, 8, fisher=tmp_path / "fisher_state.safetensors", progress=False)
+    out = tmp_path / "c"
+    args = ["compress", str(tmp_path / "merged"), "--method", "fwsvd", "--fisher", str(tmp_path), "--rank", "8"]
+    assert main([*args, "--out", str(out)]) == 0
+    saved = json.loads((out / "compression_report.json").read_text())
+    assert saved["method"] == "fisher_lora" and saved["info"]["fisher_weighting"] == "kronecker"
+    model = load_compressed(out).eval()
+    ids = torch.arange(12).reshape(1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expect.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+    assert report.ranks == {m["name"]: m["rank"] for m in saved["modules"] if m["rank"] is not None}

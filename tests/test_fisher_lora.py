@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import TINY_MLP, make_tiny_fisher_lora
 from transformers import AutoModelForCausalLM
 
+from hf_lowrank import compress_model
 from hf_lowrank.modules import LowRankLinear, dense_weight
 from hf_lowrank.ops.fisher import fwsvd, lora_fisher_to_weights
 from hf_lowrank.peft_configs.fisher_lora import (
@@ -20,7 +21,6 @@ from hf_lowrank.peft_configs.fisher_lora import (
     FisherState,
     FisherStateError,
     compress_peft_model,
-    compress_with_fisher,
     export_lora_adapter,
     plan_ranks,
     save_compressed_model,
@@ -240,23 +240,39 @@ def test_errors_no_target_rank_out_of_range_and_foreign_fisher(tiny_llama, tiny_
     with pytest.raises(ValueError, match="another shape"):
         compress_peft_model(other, fisher=c, progress=False)
     with pytest.raises(ValueError, match="another shape"):
-        compress_with_fisher(LlamaForCausalLM(cfg), c.state, 8, progress=False)
+        compress_model(LlamaForCausalLM(cfg), 8, fisher=c.state, progress=False)
     with pytest.raises(ValueError, match="needs the collected Fisher"):
         compress_peft_model(other, progress=False)
 
 
-def test_cli_compress_with_fisher_file_matches_peft_path(tiny_llama, tmp_path):
-    from hf_lowrank.fisher_cli import compress_with_fisher_file
-
-    pm = make_tiny_fisher_lora(tiny_llama, fisher_weighting="two_sided")
+@pytest.mark.parametrize("weighting", ["two_sided", "kronecker"])
+def test_compress_model_with_fisher_file_matches_peft_path(tiny_llama, tmp_path, weighting):
+    """A saved Fisher state applied to the merged model by compress_model(fisher=path) (the CLI's fwsvd path) gives
+    the model compress_peft_model gives from the adapter; the default weighting is the richest the state holds."""
+    pm = make_tiny_fisher_lora(tiny_llama, fisher_weighting=weighting)
     c = _collect(pm)
     c.save(tmp_path / FISHER_STATE_NAME)
-    via_peft, _ = compress_peft_model(pm, fisher=c, progress=False)
+    via_peft, _ = compress_peft_model(pm, fisher=c, rank=8, progress=False)
     merged = pm.merge_and_unload()
-    report = compress_with_fisher_file(merged, tmp_path, 8, weighting="two_sided", progress=False)
+    report = compress_model(merged, 8, fisher=tmp_path, progress=False)
     assert report.method == "fisher_lora" and len(report.ranks) == 6
+    assert report.info["fisher_weighting"] == weighting and report.info["micro_batches"] == c.state.micro_batches
     x = _batches(1, seed=4)[0]
     torch.testing.assert_close(_logits(merged.eval(), x), _logits(via_peft, x), rtol=1e-4, atol=1e-5)
+
+
+def test_compress_model_fisher_refuses_a_second_weighting(tiny_llama, tmp_path):
+    row_state = _collect(make_tiny_fisher_lora(copy.deepcopy(tiny_llama), fisher_weighting="row")).state
+    pm = make_tiny_fisher_lora(tiny_llama, fisher_weighting="kronecker")
+    c = _collect(pm)
+    merged = pm.merge_and_unload()
+    with pytest.raises(ValueError, match="not both"):
+        compress_model(merged, 8, fisher=c.state, calibration=[{"input_ids": _batches(1)[0]}], progress=False)
+    with pytest.raises(ValueError, match="needs fisher="):
+        compress_model(merged, 8, fisher_weighting="row", progress=False)
+    with pytest.raises(FisherStateError, match="no Kronecker Grams"):
+        compress_model(merged, 8, fisher=row_state, fisher_weighting="kronecker", progress=False)
+    assert not any(isinstance(m, LowRankLinear) for m in merged.modules())  # refused before anything changed
 
 
 # ------------------------------------------------------------------------------------------------- QLoRA

@@ -155,11 +155,8 @@ def _cmd_compress(args) -> int:
     elif args.method == "fwsvd":
         if not args.fisher:
             raise SystemExit("--method fwsvd needs --fisher FILE (the Fisher state a FisherCollectorCallback saved).")
-        from ..fisher_cli import compress_with_fisher_file
-
-        report = compress_with_fisher_file(
-            model, args.fisher, _ranks_arg(args), weighting=args.weighting, target_modules=targets, method=args.svd
-        )
+        report = compress_model(model, _ranks_arg(args), fisher=args.fisher, fisher_weighting=args.weighting,
+                                target_modules=targets, method=args.svd, allocation=args.allocation)
     elif args.method == "welore":
         from ..peft_configs.welore import welore_ranks_for_model
 
@@ -294,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--rank", type=int, default=None, help="one rank for every target module (svd/fwsvd)")
     c.add_argument("--reduction", type=float, default=0.3, help="achieved effective rank reduction (welore)")
     c.add_argument("--fisher", default=None, help="Fisher state file saved by FisherCollectorCallback (fwsvd)")
-    c.add_argument("--weighting", choices=("row", "two_sided"), default=None, help="FisherLoRA weighting (fwsvd)")
+    c.add_argument("--weighting", choices=("kronecker", "row", "two_sided"), default=None,
+                   help="Fisher weighting (fwsvd); default kronecker when the state holds Grams, else two_sided")
     c.add_argument("--target-modules", default=None, help=f"{TARGETS_HELP} (default: block Linears)")
     c.add_argument("--calibration", default=None,
                    help="svd: 'bundled' or a .txt/.jsonl file of texts; weighs each weight by the Grams measured on "
@@ -304,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --calibration: 'kronecker' (input and loss-gradient Grams: forward + backward passes; "
                    "default for causal LMs) or 'whitened' (input Grams only, SVD-LLM)")
     c.add_argument("--allocation", choices=("uniform", "global"), default=None,
-                   help="rank allocation (svd; default: global with kronecker calibration, else uniform)")
+                   help="rank allocation (svd, fwsvd; default: global with Kronecker Grams, from --calibration or "
+                   "a Fisher state, else uniform)")
     c.add_argument("--sequential", action="store_true",
                    help="block-by-block whitened calibration, each block measured after the compressed ones before it")
     c.add_argument("--svd", choices=("auto", "exact", "randomized"), default="auto", help="SVD algorithm")

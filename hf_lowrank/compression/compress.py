@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..fisher_state import DEFAULT_EPS, DEFAULT_EXPONENT, resolve_fisher
 from ..io import atomic_write_json
 from ..modules import LowRankLinear, dense_weight, is_conv1d, set_submodule
 from ..ops.fisher import (
@@ -190,6 +191,8 @@ def compress_model(
     grams_out: Mapping[str, torch.Tensor] | None = None,
     calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
     calibration_weighting: str | None = None,
+    fisher=None,
+    fisher_weighting: str | None = None,
     allocation: str | None = None,
     loss_normalization: str | None = None,
     damping: float = DEFAULT_DAMPING,
@@ -198,8 +201,8 @@ def compress_model(
     rank_multiple: int = RANK_MULTIPLE,
     target_modules: str | Sequence[str] | None = None,
     method: str = "auto",
-    exponent: float = 0.5,
-    eps: float = 1e-6,
+    exponent: float = DEFAULT_EXPONENT,
+    eps: float = DEFAULT_EPS,
     dtype: torch.dtype | None = None,
     report_method: str | None = None,
     progress: bool = True,
@@ -231,6 +234,15 @@ def compress_model(
             a causal language model, next-token prediction on ``input_ids``). Default (measured best,
             ``benchmarks/compression_quality.py``): ``"kronecker"`` for a causal language model, else (and with
             ``sequential=True``) ``"whitened"``.
+        fisher: optional Fisher collected during training (FWSVD, METHODS.md sections 1 and 5): a
+            :class:`~hf_lowrank.fisher_state.FisherState`, a ``FisherCollector`` or ``FisherCollectorCallback``, or
+            the path of a ``fisher_state.safetensors`` (or of the checkpoint folder holding it). Its module names
+            must be the model's (they are for a state from a ``PeftModel`` of the same base, applied to the base, to
+            the merged model or to a full fine-tune). Without ``target_modules`` (and a float or int ``ranks``) the
+            targets are the state's modules. Replaces ``row_weights``/``col_weights``/``grams_*``/``calibration``.
+        fisher_weighting: with ``fisher``: ``"kronecker"`` (the state's input and output-gradient Grams),
+            ``"two_sided"`` or ``"row"`` (its diagonal row / column Fisher). Default: ``"kronecker"`` when the state
+            holds Grams for every target, else :data:`~hf_lowrank.fisher_state.DEFAULT_WEIGHTING`.
         allocation: ``"uniform"`` (the same fraction in every module) or ``"global"`` (per-module ranks minimising
             the summed weighted truncation loss under the total parameter budget,
             :func:`hf_lowrank.ops.rank_allocation.global_ranks`; needs a float ``ranks``). Default: ``"global"``
@@ -263,6 +275,27 @@ def compress_model(
         A :class:`CompressionReport` (``info`` records the weighting, allocation, calibration tokens and any Gram
         whose factorization needed the eigendecomposition fallback).
     """
+    state = None
+    if fisher is not None:
+        if any(x is not None for x in (row_weights, col_weights, grams_in, grams_out, calibration)) or sequential:
+            raise ValueError(
+                "Pass fisher= or row_weights=/col_weights=/grams_in=/grams_out=/calibration=/sequential=, not both: "
+                "the Fisher state gives each module's weighting."
+            )
+        state = resolve_fisher(fisher)
+        if target_modules is None and not isinstance(ranks, Mapping):
+            names = dict(model.named_modules())
+            missing = [n for n in state.modules if n not in names]
+            if missing:
+                raise ValueError(
+                    f"The Fisher state names {len(missing)} module(s) this model does not have (e.g. '{missing[0]}'): "
+                    "it was collected on another model. Collect it on this model, or pass target_modules."
+                )
+            if not state.modules:
+                raise ValueError("No target modules matched: the Fisher state is empty of modules.")
+            target_modules = state.modules
+    elif fisher_weighting is not None:
+        raise ValueError("fisher_weighting= needs fisher= (a FisherState, collector or fisher_state.safetensors).")
     if calibration_weighting is None:
         calibration_weighting = "kronecker" if (is_causal_lm(model) and not sequential) else "whitened"
     if calibration_weighting not in CALIBRATION_WEIGHTINGS:
@@ -271,7 +304,9 @@ def compress_model(
         )
     kronecker = calibration is not None and calibration_weighting == "kronecker"
     if allocation is None:
-        allocation = "global" if isinstance(ranks, float) and (kronecker or bool(grams_out)) else "uniform"
+        fisher_kronecker = state is not None and (fisher_weighting or state.default_weighting()) == "kronecker"
+        allocation = "global" if isinstance(ranks, float) and (kronecker or fisher_kronecker or bool(grams_out)) \
+            else "uniform"
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
     if allocation == "global" and not isinstance(ranks, float):
@@ -290,6 +325,12 @@ def compress_model(
     else:
         targets = find_target_linears(model, target_modules)
     info: dict = {}
+    if state is not None:
+        row_weights, col_weights, grams_in, grams_out, fisher_weighting = _fisher_sides(state, targets,
+                                                                                         fisher_weighting)
+        report_method = report_method or ("fwsvd" if state.source == "full" else "fisher_lora")
+        info.update({"fisher_weighting": fisher_weighting, "fisher_exponent": exponent, "fisher_eps": eps,
+                     **state.summary()})
     if sequential:
         if calibration is None or grams_in or allocation == "global" or kronecker:
             raise ValueError(
@@ -423,6 +464,19 @@ def _compress_sequential(model, targets, plan, calibration, report, row_weights,
     finally:
         model.train(was_training)
     return sides, stream.tokens
+
+
+def _fisher_sides(state, targets, weighting):
+    """``(row_weights, col_weights, grams_in, grams_out, weighting)`` of the targets from a Fisher state."""
+    state.check_shapes({n: (m.out_features, m.in_features) for n, m in targets.items()})
+    weighting = weighting or state.default_weighting(targets)
+    if weighting == "kronecker":
+        grams = {name: state.grams(name) for name in targets}
+        return None, None, {n: g[0] for n, g in grams.items()}, {n: g[1] for n, g in grams.items()}, weighting
+    if weighting not in ("row", "two_sided"):
+        raise ValueError(f"fisher_weighting must be 'kronecker', 'two_sided' or 'row', got {weighting!r}.")
+    rows, cols = state.weights(weighting, names=list(targets))
+    return rows, cols or None, None, None, weighting
 
 
 def _only(weights, names):

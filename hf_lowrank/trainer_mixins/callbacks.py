@@ -18,9 +18,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..compression.compress import CompressionReport
 from ..distributed import barrier, gather_full_model, is_fsdp_model
-from ..peft_configs.fisher_lora.config import DEFAULT_WEIGHTING
+from ..fisher_state import FisherState, FisherStateError, fisher_state_filename
 from ..peft_configs.fisher_lora.fisher import FisherCollector
-from ..peft_configs.fisher_lora.state import FisherState, FisherStateError, fisher_state_filename
 from ..peft_configs.fisher_lora.walk import lora_linear_modules, unwrap_model, unwrap_wrappers
 
 __all__ = ["CompressOnSaveCallback", "FisherCollectorCallback", "compress_on_save", "reduced_fisher"]
@@ -169,7 +168,7 @@ class CompressOnSaveCallback(TrainerCallback):
         - ``"fwsvd"``: Fisher-weighted SVD with the Fisher of ``fisher`` (a :class:`FisherCollectorCallback` in the
           same Trainer, or a state / path). A LoRA ``PeftModel`` goes through
           :func:`~hf_lowrank.compress_peft_model` (merged per its config); a plain model (full fine-tuning with
-          ``FisherCollectorCallback(source="full")``) through ``compress_with_fisher``.
+          ``FisherCollectorCallback(source="full")``) through ``compress_model(..., fisher=...)``.
         - ``"svd"``: plain truncated SVD, no Fisher.
         - ``"ere"``: efficient residual encoding of the fine-tuned weights (seed 003), delegated to
           ``hf_lowrank.compression.ere.save_residual_on_save(model, output_dir, base_model=..., **kwargs)``.
@@ -180,8 +179,9 @@ class CompressOnSaveCallback(TrainerCallback):
         method: ``"fwsvd"``, ``"svd"`` or ``"ere"``.
         fisher: Fisher source for ``"fwsvd"``.
         rank, keep, rank_pattern: compression target (a FisherLoRA config supplies its own when these are None).
-        weighting: ``"two_sided"`` or ``"row"`` for ``"fwsvd"`` (default: the adapter config's, else
-            :data:`~hf_lowrank.peft_configs.fisher_lora.config.DEFAULT_WEIGHTING`).
+        weighting: ``"kronecker"``, ``"two_sided"`` or ``"row"`` for ``"fwsvd"`` (default: the adapter config's;
+            for a plain model, ``"kronecker"`` when the Fisher state holds Grams, else
+            :data:`~hf_lowrank.fisher_state.DEFAULT_WEIGHTING`).
         output_subdir: folder name written inside ``args.output_dir`` (and inside checkpoints).
         at_checkpoints: also write ``<checkpoint>/<output_subdir>`` at every save (costly for big models).
         base_model: for ``"ere"``.
@@ -304,8 +304,8 @@ def compress_on_save(
     3. gather FSDP-sharded weights onto the main process;
     4. on the writing process (``should_save``) only: compress, a model with LoRA layers through
        :func:`~hf_lowrank.compress_peft_model` (every argument left None from its :class:`FisherLoRAConfig`), a plain
-       model on a weight-sharing copy through ``compress_with_fisher`` (with ``fisher``) or ``compress_model``
-       (needs ``rank``, ``keep`` or ``rank_pattern``);
+       model on a weight-sharing copy through ``compress_model`` (with ``fisher=`` when there is one; it
+       needs ``rank``, ``keep`` or ``rank_pattern``);
     5. write it atomically (:func:`~hf_lowrank.peft_configs.fisher_lora.save_compressed_model`: the factorized
        model, ``tokenizer``, ``compression_report.json`` and the Fisher state);
     6. wait for every process, so the folder is complete wherever training goes on.
@@ -326,12 +326,8 @@ def compress_on_save(
         ``(model, report)`` on the writing process: ``model`` is the compressed model with ``inplace=True`` (it
         replaces the trained one), else None (the copy is dropped once written). ``(None, None)`` elsewhere.
     """
-    from ..peft_configs.fisher_lora.compress import (
-        compress_peft_model,
-        compress_with_fisher,
-        save_compressed_model,
-        shared_weight_copy,
-    )
+    from ..compression.compress import compress_model
+    from ..peft_configs.fisher_lora.compress import compress_peft_model, save_compressed_model, shared_weight_copy
 
     model = unwrap_wrappers(model)
     state = reduced_fisher(fisher, global_step)  # a collective under DDP
@@ -350,15 +346,8 @@ def compress_on_save(
                                  "rank_pattern= (the model carries no LoRA adapter on a Linear layer).")
             ranks = rank_pattern or (rank if rank is not None else keep)
             compressed = shared_weight_copy(unwrap_model(gathered))
-            if state is not None:
-                report = compress_with_fisher(
-                    compressed, state, ranks, weighting=weighting or DEFAULT_WEIGHTING, progress=progress,
-                    **method_kwargs,
-                )
-            else:
-                from ..compression.compress import compress_model
-
-                report = compress_model(compressed, ranks, progress=progress, **method_kwargs)
+            report = compress_model(compressed, ranks, fisher=state, fisher_weighting=weighting if state else None,
+                                    progress=progress, **method_kwargs)
         save_compressed_model(compressed, output_dir, tokenizer=tokenizer, report=report, fisher_state=state)
         logger.info("Compressed model saved to %s: %s", output_dir, report.summary())
         if not inplace:

@@ -18,9 +18,9 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..distributed import is_fsdp_model
+from ..fisher_state import FISHER_STATE_NAME
 from ..io import atomic_directory
 from ..peft_configs.fisher_lora.config import FisherLoRAConfig
-from ..peft_configs.fisher_lora.state import FISHER_STATE_NAME
 from ..precision import warn_if_slow_bf16
 from .callbacks import FisherCollectorCallback, compress_on_save, reduced_fisher
 

@@ -4,13 +4,13 @@ Importing this package registers ``PeftType.FISHER_LORA`` with peft, so ``get_pe
 FisherLoRAConfig(...))``, ``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` handle it.
 """
 
+from ...fisher_state import FISHER_STATE_NAME, FisherState, FisherStateError, fisher_state_filename
 from .._registry import register_method
-from .compress import compress_peft_model, compress_with_fisher, plan_ranks, resolve_fisher
+from .compress import compress_peft_model, plan_ranks, resolve_fisher
 from .config import FISHER_SOURCES, FISHER_WEIGHTINGS, FisherLoRAConfig
 from .fisher import FisherCollector
 from .model import FisherLoraModel
 from .save import export_lora_adapter, save_compressed_model
-from .state import FISHER_STATE_NAME, FisherState, FisherStateError, fisher_state_filename
 from .unload import shared_weight_copy
 from .walk import lora_linear_modules
 
@@ -27,7 +27,6 @@ __all__ = [
     "FisherState",
     "FisherStateError",
     "compress_peft_model",
-    "compress_with_fisher",
     "export_lora_adapter",
     "fisher_state_filename",
     "lora_linear_modules",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
 from collections.abc import Mapping
 from types import SimpleNamespace
@@ -23,29 +22,24 @@ from ...compression.compress import (
     ALLOCATIONS,
     CompressionReport,
     ModuleReport,
-    compress_model,
     factorize_linear,
     resolve_ranks,
     set_submodule,
 )
+from ...fisher_state import FisherState, resolve_fisher
 from ...modules import dense_weight, is_quantized
 from ...ops.fisher import weighted_spectrum
 from ...ops.rank_allocation import global_ranks
 from ...ops.svd import RANK_MULTIPLE, factorized_params, rank_for_keep
-from ...targets import check_pattern_key, find_target_linears, pattern_key
+from ...targets import check_pattern_key, pattern_key
 from .config import (
     DEFAULT_ALLOCATION,
-    DEFAULT_EPS,
-    DEFAULT_EXPONENT,
-    DEFAULT_WEIGHTING,
     FISHER_WEIGHTINGS,
     NO_CONFIG_DEFAULTS,
     FisherLoRAConfig,
 )
-from .fisher import FisherCollector
 from .save import export_lora_adapter, save_compressed_model
 from .sides import _check_adapter_rank, _fisher_side, _warn_degenerate_fisher
-from .state import FISHER_STATE_NAME, FisherState
 from .unload import (
     _cast_params,
     _dense_linear,
@@ -60,7 +54,6 @@ from .walk import lora_linear_modules, model_fingerprint, unwrap_model
 __all__ = [
     "compress_peft_model",
     "shared_weight_copy",
-    "compress_with_fisher",
     "export_lora_adapter",
     "plan_ranks",
     "resolve_fisher",
@@ -71,23 +64,6 @@ logger = logging.getLogger(__name__)
 
 _REPORT_METHOD = {"lora": "fisher_lora", "full": "fwsvd", "none": "svd"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_fisher(fisher) -> FisherState | None:
-    """Accept a ``FisherState``, a ``FisherCollector``, a ``FisherCollectorCallback``, a file or folder path."""
-    if fisher is None or isinstance(fisher, FisherState):
-        return fisher
-    if isinstance(fisher, FisherCollector):
-        return fisher.reduced_state()
-    collector = getattr(fisher, "collector", None)
-    if isinstance(collector, FisherCollector):
-        return collector.reduced_state()
-    if isinstance(fisher, (str, os.PathLike)):
-        return FisherState.load(fisher)
-    raise TypeError(
-        f"fisher must be a FisherCollectorCallback, FisherCollector, FisherState or a path to "
-        f"'{FISHER_STATE_NAME}', got {type(fisher).__name__}."
-    )
 
 
 def plan_ranks(
@@ -377,67 +353,3 @@ def compress_peft_model(
         extra={"fisher_source": source, "fisher_weighting": info["fisher_weighting"], "merged": merge},
     )
     return work, report
-
-
-@torch.no_grad()
-def compress_with_fisher(
-    model: nn.Module,
-    fisher,
-    ranks: int | float | Mapping[str, int],
-    *,
-    weighting: str = DEFAULT_WEIGHTING,
-    target_modules=None,
-    exponent: float = DEFAULT_EXPONENT,
-    eps: float = DEFAULT_EPS,
-    method: str = "auto",
-    dtype: torch.dtype | None = None,
-    progress: bool = True,
-) -> CompressionReport:
-    """FWSVD of a plain transformers model (no adapter) with a collected Fisher state, in place.
-
-    For a model trained with full gradients (``FisherCollectorCallback(source="full")``), a model whose LoRA adapter
-    was merged, or a fine-tuned model and the Fisher of a LoRA trained on it (VRAM-limited pipeline). Module names
-    in the state must be the model's (they are, for a state from a ``PeftModel`` of the same base).
-
-    Args:
-        model: the model to compress (modified in place).
-        fisher: ``FisherState``, collector, callback or path.
-        ranks: ``int`` rank, ``float`` keep fraction, or ``{name: rank}``.
-        weighting: ``"two_sided"`` or ``"row"``; default :data:`~.config.DEFAULT_WEIGHTING`.
-        target_modules: as for :func:`hf_lowrank.compress_model`; default: every module that has Fisher.
-        exponent, eps, method, dtype, progress: as for :func:`hf_lowrank.compress_model`.
-
-    Returns:
-        The :class:`~hf_lowrank.CompressionReport` (``info`` records the Fisher counters).
-
-    Raises:
-        ValueError: Fisher missing for a target, or of another shape.
-    """
-    state = resolve_fisher(fisher)
-    if state is None:
-        raise ValueError("compress_with_fisher needs a Fisher state; for plain SVD use hf_lowrank.compress_model.")
-    if target_modules is None and not isinstance(ranks, Mapping):
-        names = dict(model.named_modules())
-        missing = [n for n in state.modules if n not in names]
-        if missing:
-            raise ValueError(
-                f"The Fisher state names {len(missing)} module(s) this model does not have (e.g. '{missing[0]}'): it "
-                "was collected on another model. Collect it on this model, or pass target_modules."
-            )
-        target_modules = state.modules
-        if not target_modules:
-            raise ValueError("No target modules matched: the Fisher state is empty of modules.")
-    if isinstance(ranks, Mapping) and target_modules is None:
-        targets = find_target_linears(model, list(ranks))
-    else:
-        targets = find_target_linears(model, target_modules)
-    state.check_shapes({n: (m.out_features, m.in_features) for n, m in targets.items()})
-    rows, cols = state.weights(weighting, names=list(targets))
-    report = compress_model(
-        model, ranks, row_weights=rows, col_weights=cols or None, target_modules=list(targets), method=method,
-        exponent=exponent, eps=eps, dtype=dtype, report_method="fwsvd" if state.source == "full" else "fisher_lora",
-        progress=progress,
-    )
-    report.info = {"fisher_weighting": weighting, "fisher_exponent": exponent, "fisher_eps": eps, **state.summary()}
-    return report
-

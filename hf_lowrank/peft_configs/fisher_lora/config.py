@@ -9,6 +9,7 @@ from types import MappingProxyType
 
 from peft import LoraConfig
 
+from ...fisher_state import DEFAULT_EPS, DEFAULT_EXPONENT, DEFAULT_LORA_WEIGHTING, DEFAULT_WEIGHTING
 from ...ops.fisher import DEFAULT_DAMPING
 from ...targets import check_pattern_key
 from .._registry import ensure_peft_type
@@ -31,18 +32,10 @@ FISHER_SOURCES = ("lora", "full", "none")
 FISHER_WEIGHTINGS = ("row", "two_sided", "kronecker")
 _ALLOCATIONS = ("uniform", "global")
 
-# The Fisher defaults, spelled here only: FisherLoRAConfig resolves its None fields with them (default_weighting,
-# default_allocation) and every other path (a vanilla LoRA adapter, a plain model, the CLI) reads them from here.
-DEFAULT_LORA_WEIGHTING = "kronecker"
-"""``fisher_weighting`` when it is None and ``fisher_source="lora"``: the Grams are collected during LoRA training."""
-DEFAULT_WEIGHTING = "two_sided"
-"""``fisher_weighting`` otherwise, and wherever no FisherLoRA config says (a diagonal Fisher state has no Grams)."""
+# The weighting defaults (DEFAULT_LORA_WEIGHTING, DEFAULT_WEIGHTING, DEFAULT_EXPONENT, DEFAULT_EPS) are spelled in
+# hf_lowrank/fisher_state.py, which compression reads too; FisherLoRAConfig resolves its None fields with them here.
 DEFAULT_ALLOCATION = "uniform"
 """``compress_allocation`` when the global budget does not apply (see :func:`default_allocation`)."""
-DEFAULT_EXPONENT = 0.5
-"""``fisher_exponent``: Fisher weights are ``(F / mean(F) + eps) ** exponent`` (FWSVD's ``sqrt(F)``)."""
-DEFAULT_EPS = 1e-6
-"""``fisher_eps``: the floor of the normalised Fisher."""
 
 
 def default_weighting(fisher_source: str) -> str:

@@ -48,8 +48,8 @@ import torch
 from torch import nn
 
 from ...distributed import is_fsdp_model, world_size
+from ...fisher_state import _KINDS, FISHER_STATE_NAME, SOURCES, FisherState, FisherStateError, fisher_state_filename
 from ...statistics import GRAM_IN, GRAM_OUT, GramHooks
-from .state import _KINDS, FISHER_STATE_NAME, SOURCES, FisherState, FisherStateError, fisher_state_filename
 from .walk import _full_targets, lora_linear_modules, model_fingerprint, unwrap_model, unwrap_wrappers
 
 __all__ = [

@@ -9,9 +9,9 @@ from pathlib import Path
 from torch import nn
 
 from ...compression.compress import CompressionReport
+from ...fisher_state import FISHER_STATE_NAME, FisherState
 from ...io import atomic_directory, atomic_write_json, read_json
 from .config import FISHER_FIELDS
-from .state import FISHER_STATE_NAME, FisherState
 
 __all__ = ["export_lora_adapter", "save_compressed_model"]
 

@@ -7,8 +7,8 @@ import warnings
 
 import torch
 
+from ...fisher_state import FisherState, FisherStateError
 from ...ops.fisher import fisher_weights, gram_factor
-from .state import FisherState, FisherStateError
 
 
 def _check_adapter_rank(state: FisherState, names, adapter_rank: int) -> None:

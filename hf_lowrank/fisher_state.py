@@ -1,9 +1,11 @@
 """The Fisher state: accumulated squared gradients keyed by module name, their counters, and its safetensors file.
 
 :class:`FisherState` is what :class:`~hf_lowrank.peft_configs.fisher_lora.FisherCollector` fills during training,
-what every checkpoint holds (``fisher_state.safetensors``, :func:`fisher_state_filename`) and what compression reads:
-per-module row / column Fisher (:meth:`FisherState.row_col`), Kronecker Grams (:meth:`FisherState.grams`), shape and
-fingerprint checks against the model it is applied to.
+what every checkpoint holds (``fisher_state.safetensors``, :func:`fisher_state_filename`) and what compression reads
+(``compress_model(model, keep, fisher=state)``): per-module row / column Fisher (:meth:`FisherState.row_col`),
+Kronecker Grams (:meth:`FisherState.grams`), shape and fingerprint checks against the model it is applied to. It is
+data and a file format, below compression in the layers (``compression`` reads it, ``peft_configs`` fills it), and
+it spells the Fisher defaults that ``FisherLoRAConfig`` and ``compress_model`` share.
 """
 
 from __future__ import annotations
@@ -16,12 +18,34 @@ from pathlib import Path
 
 import torch
 
-from ...io import atomic_save_safetensors
-from ...ops.fisher import lora_fisher_to_weights
-from ...statistics import GRAM_IN, GRAM_OUT
-from .config import DEFAULT_WEIGHTING
+from .io import atomic_save_safetensors
+from .ops.fisher import lora_fisher_to_weights
+from .statistics import GRAM_IN, GRAM_OUT
 
-__all__ = ["FISHER_STATE_NAME", "SOURCES", "FisherState", "FisherStateError", "fisher_state_filename"]
+__all__ = [
+    "DEFAULT_EPS",
+    "DEFAULT_EXPONENT",
+    "DEFAULT_LORA_WEIGHTING",
+    "DEFAULT_WEIGHTING",
+    "FISHER_STATE_NAME",
+    "SOURCES",
+    "FisherState",
+    "FisherStateError",
+    "fisher_state_filename",
+    "resolve_fisher",
+]
+
+# The Fisher defaults, spelled here only: FisherLoRAConfig resolves its None fields with them
+# (peft_configs/fisher_lora/config.py: default_weighting) and compress_model(fisher=...), the callbacks and the CLI
+# read them from here.
+DEFAULT_LORA_WEIGHTING = "kronecker"
+"""``fisher_weighting`` when it is None and ``fisher_source="lora"``: the Grams are collected during LoRA training."""
+DEFAULT_WEIGHTING = "two_sided"
+"""``fisher_weighting`` of a state that holds no Kronecker Grams (a diagonal Fisher), wherever no config says."""
+DEFAULT_EXPONENT = 0.5
+"""``fisher_exponent``: Fisher weights are ``(F / mean(F) + eps) ** exponent`` (FWSVD's ``sqrt(F)``)."""
+DEFAULT_EPS = 1e-6
+"""``fisher_eps``: the floor of the normalised Fisher."""
 
 FISHER_STATE_NAME = "fisher_state.safetensors"
 _FORMAT = "hf_lowrank.fisher"
@@ -107,6 +131,16 @@ class FisherState:
             F = parts["W"].detach().to(torch.float64)
             return F.sum(dim=1), (F.sum(dim=0) if weighting == "two_sided" else None)
         return lora_fisher_to_weights(parts["A"], parts["B"], mode=weighting)
+
+    def has_grams(self, names: Iterable[str] | None = None) -> bool:
+        """True when every module in ``names`` (default: all) has Kronecker Grams (``fisher_weighting='kronecker'``)."""
+        names = self.modules if names is None else list(names)
+        return bool(names) and all(name + GRAM_IN in self.tensors and name + GRAM_OUT in self.tensors
+                                   for name in names)
+
+    def default_weighting(self, names: Iterable[str] | None = None) -> str:
+        """``"kronecker"`` when the state holds Kronecker Grams for ``names``, else :data:`DEFAULT_WEIGHTING`."""
+        return "kronecker" if self.has_grams(names) else DEFAULT_WEIGHTING
 
     def grams(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(G_in, G_out)`` of module ``name`` (Kronecker-factored Fisher; a 1-D Gram is a diagonal).
@@ -294,6 +328,25 @@ class FisherState:
             "global_step": int(self.global_step),
         }
 
+
+
+def resolve_fisher(fisher) -> FisherState | None:
+    """A :class:`FisherState` from a state, a collector or callback that holds one, or a file or folder path.
+
+    A ``FisherCollector`` (anything with ``reduced_state()``: under DDP a collective) gives its reduced state; a
+    ``FisherCollectorCallback`` (anything with a ``collector`` attribute) its collector's.
+    """
+    if fisher is None or isinstance(fisher, FisherState):
+        return fisher
+    collector = getattr(fisher, "collector", fisher)
+    if callable(getattr(collector, "reduced_state", None)):
+        return collector.reduced_state()
+    if isinstance(fisher, (str, os.PathLike)):
+        return FisherState.load(fisher)
+    raise TypeError(
+        f"fisher must be a FisherCollectorCallback, FisherCollector, FisherState or a path to "
+        f"'{FISHER_STATE_NAME}', got {type(fisher).__name__}."
+    )
 
 
 def _read_fingerprint(text: str | None, path) -> dict | None:
