@@ -52,6 +52,7 @@ __all__ = [
 
 RankSpec = int | float | Mapping[str, int]
 
+
 def _check_rank_keys(ranks: Mapping) -> None:
     bad = [k for k in ranks if not isinstance(k, str)]
     if bad:
