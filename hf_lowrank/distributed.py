@@ -5,14 +5,32 @@ works on the main process's replica; only the Fisher has to be combined (``Fishe
 FSDP shards the weights, so compressing needs them gathered first: :func:`gather_full_model` is a collective that
 gives the main process an unsharded CPU copy of a transformers model (FSDP2 ``fully_shard`` or FSDP1
 ``FullyShardedDataParallel``) and the other processes ``None``.
+
+Calibration (``calibration_grams``, ``compress_model(..., calibration=...)``) runs on every process over its own
+shard of the batches; the Grams are summed with :func:`all_reduce_sum_` after an exchange of which Grams each process
+holds (:func:`all_gather_objects`), so that a process with no batch still takes part.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
-__all__ = ["barrier", "gather_full_model", "is_fsdp_model", "is_main_process", "world_size"]
+__all__ = [
+    "all_gather_objects",
+    "all_reduce_sum_",
+    "barrier",
+    "gather_full_model",
+    "is_fsdp_model",
+    "is_main_process",
+    "unwrap_wrappers",
+    "world_size",
+]
+
+_WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
+
 
 def _dist():
     import torch.distributed as dist
@@ -36,6 +54,55 @@ def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
     if world_size() > 1:
         _dist().barrier()
+
+
+def all_gather_objects(obj) -> list:
+    """``[obj of process 0, obj of process 1, ...]`` for a small picklable ``obj`` (a collective: every process calls
+    it); ``[obj]`` in a single process."""
+    if world_size() == 1:
+        return [obj]
+    dist = _dist()
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def all_reduce_sum_(tensors: Iterable[torch.Tensor]) -> None:
+    """Sum each tensor over the processes, in place (no-op in a single process).
+
+    A collective: every process passes tensors of the same shapes and dtypes in the same order. A tensor object
+    passed more than once (one storage shared by several entries) is summed once. With a pure NCCL process group a
+    CPU tensor is summed through a copy on the current CUDA device.
+    """
+    if world_size() == 1:
+        return
+    dist = _dist()
+    nccl = str(dist.get_backend()) == "nccl"
+    seen: set[int] = set()
+    for t in tensors:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if nccl and not t.is_cuda:
+            buf = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            t.copy_(buf)
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def unwrap_wrappers(model: nn.Module) -> nn.Module:
+    """The model under DDP / DataParallel / DeepSpeed and ``torch.compile`` wrappers (a ``PeftModel`` stays one).
+
+    The one unwrap rule of the package: ``unwrap_model``, the compress-on-save path and calibration start from it.
+    """
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ in _WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
 
 
 def _fsdp_classes() -> tuple[type | None, type | None]:

@@ -16,7 +16,9 @@ saved with safetensors, which refuses shared tensors).
 
 :func:`calibration_grams` runs a model over calibration batches and returns the input Grams (the SVD-LLM
 "truncation-aware whitening" statistics, METHODS.md section 5) and, with ``outputs=True``, the output-gradient Grams
-of the model's loss on the same batches (the Kronecker-factored Fisher without a training run).
+of the model's loss on the same batches (the Kronecker-factored Fisher without a training run). Under
+``torch.distributed`` each process passes its own shard of the batches and :func:`reduce_grams` sums the Grams and the
+token count over the processes, so every process ends with the Grams of all the batches.
 """
 
 from __future__ import annotations
@@ -29,7 +31,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["GRAM_IN", "GRAM_OUT", "GramHooks", "calibration_grams", "gram_memory_bytes", "is_causal_lm"]
+from .distributed import all_gather_objects, all_reduce_sum_, unwrap_wrappers, world_size
+
+__all__ = [
+    "GRAM_IN",
+    "GRAM_OUT",
+    "GramHooks",
+    "calibration_grams",
+    "gram_memory_bytes",
+    "is_causal_lm",
+    "reduce_grams",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +244,75 @@ def _language_model_labels(model: nn.Module, inputs: dict) -> None:
     inputs["labels"] = labels
 
 
+def reduce_grams(
+    store: Mapping[str, torch.Tensor],
+    counts: Iterable[int] = (),
+    *,
+    device: torch.device | str | None = None,
+    error: BaseException | None = None,
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The Grams and counts of every process summed, on every process (a collective: every process calls it).
+
+    Under ``torch.distributed`` with more than one process, the processes first exchange which Grams they hold
+    (their keys, shapes and which keys share one tensor), so that a process that saw no batch, or none that reached
+    a module, takes part with zeros; each tensor (a storage shared by several keys once) is then all-reduced (SUM),
+    and so are the integer ``counts`` (e.g. the token count). Keys shared on every process that holds them stay
+    shared; a key that no process holds stays absent. In a single process ``store`` and ``counts`` come back as they
+    are (the tensors are not copied). ``store``'s tensors are summed in place.
+
+    Args:
+        store: ``{key: float32 Gram}`` of this process.
+        counts: integers to sum over the processes.
+        device: where a process that lacks a Gram creates its zeros (default: the CPU).
+        error: an exception this process met while collecting: every process raises (this one its own error, the
+            others a RuntimeError naming the process) instead of the others waiting for it forever.
+
+    Returns:
+        ``(store, counts)`` summed over the processes.
+    """
+    counts = [int(c) for c in counts]
+    if world_size() == 1:
+        if error is not None:
+            raise error
+        return dict(store), counts
+    leaders: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for key, t in store.items():
+        leaders[key] = first.setdefault(id(t), key)
+    shapes = {key: tuple(t.shape) for key, t in store.items()}
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    gathered = all_gather_objects((message, leaders, shapes, counts))
+    failed = [(rank, g[0]) for rank, g in enumerate(gathered) if g[0] is not None]
+    if failed:
+        if error is not None:
+            raise error
+        raise RuntimeError(f"Gram collection failed on process {failed[0][0]} ({failed[0][1]}); all processes stop.")
+    shape_of: dict[str, tuple] = {}
+    for _, _, their_shapes, _ in gathered:
+        for key, shape in their_shapes.items():
+            if shape_of.setdefault(key, shape) != shape:
+                raise ValueError(f"The Gram '{key}' has shape {shape} on one process and {shape_of[key]} on another: "
+                                 "the processes collected on different models.")
+    # keys share one tensor in the result when they do on every process that holds either of them
+    groups: dict[tuple, list[str]] = {}
+    for key in shape_of:
+        groups.setdefault(tuple(g[1].get(key) for g in gathered), []).append(key)
+    reduced: dict[str, torch.Tensor] = {}
+    tensors: list[torch.Tensor] = []
+    used: set[int] = set()
+    for members in groups.values():
+        t = store.get(members[0])
+        if t is None:
+            t = torch.zeros(shape_of[members[0]], dtype=torch.float32, device=device)
+        elif id(t) in used:  # shared here, not on another process
+            t = t.clone()
+        used.add(id(t))
+        tensors.append(t)
+        reduced.update(dict.fromkeys(members, t))
+    all_reduce_sum_(tensors)
+    return reduced, [sum(g[3][i] for g in gathered) for i in range(len(counts))]
+
+
 def calibration_grams(
     model: nn.Module,
     modules: Mapping[str, nn.Module],
@@ -251,23 +332,32 @@ def calibration_grams(
     Grams of the gradients at the modules' outputs are returned too: the Kronecker-factored (empirical) Fisher of
     the calibration data, no training run needed. No parameter gradient is formed.
 
+    Under ``torch.distributed`` (an initialised process group of more than one process), each process passes its own
+    shard of the calibration batches (e.g. ``batches[rank::world_size]``; a process may have none) and every process
+    must call this function: the Grams and the token count are all-reduced (:func:`reduce_grams`), so every process
+    returns those of all the batches, the same as one process over all of them (the output-gradient Grams are sums
+    over tokens, as above, so summing the processes' Grams is exact). A DDP / ``torch.compile`` wrapped model is run
+    unwrapped (DDP's own collectives in its forward would wait for processes with fewer batches).
+
     Args:
         model: the model to run (its ``forward`` takes the batch's keys, e.g. ``input_ids``, ``attention_mask``).
         modules: ``{name: Linear}`` of ``model``.
         calibration: iterable of batches (dicts of tensors with ``input_ids`` and optionally ``attention_mask`` and
-            ``labels``; a ``DataLoader`` works).
+            ``labels``; a ``DataLoader`` works); under ``torch.distributed``, this process's shard.
         outputs: also collect the output-gradient Grams (a backward pass per batch).
         max_dim, device: see :class:`GramHooks`.
         progress: show a progress bar.
 
     Returns:
         ``({name: G_in}, tokens)``, or with ``outputs=True`` ``({name: G_in}, {name: G_out}, tokens)``; modules fed
-        the same input share one ``G_in`` tensor.
+        the same input share one ``G_in`` tensor. Under ``torch.distributed``: over all processes.
 
     Raises:
-        ValueError: a batch that is not a dict with ``input_ids``, no token at all, or (``outputs``) no loss to
-            differentiate.
+        ValueError: a batch that is not a dict with ``input_ids``, no token at all (over all processes), or
+            (``outputs``) no loss to differentiate. Under ``torch.distributed`` an error on one process is raised on
+            every process (a RuntimeError on the others).
     """
+    model = unwrap_wrappers(model)
     hooks = GramHooks(modules, inputs=True, outputs=outputs, max_dim=max_dim, device=device, share=True)
     param = next(model.parameters(), None)
     target = param.device if param is not None else torch.device("cpu")
@@ -286,6 +376,7 @@ def calibration_grams(
         handles.append(embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
     model.eval()
     hooks.attach(model)
+    error = None
     try:
         for p in frozen:
             p.requires_grad_(False)
@@ -303,6 +394,8 @@ def calibration_grams(
                                      "batch; pass batches with 'labels' or use calibration_weighting='whitened'.")
                 counted = int((inputs["labels"] != -100).sum())
                 (loss * max(counted, 1)).backward()
+    except Exception as exc:  # raised below, on every process under torch.distributed
+        error = exc
     finally:
         for h in handles:
             h.remove()
@@ -310,15 +403,17 @@ def calibration_grams(
             p.requires_grad_(True)
         hooks.detach()
         model.train(was_training)
-    if hooks.tokens == 0:
+    store, (tokens, skipped) = reduce_grams(hooks.store, (hooks.tokens, hooks.skipped), device=device or target,
+                                            error=error)
+    if tokens == 0:
         raise ValueError("The calibration data held no token; pass batches with input_ids.")
-    if hooks.skipped:
-        logger.warning("calibration: %d non-finite Gram contributions were skipped.", hooks.skipped)
-    grams = {name: hooks.store[name + GRAM_IN] for name in modules if name + GRAM_IN in hooks.store}
+    if skipped:
+        logger.warning("calibration: %d non-finite Gram contributions were skipped.", skipped)
+    grams = {name: store[name + GRAM_IN] for name in modules if name + GRAM_IN in store}
     if not outputs:
-        return grams, hooks.tokens
-    grads = {name: hooks.store[name + GRAM_OUT] for name in modules if name + GRAM_OUT in hooks.store}
-    return grams, grads, hooks.tokens
+        return grams, tokens
+    grads = {name: store[name + GRAM_OUT] for name in modules if name + GRAM_OUT in store}
+    return grams, grads, tokens
 
 
 class _StopForward(Exception):
@@ -349,7 +444,9 @@ class BlockStream:
     :meth:`capture` runs the model up to the first block and keeps, per batch, the block's positional and keyword
     inputs (hidden states, attention mask, rotary embeddings, ...) and the batch's 2-D token mask. :meth:`run` passes
     every batch through a block and (``advance=True``) replaces the hidden states by its outputs, so the next block
-    sees the outputs of the blocks before it as they are now (e.g. already compressed).
+    sees the outputs of the blocks before it as they are now (e.g. already compressed). Under ``torch.distributed``
+    each process captures its own shard of the batches (:meth:`capture` is a collective); ``tokens`` counts those of
+    all processes.
     """
 
     def __init__(self) -> None:
@@ -366,19 +463,24 @@ class BlockStream:
             raise _StopForward
 
         handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+        tokens, error = 0, None
         try:
             for batch in tqdm(calibration, desc="calibration inputs", unit="batch", disable=not progress):
                 inputs = _batch_inputs(batch, target, model)
                 mask = inputs.get("attention_mask")
                 self._mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
-                self.tokens += int(self._mask.sum()) if self._mask is not None else int(inputs["input_ids"].numel())
+                tokens += int(self._mask.sum()) if self._mask is not None else int(inputs["input_ids"].numel())
                 try:
                     model(**inputs)
                 except _StopForward:
                     pass
+        except Exception as exc:  # raised by reduce_grams, on every process under torch.distributed
+            error = exc
         finally:
             handle.remove()
-        if not self.items:
+        _, (batches, tokens) = reduce_grams({}, (len(self.items), tokens), error=error)
+        self.tokens += tokens
+        if not batches:
             raise ValueError("The calibration data held no batch; pass batches with input_ids.")
         return self
 

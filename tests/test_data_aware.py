@@ -319,6 +319,44 @@ def test_calibration_kronecker_grams_are_the_loss_gradients_at_each_output_and_c
     assert tokens == sum(int(b["attention_mask"].sum()) for b in batches)
 
 
+def test_reduce_grams_merges_what_each_process_holds(monkeypatch):
+    """reduce_grams against a simulated second process (the 2-process run is tests/test_distributed.py): a Gram one
+    process lacks is summed as zeros, a key no process holds stays absent, keys stay shared only where every process
+    that holds them shares them (one all-reduce per tensor), the counts are summed, and an error or a shape that
+    differs stops every process."""
+    import hf_lowrank.statistics as st
+
+    a, d = torch.ones(2, 2), torch.full((3,), 2.0)
+    mine = {"q": a, "k": a, "v": a, "d": d}  # q/k/v share one tensor here
+    theirs = (None, {"q": "q", "k": "q", "v": "v", "e": "e"}, {"q": (2, 2), "k": (2, 2), "v": (2, 2), "e": (4,)}, [5, 1])
+    reduced: list[list[torch.Tensor]] = []
+
+    def fake_all_reduce(tensors):  # the other process contributes 1 everywhere
+        reduced.append(list(tensors))
+        for t in reduced[-1]:
+            t.add_(1)
+
+    monkeypatch.setattr(st, "world_size", lambda: 2)
+    monkeypatch.setattr(st, "all_gather_objects", lambda obj: [obj, theirs])
+    monkeypatch.setattr(st, "all_reduce_sum_", fake_all_reduce)
+    store, counts = st.reduce_grams(mine, [7, 0])
+    assert counts == [12, 1]
+    assert sorted(store) == ["d", "e", "k", "q", "v"]
+    assert store["q"] is store["k"] is a and store["v"] is not a  # v is alone on the other process
+    assert len(reduced) == 1 and len(reduced[0]) == 4  # (q, k), v, d, e: each once
+    assert torch.equal(store["q"], torch.full((2, 2), 2.0)) and torch.equal(store["v"], torch.full((2, 2), 2.0))
+    assert torch.equal(store["d"], torch.full((3,), 3.0)) and torch.equal(store["e"], torch.ones(4))
+
+    monkeypatch.setattr(st, "all_gather_objects", lambda obj: [obj, ("ValueError: bad batch", {}, {}, [0, 0])])
+    with pytest.raises(RuntimeError, match="process 1 .*bad batch"):
+        st.reduce_grams({}, [0, 0])
+    with pytest.raises(KeyError, match="mine"):  # the process that failed raises its own error
+        st.reduce_grams({}, [0, 0], error=KeyError("mine"))
+    monkeypatch.setattr(st, "all_gather_objects", lambda obj: [obj, (None, {"d": "d"}, {"d": (4,)}, [])])
+    with pytest.raises(ValueError, match="shape"):
+        st.reduce_grams({"d": d})
+
+
 def test_compress_model_kronecker_calibration_is_the_one_path_with_those_grams():
     """calibration_weighting='kronecker' factorizes with the Grams of calibration_grams(outputs=True) (the same
     weighted errors as passing them as grams_in= / grams_out=) and is labelled so."""

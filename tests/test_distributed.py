@@ -6,6 +6,10 @@ process with 2 accumulation steps of 2 sequences; and a full fine-tuning sharded
 runs it on the CPU), compressed on save from the gathered weights. DDP averages the two processes' gradients where one process sums
 its two accumulated micro-batches, so the optimizer sees the same gradient, and the Fisher, which squares each
 micro-batch's contribution, must be the same too: the acceptance is 1e-5 relative, and the same compressed model.
+
+``tests/calibration_worker.py`` compresses with calibration only, 2 processes each over its shard of the batches
+(a DDP-wrapped model) against 1 process over all of them: the all-reduced Grams, the token counts and the factors
+must agree to 1e-5, also where one process has no batch at all.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.multiprocess
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+CALIBRATION_WORKER = Path(__file__).with_name("calibration_worker.py")
 TIMEOUT = 600
 
 
@@ -37,27 +42,31 @@ def _env() -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Launch the 2-process and the 1-process run side by side; return their output folders."""
+def _launch(root: Path, worker: Path, single_args: tuple[str, ...] | None = (), timeout: int = TIMEOUT,
+            while_waiting=None) -> tuple[Path, Path]:
+    """Launch ``worker`` in 2 processes (torchrun, gloo) and (unless ``single_args`` is None) in 1 process side by
+    side, calling ``while_waiting()`` meanwhile; return their output folders."""
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    root = tmp_path_factory.mktemp("ddp")
     d2, d1 = root / "ddp2", root / "single"
-    logs = {name: open(root / f"{name}.log", "w") for name in ("ddp2", "single")}  # noqa: SIM115
-    ddp = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+    names = ("ddp2",) if single_args is None else ("ddp2", "single")
+    logs = {name: open(root / f"{name}.log", "w") for name in names}  # noqa: SIM115
+    procs = {"ddp2": subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
          "--out", str(d2)],
         stdout=logs["ddp2"], stderr=subprocess.STDOUT, env=_env(),
-    )
-    single = subprocess.Popen(
-        [sys.executable, str(WORKER), "--out", str(d1), "--grad-accum", "2"],
-        stdout=logs["single"], stderr=subprocess.STDOUT, env=_env(),
-    )
+    )}
+    if single_args is not None:
+        procs["single"] = subprocess.Popen(
+            [sys.executable, str(worker), "--out", str(d1), *single_args],
+            stdout=logs["single"], stderr=subprocess.STDOUT, env=_env(),
+        )
     try:
-        codes = {"ddp2": ddp.wait(TIMEOUT), "single": single.wait(TIMEOUT)}
+        if while_waiting is not None:
+            while_waiting()
+        codes = {name: proc.wait(timeout) for name, proc in procs.items()}
     finally:
-        for proc in (ddp, single):
+        for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
         for f in logs.values():
@@ -67,6 +76,25 @@ def runs(tmp_path_factory):
             tail = (root / f"{name}.log").read_text()[-4000:]
             pytest.fail(f"the {name} run exited with {code}:\n{tail}")
     return d1, d2
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The training runs of ``distributed_worker.py``: 2 processes, and 1 process with 2 accumulation steps."""
+    return _launch(tmp_path_factory.mktemp("ddp"), WORKER, ("--grad-accum", "2"))
+
+
+@pytest.fixture(scope="module")
+def calibration_runs(tmp_path_factory):
+    """``calibration_worker.py``'s records: ``(single, [rank 0, rank 1])``, the single-process one computed here while
+    the 2 processes run. A process that waits for a collective the other never joins hangs: the timeout makes that a
+    failure."""
+    from tests.calibration_worker import run
+
+    single = {}
+    _, d2 = _launch(tmp_path_factory.mktemp("calibration"), CALIBRATION_WORKER, None, timeout=300,
+                    while_waiting=lambda: single.update(run(0, 1)))
+    return single, [torch.load(d2 / f"rank{r}.pt") for r in (0, 1)]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -207,6 +235,60 @@ def test_only_the_main_process_writes_and_losses_match(runs, method):
     assert single["world_size"] == 1 and single["wrote"] is True
     assert len(single["loss"]) == (3 if method == "fsdp" else 4)
     assert records[0]["loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["grams", "grams_one"])
+def test_calibration_grams_all_reduced(calibration_runs, case):
+    """Each process over its shard (3 + 2 batches; 1 + 0 for ``grams_one``) ends with the input and output-gradient
+    Grams and the token count of one process over all the batches, the shared input Grams shared alike."""
+    single, ranks = calibration_runs
+    assert [r["local_batches"]["all" if case == "grams" else "one"] for r in ranks] == ([3, 2] if case == "grams"
+                                                                                        else [1, 0])
+    ref = single[case]
+    assert ref["tokens"] == (90 if case == "grams" else 12)  # 2 x (6 + 8 + 10 + 12 + 14) - (1 + 2 + 3 + 4) padded
+    assert len(ref["in"]) == len(ref["out"]) == 14  # 7 Linears x 2 blocks
+    assert [len(g) for g in ref["shared_in"]] == [3, 1, 2, 1] * 2  # q/k/v, o, gate/up, down
+    for rec in (r[case] for r in ranks):
+        assert rec["tokens"] == ref["tokens"]
+        assert rec["shared_in"] == ref["shared_in"]
+        for side in ("in", "out"):
+            assert sorted(rec[side]) == sorted(ref[side])
+            for name, G in ref[side].items():
+                assert float(G.abs().max()) > 0, (side, name)
+                assert _rel(G, rec[side][name]) < 1e-5, (side, name, _rel(G, rec[side][name]))
+    for side in ("in", "out"):  # the all-reduce gives every process the same sum
+        for name, G in ranks[0][case][side].items():
+            assert torch.equal(G, ranks[1][case][side][name]), (side, name)
+
+
+@pytest.mark.parametrize("case", ["kronecker", "kronecker_one", "sequential", "randomized"])
+def test_calibration_compression_equal_single_process(calibration_runs, case):
+    """compress_model(model, 0.5, calibration=shard) under 2 processes: bit-identical factor pairs on both processes
+    (also with a global RNG seeded differently per process: ``randomized``, whose range finder draws from its own
+    fixed seed), and the ranks and rank-k products of one process over all the batches.
+
+    The products, not the factors, are compared with the single process: the Grams agree to ~6e-8 (the processes sum
+    in another order), a truncated SVD amplifies that by 1 / (gap between the kept and the dropped singular values)
+    (measured: up to 9e-6 relative on the products), and a near-degenerate pair of singular vectors may rotate or
+    flip sign within the kept subspace (measured: 2 o_proj factors of the randomized case), which leaves the
+    product as it is."""
+    single, ranks = calibration_runs
+    ref = single[case]
+    assert ref["weighting"] == ("kronecker" if case.startswith("kronecker") else "whitened")
+    assert sorted(ref["factors"]) == sorted(ref["ranks"])
+    if case.startswith("kronecker"):  # the global allocation moved the budget between modules
+        assert len(set(ref["ranks"].values())) > 1 and len(ref["factors"]) >= 10
+    else:
+        assert len(ref["factors"]) == 14
+    for rec in (r[case] for r in ranks):
+        assert rec["tokens"] == ref["tokens"] == single["grams_one" if case == "kronecker_one" else "grams"]["tokens"]
+        assert rec["ranks"] == ref["ranks"]
+        for name, (down, up) in ref["factors"].items():
+            down2, up2 = rec["factors"][name]
+            assert _rel(up @ down, up2 @ down2) < 1e-4, (name, _rel(up @ down, up2 @ down2))
+    for name, pair in ranks[0][case]["factors"].items():
+        for a, b in zip(pair, ranks[1][case]["factors"][name]):
+            assert torch.equal(a, b), name
 
 
 @pytest.mark.gpu

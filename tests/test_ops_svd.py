@@ -72,6 +72,21 @@ def test_randomized_svd_within_one_percent_of_exact():
             _assert_orthonormal_columns(rand.U, 1e-4)
 
 
+def test_randomized_svd_ignores_and_keeps_the_global_rng():
+    """The range finder draws from its own fixed seed: the same factors whatever the global RNG state (processes
+    under torch.distributed seed it differently), and the global RNG is left where it was."""
+    A = _low_rank_plus_noise(200, 150, 20, noise=0.05, seed=3).float()
+    results = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected = torch.rand(4)
+        torch.manual_seed(seed)
+        results.append(truncated_svd(A, 8, method="randomized"))
+        assert torch.equal(torch.rand(4), expected)  # the global RNG was not advanced
+    for a, b in zip(results[0], results[1]):
+        assert torch.equal(a, b)
+
+
 def test_auto_picks_randomized_only_when_cheap(monkeypatch):
     calls = []
     real = torch.svd_lowrank

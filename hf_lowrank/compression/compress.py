@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import unwrap_wrappers
 from ..fisher_state import DEFAULT_EPS, DEFAULT_EXPONENT, resolve_fisher
 from ..modules import LowRankLinear, dense_weight, is_conv1d, set_submodule
 from ..ops.fisher import (
@@ -31,6 +32,7 @@ from ..statistics import (
     calibration_grams,
     gram_memory_bytes,
     is_causal_lm,
+    reduce_grams,
     split_into_blocks,
 )
 from ..targets import find_target_linears
@@ -156,7 +158,9 @@ def compress_model(
     marked so that ``save_pretrained`` writes a factorized checkpoint that ``from_pretrained`` rebuilds.
 
     Args:
-        model: the model to compress (modified in place).
+        model: the model to compress (modified in place). A DDP / ``torch.compile`` wrapper is unwrapped and the model
+            under it compressed (a DDP wrapper does not follow the replaced parameters: wrap the result again to
+            train it).
         ranks: ``int`` rank, ``float`` fraction of parameters kept (per module with ``allocation="uniform"``, over
             all targets together with ``"global"``), or ``{name: rank}``.
         row_weights: optional ``{name: (out,) importance}`` (Fisher row sums).
@@ -165,6 +169,9 @@ def compress_model(
         grams_out: optional ``{name: (out, out) or (out,)}`` Grams of the gradients at the module's outputs.
         calibration: optional iterable of batches (dicts with ``input_ids``, optionally ``attention_mask``; a
             ``DataLoader`` works): the Grams are collected from them first, as ``calibration_weighting`` says.
+            Under ``torch.distributed``, each process passes its own shard (it may be empty) and every process calls
+            ``compress_model``; the Grams are all-reduced, so every process compresses with the Grams of all the
+            batches and ends with the same factors (see :func:`~hf_lowrank.statistics.calibration_grams`).
         calibration_weighting: ``"whitened"`` (input Grams, forward passes only: SVD-LLM whitening) or
             ``"kronecker"`` (input Grams and the Grams of the loss gradients at each module's output: a forward and
             a backward pass per batch with the weights frozen, no update; the loss is the batch's ``labels`` or, for
@@ -193,8 +200,8 @@ def compress_model(
         damping: Gram damping ``lambda`` (``G / mean(diag G) + lambda I``).
         max_gram_dim: calibration Grams of sides wider than this keep their diagonal only.
         sequential: with ``calibration``: compress block by block, each block's input Grams measured on the outputs
-            of the already-compressed blocks before it (one block's Grams in memory at a time). Uniform ranks (or a
-            rank map) only.
+            of the already-compressed blocks before it (one block's Grams in memory at a time; all-reduced block by
+            block under ``torch.distributed``). Uniform ranks (or a rank map) only.
         rank_multiple: ranks chosen from a float keep (uniform or global) are multiples of this (default 8: factor
             pairs of aligned inner dimension run at their FLOP ratio, odd ones up to 25% slower; 1 turns it off).
             Explicit ranks are used as given.
@@ -212,6 +219,7 @@ def compress_model(
         A :class:`CompressionReport` (``info`` records the weighting, allocation, calibration tokens and any Gram
         whose factorization needed the eigendecomposition fallback).
     """
+    model = unwrap_wrappers(model)
     state = None
     if fisher is not None:
         if any(x is not None for x in (row_weights, col_weights, grams_in, grams_out, calibration)) or sequential:
@@ -377,11 +385,16 @@ def _compress_sequential(model, targets, plan, calibration, report, row_weights,
             if names:
                 sub = {n: targets[n] for n in names}
                 hooks = GramHooks(sub, share=True, max_dim=max_gram_dim).attach()
+                error = None
                 try:
                     stream.run(block, hooks=hooks)
+                except Exception as exc:  # raised by reduce_grams, on every process under torch.distributed
+                    error = exc
                 finally:
                     hooks.detach()
-                grams = {n: hooks.store[n + GRAM_IN] for n in names if n + GRAM_IN in hooks.store}
+                param = next(block.parameters(), None)
+                store, _ = reduce_grams(hooks.store, device=param.device if param is not None else None, error=error)
+                grams = {n: store[n + GRAM_IN] for n in names if n + GRAM_IN in store}
                 block_sides = _weighting_sides(
                     sub, _only(row_weights, names), _only(col_weights, names), grams, _only(grams_out, names),
                     exponent, eps, damping,
@@ -392,7 +405,7 @@ def _compress_sequential(model, targets, plan, calibration, report, row_weights,
                 for name, new in replacements.items():
                     originals[name] = targets[name]
                     set_submodule(model, name, new)
-                del grams, block_sides, hooks
+                del grams, store, block_sides, hooks
             stream.run(block, advance=True)
     except BaseException:
         for name, module in originals.items():  # all or nothing

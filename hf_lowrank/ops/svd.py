@@ -10,6 +10,7 @@ Conventions: a Linear weight ``W`` has shape ``(out, in)``; ``down`` is ``(r, in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Literal, NamedTuple
@@ -32,6 +33,10 @@ __all__ = [
 ]
 
 SVDMethod = Literal["auto", "exact", "randomized"]
+
+RANDOMIZED_SEED = 0
+"""Seed of the randomized range finder's test matrix: the same matrix gives the same factors in every process and
+every call, whatever the global RNG state (which is left as it was)."""
 
 
 class SVDError(RuntimeError):
@@ -192,7 +197,9 @@ def truncated_svd(
 
     ``method="auto"`` uses the randomized range finder (``torch.svd_lowrank`` with ``oversample`` extra columns and
     ``niter`` power iterations) when ``rank + oversample`` is at most a fifth of ``min(m, n)``, where it is several
-    times cheaper than a full SVD and within a fraction of a percent of its error; otherwise the exact SVD.
+    times cheaper than a full SVD and within a fraction of a percent of its error; otherwise the exact SVD. The
+    range finder draws its test matrix from :data:`RANDOMIZED_SEED` (the global RNG is restored afterwards), so the
+    result does not depend on the RNG state: processes under ``torch.distributed`` get the same factors.
 
     Args:
         A: ``(m, n)`` matrix of any floating dtype.
@@ -218,13 +225,32 @@ def truncated_svd(
     if use_random and q < k:
         dtype = _compute_dtype(A)
         try:
-            U, S, V = torch.svd_lowrank(A.to(dtype), q=q, niter=niter)
+            with _seeded_rng(A.device):
+                U, S, V = torch.svd_lowrank(A.to(dtype), q=q, niter=niter)
             if _finite(U, S, V):
                 return SVDResult(U[:, :rank].contiguous(), S[:rank].contiguous(), V[:, :rank].T.contiguous())
         except RuntimeError:
             pass  # fall through to the exact path
     U, S, Vh = full_svd(A, name=name)
     return SVDResult(U[:, :rank].contiguous(), S[:rank].contiguous(), Vh[:rank].contiguous())
+
+
+@contextlib.contextmanager
+def _seeded_rng(device: torch.device):
+    """The default generator of ``device`` seeded with :data:`RANDOMIZED_SEED` inside, its state restored after."""
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(RANDOMIZED_SEED)
+            yield
+    elif device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index]):
+            torch.cuda.default_generators[index].manual_seed(RANDOMIZED_SEED)
+            yield
+    else:  # other accelerators: fork and seed every generator of that kind
+        with torch.random.fork_rng(device_type=device.type):
+            torch.manual_seed(RANDOMIZED_SEED)
+            yield
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ import os
 import torch
 from torch import nn
 
-from ...distributed import is_fsdp_model, world_size
+from ...distributed import all_reduce_sum_, is_fsdp_model, world_size
 from ...fisher_state import _KINDS, FISHER_STATE_NAME, SOURCES, FisherState, FisherStateError, fisher_state_filename
 from ...statistics import GRAM_IN, GRAM_OUT, GramHooks
 from .walk import _full_targets, lora_linear_modules, model_fingerprint, unwrap_model, unwrap_wrappers
@@ -407,14 +407,11 @@ class FisherCollector:
         Single process: a copy of the local state. This is the one place where distributed Fisher is combined.
         """
         state = self.snapshot().clone()
-        import torch.distributed as dist
-
         if world_size() == 1:
             return state
-        for key in sorted(state.tensors):
-            dist.all_reduce(state.tensors[key], op=dist.ReduceOp.SUM)
+        all_reduce_sum_(state.tensors[key] for key in sorted(state.tensors))
         device = next(iter(state.tensors.values())).device if state.tensors else torch.device("cpu")
         counts = torch.tensor([state.micro_batches, state.samples, state.skipped], dtype=torch.int64, device=device)
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        all_reduce_sum_([counts])
         state.micro_batches, state.samples, state.skipped = (int(x) for x in counts.tolist())
         return state

@@ -8,26 +8,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ...distributed import unwrap_wrappers
 from ...modules import is_conv1d
 from ...targets import find_target_linears
 
 __all__ = ["lora_linear_modules", "model_fingerprint", "unwrap_model", "unwrap_wrappers"]
-
-_WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
-
-
-def unwrap_wrappers(model: nn.Module) -> nn.Module:
-    """The model under DDP / DataParallel / DeepSpeed and ``torch.compile`` wrappers (a ``PeftModel`` stays one).
-
-    The one unwrap rule of the package: :func:`unwrap_model` and the compress-on-save path start from it.
-    """
-    while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        elif type(model).__name__ in _WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
