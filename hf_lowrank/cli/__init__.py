@@ -158,11 +158,7 @@ def _cmd_compress(args) -> int:
         report = compress_model(model, _ranks_arg(args), fisher=args.fisher, fisher_weighting=args.weighting,
                                 target_modules=targets, method=args.svd, allocation=args.allocation)
     elif args.method == "welore":
-        from ..peft_configs.welore import welore_ranks_for_model
-
-        ranks, allocation = welore_ranks_for_model(model, args.reduction, target_modules=targets)
-        report = compress_model(model, ranks, method=args.svd, report_method="welore")
-        print(f"WeLore: target reduction {args.reduction:.3f}, achieved {allocation.achieved_reduction:.4f}")
+        report = _compress_welore(args, model, tok, targets)
     else:  # argparse restricts the choices
         raise SystemExit(f"unknown method {args.method}")
     elapsed = time.perf_counter() - started
@@ -171,6 +167,43 @@ def _cmd_compress(args) -> int:
     print(report.summary())
     print(f"compressed in {elapsed:.1f}s; saved to {args.out}")
     return 0
+
+
+def _compress_welore(args, model, tok, targets):
+    """WeLore ranks, then the LRCs factorized (N-LRCs stay dense). With ``--calibration`` data-aware: the threshold
+    runs on the whitened spectra and the factors are the whitened SVD, both from the same input Grams (collected
+    once, forward passes only)."""
+    from ..compression.checkpoint import mark_compressed
+    from ..compression.compress import compress_model
+    from ..peft_configs.welore import welore_ranks_for_model
+
+    if args.calibration_weighting == "kronecker":
+        raise CliError("--method welore is data-aware through input Grams only (whitened spectra): use "
+                       "--calibration-weighting whitened or leave it out.")
+    calibration = _calibration_arg(args, tok)
+    if calibration is None:
+        if args.calibration_weighting:
+            raise CliError("--calibration-weighting needs --calibration FILE|bundled.")
+        ranks, allocation = welore_ranks_for_model(model, args.reduction, target_modules=targets)
+        report = compress_model(model, ranks, method=args.svd, report_method="welore")
+        print(f"WeLore: target reduction {args.reduction:.3f}, achieved {allocation.achieved_reduction:.4f}")
+        return report
+    from ..statistics import calibration_grams
+    from ..targets import find_target_linears
+
+    grams, tokens = calibration_grams(model, find_target_linears(model, targets), calibration)
+    ranks, allocation = welore_ranks_for_model(model, args.reduction, target_modules=targets, grams_in=grams)
+    report = compress_model(model, ranks, method=args.svd, report_method="welore",
+                            grams_in={n: grams[n] for n in ranks if n in grams})
+    welore = {"spectra": "whitened", "reduction": args.reduction,
+              "achieved_reduction": allocation.achieved_reduction, "calibration_tokens": tokens,
+              "lrc": len(allocation.lrc), "nlrc": len(allocation.nlrc)}
+    report.info["welore"] = welore
+    report.info["calibration_tokens"] = tokens
+    mark_compressed(model, report.ranks, method=report.method, extra=welore)
+    print(f"WeLore (whitened spectra, {tokens} calibration tokens): target reduction {args.reduction:.3f}, "
+          f"achieved {allocation.achieved_reduction:.4f}")
+    return report
 
 
 def _calibration_arg(args, tok):
@@ -210,6 +243,8 @@ def _write_card(args, model, report) -> None:
 
     if args.method == "welore":
         settings = {"reduction": args.reduction}
+        if args.calibration:
+            settings.update(spectra="whitened", calibration=args.calibration)
     else:
         settings = {"rank": args.rank} if args.rank is not None else {"keep": args.keep}
         if args.method == "fwsvd":
@@ -289,14 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     size = c.add_mutually_exclusive_group()
     size.add_argument("--keep", type=float, default=0.8, help="fraction of each module's parameters kept (svd/fwsvd)")
     size.add_argument("--rank", type=int, default=None, help="one rank for every target module (svd/fwsvd)")
-    c.add_argument("--reduction", type=float, default=0.3, help="achieved effective rank reduction (welore)")
+    c.add_argument("--reduction", type=float, default=0.3,
+                   help="achieved effective rank reduction (welore; data-aware with --calibration)")
     c.add_argument("--fisher", default=None, help="Fisher state file saved by FisherCollectorCallback (fwsvd)")
     c.add_argument("--weighting", choices=("kronecker", "row", "two_sided"), default=None,
                    help="Fisher weighting (fwsvd); default kronecker when the state holds Grams, else two_sided")
     c.add_argument("--target-modules", default=None, help=f"{TARGETS_HELP} (default: block Linears)")
     c.add_argument("--calibration", default=None,
-                   help="svd: 'bundled' or a .txt/.jsonl file of texts; weighs each weight by the Grams measured on "
-                   "them (see --calibration-weighting)")
+                   help="'bundled' or a .txt/.jsonl file of texts. svd: weighs each weight by the Grams measured on "
+                   "them (see --calibration-weighting); welore: data-aware, the threshold runs on the spectra "
+                   "whitened by their input Grams and the factors are the whitened SVD")
     c.add_argument("--calibration-texts", type=int, default=128, help="calibration texts used (default 128)")
     c.add_argument("--calibration-weighting", choices=("whitened", "kronecker"), default=None,
                    help="with --calibration: 'kronecker' (input and loss-gradient Grams: forward + backward passes; "

@@ -1,22 +1,27 @@
-"""Configuration of WeLoreLRC: data-free non-uniform rank reduction, then fine-tuning of the low-rank components."""
+"""Configuration of WeLoreLRC: non-uniform rank reduction (data-free, or data-aware on whitened spectra), then
+fine-tuning of the low-rank components."""
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Union
 
 import torch
 from peft.config import PeftConfig
 
+from ...ops.fisher import DEFAULT_DAMPING
 from ...targets import check_pattern_key
 from .._registry import ensure_peft_type
 
 __all__ = ["WeLoreLRCConfig"]
 
 _SVD_METHODS = ("auto", "exact", "randomized")
+SPECTRA = ("weights", "whitened")
+"""What WeLore thresholds: the singular values of the weights (data-free, the paper) or of the whitened weights."""
 
 
 def _is_int(x) -> bool:
@@ -37,6 +42,15 @@ class WeLoreLRCConfig(PeftConfig):
     reduction over the targets equals ``reduction``, replaces each low-rank component (LRC: kept rank below
     ``lrc_ratio * min(out, in)``) by a trainable factor pair initialised from its truncated SVD, and freezes
     everything else. Only the LRC factors train, so gradients and optimizer state are low-rank.
+
+    Data-aware WeLore: ``WeLoreLRCConfig(reduction=0.3).with_calibration(batches)`` (which sets
+    ``spectra="whitened"``) thresholds the WHITENED spectra instead, the singular values of ``W L_in`` with ``L_in``
+    the Cholesky factor of each module's input Gram on the calibration batches (measured by forward passes of the
+    base model inside ``get_peft_model``), and initialises the LRC factors (and truncated N-LRCs) with the whitened
+    SVD, the rank-``r`` minimiser of the output error on those inputs, so allocation and factors agree (see
+    :mod:`hf_lowrank.peft_configs.welore.allocation` for why no extra normalisation is needed). The batches are not
+    saved; ``adapter_config.json`` records ``spectra="whitened"``, the damping and the calibration token count, and
+    ``PeftModel.from_pretrained`` needs no calibration data (the factors are in the adapter weights).
 
     The fields below the line are written by ``get_peft_model`` (the resolved allocation) and saved in
     ``adapter_config.json``; ``PeftModel.from_pretrained`` rebuilds the layers from them without any SVD. Leave them
@@ -114,6 +128,25 @@ class WeLoreLRCConfig(PeftConfig):
         default=None,
         metadata={"help": "Extra modules trained in full and saved (e.g. a freshly initialised classifier head)."},
     )
+    spectra: str = field(
+        default="weights",
+        metadata={
+            "help": (
+                "What the WeLore threshold runs on: 'weights' (default, data-free: the singular values of each weight, "
+                "as in the paper) or 'whitened' (data-aware: the singular values of W L_in, L_in the Cholesky factor "
+                "of the module's calibration input Gram; the LRC factors are then the whitened SVD). 'whitened' needs "
+                "calibration batches given with config.with_calibration(batches) before get_peft_model, except when "
+                "loading a saved adapter."
+            )
+        },
+    )
+    damping: float = field(
+        default=DEFAULT_DAMPING,
+        metadata={
+            "help": "spectra='whitened': Gram damping lambda, the Cholesky factor is that of G / mean(diag G) + "
+            "lambda * I (as compress_model's damping)."
+        },
+    )
     # ---- resolved by get_peft_model; saved so that from_pretrained restores without SVDs ----
     rank_map: dict | None = field(
         default=None,
@@ -130,6 +163,10 @@ class WeLoreLRCConfig(PeftConfig):
     )
     welore_threshold: float | None = field(
         default=None, metadata={"help": "Resolved: the global threshold on normalised singular values."}
+    )
+    calibration_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Resolved (spectra='whitened'): calibration tokens the input Grams were measured on."},
     )
 
     def __post_init__(self) -> None:
@@ -151,6 +188,20 @@ class WeLoreLRCConfig(PeftConfig):
             raise ValueError(f"nlrc must be 'keep' or 'truncate', got {self.nlrc!r}.")
         if self.svd_method not in _SVD_METHODS:
             raise ValueError(f"svd_method must be one of {_SVD_METHODS}, got {self.svd_method!r}.")
+        if self.spectra not in SPECTRA:
+            raise ValueError(
+                f"spectra must be 'weights' (data-free WeLore) or 'whitened' (data-aware: spectra of the weights "
+                f"whitened by calibration input Grams, see with_calibration), got {self.spectra!r}."
+            )
+        d = self.damping
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (d >= 0 and math.isfinite(d)):
+            raise ValueError(f"damping must be a finite number >= 0 (default {DEFAULT_DAMPING}), got {d!r}.")
+        self.damping = float(d)
+        t = self.calibration_tokens
+        if t is not None:
+            if not _is_int(t) or t < 0:
+                raise ValueError(f"calibration_tokens is written by get_peft_model (a token count), got {t!r}.")
+            self.calibration_tokens = int(t)
         if isinstance(self.target_modules, set):
             self.target_modules = sorted(self.target_modules)
         if self.rank_pattern is None:
@@ -217,4 +268,42 @@ class WeLoreLRCConfig(PeftConfig):
             if f is not None and not all(isinstance(v, torch.Tensor) and v.ndim == 1 for v in f.values()):
                 raise ValueError(f"{what} must map module names to 1-D tensors of accumulated Fisher.")
         object.__setattr__(self, "_welore_fisher", (dict(row_fisher or {}), dict(col_fisher or {})))
+        return self
+
+    def with_calibration(
+        self,
+        calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
+        *,
+        grams_in: Mapping[str, torch.Tensor] | None = None,
+    ) -> WeLoreLRCConfig:
+        """Make WeLore data-aware (``spectra="whitened"``) with calibration batches; returns ``self``.
+
+        ``get_peft_model`` then runs the base model over ``calibration`` (forward passes only, eval mode, no weight
+        changes) to collect every target's input Gram ``sum x x^T``, thresholds the spectra of ``W L_in``
+        (``L_in L_in^T = G / mean(diag G) + damping * I``) and initialises the LRC factors with the whitened SVD.
+        The batches (or Grams) are not saved; the adapter config records ``spectra="whitened"`` and the token
+        count, and ``PeftModel.from_pretrained`` loads the adapter without them.
+
+        Args:
+            calibration: batches of dicts with ``input_ids`` (and optionally ``attention_mask``), e.g.
+                ``hf_lowrank.evaluation.calibration_batches(tokenizer, texts)`` or a ``DataLoader``.
+            grams_in: instead of ``calibration``, input Grams already collected on this model
+                (``hf_lowrank.statistics.calibration_grams(model, targets, batches)[0]``).
+
+        Raises:
+            ValueError: both or neither given, or batches / Grams of the wrong kind.
+        """
+        if (calibration is None) == (grams_in is None):
+            raise ValueError("with_calibration takes calibration batches or grams_in (input Grams), one of the two.")
+        if grams_in is not None and not (
+            isinstance(grams_in, Mapping) and all(isinstance(v, torch.Tensor) for v in grams_in.values())
+        ):
+            raise ValueError("grams_in must map module names to Gram tensors (calibration_grams(...)[0]).")
+        if isinstance(calibration, (Mapping, str, torch.Tensor)):
+            raise ValueError(
+                "calibration must be an iterable of batches (a list of tokenizer outputs or a DataLoader), not one "
+                f"{type(calibration).__name__}; wrap a single batch in a list."
+            )
+        self.spectra = "whitened"
+        object.__setattr__(self, "_welore_calibration", (calibration, None if grams_in is None else dict(grams_in)))
         return self

@@ -1,7 +1,8 @@
 """WeLoreLRC tuner layer: a Linear replaced by a trainable factor pair (LRC) or a frozen truncated copy (N-LRC).
 
 Unlike LoRA the factors are not added to the base weight, they ARE the layer: ``y = x @ down.T @ up.T + b`` with
-``down = sqrt(S) V^T`` ``(r, in)`` and ``up = U sqrt(S)`` ``(out, r)`` from the truncated SVD of the base weight. The
+``down = sqrt(S) V^T`` ``(r, in)`` and ``up = U sqrt(S)`` ``(out, r)`` from the truncated SVD of the base weight
+(data-aware WeLore: of the whitened weight ``W L_in``, ``down = sqrt(S) V^T L_in^{-1}``, see :func:`welore_factors`). The
 base Linear stays in ``base_layer`` (peft's convention) for its bias and, with ``keep_dense=True``, its dense weight
 (so ``disable_adapter``, ``unmerge`` and ``unload`` give the dense model back). With ``keep_dense=False`` (the
 default) the dense weight is dropped once the factors hold the layer, and the PEFT model is as small as the
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import numbers
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,10 @@ from torch import nn
 
 from ..._compat import cast_input_dtype
 from ...modules import LowRankLinear, dense_weight
-from ...ops.fisher import fwsvd
+from ...ops.fisher import fwsvd, weighted_lowrank
 
-__all__ = ["DenseWeightDroppedError", "WeLoreLayer", "WeLoreLinear", "welore_factors"]
+__all__ = ["DenseWeightDroppedError", "WeLoreLayer", "WeLoreLinear", "WhitenedFactorsNeedCalibrationError",
+           "welore_factors"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,20 @@ def _dropped_message(what: str) -> str:
         "as small as the compressed model). Create the adapter with WeLoreLRCConfig(..., keep_dense=True) to keep "
         "them, or use merge_and_unload() to get the compressed model."
     )
+
+
+class _PendingInit(NamedTuple):
+    """How a deferred initialisation computes an adapter's factors: the Fisher sides or the whitening factor, and
+    whether the adapter is data-aware (then its factors cannot come from the weight alone)."""
+
+    row_fisher: torch.Tensor | None = None
+    col_fisher: torch.Tensor | None = None
+    in_factor: torch.Tensor | None = None
+    whitened: bool = False
+
+
+class WhitenedFactorsNeedCalibrationError(ValueError):
+    """A data-aware (whitened) WeLore adapter has neither loaded weights nor the calibration to compute its factors."""
 
 
 class WeLoreLayer(BaseTunerLayer):
@@ -76,7 +92,7 @@ class WeLoreLayer(BaseTunerLayer):
         w = base.weight
         self._factor_dtype = w.dtype if w.is_floating_point() else torch.float32  # bnb layers: float32 factors
         self._device = w.device
-        self._pending: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._pending: dict[str, _PendingInit] = {}
         self._keep_dense = True
         self._dense_dropped = False
         self._merge_stash: list[nn.Parameter | None] = []
@@ -96,6 +112,8 @@ class WeLoreLayer(BaseTunerLayer):
         svd_method: str = "auto",
         row_fisher: torch.Tensor | None = None,
         col_fisher: torch.Tensor | None = None,
+        in_factor: torch.Tensor | None = None,
+        whitened: bool = False,
         inference_mode: bool = False,
     ) -> None:
         """Add adapter ``adapter_name`` to this layer.
@@ -112,6 +130,11 @@ class WeLoreLayer(BaseTunerLayer):
             row_fisher: optional ``(out,)`` accumulated Fisher per output row: the factors then come from the
                 Fisher-weighted SVD (:func:`hf_lowrank.ops.fisher.fwsvd`).
             col_fisher: optional ``(in,)`` accumulated Fisher per input column.
+            in_factor: optional ``(in, in)`` whitening factor of the calibration input Gram (data-aware WeLore): the
+                factors then come from the whitened SVD (:func:`hf_lowrank.ops.fisher.weighted_lowrank`).
+            whitened: the adapter is data-aware. Without ``in_factor`` its factors must arrive from a checkpoint:
+                the deferred initialisation refuses (:class:`WhitenedFactorsNeedCalibrationError`) rather than fall
+                back to the plain SVD, which would not be the factorization the allocation was made for.
             inference_mode: freeze the new factors.
         """
         if role not in ROLES:
@@ -139,22 +162,30 @@ class WeLoreLayer(BaseTunerLayer):
                 torch.zeros(self.out_features, self.in_features, **kw), requires_grad=False
             )
             self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: ("welore_weight",)}
-        self._pending[adapter_name] = (row_fisher, col_fisher)
+        self._pending[adapter_name] = _PendingInit(row_fisher, col_fisher, in_factor, bool(whitened))
         if init:
             self._materialize()
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     @torch.no_grad()
-    def _init_from_svd(self, adapter_name: str, row_fisher, col_fisher) -> None:
-        self._assign_factors(adapter_name, *self._svd_factors(adapter_name, row_fisher, col_fisher))
+    def _init_from_svd(self, adapter_name: str, init: _PendingInit) -> None:
+        self._assign_factors(adapter_name, *self._svd_factors(adapter_name, init))
 
-    def _svd_factors(self, adapter_name: str, row_fisher, col_fisher) -> tuple[torch.Tensor, torch.Tensor]:
+    def _svd_factors(self, adapter_name: str, init: _PendingInit) -> tuple[torch.Tensor, torch.Tensor]:
         """``(down, up)`` of the adapter from the base weight; nothing on the layer changes."""
         if self._dense_dropped:
             raise DenseWeightDroppedError(_dropped_message("Initialising the WeLore factors"))
+        name = getattr(self, "_welore_name", None)
+        if init.whitened and init.in_factor is None:
+            raise WhitenedFactorsNeedCalibrationError(
+                f"The WeLore adapter{f' of {name!r}' if name else ''} is data-aware (spectra='whitened'): its factors "
+                "are the whitened SVD of the base weight on calibration data, which this config does not carry. Load "
+                "its weights with PeftModel.from_pretrained(model, adapter_dir), or give the config the calibration "
+                "again (config.with_calibration(batches)) before get_peft_model."
+            )
         return welore_factors(
-            self.get_base_layer(), self.welore_rank[adapter_name], row_fisher=row_fisher, col_fisher=col_fisher,
-            method=self._svd_method, name=getattr(self, "_welore_name", None),
+            self.get_base_layer(), self.welore_rank[adapter_name], row_fisher=init.row_fisher,
+            col_fisher=init.col_fisher, in_factor=init.in_factor, method=self._svd_method, name=name,
         )
 
     @torch.no_grad()
@@ -172,8 +203,8 @@ class WeLoreLayer(BaseTunerLayer):
     def _materialize(self) -> None:
         """Run the deferred SVD initialisation of adapters whose weights never arrived from a checkpoint."""
         if self._pending:
-            for adapter_name, (rw, cw) in list(self._pending.items()):
-                self._init_from_svd(adapter_name, rw, cw)
+            for adapter_name, init in list(self._pending.items()):
+                self._init_from_svd(adapter_name, init)
         self._maybe_drop_dense()
 
     def _weights_loaded(self, adapter_name: str) -> None:
@@ -319,17 +350,26 @@ def welore_factors(
     *,
     row_fisher: torch.Tensor | None = None,
     col_fisher: torch.Tensor | None = None,
+    in_factor: torch.Tensor | None = None,
     method: str = "auto",
     name: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(down (r, in), up (out, r))`` of a Linear's (Fisher-weighted) truncated SVD: a WeLore layer's initial factors.
+    """``(down (r, in), up (out, r))`` of a Linear's (weighted) truncated SVD: a WeLore layer's initial factors.
 
-    Goes through the package's one factorization, :func:`hf_lowrank.ops.fisher.fwsvd` (without Fisher: the plain
-    truncated SVD split into balanced factors).
+    Goes through the package's one factorization, :func:`hf_lowrank.ops.fisher.weighted_lowrank`: with a whitening
+    ``in_factor`` (data-aware WeLore) the rank-``r`` minimiser of ``||(W - W_hat) L_in||_F``, the factorization whose
+    spectrum the data-aware allocation thresholded (the same factor as ``compress_model(grams_in=...)`` uses);
+    otherwise :func:`hf_lowrank.ops.fisher.fwsvd` (without Fisher: the plain truncated SVD split into balanced
+    factors).
 
     Raises:
         SVDError: the weight (or its factors) is not finite; names the module.
+        ValueError: ``in_factor`` together with Fisher (one weighting at a time).
     """
+    if in_factor is not None:
+        if row_fisher is not None or col_fisher is not None:
+            raise ValueError("WeLore factors take one weighting: Fisher or an input whitening factor, not both.")
+        return weighted_lowrank(dense_weight(base_layer), rank, in_factor=in_factor, method=method, name=name)
     return fwsvd(dense_weight(base_layer), rank, row_fisher=row_fisher, col_fisher=col_fisher, method=method, name=name)
 
 

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ...targets import find_target_linears
 from .._tuner import KeepUnloadedModules
-from .allocation import WeLoreLRCAllocation, welore_allocation_for_targets
+from .allocation import WeLoreLRCAllocation, calibration_whitening, welore_allocation_for_targets
 from .config import WeLoreLRCConfig
 from .layer import DenseWeightDroppedError, WeLoreLayer, WeLoreLinear, _dropped_message, welore_factors
 from .spectra import default_spectra_cache
@@ -75,17 +75,42 @@ class WeLoreModel(KeepUnloadedModules, BaseTuner):
         if not isinstance(config, WeLoreLRCConfig):
             raise ValueError(f"WeLoreModel needs a WeLoreLRCConfig, got {type(config).__name__}.")
         row_fisher, col_fisher = getattr(config, "_welore_fisher", (None, None))
+        whitened = config.spectra == "whitened"
+        calibration, grams_in = getattr(config, "_welore_calibration", (None, None))
+        has_calibration = calibration is not None or grams_in is not None
+        if whitened and (row_fisher or col_fisher):
+            raise ValueError(
+                "WeLoreLRCConfig takes one weighting: with_fisher (Fisher-weighted spectra) or spectra='whitened' "
+                "(with_calibration), not both."
+            )
+        if has_calibration and not whitened:
+            raise ValueError("The config carries calibration batches but spectra='weights'; use with_calibration() "
+                             "(which sets spectra='whitened') or drop the batches.")
+        in_factors: dict[str, torch.Tensor] = {}
         if config.rank_map is None:
+            if whitened and not has_calibration:
+                raise ValueError(
+                    "WeLoreLRCConfig(spectra='whitened') is data-aware: give it calibration batches before "
+                    "get_peft_model, e.g. config.with_calibration(hf_lowrank.evaluation.calibration_batches(tokenizer, "
+                    "texts)), or use spectra='weights' (data-free)."
+                )
             targets = _find_targets(model, config.target_modules, config.task_type)
+            tokens = None
+            if whitened:
+                in_factors, tokens = calibration_whitening(model, targets, calibration=calibration, grams_in=grams_in,
+                                                           damping=config.damping, progress=config.progress)
             alloc = welore_allocation_for_targets(
                 targets, config.reduction, lrc_ratio=config.lrc_ratio, nlrc=config.nlrc,
                 rank_pattern=config.rank_pattern, row_fisher=row_fisher, col_fisher=col_fisher,
-                cache=default_spectra_cache(config.spectra_cache_dir), progress=config.progress,
+                in_factors=in_factors, cache=default_spectra_cache(config.spectra_cache_dir), progress=config.progress,
             )
+            alloc.whitened = whitened  # recorded even if no calibration token reached any target
+            alloc.calibration_tokens = tokens
             config.rank_map = dict(alloc.ranks)
             config.lrc_modules = list(alloc.lrc)
             config.achieved_reduction = alloc.achieved_reduction
             config.welore_threshold = alloc.threshold
+            config.calibration_tokens = tokens
             fresh = True
         else:
             alloc = self._allocation_from_config(model, config)
@@ -115,9 +140,15 @@ class WeLoreModel(KeepUnloadedModules, BaseTuner):
                 f"fine-tune: a layer is an LRC when its kept rank is below lrc_ratio * min(out, in) (lrc_ratio="
                 f"{config.lrc_ratio}). Raise reduction, raise lrc_ratio, or use nlrc='keep' (only LRCs remove ranks)."
             )
+        if whitened and not fresh and has_calibration:
+            # a saved data-aware config reused with calibration: the deferred initialisation gets whitened factors
+            planned = find_target_linears(model, sorted(plan))
+            in_factors, _ = calibration_whitening(model, planned, calibration=calibration, grams_in=grams_in,
+                                                  damping=config.damping, progress=config.progress)
         self._welore_plan = plan
         self._welore_fresh = fresh
         self._welore_fisher = (row_fisher, col_fisher)
+        self._welore_whitening = (whitened, {} if fresh else in_factors)
         self.welore_allocation = alloc
         self._welore_factors = {}
         if fresh:
@@ -128,7 +159,8 @@ class WeLoreModel(KeepUnloadedModules, BaseTuner):
             for name, (_, rank) in bar:
                 self._welore_factors[name] = welore_factors(
                     targets[name], rank, row_fisher=(row_fisher or {}).get(name),
-                    col_fisher=(col_fisher or {}).get(name), method=config.svd_method, name=name,
+                    col_fisher=(col_fisher or {}).get(name), in_factor=in_factors.get(name),
+                    method=config.svd_method, name=name,
                 )
 
     @staticmethod
@@ -166,6 +198,8 @@ class WeLoreModel(KeepUnloadedModules, BaseTuner):
             attempted_reduction=float("nan"),
             lrc_ratio=float(config.lrc_ratio),
             nlrc_mode=config.nlrc,
+            whitened=config.spectra == "whitened",
+            calibration_tokens=config.calibration_tokens,
         )
 
     def _check_target_module_exists(self, peft_config, key: str) -> bool:
@@ -180,6 +214,7 @@ class WeLoreModel(KeepUnloadedModules, BaseTuner):
             raise ValueError(f"'{current_key}' already carries a WeLoreLRC adapter; WeLoreLRC allows one adapter.")
         role, rank = self._welore_plan[current_key]
         row_fisher, col_fisher = self._welore_fisher
+        whitened, in_factors = getattr(self, "_welore_whitening", (False, {}))
         factors = self._welore_factors.pop(current_key, None)
         new = WeLoreLinear(
             target,
@@ -191,6 +226,8 @@ class WeLoreModel(KeepUnloadedModules, BaseTuner):
             svd_method=peft_config.svd_method,
             row_fisher=(row_fisher or {}).get(current_key),
             col_fisher=(col_fisher or {}).get(current_key),
+            in_factor=in_factors.get(current_key),
+            whitened=whitened,
             inference_mode=peft_config.inference_mode,
         )
         new._welore_name = current_key
@@ -232,6 +269,7 @@ class WeLoreModel(KeepUnloadedModules, BaseTuner):
         if config.progress and self._welore_fresh:
             print(summary, file=sys.stderr)
         self._welore_fisher = (None, None)  # do not hold the Fisher tensors beyond the initialisation
+        self._welore_whitening = (False, {})  # pending layers hold their own whitening factors
 
     @staticmethod
     def _trainable_share(model: nn.Module) -> float:
@@ -254,8 +292,8 @@ class WeLoreModel(KeepUnloadedModules, BaseTuner):
             return
         computed = []
         for layer in pending:
-            for adapter, (rw, cw) in list(layer._pending.items()):
-                computed.append((layer, adapter, layer._svd_factors(adapter, rw, cw)))
+            for adapter, init in list(layer._pending.items()):
+                computed.append((layer, adapter, layer._svd_factors(adapter, init)))
         for layer, adapter, factors in computed:
             layer._assign_factors(adapter, *factors)
         for layer in pending:
@@ -325,6 +363,8 @@ class WeLoreModel(KeepUnloadedModules, BaseTuner):
             "lrc_ratio": config.lrc_ratio,
             "nlrc": config.nlrc,
         }
+        if config.spectra == "whitened":  # the data-free record stays as it was
+            extra.update(spectra="whitened", damping=config.damping, calibration_tokens=config.calibration_tokens)
         self._prepare_compressed(safe_merge)
         model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
         ranks = {n: m.rank for n, m in model.named_modules() if n in lrc and isinstance(m, LowRankLinear)}
