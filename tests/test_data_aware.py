@@ -642,3 +642,18 @@ def test_kronecker_on_a_4bit_base_compresses_the_dequantized_weights(tmp_path):
     x = _batches(n=1)[0]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**x).logits, out.eval()(**x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_global_allocation_of_raw_whitened_losses_warns(caplog):
+    """Raw whitened losses do not compare across modules (measured far worse than uniform): that choice is named."""
+    import logging
+
+    model = make_tiny_llama(seed=0)
+    grams, _ = calibration_grams(model, find_target_linears(model), _batches(), progress=False)
+    with caplog.at_level(logging.WARNING, logger="hf_lowrank.compression.compress"):
+        compress_model(copy.deepcopy(model), 0.5, grams_in=grams, allocation="global", loss_normalization="relative",
+                       progress=False)
+    assert "loss_normalization='none'" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="hf_lowrank.compression.compress"):
+        compress_model(model, 0.5, grams_in=grams, allocation="global", loss_normalization="none", progress=False)
+    assert "loss_normalization='none'" in caplog.text and "relative" in caplog.text
