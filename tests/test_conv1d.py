@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import get_peft_model
 from torch.nn import functional as F
@@ -140,3 +141,20 @@ def test_decompressed_gpt2_saves_the_stock_conv1d_layout(tmp_path):
         stock = AutoModelForCausalLM.from_pretrained(out).eval()
         assert isinstance(stock.transformer.h[1].mlp.c_fc, Conv1D)
         torch.testing.assert_close(_logits(stock, x), compressed, rtol=1e-4, atol=1e-5)
+
+
+def test_welore_refuses_conv1d_up_front_and_its_ranks_compress_gpt2(tmp_path):
+    """WeLoreLRC's PEFT layers are Linear-only: get_peft_model names Conv1D and the way that works, before any SVD;
+    that way (WeLore's ranks, then compress_model) compresses GPT-2 and reloads exactly."""
+    from hf_lowrank import WeLoreLRCConfig, compress_model, load_compressed, welore_ranks_for_model
+
+    model = _tiny_gpt2()
+    with pytest.raises(TypeError, match=r"Conv1D.*compress_model"):
+        get_peft_model(model, WeLoreLRCConfig(reduction=0.3))
+    assert not any(n.startswith("base_model") for n, _ in model.named_modules())  # nothing was injected
+    ranks, allocation = welore_ranks_for_model(model, 0.3, progress=False)
+    assert ranks and allocation.achieved_reduction > 0
+    compress_model(model, ranks, progress=False)
+    model.save_pretrained(tmp_path / "c")
+    x = _tokens()
+    torch.testing.assert_close(_logits(load_compressed(tmp_path / "c"), x), _logits(model, x), rtol=0, atol=0)

@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...modules import is_conv1d
 from ...targets import find_target_linears
 from .._tuner import KeepUnloadedModules
 from .allocation import WeLoreLRCAllocation, calibration_whitening, welore_allocation_for_targets
@@ -23,7 +24,7 @@ __all__ = ["WeLoreModel"]
 def _find_targets(model: nn.Module, target_modules, task_type=None) -> dict[str, nn.Module]:
     """``find_target_linears``, with a clear message for a model that is already compressed."""
     try:
-        return find_target_linears(model, target_modules, task_type=task_type)
+        targets = find_target_linears(model, target_modules, task_type=task_type)
     except ValueError as exc:
         from ...modules import LowRankLinear
 
@@ -35,6 +36,16 @@ def _find_targets(model: nn.Module, target_modules, task_type=None) -> dict[str,
             f"found nothing left to compress ({exc}) WeLore works on dense Linear layers: apply it to the original "
             "model, or decompress first (hf_lowrank.decompress_model) if you mean to compress again."
         ) from None
+    conv1d = [n for n, m in targets.items() if is_conv1d(m)]
+    if conv1d:
+        raise TypeError(
+            f"WeLoreLRC replaces nn.Linear layers, and {len(conv1d)} target(s) are GPT-2-style Conv1D layers (e.g. "
+            f"'{conv1d[0]}'): WeLore does not support Conv1D. Compress this model with hf_lowrank.compress_model "
+            "(it supports Conv1D; WeLore's ranks for it: hf_lowrank.welore_ranks_for_model, or hf-lowrank compress "
+            "--method welore), fine-tune it with FisherLoRAConfig, or restrict target_modules to nn.Linear layers."
+        )
+    return targets
+
 
 logger = logging.getLogger(__name__)
 
