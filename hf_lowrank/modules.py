@@ -130,8 +130,12 @@ class LowRankLinear(nn.Module):
         ``compress_model(..., dtype=torch.float16)``) get ``x`` cast to the factor dtype and the output cast back.
         Under autocast the input is left alone (autocast already picks the matmul dtype).
         """
-        down, up = self.down, self.up
-        weight = getattr(down, "weight", None)
+        # Registered submodules and parameters are read from their dicts, not through nn.Module.__getattr__: that
+        # costs about as much as a small decode-step GEMM per access, and a factor pair would pay it six times.
+        modules = self._modules
+        down, up = modules["down"], modules["up"]
+        plain = _plain(down) and _plain(up)
+        weight = down._parameters["weight"] if plain else getattr(down, "weight", None)
         dtype = weight.dtype if isinstance(weight, torch.Tensor) else x.dtype
         cast = not (
             x.dtype == dtype
@@ -139,8 +143,9 @@ class LowRankLinear(nn.Module):
             or torch.is_autocast_enabled(x.device.type)
         )
         h = x.to(dtype) if cast else x
-        if _plain(down) and _plain(up):  # two GEMMs without two module calls: decode steps are call-bound
-            y = F.linear(F.linear(h, down.weight), up.weight, up.bias)
+        if plain:  # two GEMMs without two module calls: decode steps are call-bound
+            up_params = up._parameters
+            y = F.linear(F.linear(h, weight), up_params["weight"], up_params["bias"])
         else:  # a wrapped factor (peft adapter, accelerate hook, ...) runs as a module
             y = up(down(h))
         return y.to(x.dtype) if cast else y
