@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from tiny_models import CallCounter
 from torch import nn
 
 import hf_lowrank.peft_configs.welore as welore
@@ -61,22 +62,11 @@ def _ids(n: int = 2, length: int = 12) -> torch.Tensor:
     return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(1))
 
 
-class _Counter:
-    """Wraps a real function and counts its calls (the function still runs)."""
-
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs)
-
-
 @pytest.fixture
 def svd_calls(monkeypatch):
     counters = {
-        "spectra": _Counter(welore_spectra.singular_values),
-        "factors": _Counter(welore_layer.fwsvd),
+        "spectra": CallCounter(welore_spectra.singular_values),
+        "factors": CallCounter(welore_layer.fwsvd),
     }
     monkeypatch.setattr(welore_spectra, "singular_values", counters["spectra"])
     monkeypatch.setattr(welore_layer, "fwsvd", counters["factors"])  # the one factorization every WeLore layer uses

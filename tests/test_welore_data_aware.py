@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
-from tiny_models import make_tiny_llama
+from tiny_models import CallCounter, make_tiny_llama
 from torch import nn
 
 import hf_lowrank.ops.fisher as ops_fisher
@@ -184,15 +184,6 @@ def test_lrc_factors_are_the_whitened_truncation_the_allocation_was_made_for():
 
 
 # ------------------------------------------------------------------------------------------------ config, save, load
-class _Counter:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs)
-
-
 def test_saved_adapter_records_the_variant_and_loads_without_calibration(tmp_path, monkeypatch):
     batches = _batches()
     model = get_peft_model(make_tiny_llama(), _cfg(reduction=0.3).with_calibration(batches))
@@ -213,8 +204,8 @@ def test_saved_adapter_records_the_variant_and_loads_without_calibration(tmp_pat
     def no_calibration(*args, **kwargs):
         raise AssertionError("loading a saved adapter must not run calibration")
 
-    counters = {"svdvals": _Counter(welore_spectra.singular_values), "factors": _Counter(welore_layer.weighted_lowrank),
-                "spectrum": _Counter(ops_fisher.weighted_spectrum)}
+    counters = {"svdvals": CallCounter(welore_spectra.singular_values), "factors": CallCounter(welore_layer.weighted_lowrank),
+                "spectrum": CallCounter(ops_fisher.weighted_spectrum)}
     monkeypatch.setattr(statistics, "calibration_grams", no_calibration)
     monkeypatch.setattr(welore_spectra, "singular_values", counters["svdvals"])
     monkeypatch.setattr(welore_layer, "weighted_lowrank", counters["factors"])

@@ -137,3 +137,14 @@ def write_safetensors_header(path, header: dict) -> None:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+
+
+class CallCounter:
+    """Wraps a real function and counts its calls (the function still runs): put it in place with monkeypatch."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
