@@ -186,7 +186,7 @@ def compress_model(
             targets are the state's modules. Replaces ``row_weights``/``col_weights``/``grams_*``/``calibration``.
         fisher_weighting: with ``fisher``: ``"kronecker"`` (the state's input and output-gradient Grams),
             ``"two_sided"`` or ``"row"`` (its diagonal row / column Fisher). Default: ``"kronecker"`` when the state
-            holds Grams for every target, else :data:`~hf_lowrank.fisher_state.DEFAULT_WEIGHTING`.
+            holds Grams for every module it has, else :data:`~hf_lowrank.fisher_state.DEFAULT_WEIGHTING`.
         allocation: ``"uniform"`` (the same fraction in every module) or ``"global"`` (per-module ranks minimising
             the summed weighted truncation loss under the total parameter budget,
             :func:`hf_lowrank.ops.rank_allocation.global_ranks`; needs a float ``ranks``). Default: ``"global"``
@@ -239,6 +239,8 @@ def compress_model(
             if not state.modules:
                 raise ValueError("No target modules matched: the Fisher state is empty of modules.")
             target_modules = state.modules
+        # resolved once, so that the allocation default below and the factors agree on the weighting
+        fisher_weighting = fisher_weighting or state.default_weighting()
     elif fisher_weighting is not None:
         raise ValueError("fisher_weighting= needs fisher= (a FisherState, collector or fisher_state.safetensors).")
     if calibration_weighting is None:
@@ -249,7 +251,7 @@ def compress_model(
         )
     kronecker = calibration is not None and calibration_weighting == "kronecker"
     if allocation is None:
-        fisher_kronecker = state is not None and (fisher_weighting or state.default_weighting()) == "kronecker"
+        fisher_kronecker = fisher_weighting == "kronecker"
         allocation = "global" if isinstance(ranks, float) and (kronecker or fisher_kronecker or bool(grams_out)) \
             else "uniform"
     if allocation not in ALLOCATIONS:
@@ -271,8 +273,7 @@ def compress_model(
         targets = find_target_linears(model, target_modules)
     info: dict = {}
     if state is not None:
-        row_weights, col_weights, grams_in, grams_out, fisher_weighting = _fisher_sides(state, targets,
-                                                                                         fisher_weighting)
+        row_weights, col_weights, grams_in, grams_out = _fisher_sides(state, targets, fisher_weighting)
         report_method = report_method or ("fwsvd" if state.source == "full" else "fisher_lora")
         info.update({"fisher_weighting": fisher_weighting, "fisher_exponent": exponent, "fisher_eps": eps,
                      **state.summary()})
@@ -424,16 +425,15 @@ def _compress_sequential(model, targets, plan, calibration, report, row_weights,
 
 
 def _fisher_sides(state, targets, weighting):
-    """``(row_weights, col_weights, grams_in, grams_out, weighting)`` of the targets from a Fisher state."""
+    """``(row_weights, col_weights, grams_in, grams_out)`` of the targets from a Fisher state."""
     state.check_shapes({n: (m.out_features, m.in_features) for n, m in targets.items()})
-    weighting = weighting or state.default_weighting(targets)
     if weighting == "kronecker":
         grams = {name: state.grams(name) for name in targets}
-        return None, None, {n: g[0] for n, g in grams.items()}, {n: g[1] for n, g in grams.items()}, weighting
+        return None, None, {n: g[0] for n, g in grams.items()}, {n: g[1] for n, g in grams.items()}
     if weighting not in ("row", "two_sided"):
         raise ValueError(f"fisher_weighting must be 'kronecker', 'two_sided' or 'row', got {weighting!r}.")
     rows, cols = state.weights(weighting, names=list(targets))
-    return rows, cols or None, None, None, weighting
+    return rows, cols or None, None, None
 
 
 def _only(weights, names):
