@@ -7,6 +7,7 @@ Every function here is deterministic and needs no network:
 - :func:`prose_texts`: paragraphs of several related definitions (~100-200 tokens), for perplexity.
 - :func:`sft_examples`: ``{"prompt", "completion"}`` pairs for trl's ``SFTTrainer``.
 - :func:`category_task`: gloss -> WordNet lexicographer category, balanced classes, for sequence classification.
+- :func:`word_choice_task`: gloss -> which of four words it defines, a multiple-choice task for language models.
 
 Splits are ``"train"`` (~32k synsets) and ``"test"`` (~3.5k synsets); a synset's split is a hash of its id, so the
 two are disjoint. Where ``n`` is given, the first ``n`` items of a fixed pseudo-random order are returned, so
@@ -31,6 +32,7 @@ __all__ = [
     "load_synsets",
     "prose_texts",
     "sft_examples",
+    "word_choice_task",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -257,3 +259,51 @@ def category_task(
                 texts.append(per_class[c][i])
                 labels.append(label)
     return texts, labels, names
+
+
+def _plain_word(word: str) -> bool:
+    return word.isascii() and word.isalpha() and word.islower() and len(word) >= 3
+
+
+def word_choice_task(
+    split: str = "test", n: int | None = None, choices: int = 4
+) -> tuple[list[str], list[list[str]], list[int]]:
+    """Multiple choice: which of ``choices`` words a WordNet noun gloss defines (chance ``1 / choices``).
+
+    The text is the definition alone (no usage example: those often contain the word). The candidates are the
+    synset's head word and the head words of the next ``choices - 1`` noun synsets of the split in the fixed
+    pseudo-random order (a cyclic shift, so every word is a distractor as often as it is an answer), in an order
+    given by a hash of the synset id; only single lower-case ASCII words of three letters or more take part, and
+    a synset whose head word is a substring of its definition is left out.
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+        n: number of items (the first ``n`` of the fixed order); None for all.
+        choices: candidates per item, at least 2.
+
+    Returns:
+        ``(definitions, candidates, labels)``: ``candidates[i][labels[i]]`` is the word ``definitions[i]`` defines.
+    """
+    if isinstance(choices, bool) or not isinstance(choices, int) or choices < 2:
+        raise ValueError(f"choices must be an int >= 2, got {choices!r}")
+    pool = [
+        (r["id"], r["words"][0], _sentence(r["definition"]))
+        for r in _mixed(_check_split(split))
+        if r["pos"] == "noun" and not r["instance"] and _plain_word(r["words"][0])
+        and r["words"][0] not in r["definition"].lower()
+    ]
+    heads = [w for _, w, _ in pool]
+    total = _check_n(n, len(pool), "word-choice items")
+    texts, candidates, labels = [], [], []
+    for i, (synset, word, definition) in enumerate(pool[:total]):
+        others: list[str] = []
+        j = i
+        while len(others) < choices - 1:
+            j = (j + 1) % len(heads)
+            if heads[j] != word and heads[j] not in others:
+                others.append(heads[j])
+        label = _order_key(f"choice:{synset}")[0] % choices
+        texts.append(definition)
+        candidates.append(others[:label] + [word] + others[label:])
+        labels.append(label)
+    return texts, candidates, labels

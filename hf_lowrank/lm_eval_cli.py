@@ -14,7 +14,10 @@ It also puts hf-lowrank's bundled offline tasks on lm-eval's ``--include_path`` 
   (:func:`hf_lowrank.bundled.prose_texts`, ``"test"``); word/byte perplexity and bits per byte.
 - ``hf_lowrank_wordnet_category``: ``multiple_choice``, which of six kinds of thing a gloss describes
   (:func:`hf_lowrank.bundled.category_task`; balanced, chance 1/6; few-shot examples from the train split).
-- the tag ``hf_lowrank_wordnet`` runs both.
+  Zero-shot SmolLM2-135M scores at chance on it: a check that the pipeline runs, not a quality reading.
+- ``hf_lowrank_wordnet_word``: ``multiple_choice``, which of four words a noun gloss defines
+  (:func:`hf_lowrank.bundled.word_choice_task`; chance 1/4), the multiple-choice task that separates models.
+- the tag ``hf_lowrank_wordnet`` runs all three.
 
 The task YAMLs ship as templates (``hf_lowrank/data/lm_eval_tasks/*.yaml.in``): lm-eval resolves ``data_files``
 against the working directory, so :func:`bundled_task_dir` writes the JSON Lines data and the YAMLs with absolute
@@ -44,13 +47,14 @@ from pathlib import Path
 
 __all__ = ["BUNDLED_TASKS", "CATEGORY_CHOICES", "bundled_task_dir", "main"]
 
-BUNDLED_TASKS: tuple[str, ...] = ("hf_lowrank_wordnet_ppl", "hf_lowrank_wordnet_category")
+BUNDLED_TASKS: tuple[str, ...] = ("hf_lowrank_wordnet_ppl", "hf_lowrank_wordnet_category", "hf_lowrank_wordnet_word")
 BUNDLED_TAG = "hf_lowrank_wordnet"
 CATEGORY_CHOICES: tuple[str, ...] = ("animal", "plant", "food", "object", "person", "place")
 """Answer words of ``hf_lowrank_wordnet_category``, in the order of :data:`hf_lowrank.bundled.DEFAULT_CATEGORIES`."""
 
 _FEWSHOT_POOL = 120  # train examples the few-shot sampler draws from (20 per class)
-_DATA_VERSION = 1  # bump when the generated files change
+_WORD_FEWSHOT_POOL = 200  # train items of the word task's few-shot sampler
+_DATA_VERSION = 2  # bump when the generated files change
 _PLACEHOLDER = "@DATA_DIR@"
 _DONE = "hf_lowrank_tasks.json"
 
@@ -75,6 +79,10 @@ def _write_data(folder: Path) -> None:
     for split, n in (("train", _FEWSHOT_POOL), ("test", None)):
         texts, labels, _ = bundled.category_task(split, n=n)
         _write_jsonl(folder / f"category_{split}.jsonl", [{"text": t, "label": y} for t, y in zip(texts, labels)])
+    for split, n in (("train", _WORD_FEWSHOT_POOL), ("test", None)):
+        texts, candidates, labels = bundled.word_choice_task(split, n=n)
+        _write_jsonl(folder / f"word_{split}.jsonl",
+                     [{"text": t, "choices": c, "label": y} for t, c, y in zip(texts, candidates, labels)])
 
 
 def bundled_task_dir(root: str | os.PathLike | None = None) -> Path:
@@ -88,7 +96,7 @@ def bundled_task_dir(root: str | os.PathLike | None = None) -> Path:
         root: parent folder of the rendered task folders.
 
     Returns:
-        The folder holding ``hf_lowrank_wordnet_ppl.yaml``, ``hf_lowrank_wordnet_category.yaml`` and their data.
+        The folder holding the YAMLs of :data:`BUNDLED_TASKS` and their data.
     """
     from . import __version__
     from .offline import cache_root

@@ -85,8 +85,30 @@ def test_task_dir_is_rendered_and_reused(tmp_path):
     rows = [json.loads(line) for line in (first / "category_test.jsonl").read_text().splitlines()]
     assert len(CATEGORY_CHOICES) == len(bundled.DEFAULT_CATEGORIES)
     assert {r["label"] for r in rows} == set(range(len(CATEGORY_CHOICES)))
+    words = [json.loads(line) for line in (first / "word_test.jsonl").read_text().splitlines()]
+    texts, candidates, labels = bundled.word_choice_task("test")
+    assert [(r["text"], r["choices"], r["label"]) for r in words] == list(zip(texts, candidates, labels))
     prose = (first / "prose_test.jsonl").read_text().splitlines()
     assert json.loads(prose[0])["text"] == bundled.prose_texts("test", n=1)[0]
+
+
+def test_word_choice_task_is_a_fair_multiple_choice():
+    texts, candidates, labels = bundled.word_choice_task("test")
+    assert len(texts) > 1000 and len(texts) == len(candidates) == len(labels)
+    words: dict[str, set[str]] = {}  # gloss -> the words of the noun synsets it defines
+    for r in bundled.load_synsets("test"):
+        if r["pos"] == "noun":
+            words.setdefault(bundled._sentence(r["definition"]), set()).update(r["words"])
+    counts = [0] * 4
+    for text, options, label in zip(texts, candidates, labels):
+        assert len(options) == len(set(options)) == 4
+        assert options[label] in words[text]  # the right answer is a word of the defined synset
+        assert options[label] not in text.lower()  # and the gloss does not give it away
+        counts[label] += 1
+    assert min(counts) > 0.2 * len(texts)  # the answer position is balanced (chance 1/4 whatever the position)
+    assert bundled.word_choice_task("test", n=10) == tuple(x[:10] for x in (texts, candidates, labels))
+    with pytest.raises(ValueError, match="choices"):
+        bundled.word_choice_task("test", choices=1)
 
 
 def test_include_path_added_only_where_missing():
@@ -114,6 +136,7 @@ def test_dense_and_compressed_folders_evaluate_and_match_the_model_object(folder
         ppl = metrics["hf_lowrank_wordnet_ppl"]["byte_perplexity,none"]
         assert torch.isfinite(torch.tensor(ppl)) and ppl > 1
         assert 0 <= metrics["hf_lowrank_wordnet_category"]["acc,none"] <= 1
+        assert 0 <= metrics["hf_lowrank_wordnet_word"]["acc,none"] <= 1
     assert dense != compressed  # the factorization (rank ratio 0.5) is not lossless
 
     # Loading through the stock transformers path (quantizer plugin) is exact: same numbers as the object itself.
