@@ -233,7 +233,28 @@ def test_welore_on_gpt2_has_the_ranks_and_function_of_the_linear_model(nlrc, lrc
         assert (layer.out_features, layer.in_features) == (reference.out_features, reference.in_features)
         torch.testing.assert_close(layer.effective_weight(), reference.effective_weight(), rtol=1e-5, atol=1e-6)
         assert layer.get_base_layer().weight is None  # keep_dense=False: the dense Conv1D weight is dropped
+        assert torch.equal(layer.weight, layer.effective_weight().T)  # the stand-in weight keeps the Conv1D layout
     assert _rel(_logits(pm, x), _logits(twin, x)) < 1e-5
+
+
+def test_welore_fisher_weighting_on_gpt2_is_the_linear_models():
+    """with_fisher on GPT-2: (out,) row / (in,) column Fisher weight the (out, in) view, so ranks and factors are the
+    Linear model's under the same Fisher (and differ from the unweighted ones)."""
+    model = _tiny_gpt2(seed=8)
+    g = torch.Generator().manual_seed(0)
+    shapes = {n: linear_shape(m) for n, m in find_target_linears(model).items()}
+    row = {n: torch.rand(o, generator=g) ** 4 for n, (o, _) in shapes.items()}
+    col = {n: torch.rand(i, generator=g) ** 4 for n, (_, i) in shapes.items()}
+    config = dict(reduction=0.3, svd_method="exact", progress=False)
+    twin = get_peft_model(_linearised(model), WeLoreLRCConfig(**config).with_fisher(row, col))
+    pm = get_peft_model(model, WeLoreLRCConfig(**config).with_fisher(row, col))
+    plain = get_peft_model(_tiny_gpt2(seed=8), WeLoreLRCConfig(**config))
+    assert pm.welore_allocation.ranks == twin.welore_allocation.ranks
+    assert pm.welore_allocation.ranks != plain.welore_allocation.ranks
+    for name, layer in pm.named_modules():
+        if isinstance(layer, WeLoreLayer):
+            torch.testing.assert_close(layer.effective_weight(), twin.get_submodule(name).effective_weight(),
+                                       rtol=1e-5, atol=1e-6)
 
 
 def test_welore_gpt2_merges_into_the_conv1d_layout_with_keep_dense():
