@@ -1,6 +1,7 @@
 """The PEFT contract, as one matrix in the spirit of peft's ``PeftCommonTester``: (FisherLoRA, WeLoreLRC with and
 without its dense weights, SPSFT) x (tiny Llama, Qwen2 with biased q/k/v, Phi3 with fused qkv_proj/gate_up_proj, T5
-encoder-decoder, RoBERTa classifier with its two-layer head, BERT classifier), one test per check:
+encoder-decoder, RoBERTa classifier with its two-layer head, BERT classifier, GPT-2 with its ``Conv1D`` layers), one
+test per check:
 
 - ``test_training_changes_only_adapter_params``: a few optimizer steps change the adapter (and ``modules_to_save``)
   parameters only; every base weight is bit-identical to the model before ``get_peft_model``;
@@ -30,7 +31,7 @@ from tiny_models import make_tiny_model
 from hf_lowrank import FisherLoRAConfig, SPSFTConfig, WeLoreLRCConfig
 from hf_lowrank.peft_configs.welore import DenseWeightDroppedError
 
-KINDS = ["llama", "qwen2", "phi3", "t5", "roberta_cls", "bert_cls"]
+KINDS = ["llama", "qwen2", "phi3", "t5", "roberta_cls", "bert_cls", "gpt2"]
 TASKS = {
     "llama": "CAUSAL_LM",
     "qwen2": "CAUSAL_LM",
@@ -38,6 +39,7 @@ TASKS = {
     "t5": "SEQ_2_SEQ_LM",
     "roberta_cls": "SEQ_CLS",
     "bert_cls": "SEQ_CLS",
+    "gpt2": "CAUSAL_LM",
 }
 AUTO_CLASSES = {
     "CAUSAL_LM": transformers.AutoModelForCausalLM,

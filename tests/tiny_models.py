@@ -76,12 +76,17 @@ def make_tiny_roberta_classifier(seed: int = 0, **overrides: Any) -> RobertaForS
     return RobertaForSequenceClassification(RobertaConfig(**{**TINY_ROBERTA, **overrides})).float().eval()
 
 
+TINY_GPT2 = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+"""The tiny GPT-2: its attention and MLP projections are ``transformers.pytorch_utils.Conv1D`` layers (weight stored
+``(in, out)``), not ``nn.Linear``; tied embeddings."""
+
+
 def make_tiny_model(kind: str, seed: int = 0) -> PreTrainedModel:
     """One tiny model per architecture family of the PEFT contract matrix, in eval mode, weights from ``seed``.
 
     ``kind``: ``"llama"`` (GQA decoder), ``"qwen2"`` (biased q/k/v), ``"phi3"`` (fused ``qkv_proj`` and
     ``gate_up_proj``), ``"t5"`` (encoder-decoder, ``wi``/``wo``), ``"roberta_cls"`` (two-layer classifier head),
-    ``"bert_cls"`` (single Linear classifier head).
+    ``"bert_cls"`` (single Linear classifier head), ``"gpt2"`` (GPT-2: :data:`TINY_GPT2`, ``Conv1D`` layers).
     """
     import transformers
 
@@ -96,6 +101,7 @@ def make_tiny_model(kind: str, seed: int = 0) -> PreTrainedModel:
         ),
         "roberta_cls": ("RobertaForSequenceClassification", "RobertaConfig", TINY_ROBERTA),
         "bert_cls": ("BertForSequenceClassification", "BertConfig", dict(TINY_BERT, num_labels=3)),
+        "gpt2": ("GPT2LMHeadModel", "GPT2Config", TINY_GPT2),
     }
     if kind not in configs:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {sorted(configs)}.")

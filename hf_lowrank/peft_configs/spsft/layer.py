@@ -4,6 +4,11 @@
 whose backward keeps only ``x`` (plus the parameter ``W_f`` and the index buffer, which cost nothing extra): no
 ``x @ W_f.T`` activation, no dropout copy, no ``(out, in)`` gradient. LoRA, for comparison, keeps ``A x`` for the
 gradient of ``B`` and, with dropout, a dropped-out copy of ``x`` and its mask in every adapted layer.
+
+A GPT-2-style ``transformers.pytorch_utils.Conv1D`` (weight stored ``(in, out)``, ``y = x @ W + b``) is the Linear of
+weight ``W.T``: its rows are its output units, scored on the ``(out, in)`` view
+(:func:`hf_lowrank.modules.dense_weight`), and a merge adds ``W_f`` to the COLUMNS ``idx`` of the stored weight, so a
+merged GPT-2 keeps the stock Conv1D layout.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch import nn
 from hf_lowrank.ops.importance import l2_importance, top_rows
 
 from ..._compat import BufferDict, get_in_out_features, move_adapter_to_device_of_base_layer
-from ...modules import dense_weight
+from ...modules import dense_weight, is_conv1d
 from .config import SPSFTConfig
 
 __all__ = ["Linear", "QuantizedMergeError", "SPSFTLayer", "SelectedRowsAdd", "selected_rows_add"]
@@ -97,9 +102,11 @@ class SPSFTLayer(BaseTunerLayer):
         in_features, out_features = get_in_out_features(self.get_base_layer())
         if in_features is None or out_features is None:
             raise TypeError(
-                f"SPSFT supports torch.nn.Linear layers (optionally bitsandbytes-quantized), got "
-                f"{type(self.get_base_layer()).__name__}; remove it from target_modules."
+                f"SPSFT supports torch.nn.Linear layers (optionally bitsandbytes-quantized) and GPT-2-style Conv1D "
+                f"layers, got {type(self.get_base_layer()).__name__}; remove it from target_modules."
             )
+        #: the base layer is a Conv1D: its stored weight is (in, out), the selected rows are its columns
+        self._conv1d = is_conv1d(self.get_base_layer())
         self.in_features = in_features
         self.out_features = out_features
         self.kwargs = kwargs
@@ -169,11 +176,22 @@ class SPSFTLayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------ merging
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """Dense ``(out, in)`` update ``M @ W_f`` of ``adapter`` (only used for merging)."""
+        """Dense update ``M @ W_f`` of ``adapter`` in the base layer's layout, as peft's LoRA gives it: ``(out, in)``,
+        or ``(in, out)`` for a ``Conv1D`` (so that ``base.weight + delta`` is the merged weight)."""
         w_f = self.spsft_weight[adapter]
         idx = self.spsft_indices[adapter].to(w_f.device)
         delta = torch.zeros(self.out_features, self.in_features, device=w_f.device, dtype=w_f.dtype)
-        return delta.index_add_(0, idx, w_f.detach())
+        delta.index_add_(0, idx, w_f.detach())
+        return delta.T if self._conv1d else delta
+
+    def _add_rows(self, weight: torch.Tensor, idx: torch.Tensor, w_f: torch.Tensor, alpha: float = 1.0) -> None:
+        """``W[idx] += alpha * W_f`` in place on a weight in the base layer's layout (for a ``Conv1D``, whose weight
+        is ``(in, out)``: on its columns ``idx``)."""
+        w_f = w_f.to(weight.device, weight.dtype)
+        if self._conv1d:
+            weight.index_add_(1, idx, w_f.T, alpha=alpha)
+        else:
+            weight.index_add_(0, idx, w_f, alpha=alpha)
 
     def _refuse_quantized_merge(self) -> None:
         if self.quantization_backend is not None:
@@ -196,10 +214,11 @@ class SPSFTLayer(BaseTunerLayer):
             w_f = self.spsft_weight[name].detach()
             idx = self.spsft_indices[name].to(base.weight.device)
             if safe_merge:
-                rows = base.weight.data.index_select(0, idx) + w_f.to(base.weight.dtype)
+                stored = base.weight.data.T if self._conv1d else base.weight.data  # (out, in)
+                rows = stored.index_select(0, idx) + w_f.to(base.weight.device, base.weight.dtype)
                 if not bool(torch.isfinite(rows).all()):
                     raise ValueError(f"NaNs or infs in the merged weights: adapter '{name}' seems broken.")
-            base.weight.data.index_add_(0, idx, w_f.to(base.weight.device, base.weight.dtype))
+            self._add_rows(base.weight.data, idx, w_f)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -214,12 +233,13 @@ class SPSFTLayer(BaseTunerLayer):
                 continue
             w_f = self.spsft_weight[name].detach()
             idx = self.spsft_indices[name].to(base.weight.device)
-            base.weight.data.index_add_(0, idx, w_f.to(base.weight.device, base.weight.dtype), alpha=-1)
+            self._add_rows(base.weight.data, idx, w_f, alpha=-1)
 
-    def dequantized_merged_linear(self, adapter_names: list[str] | None = None) -> nn.Linear:
+    def dequantized_merged_linear(self, adapter_names: list[str] | None = None) -> nn.Module:
         """A new dense ``nn.Linear`` with ``dequantize(W) + sum M @ W_f`` over ``adapter_names`` (default: active).
 
-        The base layer is untouched. Works for quantized and dense bases alike.
+        The base layer is untouched. Works for quantized and dense bases alike; a ``Conv1D`` base gives a ``Conv1D``
+        (weight ``(in, out)``), the layout stock transformers loads.
         """
         names = [n for n in (adapter_names or self.active_adapters) if n in self.spsft_weight]
         base = self.get_base_layer()
@@ -233,9 +253,15 @@ class SPSFTLayer(BaseTunerLayer):
         for name in names:
             weight.index_add_(0, self.spsft_indices[name].to(weight.device), self.spsft_weight[name].detach())
         bias = getattr(base, "bias", None)
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=bias is not None, device=weight.device, dtype=dtype
-        )
+        if self._conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            linear = Conv1D(self.out_features, self.in_features).to(device=weight.device, dtype=dtype)
+            weight = weight.T
+        else:
+            linear = nn.Linear(
+                self.in_features, self.out_features, bias=bias is not None, device=weight.device, dtype=dtype
+            )
         with torch.no_grad():
             linear.weight.copy_(weight)
             if bias is not None:
@@ -271,7 +297,8 @@ class SPSFTLayer(BaseTunerLayer):
 
 
 class Linear(nn.Module, SPSFTLayer):
-    """SPSFT on a ``torch.nn.Linear`` (or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``) base layer."""
+    """SPSFT on a ``torch.nn.Linear`` (or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``) or a GPT-2-style
+    ``Conv1D`` base layer."""
 
     def __init__(
         self,

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..._compat import get_in_out_features
-from ...targets import PEFT_PREFIX, all_linear_names, in_block, module_matches, strip_peft_prefix
+from ...modules import is_conv1d
+from ...targets import PEFT_PREFIX, all_linear_names, in_block, is_linear, module_matches, strip_peft_prefix
 from .._tuner import KeepUnloadedModules
 from .config import SPSFTConfig
 from .layer import Linear, SPSFTLayer
@@ -70,8 +71,8 @@ class SPSFTModel(KeepUnloadedModules, BaseTuner):
         _, out_features = get_in_out_features(base)
         if out_features is None:
             raise TypeError(
-                f"SPSFT supports torch.nn.Linear layers, but '{current_key}' is a {type(base).__name__}; "
-                "remove it from target_modules."
+                f"SPSFT supports torch.nn.Linear and GPT-2-style Conv1D layers, but '{current_key}' is a "
+                f"{type(base).__name__}; remove it from target_modules."
             )
         r = peft_config.rows_for(out_features)
         if isinstance(target, Linear):
@@ -79,10 +80,10 @@ class SPSFTModel(KeepUnloadedModules, BaseTuner):
             return
         if isinstance(target, BaseTunerLayer):
             raise TypeError(f"'{current_key}' already holds a {type(target).__name__} adapter; SPSFT cannot wrap it.")
-        if not isinstance(base, nn.Linear):
+        if not is_linear(base):
             raise TypeError(
-                f"SPSFT supports torch.nn.Linear layers (optionally bitsandbytes-quantized), but '{current_key}' is "
-                f"a {type(base).__name__}; remove it from target_modules."
+                f"SPSFT supports torch.nn.Linear layers (optionally bitsandbytes-quantized) and GPT-2-style Conv1D "
+                f"layers, but '{current_key}' is a {type(base).__name__}; remove it from target_modules."
             )
         kwargs = get_quantization_kwargs(self.model)
         new_module = Linear(target, adapter_name, peft_config, r=r, module_name=current_key, **kwargs)
@@ -131,7 +132,7 @@ def _check_names_exist(model: nn.Module, names) -> None:
     modules = [_PEFT_WRAPPER_SEGMENT.sub("", n) for n, _ in model.named_modules() if n]
     for entry in names:
         if not any(module_matches(n, [entry]) for n in modules):
-            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
             raise ValueError(
                 f"SPSFTConfig.target_modules names {entry!r}, but no module of the model is called so or ends with "
                 f"'.{entry}'. Linear layer names here: {', '.join(leaves[:20])}. Fix the name, or use "
@@ -155,6 +156,9 @@ def _block_linear_leaf_names(model: nn.Module, task_type=None) -> set[str]:
 def spsft_to_lora(peft_model: nn.Module, adapter_name: str = "default") -> tuple[Any, dict[str, torch.Tensor]]:
     """The SPSFT adapter as an exactly equivalent LoRA: ``A = W_f (r, in)``, ``B`` one-hot ``(out, r)`` with
     ``B[idx[j], j] = 1``, ``lora_alpha = r`` (scaling 1), no dropout.
+
+    On GPT-2-style ``Conv1D`` layers the LoRA config has ``fan_in_fan_out=True`` (peft's setting for a weight stored
+    ``(in, out)``; ``lora_A`` / ``lora_B`` are the same, only peft's merge transposes the product).
 
     Args:
         peft_model: a ``PeftModel`` wrapping an SPSFT adapter.
@@ -181,7 +185,9 @@ def spsft_to_lora(peft_model: nn.Module, adapter_name: str = "default") -> tuple
     ckpt = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    conv1d = False
     for name, module in layers.items():
+        conv1d = conv1d or is_conv1d(module.get_base_layer())
         key = PEFT_PREFIX + strip_peft_prefix(name)
         w_key, i_key = f"{key}.spsft_weight", f"{key}.spsft_indices"
         if w_key not in ckpt or i_key not in ckpt:
@@ -207,6 +213,7 @@ def spsft_to_lora(peft_model: nn.Module, adapter_name: str = "default") -> tuple
         r=default_r,
         lora_alpha=default_r,
         lora_dropout=0.0,
+        fan_in_fan_out=conv1d,
         bias="none",
         target_modules=sorted(ranks),
         rank_pattern=dict(pattern),

@@ -70,8 +70,8 @@ class WeLoreLRCConfig(PeftConfig):
         default=None,
         metadata={
             "help": (
-                "Layers WeLore considers. None (default): every Linear inside the transformer blocks (attention "
-                "and MLP projections), not embeddings, poolers or heads. 'all-linear' is peft's: every Linear but "
+                "Layers WeLore considers. None (default): every Linear (GPT-2-style Conv1D included) inside the "
+                "transformer blocks (attention and MLP projections), not embeddings, poolers or heads. 'all-linear' is peft's: every Linear but "
                 "the output head. Another string is a regex fully matched against module names; a list matches "
                 "names equal to or ending with an entry (see hf_lowrank.targets)."
             )

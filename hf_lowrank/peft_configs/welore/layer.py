@@ -7,6 +7,12 @@ base Linear stays in ``base_layer`` (peft's convention) for its bias and, with `
 (so ``disable_adapter``, ``unmerge`` and ``unload`` give the dense model back). With ``keep_dense=False`` (the
 default) the dense weight is dropped once the factors hold the layer, and the PEFT model is as small as the
 compressed model.
+
+A GPT-2-style ``transformers.pytorch_utils.Conv1D`` (weight stored ``(in, out)``, ``y = x @ W + b``) is the Linear
+of weight ``W.T``: the spectra, the SVD and the factors are those of the ``(out, in)`` view
+(:func:`hf_lowrank.modules.dense_weight`), so its ranks and factors are those of that Linear. What goes back into the
+base layer (:meth:`WeLoreLayer.merge`, :attr:`WeLoreLayer.weight`) and what unloading returns
+(:meth:`WeLoreLayer.to_compressed`) keeps the Conv1D layout, so a merged GPT-2 saves as stock transformers expects.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..._compat import cast_input_dtype
-from ...modules import LowRankLinear, dense_weight
+from ...modules import LowRankLinear, dense_weight, is_conv1d, linear_shape
 from ...ops.fisher import fwsvd, weighted_lowrank
 
 __all__ = ["DenseWeightDroppedError", "WeLoreLayer", "WeLoreLinear", "WhitenedFactorsNeedCalibrationError",
@@ -84,11 +90,13 @@ class WeLoreLayer(BaseTunerLayer):
         self.frozen_peft_weight_names = {}  # per instance: truncated N-LRC weights never train
         self.kwargs = kwargs
         base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
+        self._conv1d = is_conv1d(base)  # a GPT-2 Conv1D: the Linear of weight W.T (see the module docstring)
+        if not isinstance(base, nn.Linear) and not self._conv1d:
             raise TypeError(
-                f"WeLoreLRC replaces Linear layers only, got {type(base).__name__}; restrict target_modules to Linears."
+                f"WeLoreLRC replaces Linear layers (nn.Linear, or GPT-2-style Conv1D) only, got "
+                f"{type(base).__name__}; restrict target_modules to Linear layers."
             )
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.out_features, self.in_features = linear_shape(base)
         w = base.weight
         self._factor_dtype = w.dtype if w.is_floating_point() else torch.float32  # bnb layers: float32 factors
         self._device = w.device
@@ -240,20 +248,23 @@ class WeLoreLayer(BaseTunerLayer):
             return self.welore_weight[adapter_name].detach().clone()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``effective_weight - dense base weight`` (needs ``keep_dense=True``)."""
+        """``effective_weight - dense base weight`` (needs ``keep_dense=True``), in the base layer's layout as peft's
+        LoRA gives it: ``(out, in)``, or ``(in, out)`` for a ``Conv1D``, so that ``base.weight + delta`` is merged."""
         if self._dense_dropped:
             raise DenseWeightDroppedError(_dropped_message("get_delta_weight()"))
         W = dense_weight(self.get_base_layer()).float()
-        return (self.effective_weight(adapter_name).float() - W).to(self._factor_dtype)
+        delta = (self.effective_weight(adapter_name).float() - W).to(self._factor_dtype)
+        return delta.T if self._conv1d else delta
 
     @property
     def weight(self) -> torch.Tensor:
         # Code that reads `layer.weight` (for its dtype or device, e.g. T5) gets the dense weight when kept, and the
-        # effective (out, in) weight of the adapter otherwise.
+        # effective weight of the adapter otherwise, in the base layer's layout: (out, in), or (in, out) for a Conv1D.
         base = self.get_base_layer()
         if base.weight is not None:
             return base.weight
-        return self.effective_weight()
+        W = self.effective_weight()
+        return W.T if self._conv1d else W
 
     # ---- merge / unmerge ------------------------------------------------------------------------------------------
 
@@ -274,6 +285,8 @@ class WeLoreLayer(BaseTunerLayer):
         if safe_merge and not torch.isfinite(W).all():
             raise ValueError(f"NaN/inf in the WeLore weights of adapter '{adapter_names[0]}': the adapter is broken.")
         dtype = base.weight.dtype if base.weight is not None else self._factor_dtype
+        if self._conv1d:
+            W = W.T.contiguous()  # a Conv1D stores its weight (in, out)
         self._merge_stash.append(base.weight)
         base.weight = nn.Parameter(W.to(dtype), requires_grad=False)
         self.merged_adapters.append(adapter_names[0])
@@ -323,7 +336,12 @@ class WeLoreLayer(BaseTunerLayer):
         return new
 
     def to_compressed(self, dtype: torch.dtype | None = None) -> nn.Module:
-        """The plain module this layer stands for: ``LowRankLinear`` for an LRC, ``nn.Linear`` for an N-LRC."""
+        """The plain module this layer stands for: ``LowRankLinear`` for an LRC, ``nn.Linear`` for an N-LRC.
+
+        On a ``Conv1D`` base the ``LowRankLinear`` is marked ``conv1d`` (its ``to_dense`` and the checkpoint format
+        give a ``Conv1D`` back) and a truncated N-LRC is a ``Conv1D`` holding the transposed weight, the layout stock
+        transformers saves and loads.
+        """
         adapter_name = self._adapter() or next(iter(self.welore_role))
         self._materialize()
         base = self.get_base_layer()
@@ -332,10 +350,19 @@ class WeLoreLayer(BaseTunerLayer):
             if self.welore_role[adapter_name] == "lrc":
                 down, up = self.welore_down[adapter_name], self.welore_up[adapter_name]
                 dtype = dtype or down.dtype
-                return LowRankLinear.from_factors(down.detach(), up.detach(), bias, dtype=dtype)
+                layer = LowRankLinear.from_factors(down.detach(), up.detach(), bias, dtype=dtype)
+                layer.conv1d = self._conv1d
+                return layer
             w = self.welore_weight[adapter_name]
             dtype = dtype or w.dtype
-            lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=dtype)
+            if self._conv1d:
+                from transformers.pytorch_utils import Conv1D
+
+                lin = Conv1D(self.out_features, self.in_features).to(device=w.device, dtype=dtype)
+                w = w.T
+            else:
+                lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device,
+                                dtype=dtype)
             lin.weight.copy_(w)
             if bias is not None:
                 lin.bias.copy_(bias)

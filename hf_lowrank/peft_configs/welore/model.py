@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...modules import is_conv1d
+from ...modules import linear_shape
 from ...targets import find_target_linears
 from .._tuner import KeepUnloadedModules
 from .allocation import WeLoreLRCAllocation, calibration_whitening, welore_allocation_for_targets
@@ -36,14 +36,6 @@ def _find_targets(model: nn.Module, target_modules, task_type=None) -> dict[str,
             f"found nothing left to compress ({exc}) WeLore works on dense Linear layers: apply it to the original "
             "model, or decompress first (hf_lowrank.decompress_model) if you mean to compress again."
         ) from None
-    conv1d = [n for n, m in targets.items() if is_conv1d(m)]
-    if conv1d:
-        raise TypeError(
-            f"WeLoreLRC replaces nn.Linear layers, and {len(conv1d)} target(s) are GPT-2-style Conv1D layers (e.g. "
-            f"'{conv1d[0]}'): WeLore does not support Conv1D. Compress this model with hf_lowrank.compress_model "
-            "(it supports Conv1D; WeLore's ranks for it: hf_lowrank.welore_ranks_for_model, or hf-lowrank compress "
-            "--method welore), fine-tune it with FisherLoRAConfig, or restrict target_modules to nn.Linear layers."
-        )
     return targets
 
 
@@ -184,7 +176,7 @@ class WeLoreModel(KeepUnloadedModules, BaseTuner):
                 f"This WeLoreLRC adapter was made for another model: {exc} Load it onto the base model it was "
                 "created from."
             ) from None
-        shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
+        shapes = {n: linear_shape(m) for n, m in targets.items()}
         for name, rank in config.rank_map.items():
             if name not in shapes or rank > min(shapes[name]):
                 raise ValueError(
