@@ -109,6 +109,29 @@ class LowRankLinear(nn.Module):
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
         #: the replaced layer was a GPT-2-style ``Conv1D``: :meth:`to_dense` gives one back (weight ``(in, out)``)
         self.conv1d = False
+        self.lay_out_for_speed_()
+
+    def lay_out_for_speed_(self) -> LowRankLinear:
+        """Store ``up.weight`` column-major (the ``(out, r)`` transpose of a contiguous ``(r, out)`` tensor), in place.
+
+        The values, the shape, the parameter object and everything that reads the weight are unchanged; only the
+        memory order is. A one-token step (decode) is a matrix-vector product bound by reading the weights, and with
+        a row-major ``(out, r)`` factor it is ``out`` short dot products of length ``r``; column-major it streams ``r``
+        rows of ``out`` values, measured 12% faster for a whole SmolLM2 decode step at keep 0.9 (1.048 -> 0.92 of
+        dense; ``benchmarks/inference_speed.py``), and no slower in prefill. ``down`` (``in`` long rows) is already
+        best row-major. Called on construction and by ``from_pretrained`` after loading (which assigns new
+        row-major tensors); safe to call again (a no-op when the layout is already there). A layer whose ``up`` is
+        wrapped (peft, bitsandbytes) is left alone.
+
+        Returns:
+            ``self``.
+        """
+        up = self._modules["up"]
+        w = up._parameters.get("weight") if type(up) is nn.Linear else None
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point() and w.stride() != (1, w.shape[0]):
+            with torch.no_grad():
+                w.data = w.data.t().contiguous().t()
+        return self
 
     @property
     def rank(self) -> int:

@@ -323,3 +323,40 @@ def test_low_rank_linear_fast_path_equals_the_module_path_and_keeps_hooks():
     layer.up.forward = lambda h: calls.append(1) or original(h)  # e.g. accelerate's device hooks
     torch.testing.assert_close(layer(x), fast)
     assert calls == [1]
+
+
+def _column_major(w: torch.Tensor) -> bool:
+    return w.stride() == (1, w.shape[0])
+
+
+def test_up_factor_is_column_major_after_every_construction_and_reload(tiny_llama, tmp_path):
+    """``up.weight`` is stored column-major (decode-step GEMVs stream its rows of ``out`` values): on construction,
+    from factors, after a dtype cast and a deepcopy, after ``compress_model`` and after ``from_pretrained`` (which
+    assigns new row-major tensors); the values are those of the row-major layout."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    layer = LowRankLinear(12, 10, 4)
+    assert _column_major(layer.up.weight) and layer.down.weight.is_contiguous()
+    down, up = torch.randn(4, 12), torch.randn(10, 4)
+    built = LowRankLinear.from_factors(down, up, torch.randn(10))
+    assert _column_major(built.up.weight) and torch.equal(built.up.weight, up)
+    assert _column_major(copy.deepcopy(built).up.weight) and _column_major(copy.deepcopy(built).half().up.weight)
+    x = torch.randn(2, 3, 12)
+    torch.testing.assert_close(built(x), x @ down.T @ up.T + built.bias, rtol=1e-5, atol=1e-5)
+    param = built.up.weight
+    assert built.lay_out_for_speed_() is built and built.up.weight is param  # a no-op the second time
+
+    compress_model(tiny_llama, 0.6, progress=False)
+    factors = [m for m in tiny_llama.modules() if isinstance(m, LowRankLinear)]
+    assert factors and all(_column_major(m.up.weight) for m in factors)
+    ids = _ids()
+    with torch.no_grad():
+        ref = tiny_llama(ids).logits
+    tiny_llama.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    reloaded = [m for m in loaded.modules() if isinstance(m, LowRankLinear)]
+    assert len(reloaded) == len(factors) and all(_column_major(m.up.weight) for m in reloaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)  # same values, same layout, same kernels

@@ -163,6 +163,9 @@ class LowRankHfQuantizer(HfQuantizer):
         return _with_stock_guard(model), {"hf_lowrank": STOCK_GUARD_NOTE}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        for module in model.modules():  # loading assigned new (row-major) tensors to the factors
+            if isinstance(module, LowRankLinear):
+                module.lay_out_for_speed_()
         return model
 
     def is_serializable(self, safe_serialization=None) -> bool:
