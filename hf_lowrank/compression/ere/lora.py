@@ -45,7 +45,8 @@ def export_residual_as_lora(
 
     Mapping: a low-rank ``nn.Linear`` weight becomes ``lora_A = sqrt|S| Vh``, ``lora_B = U sign(S) sqrt|S|`` with
     ``rank_pattern[m] = alpha_pattern[m] = r`` (scaling 1) from the decoded (dequantized, Stiefel-projected)
-    factors; a low-rank embedding becomes ``lora_embedding_A/B``; a tied ``lm_head`` gets its own LoRA with the same
+    factors; a GPT-2-style ``Conv1D`` weight (stored ``(in, out)``) the same with the factors' roles swapped and
+    ``fan_in_fan_out=True``; a low-rank embedding becomes ``lora_embedding_A/B``; a tied ``lm_head`` gets its own LoRA with the same
     factors; a row-sparse embedding becomes ``trainable_token_indices`` (PEFT stores the new rows, so this needs
     ``base_model``); changed biases travel with ``bias="all"``; whole modules stored exactly (new heads, norms) go
     to ``modules_to_save``. Unchanged tensors are not written.
@@ -80,6 +81,7 @@ def export_residual_as_lora(
     save_modules: set[str] = set()
     biases: dict[str, torch.Tensor] = {}
     pre = "base_model.model."
+    conv1d_targets = False  # GPT-2-style Conv1D LoRA targets need fan_in_fan_out=True (peft unsets it per nn.Linear)
 
     def need_base(name: str, why: str) -> torch.Tensor:
         if base_model is None or base_of.get(name) is None:
@@ -111,11 +113,15 @@ def export_residual_as_lora(
             holders = [(mod, mtype)] + [
                 (spec[a]["module"], spec[a].get("module_type")) for a in aliases_of.get(name, [])
             ]
-            if leaf == "weight" and all(t in ("Embedding", "Linear") for _, t in holders):
+            if leaf == "weight" and all(t in ("Embedding", "Linear", "Conv1D") for _, t in holders):
                 for m_name, m_type in holders:  # a tied lm_head gets the same change as the embedding
                     if m_type == "Embedding":  # peft: delta = (B @ A).T with A (r, num_embeddings), B (dim, r)
                         state[f"{pre}{m_name}.lora_embedding_A"] = up.T.contiguous().to(dtype)
                         state[f"{pre}{m_name}.lora_embedding_B"] = down.T.contiguous().to(dtype)
+                    elif m_type == "Conv1D":  # weight (in, out); peft (fan_in_fan_out): delta = (B @ A).T
+                        state[f"{pre}{m_name}.lora_A.weight"] = up.T.contiguous().to(dtype)
+                        state[f"{pre}{m_name}.lora_B.weight"] = down.T.contiguous().to(dtype)
+                        conv1d_targets = True
                     else:
                         state[f"{pre}{m_name}.lora_A.weight"] = down.contiguous().to(dtype)
                         state[f"{pre}{m_name}.lora_B.weight"] = up.contiguous().to(dtype)
@@ -169,6 +175,7 @@ def export_residual_as_lora(
         rank_pattern=dict(rank_pattern),
         alpha_pattern=dict(rank_pattern),
         lora_dropout=0.0,
+        fan_in_fan_out=conv1d_targets,
         bias="all" if biases else "none",
         modules_to_save=sorted(save_modules) or None,
         trainable_token_indices=token_indices or None,
