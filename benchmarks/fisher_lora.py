@@ -97,18 +97,6 @@ def _quiet():
 
 
 # ------------------------------------------------------------------------------------------------ classifier
-class _Encoded(torch.utils.data.Dataset):
-    def __init__(self, tok, texts, labels, max_length):
-        self.enc = tok(texts, truncation=True, max_length=max_length)
-        self.labels = labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.enc["input_ids"][i], "attention_mask": self.enc["attention_mask"][i],
-                "labels": self.labels[i]}
-
 
 def _train_args(out, **kw):
     from transformers import TrainingArguments
@@ -198,7 +186,7 @@ def bench_classifier(quick: bool, tmp: str) -> dict:
     texts, labels, names = bundled.category_task("train", n=n_train)
     test_texts, test_labels, _ = bundled.category_task("test", n=n_test)
     _, tok = offline.load_minilm(num_labels=len(names))
-    train_ds = _Encoded(tok, texts, labels, 64)
+    train_ds = evaluation.ClassificationDataset(tok, texts, labels, max_length=64)
     collator = DataCollatorWithPadding(tok)
 
     def metric(model):

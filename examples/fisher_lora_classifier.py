@@ -31,18 +31,6 @@ from hf_lowrank.trainer_mixins import LowRankTrainer  # noqa: E402
 FFN = r".*\.layer\.\d+\.(intermediate|output)\.dense"  # not attention.output.dense
 
 
-class Encoded(torch.utils.data.Dataset):
-    def __init__(self, tokenizer, texts, labels):
-        self.enc = tokenizer(texts, truncation=True, max_length=64)
-        self.labels = labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.enc["input_ids"][i], "attention_mask": self.enc["attention_mask"][i],
-                "labels": self.labels[i]}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -70,7 +58,7 @@ def main() -> None:
             per_device_train_batch_size=16, learning_rate=2e-3, logging_steps=20, save_strategy="no", report_to=[],
             use_cpu=not torch.cuda.is_available(), seed=0,
         ),
-        train_dataset=Encoded(tokenizer, texts, labels),
+        train_dataset=evaluation.ClassificationDataset(tokenizer, texts, labels, max_length=64),
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
     )

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["accuracy", "perplexity", "token_nll"]
+__all__ = ["ClassificationDataset", "accuracy", "calibration_batches", "perplexity", "token_nll"]
 
 
 def _check_texts(texts: Sequence[str], name: str = "texts") -> list[str]:
@@ -231,3 +231,29 @@ def calibration_batches(
         ids, mask = _pad_right(seqs[start : start + batch_size], pad_id)
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches
+
+
+class ClassificationDataset(torch.utils.data.Dataset):
+    """Texts and integer labels, tokenized once, as a ``Trainer`` train/eval dataset (pad with a data collator).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        texts: one text per example.
+        labels: one class index per text.
+        max_length: tokens kept per text.
+    """
+
+    def __init__(self, tokenizer, texts: Sequence[str], labels: Sequence[int], *, max_length: int = 128) -> None:
+        texts = _check_texts(texts, "texts")
+        if len(labels) != len(texts):
+            raise ValueError(f"got {len(texts)} texts but {len(labels)} labels; pass one label per text.")
+        _check_positive(max_length, "max_length", 2)
+        self.enc = tokenizer(texts, truncation=True, max_length=max_length)
+        self.labels = list(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.enc["input_ids"][i], "attention_mask": self.enc["attention_mask"][i],
+                "labels": self.labels[i]}

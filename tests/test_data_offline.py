@@ -348,3 +348,20 @@ def test_minilm_loads_as_encoder_and_classifier():
         offline.load_minilm(num_labels=0)
     with pytest.raises(ValueError, match="agree"):
         offline.load_minilm(num_labels=2, label_names=["a", "b", "c"])
+
+
+def test_classification_dataset_tokenizes_once_and_pads_with_a_collator():
+    from transformers import DataCollatorWithPadding
+
+    texts, labels, _ = bundled.category_task("train", n=6)
+    _, tok = offline.load_minilm()
+    ds = evaluation.ClassificationDataset(tok, texts, labels, max_length=16)
+    assert len(ds) == 6
+    for i in range(6):
+        item = ds[i]
+        assert item["input_ids"] == tok(texts[i], truncation=True, max_length=16)["input_ids"]
+        assert len(item["input_ids"]) <= 16 and item["labels"] == labels[i]
+    batch = DataCollatorWithPadding(tok)([ds[i] for i in range(6)])
+    assert batch["input_ids"].shape[0] == 6 and torch.equal(batch["labels"], torch.tensor(labels))
+    with pytest.raises(ValueError, match="one label per text"):
+        evaluation.ClassificationDataset(tok, texts, labels[:-1])
