@@ -42,6 +42,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from results_io import command_line, write_summary
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,18 +51,6 @@ FFN = r".*\.layer\.\d+\.(intermediate|output)\.dense"  # the dense fine-tune's L
 BLOCK = (r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense"
          r"|output\.dense)")
 
-
-class Encoded(torch.utils.data.Dataset):
-    def __init__(self, tokenizer, texts, labels, max_length):
-        self.enc = tokenizer(texts, truncation=True, max_length=max_length)
-        self.labels = labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.enc["input_ids"][i], "attention_mask": self.enc["attention_mask"][i],
-                "labels": self.labels[i]}
 
 
 def _targs(out: Path, **kw):
@@ -76,7 +65,7 @@ def _fine_tune(args, tok, train):
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorWithPadding, Trainer
 
-    from hf_lowrank import offline
+    from hf_lowrank import evaluation, offline
 
     model, _ = offline.load_minilm(num_labels=len(train[2]), label_names=train[2])
     peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=FFN))
@@ -84,7 +73,7 @@ def _fine_tune(args, tok, train):
         model=peft_model,
         args=_targs(Path(args.work) / "dense", num_train_epochs=args.epochs, per_device_train_batch_size=16,
                     learning_rate=2e-3, logging_steps=10**6),
-        train_dataset=Encoded(tok, train[0], train[1], args.max_length),
+        train_dataset=evaluation.ClassificationDataset(tok, train[0], train[1], max_length=args.max_length),
         data_collator=DataCollatorWithPadding(tok),
     )
     out = trainer.train()
@@ -98,7 +87,7 @@ def _probe(dense, tok, train, args, *, weighting):
     from peft import get_peft_model
     from transformers import DataCollatorWithPadding
 
-    from hf_lowrank import FisherLoRAConfig, LowRankTrainer
+    from hf_lowrank import FisherLoRAConfig, LowRankTrainer, evaluation
 
     cfg = FisherLoRAConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=BLOCK, fisher_weighting=weighting,
                            kronecker_max_dim=None, merge_before_compress=False)
@@ -107,7 +96,7 @@ def _probe(dense, tok, train, args, *, weighting):
         model=model,
         args=_targs(Path(args.work) / f"probe-{weighting}", max_steps=args.probe_steps,
                     per_device_train_batch_size=16, learning_rate=1e-3, logging_steps=10**6),
-        train_dataset=Encoded(tok, train[0], train[1], args.max_length),
+        train_dataset=evaluation.ClassificationDataset(tok, train[0], train[1], max_length=args.max_length),
         data_collator=DataCollatorWithPadding(tok),
     )
     start = time.perf_counter()
@@ -258,14 +247,9 @@ def main() -> None:
         "run_cpu_s": round(time.process_time() - cpu_run, 1),
         "timing_note": "seconds are wall clock on one pinned core that other jobs may share; *_cpu_s are this "
                        "process's CPU seconds",
-        "command": "python benchmarks/classifier_quality.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "work")),
+        "command": command_line("classifier_quality.py", args, skip=("out", "work")),
     }
-    print(json.dumps(summary, indent=1))
-    if args.out:
-        from hf_lowrank.io import atomic_write_json
-
-        atomic_write_json(args.out, summary)
+    write_summary(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_io import command_line, write_summary
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -220,14 +221,9 @@ def main() -> None:
             **({"whitened_uniform_compress_vs_svd": round(rows[1]["compress_s"] / max(svd_s, 1e-9), 2)}
                if whitened_rows else {}),
         },
-        "command": "python benchmarks/compression_quality.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "work")),
+        "command": command_line("compression_quality.py", args, skip=("out", "work")),
     }
-    print(json.dumps(summary, indent=1))
-    if args.out:
-        from hf_lowrank.io import atomic_write_json
-
-        atomic_write_json(args.out, summary)
+    write_summary(summary, args.out)
 
 
 if __name__ == "__main__":

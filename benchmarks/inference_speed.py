@@ -36,6 +36,7 @@ import statistics
 import time
 
 import torch
+from results_io import command_line, write_summary
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -205,15 +206,9 @@ def main() -> None:
             "prefill_uniform_keep_0.5_vs_dense": table["prefill"].get("uniform keep 0.5"),
             "forward_uniform_keep_0.5_vs_dense": table["forward"].get("uniform keep 0.5"),
         },
-        "command": "python benchmarks/inference_speed.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k != "out"),
+        "command": command_line("inference_speed.py", args),
     }
-    print(json.dumps(summary, indent=1))
-    if args.out:
-        from hf_lowrank.io import atomic_write_json
-
-        atomic_write_json(args.out, summary)
+    write_summary(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ def main() -> None:
             "limit": args.limit,
             "metrics": {n: {f"{task} {key}": results[n][task][key] for task, key, _ in ROWS} for n in names},
             "table": table,
-            "command": f"python benchmarks/lm_eval_smollm2.py --limit {args.limit} --results {args.results}",
+            "command": f"python benchmarks/lm_eval_smollm2.py --limit {args.limit} --batch_size {args.batch_size} "
+                       f"--results {args.results}",
         })
 
 
