@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distributed import all_gather_objects, all_reduce_sum_, unwrap_wrappers, world_size
+from .ops.gram import contribution_is_finite, gram, gram_accumulate_
 
 __all__ = [
     "GRAM_IN",
@@ -64,8 +65,16 @@ def gram_memory_bytes(shapes: Mapping[str, tuple[int, int]], *, inputs=True, out
 def _tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``(tokens, n)`` rows of an activation ``(..., n)``, padded tokens dropped when the mask fits."""
     if mask is not None and t.ndim == mask.ndim + 1 and tuple(t.shape[:-1]) == tuple(mask.shape):
-        t = t[mask.to(device=t.device, dtype=torch.bool)]
+        t = t[mask if mask.dtype == torch.bool and mask.device == t.device else mask.to(t.device, torch.bool)]
     return t.reshape(-1, t.shape[-1])
+
+
+def _row_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A 2-D attention mask as the boolean row selector of :func:`_tokens` (``None`` when every token counts)."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+        return None
+    keep = mask.to(torch.bool)
+    return None if bool(keep.all()) else keep
 
 
 class GramHooks:
@@ -132,30 +141,44 @@ class GramHooks:
 
     def _root_hook(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
-        self._mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+        self._mask = _row_mask(mask)  # None when no token is padded: the rows are then a view, not a copy
         self._last = None
-        if self.active(module) and self._mask is not None:
-            self.tokens += int(self._mask.sum())
+        if self.active(module) and isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            self.tokens += int(mask.sum())
         elif self.active(module):
             ids = kwargs.get("input_ids", args[0] if args else None)
             self.tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
-    def _product(self, rows: torch.Tensor, n: int) -> torch.Tensor:
+    def _product(self, rows: torch.Tensor, n: int) -> torch.Tensor | None:
+        """The Gram (or its diagonal) of ``rows``; ``None`` when it would not be finite."""
         rows = rows.float()
         if self.max_dim is not None and n > self.max_dim:
-            return rows.square().sum(dim=0)
-        return rows.T @ rows
+            prod = rows.square().sum(dim=0)
+            return prod if bool(torch.isfinite(prod).all()) else None
+        return gram(rows) if contribution_is_finite(rows) else None
 
-    def _add(self, key: str, prod: torch.Tensor) -> None:
-        if not bool(torch.isfinite(prod).all()):
-            self.skipped += 1
-            return
+    def _store(self, key: str, prod: torch.Tensor) -> None:
+        """Add a finite product to ``key``'s accumulator (created on first use, on :attr:`device`)."""
         acc = self.store.get(key)
         target = self.device if self.device is not None else prod.device
         if acc is None:
             self.store[key] = prod.to(device=target, dtype=torch.float32).clone()
         else:
             acc.add_(prod.to(acc.device))
+
+    def _accumulate(self, key: str, rows: torch.Tensor, n: int) -> None:
+        """Add the Gram of ``rows`` to ``key``: in place (``addmm_``) when its full accumulator is on their device."""
+        acc = self.store.get(key)
+        full = self.max_dim is None or n <= self.max_dim
+        if full and acc is not None and acc.device == rows.device and acc.ndim == 2:
+            if not gram_accumulate_(acc, rows.float()):
+                self.skipped += 1
+            return
+        prod = self._product(rows, n)
+        if prod is None:
+            self.skipped += 1
+        else:
+            self._store(key, prod)
 
     def _input_hook(self, name: str):
         key = name + GRAM_IN
@@ -168,13 +191,28 @@ class GramHooks:
             # the same tensor OBJECT as the previous call (q/k/v, gate/up): held by reference, so its memory cannot
             # have been reused by another activation in between
             hit = last is not None and last[0] is x and last[1] == x._version
-            if hit and self.share and key not in self.store and last[2] in self.store:
-                self.store[key] = self.store[last[2]]  # one storage for modules fed the same tensor
-                self._alias.add(key)
+            if hit:
+                if self.share and key not in self.store and last[2] in self.store:
+                    self.store[key] = self.store[last[2]]  # one storage for modules fed the same tensor
+                    self._alias.add(key)
+                    return
+                if not self.share:  # the product of the first module fed this tensor (None: it was not finite)
+                    if last[3] is None:
+                        self.skipped += 1
+                    else:
+                        self._store(key, last[3])
+                    return
+            rows = _tokens(x.detach(), self._mask)
+            if self.share:  # later modules fed this tensor alias the storage: nothing to keep for them
+                self._accumulate(key, rows, x.shape[-1])
+                self._last = (x, x._version, key, None)
                 return
-            prod = last[3] if hit else self._product(_tokens(x.detach(), self._mask), x.shape[-1])
+            prod = self._product(rows, x.shape[-1])  # kept for the next modules fed the same tensor
             self._last = (x, x._version, key, prod)
-            self._add(key, prod)
+            if prod is None:
+                self.skipped += 1
+            else:
+                self._store(key, prod)
 
         return hook
 
@@ -190,7 +228,7 @@ class GramHooks:
             def grad_hook(g: torch.Tensor) -> None:
                 scale = float(self.grad_scale())
                 rows = _tokens(g.detach(), mask)
-                self._add(key, self._product(rows * scale if scale != 1.0 else rows, g.shape[-1]))
+                self._accumulate(key, rows * scale if scale != 1.0 else rows, g.shape[-1])
 
             out.register_hook(grad_hook)
 
@@ -468,8 +506,9 @@ class BlockStream:
             for batch in tqdm(calibration, desc="calibration inputs", unit="batch", disable=not progress):
                 inputs = _batch_inputs(batch, target, model)
                 mask = inputs.get("attention_mask")
-                self._mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
-                tokens += int(self._mask.sum()) if self._mask is not None else int(inputs["input_ids"].numel())
+                counted = isinstance(mask, torch.Tensor) and mask.ndim == 2
+                self._mask = _row_mask(mask)
+                tokens += int(mask.sum()) if counted else int(inputs["input_ids"].numel())
                 try:
                     model(**inputs)
                 except _StopForward:
