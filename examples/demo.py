@@ -40,6 +40,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+#: Tokens per training sequence of the methods that train (WeLore's fine-tune, the FisherLoRA SFT): the SFT step
+#: is compute-bound on a 2-core CPU, and 16 steps of 8 such sequences keep ``make demo`` under 10 minutes there.
+TRAIN_MAX_LENGTH = 96
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
@@ -100,9 +105,9 @@ def _print_table(rows, dense_linear):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", type=float, default=0.9, help="fraction of block Linear parameters kept")
-    parser.add_argument("--texts", type=int, default=32, help="held-out prose paragraphs for perplexity")
+    parser.add_argument("--texts", type=int, default=24, help="held-out prose paragraphs for perplexity")
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps for the methods that train")
+    parser.add_argument("--steps", type=int, default=16, help="fine-tuning steps for the methods that train")
     parser.add_argument("--methods", default="svd,welore,calibration,fisher_lora")
     parser.add_argument("--calib-texts", type=int, default=32, help="bundled prose paragraphs for calibration")
     parser.add_argument("--calibration-weighting", default=None, choices=["whitened", "kronecker"],
@@ -185,7 +190,7 @@ def _training_args(args, name):
 
     return TrainingArguments(
         output_dir=str(Path(args.out) / f"{name}-run"), max_steps=args.steps, per_device_train_batch_size=4,
-        gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=10, save_strategy="no", report_to=[],
+        gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=8, save_strategy="no", report_to=[],
         use_cpu=not torch.cuda.is_available(), seed=0, lr_scheduler_type="constant",
     )
 
@@ -195,10 +200,14 @@ def run_welore(model, tok, args):
     from peft import get_peft_model
     from transformers import Trainer
 
-    from hf_lowrank import WeLoreLRCConfig, bundled, find_target_linears, welore_ranks_for_model
+    from hf_lowrank import WeLoreLRCConfig, bundled, find_target_linears
     from hf_lowrank.ops.svd import break_even_rank
+    from hf_lowrank.peft_configs.welore.allocation import welore_allocation
+    from hf_lowrank.peft_configs.welore.spectra import compute_spectra
 
-    shapes = {n: (m.out_features, m.in_features) for n, m in find_target_linears(model).items()}
+    targets = find_target_linears(model)
+    shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
+    spectra = compute_spectra(targets, progress=False)  # once: get_peft_model below finds them in the cache
     budget = args.keep * sum(o * i for o, i in shapes.values())
 
     def params(ranks):
@@ -210,12 +219,12 @@ def run_welore(model, tok, args):
     lo, hi = 0.01, 0.95  # achieved reduction -> parameters is monotone: bisect for the budget
     for _ in range(14):
         mid = (lo + hi) / 2
-        ranks, _ = welore_ranks_for_model(model, mid, progress=False)
-        lo, hi = (lo, mid) if params(ranks) <= budget else (mid, hi)
+        alloc = welore_allocation(spectra, shapes, mid)
+        lo, hi = (lo, mid) if params({n: alloc.ranks[n] for n in alloc.lrc}) <= budget else (mid, hi)
     reduction = hi
     peft_model = get_peft_model(model, WeLoreLRCConfig(reduction=reduction))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    rows, collator = _lm_trainer_inputs(tok, bundled.prose_texts("train", n=8 * args.steps), 128)
+    rows, collator = _lm_trainer_inputs(tok, bundled.prose_texts("train", n=8 * args.steps), TRAIN_MAX_LENGTH)
     Trainer(model=peft_model, args=_training_args(args, "welore"), train_dataset=rows, data_collator=collator).train()
     merged = peft_model.merge_and_unload()
     return merged, {"reduction": round(reduction, 4), "trainable_params": trainable}
@@ -253,7 +262,7 @@ def run_fisher_lora(model, tok, args):
         model=model,
         args=SFTConfig(
             output_dir=str(Path(args.out) / "fisher_lora-run"), max_steps=args.steps, per_device_train_batch_size=4,
-            gradient_accumulation_steps=2, learning_rate=1e-3, max_length=96, logging_steps=10, save_strategy="no",
+            gradient_accumulation_steps=2, learning_rate=1e-3, max_length=TRAIN_MAX_LENGTH, logging_steps=8, save_strategy="no",
             report_to=[], use_cpu=not torch.cuda.is_available(), seed=0, **precision,
         ),
         train_dataset=Dataset.from_list(bundled.sft_examples("train", n=8 * args.steps)),
