@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16, help="fine-tuning steps for the methods that train")
     parser.add_argument("--methods", default="svd,welore,calibration,fisher_lora")
-    parser.add_argument("--calib-texts", type=int, default=32, help="bundled prose paragraphs for calibration")
+    parser.add_argument("--calib-texts", type=int, default=24, help="bundled prose paragraphs for calibration")
     parser.add_argument("--calibration-weighting", default=None, choices=["whitened", "kronecker"],
                         help="weighting of the calibration row (default: compress_model's, kronecker for a causal LM)")
     parser.add_argument("--allocation", default=None, choices=["uniform", "global"],
