@@ -65,7 +65,7 @@ def gram_memory_bytes(shapes: Mapping[str, tuple[int, int]], *, inputs=True, out
 def _tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``(tokens, n)`` rows of an activation ``(..., n)``, padded tokens dropped when the mask fits."""
     if mask is not None and t.ndim == mask.ndim + 1 and tuple(t.shape[:-1]) == tuple(mask.shape):
-        t = t[mask if mask.dtype == torch.bool and mask.device == t.device else mask.to(t.device, torch.bool)]
+        t = t[mask.to(device=t.device, dtype=torch.bool)]
     return t.reshape(-1, t.shape[-1])
 
 
@@ -75,6 +75,13 @@ def _row_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
         return None
     keep = mask.to(torch.bool)
     return None if bool(keep.all()) else keep
+
+
+def _token_count(mask, input_ids) -> int:
+    """Tokens of a batch: the 2-D attention mask's ones, else every input id."""
+    if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+        return int(mask.sum())
+    return int(input_ids.numel()) if isinstance(input_ids, torch.Tensor) else 0
 
 
 class GramHooks:
@@ -143,11 +150,8 @@ class GramHooks:
         mask = kwargs.get("attention_mask")
         self._mask = _row_mask(mask)  # None when no token is padded: the rows are then a view, not a copy
         self._last = None
-        if self.active(module) and isinstance(mask, torch.Tensor) and mask.ndim == 2:
-            self.tokens += int(mask.sum())
-        elif self.active(module):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            self.tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+        if self.active(module):
+            self.tokens += _token_count(mask, kwargs.get("input_ids", args[0] if args else None))
 
     def _product(self, rows: torch.Tensor, n: int) -> torch.Tensor | None:
         """The Gram (or its diagonal) of ``rows``; ``None`` when it would not be finite."""
@@ -157,8 +161,12 @@ class GramHooks:
             return prod if bool(torch.isfinite(prod).all()) else None
         return gram(rows) if contribution_is_finite(rows) else None
 
-    def _store(self, key: str, prod: torch.Tensor) -> None:
-        """Add a finite product to ``key``'s accumulator (created on first use, on :attr:`device`)."""
+    def _store(self, key: str, prod: torch.Tensor | None) -> None:
+        """Add a finite product to ``key``'s accumulator (created on first use, on :attr:`device`); ``None`` (a
+        product that was not finite) is counted as skipped."""
+        if prod is None:
+            self.skipped += 1
+            return
         acc = self.store.get(key)
         target = self.device if self.device is not None else prod.device
         if acc is None:
@@ -171,14 +179,10 @@ class GramHooks:
         acc = self.store.get(key)
         full = self.max_dim is None or n <= self.max_dim
         if full and acc is not None and acc.device == rows.device and acc.ndim == 2:
-            if not gram_accumulate_(acc, rows.float()):
+            if not gram_accumulate_(acc, rows):
                 self.skipped += 1
             return
-        prod = self._product(rows, n)
-        if prod is None:
-            self.skipped += 1
-        else:
-            self._store(key, prod)
+        self._store(key, self._product(rows, n))
 
     def _input_hook(self, name: str):
         key = name + GRAM_IN
@@ -197,10 +201,7 @@ class GramHooks:
                     self._alias.add(key)
                     return
                 if not self.share:  # the product of the first module fed this tensor (None: it was not finite)
-                    if last[3] is None:
-                        self.skipped += 1
-                    else:
-                        self._store(key, last[3])
+                    self._store(key, last[3])
                     return
             rows = _tokens(x.detach(), self._mask)
             if self.share:  # later modules fed this tensor alias the storage: nothing to keep for them
@@ -209,10 +210,7 @@ class GramHooks:
                 return
             prod = self._product(rows, x.shape[-1])  # kept for the next modules fed the same tensor
             self._last = (x, x._version, key, prod)
-            if prod is None:
-                self.skipped += 1
-            else:
-                self._store(key, prod)
+            self._store(key, prod)
 
         return hook
 
@@ -506,9 +504,8 @@ class BlockStream:
             for batch in tqdm(calibration, desc="calibration inputs", unit="batch", disable=not progress):
                 inputs = _batch_inputs(batch, target, model)
                 mask = inputs.get("attention_mask")
-                counted = isinstance(mask, torch.Tensor) and mask.ndim == 2
                 self._mask = _row_mask(mask)
-                tokens += int(mask.sum()) if counted else int(inputs["input_ids"].numel())
+                tokens += _token_count(mask, inputs["input_ids"])
                 try:
                     model(**inputs)
                 except _StopForward:
