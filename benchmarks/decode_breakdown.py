@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from inference_speed import _rotated
+from inference_speed import _decode
 from results_io import command_line, write_summary
 
 
@@ -61,32 +61,6 @@ def _block_linears(model):
     return found
 
 
-@torch.inference_mode()
-def _steps(models: dict, ids: torch.Tensor, steps: int, repeats: int, clocks: dict | None = None) -> dict:
-    names = list(models)
-    times = {n: [] for n in names}
-    parts = {n: {"linears": [], "lm_head": []} for n in names}
-    for rep in range(repeats):
-        state = {}
-        for n, m in models.items():
-            out = m(input_ids=ids, use_cache=True, logits_to_keep=1)
-            state[n] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
-        for step in range(steps):
-            for n in _rotated(names, rep * steps + step):
-                cache, nxt = state[n]
-                if clocks:
-                    for c in clocks[n].values():
-                        c.total = 0.0
-                start = time.perf_counter()
-                out = models[n](input_ids=nxt, past_key_values=cache, use_cache=True)
-                times[n].append(time.perf_counter() - start)
-                if clocks:
-                    for part, c in clocks[n].items():
-                        parts[n][part].append(c.total)
-                state[n] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
-    return {"step": times, "parts": parts}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.9, 0.5])
@@ -113,19 +87,28 @@ def main() -> None:
     rows = {}
     for batch in args.batches:
         ids = torch.randint(100, 40000, (batch, args.tokens), generator=torch.Generator().manual_seed(batch))
-        plain = _steps(models, ids, args.steps, args.repeats)["step"]
+        plain = _decode(models, ids, args.steps, args.repeats)
         clocks = {n: {"linears": _Clock(_block_linears(m)), "lm_head": _Clock([m.lm_head])} for n, m in models.items()}
-        timed = _steps(models, ids, args.steps, args.repeats, clocks)
+        parts = {n: {part: [] for part in per} for n, per in clocks.items()}
+
+        def around(name, started, clocks=clocks, parts=parts):
+            for part, clock in clocks[name].items():
+                if started:
+                    clock.total = 0.0
+                else:
+                    parts[name][part].append(clock.total)
+
+        hooked_steps = _decode(models, ids, args.steps, args.repeats, around)
         for per in clocks.values():
             for c in per.values():
                 c.remove()
         dense_step = statistics.median(plain["dense"])
-        dense_lin = statistics.median(timed["parts"]["dense"]["linears"])
+        dense_lin = statistics.median(parts["dense"]["linears"])
         for n in models:
             step = statistics.median(plain[n])
-            lin = statistics.median(timed["parts"][n]["linears"])
-            head = statistics.median(timed["parts"][n]["lm_head"])
-            hooked = statistics.median(timed["step"][n])
+            lin = statistics.median(parts[n]["linears"])
+            head = statistics.median(parts[n]["lm_head"])
+            hooked = statistics.median(hooked_steps[n])
             rows[f"{n}, batch {batch}"] = {
                 "step_ms": round(step * 1e3, 2),
                 "step_vs_dense": round(step / dense_step, 3),

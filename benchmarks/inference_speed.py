@@ -72,7 +72,11 @@ def _interleaved(calls: dict[str, callable], repeats: int) -> dict[str, list[flo
 
 
 @torch.inference_mode()
-def _decode(models: dict, ids: torch.Tensor, steps: int, repeats: int) -> dict[str, list[float]]:
+def _decode(models: dict, ids: torch.Tensor, steps: int, repeats: int, around=None) -> dict[str, list[float]]:
+    """Per-step decode times of each model, the models stepping in turn (rotated order) after a prefill of ``ids``.
+
+    ``around``: optional ``(name, started: bool)`` callback run just before and just after each timed step.
+    """
     names, times = list(models), {n: [] for n in models}
     for rep in range(repeats):
         state = {}
@@ -82,9 +86,13 @@ def _decode(models: dict, ids: torch.Tensor, steps: int, repeats: int) -> dict[s
         for step in range(steps):
             for n in _rotated(names, rep * steps + step):
                 cache, nxt = state[n]
+                if around is not None:
+                    around(n, True)
                 start = time.perf_counter()
                 out = models[n](input_ids=nxt, past_key_values=cache, use_cache=True)
                 times[n].append(time.perf_counter() - start)
+                if around is not None:
+                    around(n, False)
                 state[n] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
     return times
 
