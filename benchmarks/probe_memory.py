@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results_io import command_line, write_summary
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -99,10 +101,8 @@ def main() -> None:
                 (row["peak_MB"] - row["loaded_MB"]) / max(plain["peak_MB"] - plain["loaded_MB"], 1e-9), 3)
     result = {"model": "SmolLM2-135M-Instruct (fp32, CPU)", "targets": args.targets, "steps": args.steps,
               "max_length": args.max_length, "rows": rows, "ratios": ratios, "goal": "peak <= 1.3x plain LoRA",
-              "command": "python benchmarks/probe_memory.py " + " ".join(sys.argv[1:])}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+              "command": command_line("probe_memory.py", args, skip=("out", "child", "work"))}
+    write_summary(result, args.out)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,19 @@ import json
 
 
 def command_line(script: str, args: argparse.Namespace, skip: tuple[str, ...] = ("out",)) -> str:
-    """``python benchmarks/<script> --flag value ...`` from parsed ``args`` (lists space-separated), without ``skip``."""
+    """``python benchmarks/<script> --flag value ...`` from parsed ``args`` (lists space-separated), without ``skip``.
+
+    A ``store_true`` flag appears bare when set and not at all when unset; an option left at ``None`` is left out.
+    """
     parts = []
     for key, value in vars(args).items():
-        if key not in skip:
-            shown = " ".join(map(str, value)) if isinstance(value, list) else value
-            parts.append(f"--{key.replace('_', '-')} {shown}")
+        if key in skip or value is None or value is False:
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        if value is True:
+            parts.append(flag)
+        else:
+            parts.append(f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}")
     return f"python benchmarks/{script} " + " ".join(parts)
 
 

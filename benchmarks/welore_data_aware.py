@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
+from results_io import command_line, write_summary
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -185,7 +184,7 @@ def main() -> None:
                 row(kind, keep, "context: compress_model whitened uniform", keep, None, whitening(targets))
 
     result = {
-        "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+        "command": command_line("welore_data_aware.py", args),
         "model": "SmolLM2-135M-Instruct (fp32, CPU, hf_lowrank.offline.load_smollm2)",
         "eval": f"perplexity on bundled prose_texts('test', n={args.eval_texts}), max_length {args.max_length}",
         "calibration": f"prose_texts('train', n={args.calibration_texts}), max_length {args.max_length}",
@@ -200,11 +199,7 @@ def main() -> None:
                      "total_cpu": round(time.process_time() - cpu_started, 1),
                      "note": "wall seconds on a shared core; total_cpu is this process's CPU time"},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    write_summary(result, args.out)
 
 
 if __name__ == "__main__":
