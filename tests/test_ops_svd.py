@@ -163,6 +163,26 @@ def test_gram_singular_values_match_svdvals(monkeypatch, shape):
     assert torch.allclose(singular_values(A, gram=True), ref, rtol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(40, 96), (96, 40)])
+def test_singular_values_of_wide_and_tall_matrices_match_float64(monkeypatch, shape):
+    # a wide matrix is passed to LAPACK transposed (its tall path is 2-3x faster): same values, same bound
+    A = _low_rank_plus_noise(*shape, r=12, noise=1e-2, seed=3).float()
+    ref = torch.linalg.svdvals(A.double())
+    seen = []
+    original = torch.linalg.svdvals
+
+    def recording(M, *args, **kwargs):
+        seen.append(tuple(M.shape))
+        return original(M, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svdvals", recording)
+    S = singular_values(A)
+    assert seen == [(96, 40)]
+    assert S.dtype == torch.float32 and S.shape == (40,) and bool((S[:-1] >= S[1:]).all())
+    assert torch.allclose(S.double(), ref, rtol=0, atol=1e-5 * float(ref[0]))
+    assert torch.allclose(S, singular_values(A.T.contiguous()), rtol=0, atol=1e-6 * float(ref[0]))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_input_raises_svd_error_naming_module(bad):
     A = torch.randn(8, 6)

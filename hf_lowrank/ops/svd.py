@@ -175,7 +175,9 @@ def singular_values(A: torch.Tensor, *, name: str | None = None, gram: bool = Fa
         except RuntimeError:
             pass
     try:
-        S = torch.linalg.svdvals(A.to(dtype))
+        # The values are those of the transpose; LAPACK's path for a wide matrix is 2-3x slower than for a tall one
+        # (a (576, 1536) fp32 weight on 2 CPU threads: 113 ms, its transpose 39 ms).
+        S = torch.linalg.svdvals((A.T if A.shape[0] < A.shape[1] else A).to(dtype))
         if _finite(S):
             return S
     except RuntimeError:
