@@ -38,6 +38,8 @@ def test_compress_keeps_a_sequence_classifier_and_its_head(tmp_path, capsys):
         main(["compress", str(tmp_path / "dense"), "--method", "welore", "--reduction", "0.3", "--out", str(out)]) == 0
     )
     assert json.loads((out / "config.json").read_text())["architectures"] == ["RobertaForSequenceClassification"]
+    # the dense folder has no tokenizer files: none is written (transformers would build an empty-vocabulary one)
+    assert not any((out / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
     model = load_compressed(out, AutoModelForSequenceClassification).eval()
     assert type(model).__name__ == "RobertaForSequenceClassification"
     assert torch.equal(model.classifier.out_proj.weight, clf.classifier.out_proj.weight)
@@ -177,3 +179,17 @@ def test_compress_fwsvd_with_a_kronecker_fisher_file(tiny_llama, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expect.eval()(ids).logits, rtol=1e-4, atol=1e-5)
     assert report.ranks == {m["name"]: m["rank"] for m in saved["modules"] if m["rank"] is not None}
+
+
+def test_load_tokenizer_only_when_the_folder_has_one(tmp_path):
+    """transformers 5 builds an empty-vocabulary GPT-2 tokenizer for a folder without tokenizer files; the CLIs
+    (compress, residual) must see no tokenizer there, and the real one where it was saved."""
+    from tiny_models import make_tiny_model
+
+    from hf_lowrank.cli import load_tokenizer
+
+    make_tiny_model("gpt2_cls").save_pretrained(tmp_path / "m")
+    assert load_tokenizer(str(tmp_path / "m")) is None
+    _char_tokenizer().save_pretrained(tmp_path / "m")
+    tok = load_tokenizer(str(tmp_path / "m"))
+    assert tok is not None and len(tok("hello world").input_ids) > 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,27 @@ def resolve_model_class(model: str, model_class: str | None = None, *, gguf_file
     )
 
 
+#: A local folder holds a tokenizer only when one of these is in it. Without them transformers 5 still builds one
+#: for some model types (GPT-2, RoBERTa) with an empty vocabulary ("hello world" -> no ids), which compress would
+#: then save beside the model as if it were the model's.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
+def load_tokenizer(path: str, *, gguf_file: str | None = None):
+    """The tokenizer saved with the model at ``path`` (a local folder, a Hub id, or a GGUF file's folder), or ``None``
+    when there is none: a local folder without any of :data:`_TOKENIZER_FILES` gives ``None`` without asking
+    transformers."""
+    import transformers
+
+    if not gguf_file and os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def load_model_for_cli(model: str, *, model_class: str | None = None, gguf_file: str | None = None, dtype=None):
     """Load ``model`` (folder, Hub id or ``smollm2``) with its tokenizer when one is there.
 
@@ -124,10 +146,7 @@ def load_model_for_cli(model: str, *, model_class: str | None = None, gguf_file:
             net = load_compressed(path, cls, **kwargs)
         else:
             net = cls.from_pretrained(path, **kwargs)
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
-    except (OSError, ValueError):
-        tok = None
+    tok = load_tokenizer(path, gguf_file=gguf_file)
     return net, tok
 
 

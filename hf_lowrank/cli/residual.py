@@ -42,15 +42,14 @@ def _load(path: str, architecture: str | None, dtype: str):
 
 
 def _tokenizer(*paths: str):
-    from transformers import AutoTokenizer
-
+    """The first of ``paths`` that holds a tokenizer gives it (``None`` when none does)."""
     from ..offline import resolve_model_alias
+    from . import load_tokenizer
 
     for path in paths:
-        try:
-            return AutoTokenizer.from_pretrained(resolve_model_alias(path))
-        except (OSError, ValueError, TypeError):
-            continue
+        tok = load_tokenizer(resolve_model_alias(path))
+        if tok is not None:
+            return tok
     return None
 
 
