@@ -93,11 +93,12 @@ def test_fisher_lora_compress_on_save_reloads_exactly_with_the_trained_head(tmp_
     assert report.ranks and sum(isinstance(m, LowRankLinear) for m in reloaded.modules()) == len(report.ranks)
     assert torch.equal(_out(reloaded, kind), _out(expected.eval(), kind))
     if kind.endswith("_cls"):  # the head is trained (modules_to_save) and kept, not re-initialised
-        trained = trainer.model.base_model.model.classifier.modules_to_save["default"]
+        wrapper = "score" if kind == "gpt2_cls" else "classifier"  # GPT-2's head is a bias-free Linear "score"
+        trained = trainer.model.base_model.model.get_submodule(wrapper).modules_to_save["default"]
         if kind == "roberta_cls":
             head, trained_weight = "classifier.out_proj.weight", trained.out_proj.weight
         else:
-            head, trained_weight = "classifier.weight", trained.weight
+            head, trained_weight = f"{wrapper}.weight", trained.weight
         assert torch.equal(reloaded.get_parameter(head), trained_weight)
         assert not torch.equal(trained_weight, make_tiny_model(kind).get_parameter(head))
 
@@ -127,7 +128,7 @@ def test_ere_decodes_a_full_fine_tune_and_its_lora_export_loads_in_vanilla_peft(
     g = torch.Generator().manual_seed(5)
     for name, p in ft.named_parameters():  # a "full fine-tune": every block/head matrix moves by a rank-4 delta
         if p.ndim == 2 and not any(e in name for e in ("embed", "shared", "wte", "wpe", "relative_attention")):
-            scale = 0.3 if name.startswith("classifier") else 0.02
+            scale = 0.3 if name.startswith(("classifier", "score")) else 0.02
             p += scale * torch.randn(p.shape[0], 4, generator=g) @ torch.randn(4, p.shape[1], generator=g) / 4
     reference = _out(ft, kind)
     assert _rel(_out(base, kind), reference) > 0.01  # the fine-tune did change the outputs

@@ -31,7 +31,7 @@ from tiny_models import make_tiny_model
 from hf_lowrank import FisherLoRAConfig, SPSFTConfig, WeLoreLRCConfig
 from hf_lowrank.peft_configs.welore import DenseWeightDroppedError
 
-KINDS = ["llama", "qwen2", "phi3", "t5", "roberta_cls", "bert_cls", "gpt2"]
+KINDS = ["llama", "qwen2", "phi3", "t5", "roberta_cls", "bert_cls", "gpt2", "gpt2_cls"]
 TASKS = {
     "llama": "CAUSAL_LM",
     "qwen2": "CAUSAL_LM",
@@ -40,6 +40,7 @@ TASKS = {
     "roberta_cls": "SEQ_CLS",
     "bert_cls": "SEQ_CLS",
     "gpt2": "CAUSAL_LM",
+    "gpt2_cls": "SEQ_CLS",
 }
 AUTO_CLASSES = {
     "CAUSAL_LM": transformers.AutoModelForCausalLM,

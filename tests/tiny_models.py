@@ -86,7 +86,8 @@ def make_tiny_model(kind: str, seed: int = 0) -> PreTrainedModel:
 
     ``kind``: ``"llama"`` (GQA decoder), ``"qwen2"`` (biased q/k/v), ``"phi3"`` (fused ``qkv_proj`` and
     ``gate_up_proj``), ``"t5"`` (encoder-decoder, ``wi``/``wo``), ``"roberta_cls"`` (two-layer classifier head),
-    ``"bert_cls"`` (single Linear classifier head), ``"gpt2"`` (GPT-2: :data:`TINY_GPT2`, ``Conv1D`` layers).
+    ``"bert_cls"`` (single Linear classifier head), ``"gpt2"`` (GPT-2: :data:`TINY_GPT2`, ``Conv1D`` layers),
+    ``"gpt2_cls"`` (the same GPT-2 with a bias-free ``score`` head read at the last non-pad token, three labels).
     """
     import transformers
 
@@ -102,6 +103,7 @@ def make_tiny_model(kind: str, seed: int = 0) -> PreTrainedModel:
         "roberta_cls": ("RobertaForSequenceClassification", "RobertaConfig", TINY_ROBERTA),
         "bert_cls": ("BertForSequenceClassification", "BertConfig", dict(TINY_BERT, num_labels=3)),
         "gpt2": ("GPT2LMHeadModel", "GPT2Config", TINY_GPT2),
+        "gpt2_cls": ("GPT2ForSequenceClassification", "GPT2Config", dict(TINY_GPT2, num_labels=3, pad_token_id=0)),
     }
     if kind not in configs:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {sorted(configs)}.")
