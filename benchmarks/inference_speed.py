@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 import statistics
@@ -78,22 +79,24 @@ def _decode(models: dict, ids: torch.Tensor, steps: int, repeats: int, around=No
     ``around``: optional ``(name, started: bool)`` callback run just before and just after each timed step.
     """
     names, times = list(models), {n: [] for n in models}
+    # transformers 5.2x renamed the KV-cache argument and output ``past_key_values`` -> ``cache`` (the old name warns)
+    key = "cache" if "cache" in inspect.signature(next(iter(models.values())).forward).parameters else "past_key_values"
     for rep in range(repeats):
         state = {}
         for n, m in models.items():
             out = m(input_ids=ids, use_cache=True, logits_to_keep=1)
-            state[n] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+            state[n] = (out[key], out.logits[:, -1:].argmax(-1))
         for step in range(steps):
             for n in _rotated(names, rep * steps + step):
                 cache, nxt = state[n]
                 if around is not None:
                     around(n, True)
                 start = time.perf_counter()
-                out = models[n](input_ids=nxt, past_key_values=cache, use_cache=True)
+                out = models[n](input_ids=nxt, use_cache=True, **{key: cache})
                 times[n].append(time.perf_counter() - start)
                 if around is not None:
                     around(n, False)
-                state[n] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+                state[n] = (out[key], out.logits[:, -1:].argmax(-1))
     return times
 
 
