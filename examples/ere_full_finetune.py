@@ -140,6 +140,7 @@ def smollm2(args) -> dict:
         logging_steps=max(1, args.sft_steps // 5),
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,  # trl's default is on; this model's activations fit, recomputing costs time
         **precision,
     )
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=train, processing_class=tok, callbacks=[ere])

@@ -64,6 +64,7 @@ def main() -> None:
             output_dir=str(out / "run"), max_steps=args.steps, per_device_train_batch_size=4,
             gradient_accumulation_steps=2, learning_rate=1e-3, max_length=96, logging_steps=10, save_strategy="no",
             report_to=[], use_cpu=not torch.cuda.is_available(), seed=0, **precision,
+            gradient_checkpointing=False,  # trl's default is on; this model's activations fit, recomputing costs time
         ),
         train_dataset=train,
         processing_class=tokenizer,

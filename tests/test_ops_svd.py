@@ -183,6 +183,31 @@ def test_singular_values_of_wide_and_tall_matrices_match_float64(monkeypatch, sh
     assert torch.allclose(S, singular_values(A.T.contiguous()), rtol=0, atol=1e-6 * float(ref[0]))
 
 
+@pytest.mark.parametrize("shape", [(40, 96), (96, 40)])
+def test_full_svd_of_a_wide_matrix_decomposes_its_transpose(monkeypatch, shape):
+    # LAPACK's thin SVD is faster on the tall orientation: a wide matrix goes in transposed, U and Vh swap back
+    A = _low_rank_plus_noise(*shape, r=12, noise=1e-2, seed=5).float()
+    seen = []
+    original = torch.linalg.svd
+
+    def recording(M, *args, **kwargs):
+        seen.append(tuple(M.shape))
+        return original(M, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", recording)
+    U, S, Vh = full_svd(A)
+    assert seen == [(96, 40)]
+    assert U.shape == (shape[0], 40) and S.shape == (40,) and Vh.shape == (40, shape[1])
+    assert relative_error(A, (U * S) @ Vh) < 1e-5
+    _assert_orthonormal_columns(U, 1e-4)
+    _assert_orthonormal_columns(Vh.T, 1e-4)
+    ref = torch.linalg.svdvals(A.double())
+    assert torch.allclose(S.double(), ref, rtol=0, atol=1e-5 * float(ref[0]))
+    down, up = split_factors(*truncated_svd(A, 12, method="exact"))
+    err2 = float(torch.linalg.matrix_norm(A.double() - (up @ down).double()) ** 2)
+    assert abs(err2 - float(tail_energy(ref)[12])) <= 1e-4 * float(tail_energy(ref)[12])
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_input_raises_svd_error_naming_module(bad):
     A = torch.randn(8, 6)

@@ -121,13 +121,17 @@ def full_svd(A: torch.Tensor, *, name: str | None = None) -> SVDResult:
     """
     _check_input(A, name)
     dtype = _compute_dtype(A)
-    attempts: list[tuple[str, callable]] = [("linalg.svd", lambda: torch.linalg.svd(A.to(dtype), full_matrices=False))]
+    # A wide matrix is decomposed as its transpose (U and Vh swap roles): LAPACK's thin SVD of the tall orientation is
+    # 25-30% faster on CPU (a (576, 1536) fp32 weight on 2 threads: 197 ms, its transpose 146 ms).
+    wide = A.shape[0] < A.shape[1]
+    B = A.T if wide else A
+    attempts: list[tuple[str, callable]] = [("linalg.svd", lambda: torch.linalg.svd(B.to(dtype), full_matrices=False))]
     if A.is_cuda:
         attempts.append(
-            ("linalg.svd(gesvd)", lambda: torch.linalg.svd(A.to(dtype), full_matrices=False, driver="gesvd"))
+            ("linalg.svd(gesvd)", lambda: torch.linalg.svd(B.to(dtype), full_matrices=False, driver="gesvd"))
         )
-    attempts.append(("linalg.svd(float64)", lambda: torch.linalg.svd(A.double(), full_matrices=False)))
-    attempts.append(("gram eigh(float64)", lambda: _svd_via_gram(A)))
+    attempts.append(("linalg.svd(float64)", lambda: torch.linalg.svd(B.double(), full_matrices=False)))
+    attempts.append(("gram eigh(float64)", lambda: _svd_via_gram(B)))
     errors = []
     for label, fn in attempts:
         try:
@@ -135,6 +139,8 @@ def full_svd(A: torch.Tensor, *, name: str | None = None) -> SVDResult:
         except RuntimeError as exc:  # torch raises LinAlgError (a RuntimeError) on non-convergence
             errors.append(f"{label}: {exc}")
             continue
+        if wide:
+            U, Vh = Vh.T, U.T
         if _finite(U, S, Vh):
             out = SVDResult(U.to(dtype), S.to(dtype), Vh.to(dtype))
             if _finite(*out):
