@@ -163,19 +163,25 @@ def test_gram_singular_values_match_svdvals(monkeypatch, shape):
     assert torch.allclose(singular_values(A, gram=True), ref, rtol=1e-10)
 
 
-@pytest.mark.parametrize("shape", [(40, 96), (96, 40)])
-def test_singular_values_of_wide_and_tall_matrices_match_float64(monkeypatch, shape):
-    # a wide matrix is passed to LAPACK transposed (its tall path is 2-3x faster): same values, same bound
-    A = _low_rank_plus_noise(*shape, r=12, noise=1e-2, seed=3).float()
-    ref = torch.linalg.svdvals(A.double())
-    seen = []
-    original = torch.linalg.svdvals
+def _record_shapes(monkeypatch, fn: str) -> list[tuple[int, ...]]:
+    """Shapes of the matrices passed to ``torch.linalg.<fn>`` from now on (the call still runs)."""
+    seen: list[tuple[int, ...]] = []
+    original = getattr(torch.linalg, fn)
 
     def recording(M, *args, **kwargs):
         seen.append(tuple(M.shape))
         return original(M, *args, **kwargs)
 
-    monkeypatch.setattr(torch.linalg, "svdvals", recording)
+    monkeypatch.setattr(torch.linalg, fn, recording)
+    return seen
+
+
+@pytest.mark.parametrize("shape", [(40, 96), (96, 40)])
+def test_singular_values_of_wide_and_tall_matrices_match_float64(monkeypatch, shape):
+    # a wide matrix is passed to LAPACK transposed (its tall path is 2-3x faster): same values, same bound
+    A = _low_rank_plus_noise(*shape, r=12, noise=1e-2, seed=3).float()
+    ref = torch.linalg.svdvals(A.double())
+    seen = _record_shapes(monkeypatch, "svdvals")
     S = singular_values(A)
     assert seen == [(96, 40)]
     assert S.dtype == torch.float32 and S.shape == (40,) and bool((S[:-1] >= S[1:]).all())
@@ -187,14 +193,7 @@ def test_singular_values_of_wide_and_tall_matrices_match_float64(monkeypatch, sh
 def test_full_svd_of_a_wide_matrix_decomposes_its_transpose(monkeypatch, shape):
     # LAPACK's thin SVD is faster on the tall orientation: a wide matrix goes in transposed, U and Vh swap back
     A = _low_rank_plus_noise(*shape, r=12, noise=1e-2, seed=5).float()
-    seen = []
-    original = torch.linalg.svd
-
-    def recording(M, *args, **kwargs):
-        seen.append(tuple(M.shape))
-        return original(M, *args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "svd", recording)
+    seen = _record_shapes(monkeypatch, "svd")
     U, S, Vh = full_svd(A)
     assert seen == [(96, 40)]
     assert U.shape == (shape[0], 40) and S.shape == (40,) and Vh.shape == (40, shape[1])
