@@ -85,20 +85,14 @@ def _gram(A64: torch.Tensor) -> torch.Tensor:
 
 
 def _svd_via_gram(A: torch.Tensor) -> SVDResult:
-    """Last-resort SVD through the eigendecomposition of the smaller Gram matrix (float64)."""
+    """Last-resort SVD of a tall ``(m, n)``, ``m >= n``, matrix through the eigendecomposition of its ``(n, n)`` Gram
+    (float64); :func:`full_svd` hands a wide matrix over transposed."""
     A64 = A.double()
-    m, n = A64.shape
-    if m >= n:
-        evals, V = torch.linalg.eigh(_gram(A64))
-        evals, V = evals.flip(0).clamp_min(0), V.flip(1)
-        S = evals.sqrt()
-        U = A64 @ V / S.clamp_min(torch.finfo(torch.float64).tiny)
-        return SVDResult(U, S, V.T)
-    evals, U = torch.linalg.eigh(_gram(A64))
-    evals, U = evals.flip(0).clamp_min(0), U.flip(1)
+    evals, V = torch.linalg.eigh(_gram(A64))
+    evals, V = evals.flip(0).clamp_min(0), V.flip(1)
     S = evals.sqrt()
-    Vh = (U.T @ A64) / S.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
-    return SVDResult(U, S, Vh)
+    U = A64 @ V / S.clamp_min(torch.finfo(torch.float64).tiny)
+    return SVDResult(U, S, V.T)
 
 
 @torch.no_grad()
