@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from .distributed import all_gather_objects, all_reduce_sum_, unwrap_wrappers, w
 from .ops.gram import contribution_is_finite, gram, gram_accumulate_
 
 __all__ = [
+    "CalibrationGrams",
     "GRAM_IN",
     "GRAM_OUT",
     "GramHooks",
@@ -531,3 +533,20 @@ class BlockStream:
                 hidden = out[0] if isinstance(out, (tuple, list)) else out
                 self.items[i] = ([hidden, *args[1:]], kwargs, mask)
 
+
+
+class CalibrationGrams(NamedTuple):
+    """Calibration statistics collected once, to compress with several times (``compress_model(model, keep,
+    calibration=CalibrationGrams(...))`` at several keeps, or from Grams summed over several collections: Grams are
+    sums over tokens, so those of two sets of batches add up to those of their union, and so do the token counts).
+
+    Attributes:
+        inputs: ``{module name: input Gram}`` (:func:`calibration_grams`' first result).
+        outputs: ``{module name: output-gradient Gram}`` (its second result with ``outputs=True``), or ``None`` for
+            whitening only.
+        tokens: the calibration tokens the Grams were summed over (their last result).
+    """
+
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor] | None
+    tokens: int

@@ -17,7 +17,7 @@ from hf_lowrank.ops.fisher import fwsvd, gram_factor, weighted_lowrank, weighted
 from hf_lowrank.ops.rank_allocation import global_ranks
 from hf_lowrank.ops.svd import SVDError, split_factors, truncated_svd
 from hf_lowrank.peft_configs.fisher_lora.fisher import FisherCollector, FisherState
-from hf_lowrank.statistics import calibration_grams
+from hf_lowrank.statistics import CalibrationGrams, calibration_grams
 
 
 def _objective(W, W_hat, X=None, Gout_root=None):
@@ -176,8 +176,8 @@ def test_global_allocation_over_rank_multiples_matches_exhaustive_search(seed):
 
 
 def test_compress_model_keep_ranks_are_multiples_of_eight_unless_told():
-    """A float keep gives ranks rounded down to RANK_MULTIPLE (uniform and global); rank_multiple=1 the exact floor;
-    an explicit rank is used as given."""
+    """A float keep gives ranks that are multiples of RANK_MULTIPLE (uniform and global); rank_multiple=1 ranks within
+    one of each module's floor, filled to the budget; an explicit rank is used as given."""
     from hf_lowrank.ops.svd import RANK_MULTIPLE, rank_for_keep
 
     assert RANK_MULTIPLE == 8 and rank_for_keep(1536, 576, 0.9, multiple=8) == 376
@@ -187,7 +187,9 @@ def test_compress_model_keep_ranks_are_multiples_of_eight_unless_told():
     assert rep.ranks and all(r % 8 == 0 for r in rep.ranks.values())
     exact = compress_model(copy.deepcopy(model), 0.7, rank_multiple=1, progress=False)
     targets = find_target_linears(model)
-    assert exact.ranks == {n: rank_for_keep(m.out_features, m.in_features, 0.7) for n, m in targets.items()}
+    floors = {n: rank_for_keep(m.out_features, m.in_features, 0.7) for n, m in targets.items()}
+    assert set(exact.ranks) == set(floors) and all(exact.ranks[n] - floors[n] in (0, 1) for n in floors)
+    assert sum(r.params_after for r in exact.modules) <= 0.7 * sum(r.params_before for r in exact.modules)
     glob = compress_model(copy.deepcopy(model), 0.7, calibration=_batches(n=2), progress=False)
     assert glob.info["allocation"] == "global" and all(r == 1 or r % 8 == 0 for r in glob.ranks.values())
     assert set(compress_model(copy.deepcopy(model), 13, progress=False).ranks.values()) == {13}
@@ -359,17 +361,17 @@ def test_reduce_grams_merges_what_each_process_holds(monkeypatch):
 
 def test_compress_model_kronecker_calibration_is_the_one_path_with_those_grams():
     """calibration_weighting='kronecker' factorizes with the Grams of calibration_grams(outputs=True) (the same
-    weighted errors as passing them as grams_in= / grams_out=) and is labelled so."""
+    weighted errors as passing them, with their token count, as CalibrationGrams) and is labelled so."""
     dense = make_tiny_llama(seed=0)
     batches = _batches(n=6)
     kron, explicit = copy.deepcopy(dense), copy.deepcopy(dense)
     report = compress_model(kron, 0.6, calibration=batches, calibration_weighting="kronecker", progress=False)
     assert report.method == "kronecker" and report.info["weighting"] == "kronecker"
     targets = find_target_linears(dense)
-    g_in, g_out, _ = calibration_grams(dense, targets, batches, outputs=True, progress=False)
+    g_in, g_out, tokens = calibration_grams(dense, targets, batches, outputs=True, progress=False)
     kept = report.ranks  # the global allocation may keep some modules dense
-    other = compress_model(explicit, kept, grams_in={n: g_in[n] for n in kept},
-                           grams_out={n: g_out[n] for n in kept}, progress=False)
+    collected = CalibrationGrams({n: g_in[n] for n in kept}, {n: g_out[n] for n in kept}, tokens)
+    other = compress_model(explicit, kept, calibration=collected, progress=False)
     # the factors themselves are not unique where the damped spectrum is flat (few tokens): compare the objective
     ours = {m.name: m.weighted_rel_error for m in report.modules if m.rank is not None}
     assert ours and ours == pytest.approx({m.name: m.weighted_rel_error for m in other.modules}, rel=1e-3, abs=1e-5)
@@ -582,9 +584,10 @@ def test_sequential_calibration_measures_each_block_after_the_compressed_ones_be
         from hf_lowrank.compression.compress import set_submodule
 
         set_submodule(probe, n, copy.deepcopy(seq.get_submodule(n)))
-    grams, _ = calibration_grams(probe, {n: probe.get_submodule(n) for n in later}, batches, progress=False)
+    grams, tokens = calibration_grams(probe, {n: probe.get_submodule(n) for n in later}, batches, progress=False)
     ref = copy.deepcopy(probe)
-    compress_model(ref, {n: rep.ranks[n] for n in later}, grams_in=grams, progress=False)
+    compress_model(ref, {n: rep.ranks[n] for n in later}, calibration=CalibrationGrams(grams, None, tokens),
+                   calibration_weighting="whitened", progress=False)
     for n in later:
         torch.testing.assert_close(product(seq, n), product(ref, n), rtol=1e-4, atol=1e-5)
 

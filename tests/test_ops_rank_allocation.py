@@ -69,11 +69,35 @@ def _greedy_optimum(spectra, shapes, budget) -> dict[str, int]:
 # ---------------------------------------------------------------- uniform / normalisation
 
 
+def _kept(shapes, ranks):
+    return sum(r * (o + i) for (o, i), r in ((shapes[n], ranks[n]) for n in shapes)) / sum(o * i for o, i in shapes.values())
+
+
 def test_uniform_ranks():
     shapes = {"a": (64, 64), "b": (256, 64), "c": (3, 5)}
     ranks = uniform_ranks(shapes, 0.5)
-    assert ranks == {k: rank_for_keep(*s, 0.5) for k, s in shapes.items()}
-    assert ranks["a"] == 16 and ranks["b"] == 25
+    # each rank is its module's floor or one above it; the rounding losses are spent, largest first, within the budget
+    assert all(ranks[k] - rank_for_keep(*s, 0.5) in (0, 1) for k, s in shapes.items())
+    assert ranks["a"] == 16 and ranks["b"] == 25 and ranks["c"] == 1  # b + 1 would pass the budget
+    assert _kept(shapes, ranks) <= 0.5
+
+
+def test_uniform_ranks_fill_the_budget_at_a_rank_multiple():
+    # SmolLM2's block Linears: rounding every rank DOWN to a multiple of 8 kept 0.7817 for keep=0.8
+    shapes = {}
+    for layer in range(30):
+        for proj, shape in (("q", (576, 576)), ("k", (192, 576)), ("v", (192, 576)), ("o", (576, 576)),
+                            ("gate", (1536, 576)), ("up", (1536, 576)), ("down", (576, 1536))):
+            shapes[f"{layer}.{proj}"] = shape
+    floors = {}
+    for keep in (0.9, 0.8, 0.6, 0.5):
+        floors[keep] = floor_kept = _kept(shapes, {n: rank_for_keep(*s, keep, multiple=8) for n, s in shapes.items()})
+        ranks = uniform_ranks(shapes, keep, multiple=8)
+        assert all(r % 8 == 0 for r in ranks.values())
+        assert keep - 0.002 <= _kept(shapes, ranks) <= keep, (keep, _kept(shapes, ranks), floor_kept)
+        for n, (o, i) in shapes.items():  # within one step of the ideal rank
+            assert abs(ranks[n] - keep * o * i / (o + i)) < 8
+    assert floors[0.8] < 0.79  # what rounding each rank down gave (0.7817)
     with pytest.raises(ValueError, match="keep"):
         uniform_ranks(shapes, 0.0)
     with pytest.raises(ValueError, match="shape"):

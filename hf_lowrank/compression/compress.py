@@ -19,15 +19,17 @@ from ..ops.fisher import (
     DEFAULT_DAMPING,
     fisher_weights,
     gram_factor,
+    gram_shrinkage,
     weighted_lowrank,
     weighted_relative_error,
     weighted_spectrum,
 )
-from ..ops.rank_allocation import global_ranks
-from ..ops.svd import RANK_MULTIPLE, break_even_rank, factorized_params, rank_for_keep, relative_error
+from ..ops.rank_allocation import global_ranks, uniform_ranks
+from ..ops.svd import RANK_MULTIPLE, break_even_rank, factorized_params, relative_error
 from ..statistics import (
     GRAM_IN,
     BlockStream,
+    CalibrationGrams,
     GramHooks,
     calibration_grams,
     gram_memory_bytes,
@@ -37,6 +39,7 @@ from ..statistics import (
 )
 from ..targets import find_target_linears
 from .checkpoint import mark_compressed
+from .guards import check_empty_sides, eligibility, log_tokens_per_dimension, warn_small_int_rank
 from .report import CompressionReport, ModuleReport
 
 logger = logging.getLogger(__name__)
@@ -71,7 +74,8 @@ def resolve_ranks(targets: Mapping[str, nn.Module], ranks: RankSpec, *, multiple
         targets: ``{name: Linear}`` from :func:`find_target_linears`.
         ranks: an ``int`` rank for every module, a ``float`` fraction of each module's parameters kept in
             ``(0, 1]``, or a ``{name: rank}`` mapping (names must be among the targets).
-        multiple: ranks from a keep fraction are rounded down to a multiple of this (see ``rank_for_keep``).
+        multiple: ranks from a keep fraction are multiples of this, filled to the budget (see
+            :func:`~hf_lowrank.ops.rank_allocation.uniform_ranks`).
 
     Raises:
         ValueError: rank below 1 or above ``min(out, in)``, keep outside ``(0, 1]``, unknown or non-str names.
@@ -98,7 +102,8 @@ def resolve_ranks(targets: Mapping[str, nn.Module], ranks: RankSpec, *, multiple
                 f"A float `ranks` is the fraction of parameters kept and must be in (0, 1], got {ranks!r}. "
                 "Pass an int for an absolute rank."
             )
-        items = {n: rank_for_keep(m.out_features, m.in_features, ranks, multiple=multiple) for n, m in targets.items()}
+        items = uniform_ranks({n: (m.out_features, m.in_features) for n, m in targets.items()}, ranks,
+                              multiple=multiple)
     else:
         raise ValueError(f"ranks must be an int, a float keep fraction or a dict, got {type(ranks).__name__}.")
     for name, rank in items.items():
@@ -171,7 +176,12 @@ def compress_model(
             ``DataLoader`` works): the Grams are collected from them first, as ``calibration_weighting`` says.
             Under ``torch.distributed``, each process passes its own shard (it may be empty) and every process calls
             ``compress_model``; the Grams are all-reduced, so every process compresses with the Grams of all the
-            batches and ends with the same factors (see :func:`~hf_lowrank.statistics.calibration_grams`).
+            batches and ends with the same factors (see :func:`~hf_lowrank.statistics.calibration_grams`). A
+            :class:`~hf_lowrank.statistics.CalibrationGrams` passes statistics collected earlier instead of batches.
+            Each full Gram is shrunk toward its diagonal by ``d / (d + tokens)``
+            (:func:`~hf_lowrank.ops.fisher.gram_shrinkage`); fewer than 2 tokens per dimension of the widest Gram
+            warns. A side no data reached is factorized unweighted and named in ``report.info['unweighted_sides']``
+            and a warning; when no data reached any module, the call is refused.
         calibration_weighting: ``"whitened"`` (input Grams, forward passes only: SVD-LLM whitening) or
             ``"kronecker"`` (input Grams and the Grams of the loss gradients at each module's output: a forward and
             a backward pass per batch with the weights frozen, no update; the loss is the batch's ``labels`` or, for
@@ -271,24 +281,28 @@ def compress_model(
         targets = find_target_linears(model, list(ranks))
     else:
         targets = find_target_linears(model, target_modules)
-    info: dict = {}
+    info: dict = eligibility(model, targets)
     if state is not None:
         row_weights, col_weights, grams_in, grams_out = _fisher_sides(state, targets, fisher_weighting)
         report_method = report_method or ("fwsvd" if state.source == "full" else "fisher_lora")
         info.update({"fisher_weighting": fisher_weighting, "fisher_exponent": exponent, "fisher_eps": eps,
                      **state.summary()})
     if sequential:
-        if calibration is None or grams_in or allocation == "global" or kronecker:
+        if calibration is None or isinstance(calibration, CalibrationGrams) or grams_in or allocation == "global" \
+                or kronecker:
             raise ValueError(
                 "sequential=True measures each block's input Grams on the outputs of the already-compressed blocks "
                 "before it: it needs calibration= (not grams_in=), calibration_weighting='whitened' (the output "
                 "gradients need the whole model) and allocation='uniform' (or a rank map)."
             )
         plan = resolve_ranks(targets, ranks, multiple=rank_multiple)
+        warn_small_int_rank(ranks, targets, plan)
         report = CompressionReport(method=report_method or "whitened")
         sides, tokens = _compress_sequential(model, targets, plan, calibration, report, row_weights, col_weights,
                                              grams_out, exponent, eps, damping, max_gram_dim, method, dtype, progress)
         info.update({"calibration_tokens": tokens, "sequential": True})
+        log_tokens_per_dimension(tokens, {n: (m.out_features, m.in_features) for n, m in targets.items()},
+                                  max_gram_dim)
         grams_in = True  # for the labels below
         default_label = report.method
     else:
@@ -300,13 +314,26 @@ def compress_model(
             estimate = gram_memory_bytes(shapes, outputs=kronecker, max_dim=max_gram_dim)
             logger.warning("calibration: %s Grams of %d modules, at most %.1f MB (float32, before sharing).",
                            "input and output-gradient" if kronecker else "input", len(targets), estimate / 2**20)
-            collected = calibration_grams(model, targets, calibration, outputs=kronecker, max_dim=max_gram_dim,
-                                          progress=progress)
+            if isinstance(calibration, CalibrationGrams):
+                if kronecker and calibration.outputs is None:
+                    raise ValueError(
+                        "These CalibrationGrams hold input Grams only (collected with outputs=False), but "
+                        "calibration_weighting='kronecker' needs the output-gradient Grams too: collect them with "
+                        "calibration_grams(..., outputs=True), or pass calibration_weighting='whitened'."
+                    )
+                collected = (calibration.inputs, calibration.outputs, int(calibration.tokens))
+            else:
+                collected = calibration_grams(model, targets, calibration, outputs=kronecker, max_dim=max_gram_dim,
+                                              progress=progress)
             grams_in, tokens = collected[0], collected[-1]
             if kronecker:
                 grams_out = collected[1]
             info["calibration_tokens"] = tokens
-        sides = _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping)
+            log_tokens_per_dimension(tokens, shapes, max_gram_dim)
+        tokens = info.get("calibration_tokens")
+        sides = _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping,
+                                 tokens=tokens)
+        check_empty_sides(sides, grams_in is not None, grams_out is not None, calibration is not None)
         if loss_normalization is None:
             loss_normalization = "none" if (grams_out or row_weights) else "relative"
         if allocation == "global":
@@ -320,6 +347,7 @@ def compress_model(
             plan = _global_plan(targets, sides, float(ranks), loss_normalization, rank_multiple, progress)
         else:
             plan = resolve_ranks(targets, ranks, multiple=rank_multiple)
+            warn_small_int_rank(ranks, targets, plan)
         weighted = any(side.weighted for side in sides.values())
         default_label = ("kronecker" if grams_out else "whitened") if (grams_in or grams_out) else (
             "fwsvd" if weighted else "svd")
@@ -328,6 +356,18 @@ def compress_model(
         for name, new in replacements.items():  # all factors exist: swap them in
             set_submodule(model, name, new)
     fallbacks = sorted({n for n, side in sides.items() if side.fallback})
+    unweighted = {n: list(side.empty) for n, side in sides.items() if side.empty}
+    if unweighted:
+        for row in report.modules:
+            if row.name in unweighted:
+                row.unweighted_sides = unweighted[row.name]
+        info["unweighted_sides"] = unweighted
+        logger.warning(
+            "No calibration data reached %d of %d target module(s) on some side, so those sides fell back to plain "
+            "(unweighted) SVD: %s. The report lists them (report.info['unweighted_sides']). Calibrate with batches "
+            "that reach every target (e.g. images for a vision tower), or restrict target_modules.",
+            len(unweighted), len(sides), ", ".join(f"{n} ({'/'.join(v)})" for n, v in list(unweighted.items())[:6]),
+        )
     if fallbacks:
         logger.warning("Gram factorization fell back to the eigendecomposition for %d module(s): %s", len(fallbacks),
                        ", ".join(fallbacks[:8]))
@@ -405,7 +445,7 @@ def _compress_sequential(model, targets, plan, calibration, report, row_weights,
                 grams = {n: store[n + GRAM_IN] for n in names if n + GRAM_IN in store}
                 block_sides = _weighting_sides(
                     sub, _only(row_weights, names), _only(col_weights, names), grams, _only(grams_out, names),
-                    exponent, eps, damping,
+                    exponent, eps, damping, tokens=stream.tokens,
                 )
                 sides.update(block_sides)
                 replacements = _factorize_plan(sub, {n: plan[n] for n in names}, block_sides, report, "uniform",
@@ -446,14 +486,19 @@ class _Side:
     in_factor: torch.Tensor | None = None
     scale: float = 1.0
     fallback: bool = False
+    #: the sides ("input", "output") whose Gram was given but is all zero: no data reached them, so they are unweighted
+    empty: tuple[str, ...] = ()
 
     @property
     def weighted(self) -> bool:
         return self.out_factor is not None or self.in_factor is not None
 
 
-def _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping):
-    """``{name: _Side}``: each side's factor from Fisher weights or a Gram (a shared Gram is factorized once)."""
+def _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping, tokens=None):
+    """``{name: _Side}``: each side's factor from Fisher weights or a Gram (a shared Gram is factorized once).
+
+    With ``tokens`` (the calibration tokens the Grams were summed over), each full Gram is shrunk toward its diagonal
+    by :func:`~hf_lowrank.ops.fisher.gram_shrinkage`."""
     for label, weights in (("row_weights", row_weights), ("col_weights", col_weights), ("grams_in", grams_in),
                            ("grams_out", grams_out)):
         unknown = [n for n in (weights or {}) if n not in targets]
@@ -467,7 +512,8 @@ def _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exp
 
     def factor(G, name):
         if id(G) not in factors:
-            factors[id(G)] = gram_factor(G, damping=damping, name=name)
+            shrinkage = gram_shrinkage(G.shape[0], tokens) if tokens is not None and G.ndim == 2 else 0.0
+            factors[id(G)] = gram_factor(G, damping=damping, shrinkage=shrinkage, name=name)
         return factors[id(G)]
 
     sides = {}
@@ -477,6 +523,8 @@ def _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exp
         for which, diag, gram, size in (("out", row_weights, grams_out, out_f), ("in", col_weights, grams_in, in_f)):
             d = _lookup(diag, name, (size,), "row_weights" if which == "out" else "col_weights")
             G = gram.get(name) if gram else None
+            if gram is not None and G is None and d is None:  # Grams collected, none for this module: no data
+                side.empty += ("output" if which == "out" else "input",)
             if d is not None and G is not None:
                 raise ValueError(
                     f"Module '{name}' has both a diagonal Fisher and a Gram on its {which}put side; pass one of them."
@@ -490,6 +538,9 @@ def _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exp
                         f"{size}) (or its diagonal): it was collected on a model of another shape."
                     )
                 f = factor(G, name)
+                if f.fallback == "zero":  # no data reached this side: it stays unweighted, and the report says so
+                    side.empty += ("output" if which == "out" else "input",)
+                    continue
                 setattr(side, f"{which}_factor", f.L)
                 side.scale *= f.scale
                 side.fallback = side.fallback or f.fallback == "eigh"
@@ -546,3 +597,4 @@ def _lookup(weights: Mapping[str, torch.Tensor] | None, name: str, shape: tuple[
             "a model of another shape. Collect it again on this model."
         )
     return w
+

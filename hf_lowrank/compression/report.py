@@ -21,6 +21,8 @@ class ModuleReport:
     rel_error: float | None = None
     weighted_rel_error: float | None = None
     skipped: str | None = None
+    #: sides ("input", "output") whose calibration Gram was empty, so the factorization was unweighted there
+    unweighted_sides: list[str] | None = None
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import _check_shape, _check_spectrum
-from .svd import rank_for_keep, tail_energy
+from .svd import break_even_rank, rank_for_keep, tail_energy
 from .welore_allocation import WeLoreAllocation, normalized_spectrum, welore_ranks
 
 __all__ = [
@@ -30,21 +30,48 @@ __all__ = [
 ]
 
 
-def uniform_ranks(shapes: Mapping[str, tuple[int, int]], keep: float) -> dict[str, int]:
-    """Same parameter fraction for every module.
+def uniform_ranks(shapes: Mapping[str, tuple[int, int]], keep: float, *, multiple: int = 1) -> dict[str, int]:
+    """The same parameter fraction in every module, rounded so that all modules together keep ``keep`` of their
+    parameters as nearly as possible without exceeding it.
+
+    Each module's ideal rank is ``keep * out * in / (out + in)``. Rounding each one down on its own (to a multiple of
+    ``multiple``) loses up to a whole step per module: at ``multiple=8`` SmolLM2's block Linears kept 0.78 of their
+    parameters for ``keep=0.8``. So the ranks are rounded down first, then raised by one step in order of the largest
+    rounding loss (largest remainder) while the total stays within ``keep * sum(out * in)``: every rank is within one
+    step of its ideal, no rounding up passes a module's break-even rank, and the total falls short of the budget by
+    less than one module's step.
 
     Args:
         shapes: ``{name: (out, in)}``.
-        keep: fraction of each module's dense parameters kept by its factor pair, in ``(0, 1]``.
+        keep: fraction of the dense parameters kept, in ``(0, 1]``.
+        multiple: ranks of at least ``multiple`` are multiples of it (see :data:`~hf_lowrank.ops.svd.RANK_MULTIPLE`);
+            a module whose ideal rank is below one step keeps ``floor`` of it (at least 1).
 
     Returns:
-        ``{name: rank}`` with ``rank = rank_for_keep(out, in, keep)`` (at least 1).
+        ``{name: rank}`` (at least 1, at most ``min(out, in)``).
     """
-    ranks = {}
+    if not (isinstance(keep, (int, float)) and not isinstance(keep, bool) and 0 < keep <= 1):
+        raise ValueError(f"keep must be a fraction of parameters in (0, 1], got {keep!r}.")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be an int >= 1, got {multiple!r}.")
+    names, values, costs, caps, ranks = [], [], [], [], {}
+    budget = 0.0
     for name, shape in shapes.items():
         out_f, in_f = _check_shape(name, shape)
-        ranks[name] = rank_for_keep(out_f, in_f, keep)
-    return ranks
+        floor_rank = rank_for_keep(out_f, in_f, keep)  # at least 1, at most min(out, in)
+        ideal = keep * out_f * in_f / (out_f + in_f)
+        budget += keep * out_f * in_f
+        if ideal < multiple:  # below one step: the plain floor (steps of one would break the alignment rule)
+            ranks[name] = floor_rank
+            budget -= floor_rank * (out_f + in_f)
+            continue
+        names.append(name)
+        values.append(ideal / multiple)
+        costs.append(multiple * (out_f + in_f))
+        caps.append(max(break_even_rank(out_f, in_f), floor_rank) // multiple)  # a step past break-even saves nothing
+    for name, steps in zip(names, _round_to_budget(values, costs, caps, budget, names)):
+        ranks[name] = steps * multiple
+    return {name: ranks[name] for name in shapes}
 
 
 @dataclass
@@ -293,9 +320,11 @@ def global_ranks(
     (``k (out + in) >= out * in``) is kept dense instead: that last step costs ``out * in - k_be (out + in)``
     parameters and removes the whole remaining tail; where it would be taken before the rank steps it follows, the
     steps are pooled (adjacent violators) so the greedy order stays that of a concave gain. Every module keeps at
-    least ``min_rank``. With ``multiple > 1`` a rank step takes singular values up to the next multiple of it (what is
-    left below break-even joins the dense step), so every rank above ``min_rank`` is a multiple: the optimum over
-    those ranks (factor pairs with aligned inner dimensions run at their FLOP ratio, odd ones slower).
+    least ``min_rank``, except a module in which no factor pair saves parameters (rank 1 already costs
+    ``out + in >= out * in``, e.g. a ``(1, n)`` gate): it stays dense. With ``multiple > 1`` a rank step takes
+    singular values up to the next multiple of it (what is left below break-even joins the dense step), so every rank
+    above ``min_rank`` is a multiple: the optimum over those ranks (factor pairs with aligned inner dimensions run at
+    their FLOP ratio, odd ones slower).
 
     Args:
         spectra: ``{name: singular values}`` of the weighted matrices (full spectra; see
@@ -344,7 +373,11 @@ def global_ranks(
             sq = sq / total if total > 0 else sq
         c = out_f + in_f
         k_be = max(0, math.ceil(out_f * in_f / c) - 1)
-        start = min(min_rank, len(sq), max(k_be, 1))
+        if k_be == 0:  # no factor pair saves parameters (a 1 x n gate): dense, and no step to take
+            ranks[n], dense[n] = 0, True
+            used += out_f * in_f
+            continue
+        start = min(min_rank, len(sq), k_be)
         ranks[n], dense[n] = start, False
         used += start * c
         base_loss += float(sq[start:].sum())

@@ -29,8 +29,8 @@ from ...compression.compress import (
 from ...fisher_state import FisherState, resolve_fisher
 from ...modules import dense_weight, is_quantized
 from ...ops.fisher import weighted_spectrum
-from ...ops.rank_allocation import global_ranks
-from ...ops.svd import RANK_MULTIPLE, factorized_params, rank_for_keep
+from ...ops.rank_allocation import global_ranks, uniform_ranks
+from ...ops.svd import RANK_MULTIPLE, factorized_params
 from ...targets import check_pattern_key, pattern_key
 from .config import (
     DEFAULT_ALLOCATION,
@@ -106,19 +106,21 @@ def plan_ranks(
                 f"compress_rank_pattern key {key!r} matches no target module (targets end with e.g. "
                 f"{sorted({n.rsplit('.', 1)[-1] for n in shapes})[:6]}). Fix the key or remove it."
             )
-    wanted: dict[str, int] = {}
-    for name, (out_f, in_f) in shapes.items():
+    wanted: dict[str, int | float] = {}
+    for name in shapes:
         key = pattern_key(pattern, name)
         value = None if key is None else pattern[key]
         if value is None:
             value = rank if rank is not None else keep
         if value is None:
             continue
-        if isinstance(value, float):
-            if not 0 < value <= 1:
-                raise ValueError(f"Keep fraction {value!r} for module '{name}' must be in (0, 1].")
-            value = rank_for_keep(out_f, in_f, value, multiple=RANK_MULTIPLE)
+        if isinstance(value, float) and not 0 < value <= 1:
+            raise ValueError(f"Keep fraction {value!r} for module '{name}' must be in (0, 1].")
         wanted[name] = value
+    # the modules sharing one keep fraction fill its budget together (as compress_model's uniform ranks do)
+    for fraction in {v for v in wanted.values() if isinstance(v, float)}:
+        group = {n: shapes[n] for n, v in wanted.items() if isinstance(v, float) and v == fraction}
+        wanted.update(uniform_ranks(group, fraction, multiple=RANK_MULTIPLE))
     fake = {n: SimpleNamespace(out_features=shapes[n][0], in_features=shapes[n][1]) for n in wanted}
     return resolve_ranks(fake, wanted)
 
