@@ -150,6 +150,7 @@ class LowRankHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: LowRankConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
+        self._tp_moved: set[str] = set()  # LowRankLinear names whose dense TP style went onto a factor
 
     def validate_environment(self, *args, **kwargs) -> None:
         return None
@@ -159,10 +160,21 @@ class LowRankHfQuantizer(HfQuantizer):
         _ignore_stock_guard(model)
         return model
 
+    def update_parallel_plan(self, model, plan: dict[str, str]):
+        """Give the factors of every factorized module the split its dense entry in ``plan`` asks for
+        (:mod:`.parallel`), so ``from_pretrained(..., tp_plan="auto")`` shards the factors."""
+        from .parallel import factor_parallel_plan
+
+        super().update_parallel_plan(model, plan)
+        self._tp_moved |= factor_parallel_plan(model, plan)
+
     def get_state_dict_and_metadata(self, model):
         return _with_stock_guard(model), {"hf_lowrank": STOCK_GUARD_NOTE}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from .parallel import unhook_factorized
+
+        unhook_factorized(model, self._tp_moved)  # the factors' own tensor-parallel hooks do the communication
         for module in model.modules():  # loading assigned new (row-major) tensors to the factors
             if isinstance(module, LowRankLinear):
                 module.lay_out_for_speed_()
