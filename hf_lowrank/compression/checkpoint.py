@@ -195,6 +195,28 @@ class LowRankHfQuantizer(HfQuantizer):
         return decompress_model(model)
 
 
+def refuse_other_quantization(path: Any, quantization_config: Any) -> None:
+    """Raise a clear error when a factorized checkpoint is asked to load with another ``quantization_config``.
+
+    transformers holds one quantization method per model; this checkpoint's is ``hf_lowrank``, and transformers'
+    own refusal (``The model is quantized with LowRankConfig but you are passing a BitsAndBytesConfig``) comes
+    from its config merge, before any hf-lowrank code runs, so it cannot say what to do instead. This does.
+    """
+    if quantization_config is None or isinstance(quantization_config, LowRankConfig):
+        return
+    if isinstance(quantization_config, dict) and quantization_config.get("quant_method") == QUANT_METHOD:
+        return
+    kind = type(quantization_config).__name__
+    raise CompressedCheckpointError(
+        f"'{path}' is an hf_lowrank factorized checkpoint, which cannot load with a {kind} on top: a model has one "
+        "quantization method, and this one's is its factors (hf_lowrank). Either load it without "
+        "quantization_config (dtype=torch.bfloat16 halves float32 factors), or quantize the dense model instead: "
+        "model = load_compressed(path); decompress_model(model); model.save_pretrained(dense_dir), then "
+        f"from_pretrained(dense_dir, quantization_config=<your {kind}>) (the weights quantized, the low-rank "
+        "savings given up)."
+    )
+
+
 def _register() -> None:
     # Idempotent: transformers raises on a second registration of the same name.
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not LowRankConfig:
@@ -332,6 +354,7 @@ def load_compressed(path: str | os.PathLike, model_class: Any = None, **kwargs) 
     from transformers import AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
+    refuse_other_quantization(path, kwargs.get("quantization_config"))
     local = Path(path)
     if local.exists() or not _is_hub_id(str(path)):
         check_compressed_checkpoint(local)
