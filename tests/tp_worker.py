@@ -1,10 +1,12 @@
 """Worker for ``tests/test_tensor_parallel.py``: loads compressed checkpoints with transformers' tensor parallelism.
 
 ``torchrun --nproc_per_node 2 tests/tp_worker.py --out OUT CHECKPOINT...`` (gloo, CPU): every process loads each
-checkpoint with ``from_pretrained(folder, tp_plan="auto")`` and runs the test's fixed batch (``use_cache=False``) and
-a short greedy ``generate`` (with the KV cache); rank 0 writes the logits and tokens to ``OUT/<name>.pt``, and each
-rank writes ``OUT/<name>.rank<i>.json``: for each factor of each ``LowRankLinear``, whether it is a tensor-parallel
-shard and the shape this rank holds, and whether the ``LowRankLinear`` itself still carries a tensor-parallel hook.
+checkpoint with tensor parallelism, ``from_pretrained(folder, tp_plan="auto")`` for the Llama (the form the issue
+reports; transformers deprecates it) and ``distributed_config=DistributedConfig(tp_plan="auto")`` for the others,
+and runs the test's fixed batch (``use_cache=False``) and a short greedy ``generate`` (with the KV cache); rank 0
+writes the logits and tokens to ``OUT/<name>.pt``, and each rank writes ``OUT/<name>.rank<i>.json``: for each
+factor of each ``LowRankLinear``, whether it is a tensor-parallel shard and the shape this rank holds, and whether
+the ``LowRankLinear`` itself still carries a tensor-parallel hook.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ def run(folder: Path) -> tuple[dict, dict]:
     """(outputs, layout) of the checkpoint at ``folder`` as this process loads it."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"tp_plan": "auto"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
+    kwargs = {}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if folder.name == "llama":
+            kwargs = {"tp_plan": "auto"}
+        else:
+            from transformers.distributed import DistributedConfig
+
+            kwargs = {"distributed_config": DistributedConfig(tp_plan="auto")}
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kwargs).eval()
     with torch.no_grad():
         logits = model(INPUT_IDS, use_cache=False).logits
