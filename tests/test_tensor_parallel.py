@@ -5,7 +5,8 @@ The multi-process test compresses a tiny Llama, Qwen2 (q/k/v biases) and Phi3 (f
 ranks (never divisible by the 2 processes) and some modules left dense in the same wildcard position as factorized
 ones, saves them, and loads each under ``torchrun --nproc_per_node 2`` (gloo, CPU) with ``tp_plan="auto"``: the
 logits must equal the single-process logits within 1e-5, the greedy tokens (KV cache on) must be the same, and the
-factors must be split as :mod:`hf_lowrank.compression.parallel` says. The unit tests check the plan rewriting alone.
+factors must be split as :mod:`hf_lowrank.compression.parallel` says; the checkpoint the sharded model saves must load
+in one process to the same logits. The unit tests check the plan rewriting alone.
 """
 
 from __future__ import annotations
@@ -67,12 +68,16 @@ def test_tp_plan_auto_matches_single_process(tmp_path):
     if code != 0:
         pytest.fail(f"the 2-process run exited with {code}:\n{(tmp_path / 'tp2.log').read_text()[-4000:]}")
     for kind, (folder, ranks) in saved.items():
-        single, layout1 = tp_worker.run(folder)
+        single, layout1, _ = tp_worker.run(folder)
         tp2 = torch.load(out / f"{kind}.pt")
         assert set(layout1) == set(ranks), kind  # every recorded module was factorized (and reloaded)
         err = (tp2["logits"] - single["logits"]).abs().max().item()
         assert err <= 1e-5, f"{kind}: tensor-parallel logits differ from single-process ones by {err}"
         assert torch.equal(tp2["tokens"], single["tokens"]), kind
+        resaved = hf_lowrank.load_compressed(out / f"{kind}.resaved", dtype=torch.float32).eval()
+        with torch.no_grad():
+            err = (resaved(tp_worker.INPUT_IDS, use_cache=False).logits - single["logits"]).abs().max().item()
+        assert err <= 1e-6, f"{kind}: the checkpoint saved from the sharded model gives logits {err} away"
         for rank_id in (0, 1):
             layout = json.loads((out / f"{kind}.rank{rank_id}.json").read_text())
             assert set(layout) == set(layout1)

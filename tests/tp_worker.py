@@ -6,7 +6,8 @@ reports; transformers deprecates it) and ``distributed_config=DistributedConfig(
 and runs the test's fixed batch (``use_cache=False``) and a short greedy ``generate`` (with the KV cache); rank 0
 writes the logits and tokens to ``OUT/<name>.pt``, and each rank writes ``OUT/<name>.rank<i>.json``: for each
 factor of each ``LowRankLinear``, whether it is a tensor-parallel shard and the shape this rank holds, and whether
-the ``LowRankLinear`` itself still carries a tensor-parallel hook.
+the ``LowRankLinear`` itself still carries a tensor-parallel hook. The sharded model is then saved again
+(``save_pretrained`` from every rank) to ``OUT/<name>.resaved``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ INPUT_IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_se
 NEW_TOKENS = 6
 
 
-def run(folder: Path) -> tuple[dict, dict]:
-    """(outputs, layout) of the checkpoint at ``folder`` as this process loads it."""
+def run(folder: Path) -> tuple[dict, dict, torch.nn.Module]:
+    """(outputs, layout, model) of the checkpoint at ``folder`` as this process loads it."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {}
@@ -51,7 +52,7 @@ def run(folder: Path) -> tuple[dict, dict]:
                     local = data.to_local() if sharded else data
                     entry[f"{factor}.{pname}"] = {"sharded": sharded, "local_shape": list(local.shape)}
             layout[name] = entry
-    return {"logits": logits.detach().clone(), "tokens": tokens.clone()}, layout
+    return {"logits": logits.detach().clone(), "tokens": tokens.clone()}, layout, model
 
 
 def main() -> None:
@@ -62,7 +63,8 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     args.out.mkdir(parents=True, exist_ok=True)
     for folder in args.checkpoints:
-        outputs, layout = run(folder)
+        outputs, layout, model = run(folder)
+        model.save_pretrained(args.out / f"{folder.name}.resaved")  # every rank: transformers gathers the shards
         if rank == 0:
             torch.save(outputs, args.out / f"{folder.name}.pt")
         (args.out / f"{folder.name}.rank{rank}.json").write_text(json.dumps(layout, indent=1))
