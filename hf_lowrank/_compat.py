@@ -30,6 +30,7 @@ __all__ = [
     "installed_minor",
     "model_from_config",
     "move_adapter_to_device_of_base_layer",
+    "remove_parallel_forward",
     "tied_weights_keys",
     "unpack_bnb_cpu_weight",
 ]
@@ -123,6 +124,22 @@ def clear_peft_config_loaded(model: nn.Module) -> None:
     """Mark a transformers model as carrying no peft adapter any more (transformers' ``_hf_peft_config_loaded``)."""
     if getattr(model, "_hf_peft_config_loaded", False):
         model._hf_peft_config_loaded = False
+
+
+def remove_parallel_forward(module: nn.Module) -> bool:
+    """Undo the forward hook of transformers' tensor-parallel style on ``module``; ``False`` when it has none.
+
+    ``TensorParallelLayer.install_forward`` (what ``apply_tensor_parallelism`` calls for a module the plan names)
+    replaces the instance's ``forward`` with a wrapper and sets ``module._is_hooked``; deleting the instance attribute
+    gives the class's ``forward`` back. A hook installed any other way is refused as an upstream change.
+    """
+    if not getattr(module, "_is_hooked", False):
+        return False
+    if "forward" not in module.__dict__:
+        raise _gone("transformers", "TensorParallelLayer.install_forward replacing module.forward")
+    del module.forward
+    module._is_hooked = False
+    return True
 
 
 # ---- bitsandbytes --------------------------------------------------------------------------------------------------

@@ -128,7 +128,10 @@ class LowRankLinear(nn.Module):
         """
         up = self._modules["up"]
         w = up._parameters.get("weight") if type(up) is nn.Linear else None
-        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point() and w.stride() != (1, w.shape[0]):
+        if (
+            isinstance(w, torch.Tensor) and type(w.data) is torch.Tensor  # not a tensor-parallel shard (DTensor)
+            and w.dim() == 2 and w.is_floating_point() and w.stride() != (1, w.shape[0])
+        ):
             with torch.no_grad():
                 w.data = w.data.t().contiguous().t()
         return self

@@ -147,6 +147,23 @@ def test_transformers_reads_the_private_flags_set_here():
     assert model._hf_peft_config_loaded is False
 
 
+def test_remove_parallel_forward_undoes_transformers_tp_hook(tiny_llama):
+    """transformers' ``apply_tensor_parallelism`` hooks a module by replacing its ``forward`` and setting
+    ``_is_hooked``, which ``remove_parallel_forward`` undoes (a style that shards nothing needs no process group)."""
+    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+    apply_tensor_parallelism(tiny_llama, None, {"model.layers.0.mlp.down_proj": "replicate"})
+    module = tiny_llama.model.layers[0].mlp.down_proj
+    assert module._is_hooked and "forward" in vars(module)
+    assert _compat.remove_parallel_forward(module) is True
+    assert "forward" not in vars(module) and not module._is_hooked
+    assert _compat.remove_parallel_forward(module) is False  # nothing left to remove
+    hooked_otherwise = nn.Linear(2, 2)
+    hooked_otherwise._is_hooked = True
+    with pytest.raises(_compat.UpstreamChangedError, match="install_forward"):
+        _compat.remove_parallel_forward(hooked_otherwise)
+
+
 def test_config_name_or_path_is_public():
     from transformers import PretrainedConfig
 

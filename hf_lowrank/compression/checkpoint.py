@@ -150,6 +150,7 @@ class LowRankHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: LowRankConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
+        self._tp_moved: set[str] = set()  # LowRankLinear names whose dense TP style went onto a factor
 
     def validate_environment(self, *args, **kwargs) -> None:
         return None
@@ -159,10 +160,21 @@ class LowRankHfQuantizer(HfQuantizer):
         _ignore_stock_guard(model)
         return model
 
+    def update_parallel_plan(self, model, plan: dict[str, str]):
+        """Give the factors of every factorized module the split its dense entry in ``plan`` asks for
+        (:mod:`.parallel`), so ``from_pretrained(..., tp_plan="auto")`` shards the factors."""
+        from .parallel import factor_parallel_plan
+
+        super().update_parallel_plan(model, plan)
+        self._tp_moved |= factor_parallel_plan(model, plan)
+
     def get_state_dict_and_metadata(self, model):
         return _with_stock_guard(model), {"hf_lowrank": STOCK_GUARD_NOTE}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from .parallel import unhook_factorized
+
+        unhook_factorized(model, self._tp_moved)  # the factors' own tensor-parallel hooks do the communication
         for module in model.modules():  # loading assigned new (row-major) tensors to the factors
             if isinstance(module, LowRankLinear):
                 module.lay_out_for_speed_()
@@ -181,6 +193,28 @@ class LowRankHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         return decompress_model(model)
+
+
+def refuse_other_quantization(path: Any, quantization_config: Any) -> None:
+    """Raise a clear error when a factorized checkpoint is asked to load with another ``quantization_config``.
+
+    transformers holds one quantization method per model; this checkpoint's is ``hf_lowrank``, and transformers'
+    own refusal (``The model is quantized with LowRankConfig but you are passing a BitsAndBytesConfig``) comes
+    from its config merge, before any hf-lowrank code runs, so it cannot say what to do instead. This does.
+    """
+    if quantization_config is None or isinstance(quantization_config, LowRankConfig):
+        return
+    if isinstance(quantization_config, dict) and quantization_config.get("quant_method") == QUANT_METHOD:
+        return
+    kind = type(quantization_config).__name__
+    raise CompressedCheckpointError(
+        f"'{path}' is an hf_lowrank factorized checkpoint, which cannot load with a {kind} on top: a model has one "
+        "quantization method, and this one's is its factors (hf_lowrank). Either load it without "
+        "quantization_config (dtype=torch.bfloat16 halves float32 factors), or quantize the dense model instead: "
+        "model = load_compressed(path); decompress_model(model); model.save_pretrained(dense_dir), then "
+        f"from_pretrained(dense_dir, quantization_config=<your {kind}>) (the weights quantized, the low-rank "
+        "savings given up)."
+    )
 
 
 def _register() -> None:
@@ -320,6 +354,7 @@ def load_compressed(path: str | os.PathLike, model_class: Any = None, **kwargs) 
     from transformers import AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
+    refuse_other_quantization(path, kwargs.get("quantization_config"))
     local = Path(path)
     if local.exists() or not _is_hub_id(str(path)):
         check_compressed_checkpoint(local)
