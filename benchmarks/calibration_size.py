@@ -150,6 +150,10 @@ def main() -> None:
             result["rows"].append(entry)
             tqdm.write(str(entry))
             del model
+        if args.out:  # a long run keeps what it measured so far
+            from hf_lowrank.io import atomic_write_json
+
+            atomic_write_json(args.out, {**result, "partial": True, "command": command_line("calibration_size.py", args)})
     result["collect_s"] = round(collect_s, 1)
     by = {(r["row"], r["tokens"]): r for r in result["rows"]}
     most = 16384 if 16384 in args.tokens else max(args.tokens)  # the goal's reference: the 16k-token figure
