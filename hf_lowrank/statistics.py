@@ -36,6 +36,8 @@ from .ops.gram import contribution_is_finite, gram, gram_accumulate_
 
 __all__ = [
     "GRAM_IN",
+    "as_batches",
+    "check_model_ready",
     "GRAM_OUT",
     "GramHooks",
     "calibration_grams",
@@ -233,15 +235,84 @@ class GramHooks:
         return hook
 
 
+def check_model_ready(model: nn.Module) -> None:
+    """Refuse, with the fix, a model that calibration or compression cannot run: weights on the meta device (no
+    values to factorize) or a call inside ``torch.inference_mode()`` (its tensors cannot be used by autograd, which
+    the Gram hooks and the Kronecker backward pass need, and factors made there cannot be trained later)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "hf-lowrank was called inside torch.inference_mode(): tensors made there cannot take part in autograd "
+            "(the calibration hooks and backward pass) and factors made there could never be trained. Call it "
+            "outside the inference_mode block (torch.no_grad() is fine)."
+        )
+    meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise ValueError(
+            f"{type(model).__name__} has weights on the meta device (e.g. '{meta}'): it was built without its "
+            "weights (init_empty_weights, torch.device('meta'), device_map='meta'), so there is nothing to "
+            "compress. Load the weights first (from_pretrained on a real device, or to_empty() and "
+            "load_state_dict())."
+        )
+
+
+def as_batches(calibration) -> Iterable:
+    """``calibration`` as an iterable of batches: one batch (a dict, or a tokenizer's ``BatchEncoding``) is taken as
+    a list of that one batch; a bare tensor or string is refused with what to pass instead."""
+    if isinstance(calibration, Mapping):
+        return [calibration]
+    if isinstance(calibration, (torch.Tensor, str, bytes)):
+        raise ValueError(
+            f"calibration must be an iterable of batches (dicts with 'input_ids'), got a {type(calibration).__name__}"
+            ". Pass e.g. [{'input_ids': ids}] or hf_lowrank.calibration_batches(tokenizer, texts)."
+        )
+    return calibration
+
+
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def _batch_inputs(batch, device, model: nn.Module, *, labels: bool = False) -> dict:
-    """A calibration batch as forward kwargs on ``device`` (no KV cache; ``labels`` kept only when asked)."""
+    """A calibration batch as forward kwargs on ``device`` (no KV cache; ``labels`` kept only when asked, or when an
+    encoder-decoder needs them to build its decoder inputs).
+
+    1-D ``input_ids`` are one sequence: it and the batch's tensors of its shape become a batch of one (a 0-d label,
+    that sequence's class). Integer labels become int64 (the dtype of the loss functions' targets). Tensors made under
+    ``torch.inference_mode()`` are copied into ordinary tensors (autograd may save them for the backward pass).
+    """
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise ValueError(
             "Each calibration batch must be a dict with 'input_ids' (and optionally 'attention_mask'), e.g. a "
             f"tokenizer's output or a DataLoader over such dicts; got {type(batch).__name__}."
         )
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-              if labels or k != "labels"}
+    ids = batch["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.ndim == 0 or ids.is_floating_point():
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(
+            f"A calibration batch's 'input_ids' must be an integer tensor of shape (batch, sequence) (or one "
+            f"sequence), got {shape}. Tokenize with return_tensors='pt'."
+        )
+    if _is_encoder_decoder(model) and not any(k in batch for k in ("labels", "decoder_input_ids",
+                                                                     "decoder_inputs_embeds")):
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model: each calibration batch needs the decoder's side "
+            "too, as 'labels' (the target token ids, from which it builds its decoder inputs) or "
+            "'decoder_input_ids'."
+        )
+    keep_labels = labels or (_is_encoder_decoder(model) and "decoder_input_ids" not in batch)
+    inputs = {}
+    for key, value in batch.items():
+        if key == "labels" and not keep_labels:
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.is_inference():
+                value = value.clone()
+            if ids.ndim == 1 and (value.shape == ids.shape or (key == "labels" and value.ndim == 0)):
+                value = value.reshape(1, *value.shape) if value.ndim else value.reshape(1)
+            if key == "labels" and not value.is_floating_point() and value.dtype != torch.long:
+                value = value.long()
+            value = value.to(device)
+        inputs[key] = value
     if hasattr(getattr(model, "config", None), "use_cache"):
         inputs["use_cache"] = False
     return inputs
@@ -273,7 +344,9 @@ def _language_model_labels(model: nn.Module, inputs: dict) -> None:
             f"and {type(model).__name__} is not a causal language model whose labels are its input_ids: pass "
             "batches with 'labels' (e.g. class labels for a classifier), or use calibration_weighting='whitened'."
         )
-    labels = inputs["input_ids"].clone()
+    labels = inputs["input_ids"].long()  # a copy (int64 targets; int32 ids would fail in the loss)
+    if labels.data_ptr() == inputs["input_ids"].data_ptr():
+        labels = labels.clone()
     mask = inputs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.shape == labels.shape:
         labels[mask == 0] = -100
@@ -394,6 +467,8 @@ def calibration_grams(
             every process (a RuntimeError on the others).
     """
     model = unwrap_wrappers(model)
+    check_model_ready(model)
+    calibration = as_batches(calibration)
     hooks = GramHooks(modules, inputs=True, outputs=outputs, max_dim=max_dim, device=device, share=True)
     param = next(model.parameters(), None)
     target = param.device if param is not None else torch.device("cpu")
@@ -408,16 +483,30 @@ def calibration_grams(
                 "(get_input_embeddings()) to start the backward pass; use calibration_weighting='whitened'."
             )
         # parameters frozen, the embedding output made a leaf that requires grad: backward reaches every module's
-        # output without forming a single weight gradient
-        handles.append(embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+        # output without forming a single weight gradient. Every module that embeds with the input embedding's
+        # weight is hooked: an encoder-decoder (T5) calls its encoder's and decoder's embed_tokens, which share the
+        # weight of the `shared` module that get_input_embeddings() returns but are other modules.
+        weight = getattr(embeddings, "weight", None)
+        embedders = [embeddings] + [m for m in model.modules() if m is not embeddings and weight is not None
+                                    and getattr(m, "weight", None) is weight]
+        for module in embedders:
+            handles.append(module.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
     model.eval()
     hooks.attach(model)
-    error = None
+    error, unused_labels = None, False
     try:
         for p in frozen:
             p.requires_grad_(False)
         for batch in tqdm(calibration, desc="calibration", unit="batch", disable=not progress):
             inputs = _batch_inputs(batch, target, model, labels=outputs)
+            if not outputs and not unused_labels and isinstance(batch, Mapping) and "labels" in batch:
+                unused_labels = True
+                logger.warning(
+                    "calibration: the batches carry 'labels', but whitening (calibration_weighting='whitened', the "
+                    "default for a model that is not a causal language model) weighs by the module inputs only, so "
+                    "the labels are not used%s. Pass calibration_weighting='kronecker' to compress_model to weigh "
+                    "by the gradients of the loss on them.",
+                    " (but to build the decoder inputs)" if _is_encoder_decoder(model) else "")
             if not outputs:
                 with torch.no_grad():
                     model(**inputs)
@@ -426,8 +515,14 @@ def calibration_grams(
             with torch.enable_grad():
                 loss = model(**inputs).loss
                 if loss is None or not loss.requires_grad:
-                    raise ValueError(f"{type(model).__name__} returned no differentiable loss for the calibration "
-                                     "batch; pass batches with 'labels' or use calibration_weighting='whitened'.")
+                    given = "labels" in batch
+                    raise ValueError(
+                        f"{type(model).__name__} returned "
+                        + ("a loss that does not depend on its input embeddings" if loss is not None else "no loss")
+                        + (" although the batch carries 'labels'" if given else "")
+                        + ", so calibration_weighting='kronecker' has no gradient to weigh by: "
+                        + ("use calibration_weighting='whitened'." if given else
+                           "pass batches with 'labels' or use calibration_weighting='whitened'."))
                 counted = int((inputs["labels"] != -100).sum())
                 (loss * max(counted, 1)).backward()
     except Exception as exc:  # raised below, on every process under torch.distributed
@@ -498,6 +593,8 @@ class BlockStream:
             self.items.append((list(args), dict(kwargs), self._mask))
             raise _StopForward
 
+        check_model_ready(model)
+        calibration = as_batches(calibration)
         handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
         tokens, error = 0, None
         try:
