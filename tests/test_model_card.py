@@ -17,7 +17,6 @@ from tiny_models import make_tiny_llama, make_tiny_roberta_classifier
 
 import hf_lowrank
 from hf_lowrank.compression.compress import compress_model
-from hf_lowrank.model_card import final_name, hub_model_id
 
 
 def _card(folder) -> tuple[ModelCard, str]:
@@ -67,6 +66,8 @@ def test_base_model_only_for_a_hub_id(tmp_path):
 
 
 def test_hub_model_id_rules(tmp_path, monkeypatch):
+    from hf_lowrank.model_card import final_name, hub_model_id
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "org" / "local").mkdir(parents=True)
     assert hub_model_id("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
