@@ -45,6 +45,7 @@ def test_save_compressed_card_names_the_final_folder_and_agrees_with_config(tmp_
     assert f"- Method: `{method}`" in text
     # built from a config, not downloaded: no base model is claimed, and no relation without one
     assert data.base_model is None and data.to_dict().get("base_model_relation") is None
+    assert "hf-lowrank" in model.model_tags  # the tag transformers' own push_to_hub card gets
 
 
 def test_base_model_only_for_a_hub_id(tmp_path):

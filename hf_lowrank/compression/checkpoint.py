@@ -231,6 +231,8 @@ def mark_compressed(model: nn.Module, ranks: dict[str, int], *, method: str = "s
     model.hf_quantizer = LowRankHfQuantizer(qconfig, pre_quantized=True)
     model.is_quantized = False  # ordinary float factors: .half() / .float() cast them (module docstring)
     model.quantization_method = QUANT_METHOD
+    if hasattr(model, "add_model_tags"):  # the card transformers' push_to_hub creates is tagged hf-lowrank
+        model.add_model_tags(["hf-lowrank"])
 
 
 def own_config(model: nn.Module) -> Any:
