@@ -8,7 +8,7 @@ compressed must write into a config of its own.
 from __future__ import annotations
 
 import torch
-from tiny_models import TINY_ROBERTA, make_tiny_llama_config
+from tiny_models import TINY_LLAMA, TINY_ROBERTA, make_tiny_llama_config
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -81,3 +81,23 @@ def test_welore_merge_leaves_a_sibling_model_alone():
     assert merged.config.quantization_config.method == "welore"
     assert getattr(sibling.config, "quantization_config", None) is None
     assert getattr(cfg, "quantization_config", None) is None
+
+
+def test_a_composite_model_keeps_its_sub_configs_consistent():
+    """Llava's parts hold the sub-configs (``config.text_config``, ``config.vision_config``): after the copy they
+    hold the copy's, so the model still agrees with itself, and the original config objects are untouched."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    cfg = LlavaConfig(text_config=LlamaConfig(**TINY_LLAMA), vision_config=vision, image_token_index=5)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    originals = {id(cfg), id(cfg.text_config), id(cfg.vision_config)}
+    compress_model(model, 0.5, progress=False)
+    assert getattr(cfg, "quantization_config", None) is None and model.config.quantization_config.ranks
+    for name, module in model.named_modules():
+        assert id(module.__dict__.get("config")) not in originals, name
+    assert model.model.language_model.config is model.config.text_config
+    assert model.model.vision_tower.config is model.config.vision_config
+    assert model.model.language_model.layers[0].self_attn.config is model.config.text_config
