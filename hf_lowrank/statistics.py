@@ -377,7 +377,8 @@ def calibration_grams(
         # weight of the `shared` module that get_input_embeddings() returns but are other modules.
         weight = getattr(embeddings, "weight", None)
         embedders = [embeddings] + [m for m in model.modules() if m is not embeddings and weight is not None
-                                    and getattr(m, "weight", None) is weight]
+                                    and isinstance(m, (nn.Embedding, type(embeddings)))
+                                    and getattr(m, "weight", None) is weight]  # not a tied lm_head
         for module in embedders:
             handles.append(module.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
     model.eval()
