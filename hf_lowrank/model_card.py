@@ -4,27 +4,35 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_model_card"]
+__all__ = ["card_metadata", "final_name", "hub_model_id", "write_model_card", "write_model_card_for"]
 
 CARD_NAME = "README.md"
 
 
 def _base_license(base_model: str | None) -> str | None:
-    """The licence of a local base folder: its card's front matter ``license:`` line, else its config's field."""
-    if not base_model or not Path(base_model).is_dir():
+    """The licence of the base: its card's front matter ``license:`` line (a local folder's card, or the card of a
+    Hub id in the local Hub cache), else its config's field."""
+    if not base_model:
         return None
+    if not Path(base_model).is_dir():
+        repo = hub_model_id(base_model)
+        if repo is None:
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(repo, CARD_NAME)
+        except Exception:  # noqa: BLE001 - a cache look-up never fails a save
+            return None
+        return _card_license(Path(cached)) if isinstance(cached, str) else None
     card = Path(base_model) / CARD_NAME
-    if card.is_file():
-        text = card.read_text(encoding="utf-8", errors="replace")
-        if text.startswith("---"):
-            for line in text.split("---", 2)[1].splitlines():
-                key, _, value = line.partition(":")
-                if key.strip() == "license" and value.strip():
-                    return value.strip().strip("'\"")
+    if card.is_file() and (found := _card_license(card)):
+        return found
     config = Path(base_model) / "config.json"
     if config.is_file():
         try:
@@ -36,8 +44,84 @@ def _base_license(base_model: str | None) -> str | None:
     return None
 
 
-def _yaml_str(value: str) -> str:
-    return json.dumps(value)  # a JSON string is a valid YAML scalar
+def _card_license(card: Path) -> str | None:
+    if card.is_file():
+        text = card.read_text(encoding="utf-8", errors="replace")
+        if text.startswith("---"):
+            for line in text.split("---", 2)[1].splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "license" and value.strip():
+                    return value.strip().strip("'\"")
+    return None
+
+
+#: The Hub's pipeline tag of a transformers task-model class, by the suffix of its name.
+_PIPELINE_TAGS = (
+    ("ForCausalLM", "text-generation"),
+    ("LMHeadModel", "text-generation"),
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForConditionalGeneration", "text2text-generation"),
+    ("ForSeq2SeqLM", "text2text-generation"),
+)
+
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-[^.]+$")
+
+
+def final_name(folder: str | os.PathLike) -> str:
+    """The name a saved folder will have: ``folder``'s, or for the temporary sibling that
+    :func:`hf_lowrank.io.atomic_directory` writes into (``.NAME.tmp-XXXX``), the ``NAME`` it becomes."""
+    name = Path(folder).name
+    match = _TMP_NAME.match(name)
+    return match["name"] if match else name
+
+
+def hub_model_id(name: str | os.PathLike | None) -> str | None:
+    """``name`` when it reads as a Hub model id (``name`` or ``org/name``) and is not a local path, else ``None``.
+
+    A local folder (absolute, relative, or one that exists here) is no Hub id: the Hub rejects a path as
+    ``base_model``, and a relative ``org/name`` folder would link the card to a stranger's repo.
+    """
+    if name is None:
+        return None
+    text = str(name)
+    if not text or text.startswith((".", "/", "~")) or "\\" in text or os.path.isabs(text) or text.count("/") > 1:
+        return None
+    if os.path.exists(text):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return None
+    return text
+
+
+def card_metadata(*, base_model: str | None = None, relation: str | None = None, **fields: Any) -> str:
+    """The YAML front matter (between ``---`` lines) of a card, built with ``huggingface_hub.ModelCardData``.
+
+    ``base_model`` is kept only when it is a Hub id (:func:`hub_model_id`), and ``relation`` (the Hub's
+    ``base_model_relation``: ``adapter``, ``merge``, ``quantized`` or ``finetune``) only with a base model. Fields
+    that are ``None`` are left out.
+    """
+    from huggingface_hub import ModelCardData
+
+    base = hub_model_id(base_model)
+    if base is not None:
+        fields["base_model"] = base
+        if relation is not None:
+            fields["base_model_relation"] = relation
+    data = ModelCardData(**{k: v for k, v in fields.items() if v is not None})
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def _pipeline_tag(arch: str | None) -> str | None:
+    if not arch:
+        return None
+    return next((tag for suffix, tag in _PIPELINE_TAGS if arch.endswith(suffix)), None)
 
 
 def _ranks_summary(ranks: Mapping[str, int]) -> str:
@@ -62,26 +146,36 @@ def write_model_card(
     folder: str | os.PathLike,
     *,
     base_model: str | None,
-    method: str,
+    method: str | None,
     settings: Mapping[str, Any],
     ranks: Mapping[str, int],
     params_before: int,
     params_after: int,
     quality: Mapping[str, Any] | None = None,
     license: str | None = None,
+    name: str | None = None,
 ) -> Path:
-    """Write ``folder/README.md``: what the checkpoint is, how it was made and how to load it.
+    """Write ``folder/README.md``: what the checkpoint is, how it was made and how to load it, with Hub metadata.
+
+    The front matter is valid Hub metadata (built with ``huggingface_hub.ModelCardData``): ``library_name:
+    transformers``, the ``pipeline_tag`` of the architecture, tags ``hf-lowrank``, ``low-rank`` and the method, the
+    licence when known, and ``base_model`` with ``base_model_relation: quantized`` only when the base is a Hub id
+    (a local path is named in the text only).
 
     Args:
         folder: the saved compressed checkpoint (must exist).
         base_model: the base model's Hub id or local folder (``None`` when unknown).
-        method: compression method (``"svd"``, ``"fwsvd"``, ``"welore"``, ...).
+        method: compression method (``"svd"``, ``"kronecker"``, ``"welore"``, ...). The method recorded in the
+            folder's ``config.json`` (``quantization_config.method``) wins when there is one, so that the card and
+            the checkpoint agree.
         settings: the method's settings as given (e.g. ``{"reduction": 0.3}``), listed verbatim.
         ranks: ``{module: rank}`` of the factorized layers.
         params_before: parameter count of the base model.
         params_after: parameter count of the compressed model.
         quality: measured quality, e.g. ``{"perplexity (wikitext)": 17.2}``; omitted when ``None``.
         license: licence identifier; default the base's (its card's front matter or config), else none is claimed.
+        name: the checkpoint's name in the title and the load snippet (default: the folder's name; for the
+            temporary folder of an atomic save, the name of the folder it becomes).
 
     Returns:
         The path of the card.
@@ -92,27 +186,38 @@ def write_model_card(
     if params_before <= 0 or params_after <= 0:
         raise ValueError(f"params_before and params_after must be positive, got {params_before} and {params_after}.")
     license = license or _base_license(base_model)
+    name = name or final_name(folder)
     arch = None
     config_path = folder / "config.json"
     if config_path.is_file():
-        archs = json.loads(config_path.read_text()).get("architectures") or []
+        config = json.loads(config_path.read_text())
+        archs = config.get("architectures") or []
         arch = archs[0] if archs else None
-    front = ["---", "library_name: transformers", "tags:", "- hf-lowrank", "- low-rank", f"- {method}"]
-    if base_model:
-        front.append(f"base_model: {_yaml_str(str(base_model))}")
-    if license:
-        front.append(f"license: {_yaml_str(license)}")
-    front.append("---")
+        recorded = (config.get("quantization_config") or {}).get("method")
+        if isinstance(recorded, str) and recorded:
+            method = recorded
+    method = method or "svd"
+    hub_base = hub_model_id(base_model)
+    front = card_metadata(
+        base_model=hub_base, relation="quantized", library_name="transformers", pipeline_tag=_pipeline_tag(arch),
+        license=license, tags=list(dict.fromkeys(["hf-lowrank", "low-rank", method])),
+    )
+    if hub_base:
+        base_line, of_base = f"[`{hub_base}`](https://huggingface.co/{hub_base})", f" of {hub_base}"
+    elif base_model:
+        base_line, of_base = f"a local checkpoint (`{Path(str(base_model)).name}`), not on the Hub", ""
+    else:
+        base_line, of_base = "unknown", ""
     kept = params_after / params_before
     setting_lines = "\n".join(f"- `{k}`: {v!r}" for k, v in settings.items()) or "- (defaults)"
     loader = "AutoModelForCausalLM" if arch is None or arch.endswith("ForCausalLM") else arch
     body = f"""
-# {folder.name}: {method} low-rank compression{f" of {base_model}" if base_model else ""}
+# {name}: {method} low-rank compression{of_base}
 
 A factorized checkpoint made with [hf-lowrank](https://pypi.org/project/hf-lowrank/): selected Linear layers are
 stored as two low-rank factors (`down` (r, in), `up` (out, r)), everything else as in the base model.
 
-- Base model: {f"`{base_model}`" if base_model else "unknown"}
+- Base model: {base_line}
 - Architecture: {f"`{arch}`" if arch else "unknown"}
 - Method: `{method}`
 
@@ -137,7 +242,7 @@ without it refuses this folder (size mismatch) rather than loading random weight
 import hf_lowrank  # noqa: F401  (registers the factorized checkpoint format)
 from transformers import {loader}
 
-model = {loader}.from_pretrained("{folder.name}")
+model = {loader}.from_pretrained("{name}")  # this folder, or its Hub repo id
 ```
 """
     if quality:
@@ -147,16 +252,41 @@ model = {loader}.from_pretrained("{folder.name}")
     )
     card = folder / CARD_NAME
     tmp = folder / f".{CARD_NAME}.tmp"
-    tmp.write_text("\n".join(front) + "\n" + body.rstrip() + "\n", encoding="utf-8")
+    tmp.write_text(front + body.rstrip() + "\n", encoding="utf-8")
     os.replace(tmp, card)
     return card
 
 
-def write_model_card_for(model: Any, folder: str | os.PathLike, report: Any = None) -> Path | None:
+def _downloaded_from_hub(name: str | None) -> str | None:
+    """``name`` when it is a Hub id whose config is in the local Hub cache: the model was loaded from the Hub, not
+    from a local folder that happens to read like an id (the folder may be gone or elsewhere at save time)."""
+    repo = hub_model_id(name)
+    if repo is None:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo, "config.json")
+    except Exception:  # noqa: BLE001 - a cache look-up never fails a save
+        return None
+    return repo if isinstance(cached, str) else None
+
+
+def write_model_card_for(
+    model: Any,
+    folder: str | os.PathLike,
+    report: Any = None,
+    *,
+    name: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+) -> Path | None:
     """The card of a compressed transformers ``model`` saved in ``folder`` (``None`` for a model not compressed).
 
     One writer for ``save_compressed``, ``LowRankTrainer.save_model`` and the CLI: method, ranks and settings come
-    from the model's hf-lowrank ``quantization_config`` and, when given, the :class:`CompressionReport`.
+    from the model's hf-lowrank ``quantization_config`` and, when given, the :class:`CompressionReport`. The base
+    model is ``base_model`` when given, else the model's ``name_or_path`` when it is a Hub id that the local Hub
+    cache holds (the model was downloaded from the Hub). ``name``: see :func:`write_model_card`.
     """
     quantizer = getattr(model, "hf_quantizer", None)
     qconfig = getattr(quantizer, "quantization_config", None)
@@ -168,9 +298,10 @@ def write_model_card_for(model: Any, folder: str | os.PathLike, report: Any = No
     settings = dict(getattr(qconfig, "extra", None) or {})
     if report is not None and getattr(report, "info", None):
         settings.update({k: v for k, v in report.info.items() if isinstance(v, (str, int, float, bool)) or v is None})
-    config = getattr(model, "config", None)
+    source = getattr(getattr(model, "config", None), "name_or_path", None) or None
     return write_model_card(
-        folder, base_model=getattr(config, "name_or_path", None) or None,
+        folder, base_model=base_model or _downloaded_from_hub(source) or source,
         method=getattr(qconfig, "method", None) or (report.method if report is not None else "svd"),
-        settings=settings, ranks=ranks, params_before=after + removed, params_after=after,
+        settings=settings, ranks=ranks, params_before=after + removed, params_after=after, license=license,
+        name=name,
     )

@@ -23,7 +23,6 @@ token count over the processes, so every process ends with the Grams of all the 
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
@@ -32,12 +31,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration_inputs import (
+    _batch_inputs,
+    _is_encoder_decoder,
+    _language_model_labels,
+    as_batches,
+    check_model_ready,
+    is_causal_lm,
+)
 from .distributed import all_gather_objects, all_reduce_sum_, unwrap_wrappers, world_size
 from .ops.gram import contribution_is_finite, gram, gram_accumulate_
 
 __all__ = [
     "CalibrationGrams",
     "GRAM_IN",
+    "as_batches",
+    "check_model_ready",
     "GRAM_OUT",
     "GramHooks",
     "calibration_grams",
@@ -235,53 +244,6 @@ class GramHooks:
         return hook
 
 
-def _batch_inputs(batch, device, model: nn.Module, *, labels: bool = False) -> dict:
-    """A calibration batch as forward kwargs on ``device`` (no KV cache; ``labels`` kept only when asked)."""
-    if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise ValueError(
-            "Each calibration batch must be a dict with 'input_ids' (and optionally 'attention_mask'), e.g. a "
-            f"tokenizer's output or a DataLoader over such dicts; got {type(batch).__name__}."
-        )
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-              if labels or k != "labels"}
-    if hasattr(getattr(model, "config", None), "use_cache"):
-        inputs["use_cache"] = False
-    return inputs
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """Whether ``model`` is a causal language model (a class of transformers' ``AutoModelForCausalLM`` mapping, or
-    named ``*ForCausalLM``): its loss on calibration text needs no labels but the text."""
-    name = type(model).__name__
-    return name in _causal_lm_class_names() or name.endswith("ForCausalLM")
-
-
-@functools.cache
-def _causal_lm_class_names() -> frozenset[str]:
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError:  # pragma: no cover - transformers without the auto mapping
-        return frozenset()
-    return frozenset(n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v))
-
-
-def _language_model_labels(model: nn.Module, inputs: dict) -> None:
-    """Give ``inputs`` next-token labels (padded positions ignored) when it has none, or say what is missing."""
-    if "labels" in inputs:
-        return
-    if not is_causal_lm(model):
-        raise ValueError(
-            "calibration_weighting='kronecker' weighs by the gradients of the model's loss on the calibration data, "
-            f"and {type(model).__name__} is not a causal language model whose labels are its input_ids: pass "
-            "batches with 'labels' (e.g. class labels for a classifier), or use calibration_weighting='whitened'."
-        )
-    labels = inputs["input_ids"].clone()
-    mask = inputs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.shape == labels.shape:
-        labels[mask == 0] = -100
-    inputs["labels"] = labels
-
-
 def reduce_grams(
     store: Mapping[str, torch.Tensor],
     counts: Iterable[int] = (),
@@ -396,6 +358,8 @@ def calibration_grams(
             every process (a RuntimeError on the others).
     """
     model = unwrap_wrappers(model)
+    check_model_ready(model)
+    calibration = as_batches(calibration)
     hooks = GramHooks(modules, inputs=True, outputs=outputs, max_dim=max_dim, device=device, share=True)
     param = next(model.parameters(), None)
     target = param.device if param is not None else torch.device("cpu")
@@ -410,16 +374,31 @@ def calibration_grams(
                 "(get_input_embeddings()) to start the backward pass; use calibration_weighting='whitened'."
             )
         # parameters frozen, the embedding output made a leaf that requires grad: backward reaches every module's
-        # output without forming a single weight gradient
-        handles.append(embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+        # output without forming a single weight gradient. Every module that embeds with the input embedding's
+        # weight is hooked: an encoder-decoder (T5) calls its encoder's and decoder's embed_tokens, which share the
+        # weight of the `shared` module that get_input_embeddings() returns but are other modules.
+        weight = getattr(embeddings, "weight", None)
+        embedders = [embeddings] + [m for m in model.modules() if m is not embeddings and weight is not None
+                                    and isinstance(m, (nn.Embedding, type(embeddings)))
+                                    and getattr(m, "weight", None) is weight]  # not a tied lm_head
+        for module in embedders:
+            handles.append(module.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
     model.eval()
     hooks.attach(model)
-    error = None
+    error, unused_labels = None, False
     try:
         for p in frozen:
             p.requires_grad_(False)
         for batch in tqdm(calibration, desc="calibration", unit="batch", disable=not progress):
             inputs = _batch_inputs(batch, target, model, labels=outputs)
+            if not outputs and not unused_labels and isinstance(batch, Mapping) and "labels" in batch:
+                unused_labels = True
+                logger.warning(
+                    "calibration: the batches carry 'labels', but whitening (calibration_weighting='whitened', the "
+                    "default for a model that is not a causal language model) weighs by the module inputs only, so "
+                    "the labels are not used%s. Pass calibration_weighting='kronecker' to compress_model to weigh "
+                    "by the gradients of the loss on them.",
+                    " (but to build the decoder inputs)" if _is_encoder_decoder(model) else "")
             if not outputs:
                 with torch.no_grad():
                     model(**inputs)
@@ -428,8 +407,14 @@ def calibration_grams(
             with torch.enable_grad():
                 loss = model(**inputs).loss
                 if loss is None or not loss.requires_grad:
-                    raise ValueError(f"{type(model).__name__} returned no differentiable loss for the calibration "
-                                     "batch; pass batches with 'labels' or use calibration_weighting='whitened'.")
+                    given = "labels" in batch
+                    raise ValueError(
+                        f"{type(model).__name__} returned "
+                        + ("a loss that does not depend on its input embeddings" if loss is not None else "no loss")
+                        + (" although the batch carries 'labels'" if given else "")
+                        + ", so calibration_weighting='kronecker' has no gradient to weigh by: "
+                        + ("use calibration_weighting='whitened'." if given else
+                           "pass batches with 'labels' or use calibration_weighting='whitened'."))
                 counted = int((inputs["labels"] != -100).sum())
                 (loss * max(counted, 1)).backward()
     except Exception as exc:  # raised below, on every process under torch.distributed
@@ -500,6 +485,8 @@ class BlockStream:
             self.items.append((list(args), dict(kwargs), self._mask))
             raise _StopForward
 
+        check_model_ready(model)
+        calibration = as_batches(calibration)
         handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
         tokens, error = 0, None
         try:

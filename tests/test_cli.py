@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from hf_lowrank import load_compressed
 from hf_lowrank.cli import main
@@ -88,9 +89,11 @@ def test_compress_writes_a_model_card(tiny_llama, tmp_path):
     tiny_llama.save_pretrained(tmp_path / "dense")
     assert main(["compress", str(tmp_path / "dense"), "--rank", "8", "--out", str(tmp_path / "c")]) == 0
     card = (tmp_path / "c" / "README.md").read_text()
-    front = card.split("---")[1]
-    assert "library_name: transformers" in front and "- hf-lowrank" in front and "- svd" in front
-    assert f'base_model: "{tmp_path / "dense"}"' in front and 'license: "apache-2.0"' in front
+    data = ModelCard(card).data  # valid Hub metadata
+    assert data.library_name == "transformers" and {"hf-lowrank", "svd"} <= set(data.tags)
+    assert data.license == "apache-2.0" and data.pipeline_tag == "text-generation"
+    # a local base folder is named in the text, never as base_model (the Hub refuses a path there)
+    assert data.base_model is None and "a local checkpoint (`dense`)" in card and str(tmp_path) not in card
     assert "import hf_lowrank" in card and 'AutoModelForCausalLM.from_pretrained("c")' in card
     assert "14 factorized Linear layers; rank min 8, median 8, max 8" in card
     after = sum(p.numel() for p in load_compressed(tmp_path / "c").parameters())

@@ -174,6 +174,10 @@ def test_what_is_stored_how(tmp_path):
     assert files == ["README.md", "config.json", "residual.safetensors", "residual_manifest.json"]
     card = (tmp_path / "r" / "README.md").read_text()
     assert "load_residual" in card and "export-lora" in card
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(card).data  # valid Hub metadata; a base built in memory is no Hub id: no base_model
+    assert "hf-lowrank" in data.tags and data.base_model is None
     rep = res.report
     assert rep.stored_bytes == (tmp_path / "r" / "residual.safetensors").stat().st_size
     assert 0 < rep.fraction < 0.5
@@ -305,6 +309,9 @@ def test_export_lora_loads_in_vanilla_peft_and_matches_decode(tmp_path, tied):
     export_residual_as_lora(tmp_path / "r", tmp_path / "lora", base_model=base, progress=False)
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA"
+    from huggingface_hub import ModelCard
+
+    assert ModelCard((tmp_path / "lora" / "README.md").read_text()).data.library_name == "peft"
     for m, r in cfg["rank_pattern"].items():
         assert cfg["alpha_pattern"][m] == r  # scaling 1
     assert cfg["modules_to_save"] == ["model.norm"]

@@ -270,10 +270,10 @@ def _write_card(args, model, report) -> None:
             settings.update(fisher=args.fisher, weighting=args.weighting)
     settings.update(svd=args.svd, target_modules=args.target_modules or "default")
     after = sum(p.numel() for p in model.parameters())
-    write_model_card(
+    write_model_card(  # the method is the one config.json records (e.g. "kronecker" for --method svd with data)
         args.out,
-        base_model=getattr(model.config, "name_or_path", None) or args.model,
-        method=args.method,
+        base_model=args.model if _model_path(args.model) == args.model else model.config.name_or_path,  # alias
+        method=report.method,
         settings=settings,
         ranks=report.ranks,
         params_before=after + report.params_before - report.params_after,

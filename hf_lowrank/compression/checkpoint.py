@@ -5,12 +5,20 @@ A compressed model's ``config.json`` carries ``quantization_config = {"quant_met
 ``LowRankLinear`` modules on the meta device before the weights load. No ``trust_remote_code`` and nothing unusual in
 the repo files, so the same checkpoint works from a local folder or the Hub, once ``hf_lowrank`` is imported.
 
-Without the import, transformers only logs "Unknown quantization type" and loads random weights into dense
-layers; :func:`load_compressed` (and the CLI) always import the plugin and also verify that every factor loaded.
+Without the import, stock transformers skips the unknown ``quantization_config`` with a warning and builds the dense
+model; the guard tensors every save writes (see below) then make ``from_pretrained`` raise a size-mismatch error, and
+its load report lists ``hf_lowrank_factorized_checkpoint.import_hf_lowrank_before_from_pretrained``: it refuses the
+checkpoint rather than loading random weights. :func:`load_compressed` (and the CLI) always import the plugin and
+also verify that every factor loaded.
+
+A compressed model reports ``is_quantized = False`` to transformers: its factors are ordinary floating-point
+weights, so ``model.half()`` / ``model.float()`` cast them like ``model.to(dtype)`` does (transformers refuses both
+for a model whose weights are quantized).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -175,6 +183,7 @@ class LowRankHfQuantizer(HfQuantizer):
         from .parallel import unhook_factorized
 
         unhook_factorized(model, self._tp_moved)  # the factors' own tensor-parallel hooks do the communication
+        model.is_quantized = False  # ordinary float factors: .half() / .float() cast them (module docstring)
         for module in model.modules():  # loading assigned new (row-major) tensors to the factors
             if isinstance(module, LowRankLinear):
                 module.lay_out_for_speed_()
@@ -234,7 +243,8 @@ def mark_compressed(model: nn.Module, ranks: dict[str, int], *, method: str = "s
     """Record ``ranks`` in ``model.config.quantization_config`` so ``save_pretrained`` writes a factorized checkpoint.
 
     Merges with ranks already recorded (a model compressed twice). A plain ``nn.Module`` without a transformers
-    config is left alone.
+    config is left alone. The model first gets its own copy of its config (:func:`own_config`): models built from
+    one config object share it, and the record written here must not make the others claim to be compressed.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -251,10 +261,31 @@ def mark_compressed(model: nn.Module, ranks: dict[str, int], *, method: str = "s
     if not merged:
         return
     qconfig = LowRankConfig(ranks=merged, method=method, extra=extra)
-    config.quantization_config = qconfig
+    own_config(model).quantization_config = qconfig
     model.hf_quantizer = LowRankHfQuantizer(qconfig, pre_quantized=True)
-    model.is_quantized = True
+    model.is_quantized = False  # ordinary float factors: .half() / .float() cast them (module docstring)
     model.quantization_method = QUANT_METHOD
+    if hasattr(model, "add_model_tags"):  # the card transformers' push_to_hub creates is tagged hf-lowrank
+        model.add_model_tags(["hf-lowrank"])
+
+
+def own_config(model: nn.Module) -> Any:
+    """Give ``model`` a private deep copy of its config and return it.
+
+    ``LlamaForCausalLM(cfg)`` keeps ``cfg`` itself, and so does every other model built from the same object (a
+    second ``Model(cfg)``, ``from_config(cfg)``), as do the model's sub-modules (``model.model.config``; a
+    composite model's parts hold its sub-configs, ``config.text_config``...). The copy replaces the config on every
+    sub-module that held the original or one of its sub-configs, so the model stays consistent with itself and
+    nothing written into it reaches another model. ``generation_config`` is a separate object and is left alone.
+    """
+    config = model.config
+    memo: dict[int, Any] = {}
+    copied = copy.deepcopy(config, memo)
+    for module in model.modules():
+        held = module.__dict__.get("config")
+        if held is not None and id(held) in memo:
+            module.config = memo[id(held)]
+    return copied
 
 
 def decompress_model(model: nn.Module) -> nn.Module:
@@ -274,7 +305,14 @@ def decompress_model(model: nn.Module) -> nn.Module:
 
 
 def save_compressed(
-    model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None, report: Any = None, **kwargs
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    report: Any = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    **kwargs,
 ) -> Path:
     """``model.save_pretrained(path)`` made crash-safe: everything is written to a temporary sibling folder first.
 
@@ -287,7 +325,13 @@ def save_compressed(
         tokenizer: optional tokenizer/processor saved beside the weights.
         report: optional :class:`~hf_lowrank.compression.compress.CompressionReport`, saved as
             ``compression_report.json``.
+        base_model: the base model's Hub id for the model card (default: the model's ``name_or_path`` when it is a
+            Hub id the model was downloaded from; a local path is never written as ``base_model``).
+        license: licence identifier for the model card (default: the base model's, when known).
         **kwargs: passed to ``save_pretrained``.
+
+    A compressed model also gets a ``README.md`` model card (:func:`hf_lowrank.model_card.write_model_card_for`)
+    that names ``path``'s folder, valid Hub metadata, so that ``push_to_hub`` of the folder uploads a usable repo.
     """
     from ..io import atomic_directory
 
@@ -299,7 +343,7 @@ def save_compressed(
             report.save(Path(tmp) / "compression_report.json")
         from ..model_card import write_model_card_for
 
-        write_model_card_for(model, tmp, report)  # README.md, so that push_to_hub uploads a usable repo
+        write_model_card_for(model, tmp, report, name=Path(path).name, base_model=base_model, license=license)
     return Path(path)
 
 

@@ -32,6 +32,7 @@ from ..statistics import (
     CalibrationGrams,
     GramHooks,
     calibration_grams,
+    check_model_ready,
     gram_memory_bytes,
     is_causal_lm,
     reduce_grams,
@@ -230,6 +231,7 @@ def compress_model(
         whose factorization needed the eigendecomposition fallback).
     """
     model = unwrap_wrappers(model)
+    check_model_ready(model)  # meta weights, torch.inference_mode(): a clear error before any work
     state = None
     if fisher is not None:
         if any(x is not None for x in (row_weights, col_weights, grams_in, grams_out, calibration)) or sequential:

@@ -1,8 +1,14 @@
-"""The README.md model cards of a residual folder and of a LoRA adapter exported from one."""
+"""The README.md model cards of a residual folder and of a LoRA adapter exported from one.
+
+Their front matter comes from the one Hub-metadata writer, :func:`hf_lowrank.model_card.card_metadata`: the base
+is named as ``base_model`` only when it is a Hub id.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+from ...model_card import card_metadata
 
 if TYPE_CHECKING:
     from .format import EREResidual
@@ -21,14 +27,9 @@ def _model_card(res: EREResidual) -> str:
         )
     ranks = list(res.ranks.values())
     rank_line = f"- low-rank tensors: {len(ranks)}, ranks {min(ranks)}..{max(ranks)}\n" if ranks else ""
-    return f"""---
-library_name: hf-lowrank
-tags:
-- ere
-- residual
-- hf-lowrank
----
-
+    front = card_metadata(base_model=m["base"].get("name_or_path"), relation="finetune", library_name="hf-lowrank",
+                          tags=["ere", "residual", "hf-lowrank"])
+    return f"""{front}
 # ERE residual of a fine-tuned `{arch}`
 
 This folder stores a fully fine-tuned model as a compressed **residual** over its base model (ERE, efficient
@@ -63,14 +64,9 @@ of the base weights. `residual_manifest.json` also records the sha256 of `residu
 def _adapter_card(res: EREResidual, cfg: Any) -> str:
     base = res.manifest["base"].get("name_or_path") or "<the base checkpoint>"
     arch = res.manifest.get("architecture") or "AutoModelForCausalLM"
-    return f"""---
-library_name: peft
-tags:
-- lora
-- ere
-- hf-lowrank
----
-
+    front = card_metadata(base_model=res.manifest["base"].get("name_or_path"), relation="adapter",
+                          library_name="peft", tags=["lora", "ere", "hf-lowrank"])
+    return f"""{front}
 # LoRA adapter exported from an ERE residual
 
 A standard PEFT LoRA adapter (per-module `rank_pattern`, `alpha_pattern` equal to the rank, so scaling 1) that

@@ -52,7 +52,7 @@ def save_compressed_model(
             fisher_state.save(Path(tmp) / FISHER_STATE_NAME)
         from ...model_card import write_model_card_for
 
-        write_model_card_for(model, tmp, report)
+        write_model_card_for(model, tmp, report, name=output_dir.name)
     return output_dir
 
 
