@@ -23,15 +23,14 @@ from ...compression.compress import (
     CompressionReport,
     ModuleReport,
     factorize_linear,
-    resolve_ranks,
     set_submodule,
 )
+from ...compression.ranks import plan_ranks
 from ...fisher_state import FisherState, resolve_fisher
 from ...modules import dense_weight, is_quantized
 from ...ops.fisher import weighted_spectrum
-from ...ops.rank_allocation import global_ranks, uniform_ranks
+from ...ops.rank_allocation import global_ranks
 from ...ops.svd import RANK_MULTIPLE, factorized_params
-from ...targets import check_pattern_key, pattern_key
 from .config import (
     DEFAULT_ALLOCATION,
     FISHER_WEIGHTINGS,
@@ -64,65 +63,6 @@ logger = logging.getLogger(__name__)
 
 _REPORT_METHOD = {"lora": "fisher_lora", "full": "fwsvd", "none": "svd"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def plan_ranks(
-    shapes: Mapping[str, tuple[int, int]],
-    *,
-    rank: int | None = None,
-    keep: float | None = None,
-    rank_pattern: Mapping[str, int | float] | None = None,
-) -> dict[str, int | None]:
-    """Rank of each module from a global rank or keep fraction and per-module overrides.
-
-    Args:
-        shapes: ``{name: (out, in)}`` of the candidate modules.
-        rank: one rank for every module; exclusive with ``keep``.
-        keep: fraction of each module's parameters kept, in ``(0, 1]``.
-        rank_pattern: ``{key: rank or keep}``; peft's ``rank_pattern`` rule (:func:`hf_lowrank.targets.pattern_key`):
-            a key is a regex matched against the end of the name on a dot boundary; the first matching key wins.
-
-    Returns:
-        ``{name: rank}`` for the modules to compress, ``None`` where that rank would not save parameters (the module
-        stays dense). Modules neither matched by a pattern nor covered by ``rank`` / ``keep`` are absent.
-
-    Raises:
-        ValueError: no target at all, both rank and keep, a pattern key that matches no module, a rank out of range.
-    """
-    pattern = dict(rank_pattern or {})
-    if rank is not None and keep is not None:
-        raise ValueError(f"Give a rank ({rank!r}) or a keep fraction ({keep!r}), not both.")
-    if rank is None and keep is None and not pattern:
-        raise ValueError(
-            "Nothing says how much to compress: set compress_rank or compress_keep in FisherLoRAConfig (or pass "
-            "rank= / keep= / rank_pattern=)."
-        )
-    if not shapes:
-        raise ValueError("No target modules matched: the model has no adapted Linear layer to compress.")
-    for key in pattern:
-        check_pattern_key(key, "compress_rank_pattern")
-        if not any(pattern_key([key], n) for n in shapes):
-            raise ValueError(
-                f"compress_rank_pattern key {key!r} matches no target module (targets end with e.g. "
-                f"{sorted({n.rsplit('.', 1)[-1] for n in shapes})[:6]}). Fix the key or remove it."
-            )
-    wanted: dict[str, int | float] = {}
-    for name in shapes:
-        key = pattern_key(pattern, name)
-        value = None if key is None else pattern[key]
-        if value is None:
-            value = rank if rank is not None else keep
-        if value is None:
-            continue
-        if isinstance(value, float) and not 0 < value <= 1:
-            raise ValueError(f"Keep fraction {value!r} for module '{name}' must be in (0, 1].")
-        wanted[name] = value
-    # the modules sharing one keep fraction fill its budget together (as compress_model's uniform ranks do)
-    for fraction in {v for v in wanted.values() if isinstance(v, float)}:
-        group = {n: shapes[n] for n, v in wanted.items() if isinstance(v, float) and v == fraction}
-        wanted.update(uniform_ranks(group, fraction, multiple=RANK_MULTIPLE))
-    fake = {n: SimpleNamespace(out_features=shapes[n][0], in_features=shapes[n][1]) for n in wanted}
-    return resolve_ranks(fake, wanted)
 
 
 @torch.no_grad()
@@ -240,6 +180,7 @@ def compress_peft_model(
     plan = plan_ranks(shapes, rank=rank, keep=keep, rank_pattern=rank_pattern)
 
     state: FisherState | None = None
+    non_finite: list[str] = []
     if source != "none":
         state = resolve_fisher(fisher)
         if state is None:
@@ -263,7 +204,7 @@ def compress_peft_model(
                 stacklevel=2,
             )
         else:
-            _warn_degenerate_fisher(state, plan, weighting)
+            non_finite = _warn_degenerate_fisher(state, plan, weighting)
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     base = unwrap_model(base)
     work = base if inplace else shared_weight_copy(base)
@@ -340,6 +281,7 @@ def compress_peft_model(
         "allocation": allocation,
         **({"damping": damping, "gram_fallbacks": fallbacks} if weighting == "kronecker" and state else {}),
         **({"loss_normalization": loss_normalization} if allocation == "global" else {}),
+        **({"non_finite_fisher": non_finite} if non_finite else {}),
         "merge_before_compress": merge,
         "adapter_name": adapter,
         "adapter_rank": adapter_rank,
