@@ -89,6 +89,7 @@ def compress_model(
     eps: float = DEFAULT_EPS,
     dtype: torch.dtype | None = None,
     report_method: str | None = None,
+    checkpoint_extra: Mapping | None = None,
     progress: bool = True,
 ) -> CompressionReport:
     """Replace target Linear layers of ``model`` in place by ``LowRankLinear`` factor pairs, all or nothing.
@@ -167,6 +168,7 @@ def compress_model(
             model: ``LowRankLinear.forward`` casts its input to the factor dtype and its output back.
         report_method: label recorded in the report and the checkpoint (default ``"svd"``, ``"fwsvd"`` or
             ``"whitened"``).
+        checkpoint_extra: further facts recorded with the ranks in the checkpoint's quantization config.
         progress: show progress bars.
 
     Returns:
@@ -280,7 +282,8 @@ def compress_model(
         tokens = info.get("calibration_tokens")
         sides = _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping,
                                  tokens=tokens)
-        check_empty_sides(sides, grams_in is not None, grams_out is not None, calibration is not None)
+        if state is None:  # a useless Fisher state is named by fisher_sides and gives plain SVD, as documented there
+            check_empty_sides(sides, grams_in is not None, grams_out is not None, calibration is not None)
         if loss_normalization is None:
             loss_normalization = "none" if (grams_out or row_weights) else "relative"
         if allocation == "global":
@@ -324,7 +327,7 @@ def compress_model(
     if allocation == "global":
         info["loss_normalization"] = loss_normalization
     report.info = {**info, **report.info}
-    mark_compressed(model, report.ranks, method=report.method)
+    mark_compressed(model, report.ranks, method=report.method, extra=dict(checkpoint_extra or {}) or None)
     return report
 
 
