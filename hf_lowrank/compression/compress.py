@@ -160,8 +160,8 @@ def compress_model(
         rank_multiple: ranks chosen from a float keep (uniform or global) are multiples of this (default 8: factor
             pairs of aligned inner dimension run at their FLOP ratio, odd ones up to 25% slower; 1 turns it off).
             Explicit ranks are used as given.
-        target_modules: see :func:`find_target_linears`; with a ``{name: rank}`` dict and no target_modules,
-            the dict's names are the targets.
+        target_modules: see :func:`find_target_linears`; with a rank-pattern dict as ``ranks`` and no
+            target_modules, the Linear layers its keys match are the targets.
         method: SVD method, ``"auto"``, ``"exact"`` or ``"randomized"``.
         exponent, eps: Fisher weighting, ``D = diag((fisher / mean + eps) ** exponent)``.
         dtype: dtype of the factors (default: the replaced weight's dtype). It may differ from the rest of the
