@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -24,8 +23,8 @@ from ..ops.fisher import (
     weighted_relative_error,
     weighted_spectrum,
 )
-from ..ops.rank_allocation import global_ranks, uniform_ranks
-from ..ops.svd import RANK_MULTIPLE, break_even_rank, factorized_params, relative_error
+from ..ops.rank_allocation import global_ranks
+from ..ops.svd import RANK_MULTIPLE, factorized_params, relative_error
 from ..statistics import (
     GRAM_IN,
     BlockStream,
@@ -38,9 +37,11 @@ from ..statistics import (
     reduce_grams,
     split_into_blocks,
 )
-from ..targets import find_target_linears
+from ..targets import find_linears, find_target_linears, pattern_key
 from .checkpoint import mark_compressed
+from .fisher_sides import fisher_sides
 from .guards import check_empty_sides, eligibility, log_tokens_per_dimension, warn_small_int_rank
+from .ranks import check_pattern_keys, resolve_ranks
 from .report import CompressionReport, ModuleReport
 
 logger = logging.getLogger(__name__)
@@ -56,69 +57,7 @@ __all__ = [
     "set_submodule",
 ]
 
-RankSpec = int | float | Mapping[str, int]
-
-
-def _check_rank_keys(ranks: Mapping) -> None:
-    bad = [k for k in ranks if not isinstance(k, str)]
-    if bad:
-        raise ValueError(
-            f"A rank dict maps module names (str) to ranks, got key(s) {bad[:5]!r}. Use the full module names from "
-            "model.named_modules(), e.g. {'model.layers.0.mlp.up_proj': 16}."
-        )
-
-
-def resolve_ranks(targets: Mapping[str, nn.Module], ranks: RankSpec, *, multiple: int = 1) -> dict[str, int | None]:
-    """Turn a rank spec into ``{name: rank or None}``; ``None`` marks a module where factorizing saves nothing.
-
-    Args:
-        targets: ``{name: Linear}`` from :func:`find_target_linears`.
-        ranks: an ``int`` rank for every module, a ``float`` fraction of each module's parameters kept in
-            ``(0, 1]``, or a ``{name: rank}`` mapping (names must be among the targets).
-        multiple: ranks from a keep fraction are multiples of this, filled to the budget (see
-            :func:`~hf_lowrank.ops.rank_allocation.uniform_ranks`).
-
-    Raises:
-        ValueError: rank below 1 or above ``min(out, in)``, keep outside ``(0, 1]``, unknown or non-str names.
-    """
-    resolved: dict[str, int | None] = {}
-    if isinstance(ranks, numbers.Integral) and not isinstance(ranks, bool):
-        ranks = int(ranks)  # numpy integers (np.int64 from an array of ranks) are ranks too
-    if isinstance(ranks, Mapping):
-        _check_rank_keys(ranks)
-        unknown = [n for n in ranks if n not in targets]
-        if unknown:
-            raise ValueError(
-                f"Rank given for {len(unknown)} module(s) that are not target Linear layers: {unknown[:5]}. "
-                "Use the full module names from model.named_modules()."
-            )
-        items = {n: ranks[n] for n in targets if n in ranks}
-    elif isinstance(ranks, bool):
-        raise ValueError(f"ranks must be an int, a float keep fraction or a dict, got {ranks!r}.")
-    elif isinstance(ranks, int):
-        items = dict.fromkeys(targets, ranks)
-    elif isinstance(ranks, float):
-        if not 0 < ranks <= 1:
-            raise ValueError(
-                f"A float `ranks` is the fraction of parameters kept and must be in (0, 1], got {ranks!r}. "
-                "Pass an int for an absolute rank."
-            )
-        items = uniform_ranks({n: (m.out_features, m.in_features) for n, m in targets.items()}, ranks,
-                              multiple=multiple)
-    else:
-        raise ValueError(f"ranks must be an int, a float keep fraction or a dict, got {type(ranks).__name__}.")
-    for name, rank in items.items():
-        module = targets[name]
-        limit = min(module.out_features, module.in_features)
-        if isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
-            rank = int(rank)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
-            raise ValueError(
-                f"Rank {rank!r} for module '{name}' is out of range: it must be an integer in [1, {limit}] "
-                f"for its ({module.out_features}, {module.in_features}) weight."
-            )
-        resolved[name] = rank if rank <= break_even_rank(module.out_features, module.in_features) else None
-    return resolved
+RankSpec = int | float | Mapping[str, int | float]
 
 
 ALLOCATIONS = ("uniform", "global")
@@ -130,6 +69,7 @@ def compress_model(
     model: nn.Module,
     ranks: RankSpec,
     *,
+    rank_pattern: Mapping[str, int | float] | None = None,
     row_weights: Mapping[str, torch.Tensor] | None = None,
     col_weights: Mapping[str, torch.Tensor] | None = None,
     grams_in: Mapping[str, torch.Tensor] | None = None,
@@ -150,6 +90,7 @@ def compress_model(
     eps: float = DEFAULT_EPS,
     dtype: torch.dtype | None = None,
     report_method: str | None = None,
+    checkpoint_extra: Mapping | None = None,
     progress: bool = True,
 ) -> CompressionReport:
     """Replace target Linear layers of ``model`` in place by ``LowRankLinear`` factor pairs, all or nothing.
@@ -168,7 +109,11 @@ def compress_model(
             under it compressed (a DDP wrapper does not follow the replaced parameters: wrap the result again to
             train it).
         ranks: ``int`` rank, ``float`` fraction of parameters kept (per module with ``allocation="uniform"``, over
-            all targets together with ``"global"``), or ``{name: rank}``.
+            all targets together with ``"global"``), or a ``rank_pattern`` mapping alone (its keys then choose the
+            targets among all Linear layers).
+        rank_pattern: ``{key: rank or keep}`` overriding ``ranks`` per module, peft's rule: a key is a regex matched
+            against the end of the module name on a dot boundary (a full name or a suffix such as ``"up_proj"``),
+            the first matching key wins, a key matching no target is refused (:func:`~.ranks.plan_ranks`).
         row_weights: optional ``{name: (out,) importance}`` (Fisher row sums).
         col_weights: optional ``{name: (in,) importance}`` (Fisher column sums).
         grams_in: optional ``{name: (in, in) or (in,)}`` Grams of the module's inputs ``sum x x^T``.
@@ -216,14 +161,15 @@ def compress_model(
         rank_multiple: ranks chosen from a float keep (uniform or global) are multiples of this (default 8: factor
             pairs of aligned inner dimension run at their FLOP ratio, odd ones up to 25% slower; 1 turns it off).
             Explicit ranks are used as given.
-        target_modules: see :func:`find_target_linears`; with a ``{name: rank}`` dict and no target_modules,
-            the dict's names are the targets.
+        target_modules: see :func:`find_target_linears`; with a rank-pattern dict as ``ranks`` and no
+            target_modules, the Linear layers its keys match are the targets.
         method: SVD method, ``"auto"``, ``"exact"`` or ``"randomized"``.
         exponent, eps: Fisher weighting, ``D = diag((fisher / mean + eps) ** exponent)``.
         dtype: dtype of the factors (default: the replaced weight's dtype). It may differ from the rest of the
             model: ``LowRankLinear.forward`` casts its input to the factor dtype and its output back.
         report_method: label recorded in the report and the checkpoint (default ``"svd"``, ``"fwsvd"`` or
             ``"whitened"``).
+        checkpoint_extra: further facts recorded with the ranks in the checkpoint's quantization config.
         progress: show progress bars.
 
     Returns:
@@ -264,28 +210,31 @@ def compress_model(
     kronecker = calibration is not None and calibration_weighting == "kronecker"
     if allocation is None:
         fisher_kronecker = fisher_weighting == "kronecker"
-        allocation = "global" if isinstance(ranks, float) and (kronecker or fisher_kronecker or bool(grams_out)) \
+        allocation = "global" if isinstance(ranks, float) and not rank_pattern and (kronecker or fisher_kronecker or bool(grams_out)) \
             else "uniform"
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
-    if allocation == "global" and not isinstance(ranks, float):
+    if allocation == "global" and (not isinstance(ranks, float) or rank_pattern):
         raise ValueError(
             f"allocation='global' spreads one parameter budget over all targets: pass ranks as a float keep fraction "
-            f"(e.g. 0.8), got {ranks!r}."
+            f"(e.g. 0.8) and no rank_pattern, got {ranks!r}" + (f" and rank_pattern={dict(rank_pattern)!r}." if
+                                                                  rank_pattern else ".")
         )
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}.")
-    if isinstance(ranks, Mapping):
-        _check_rank_keys(ranks)
     if isinstance(ranks, Mapping) and target_modules is None:
         if not ranks:
             raise ValueError("An empty rank map compresses nothing; name at least one module.")
-        targets = find_target_linears(model, list(ranks))
+        linears = find_linears(model)
+        check_pattern_keys(ranks, linears, "rank_pattern")
+        targets = {n: m for n, m in linears.items() if pattern_key(ranks, n) is not None}
     else:
         targets = find_target_linears(model, target_modules)
     info: dict = eligibility(model, targets)
     if state is not None:
-        row_weights, col_weights, grams_in, grams_out = _fisher_sides(state, targets, fisher_weighting)
+        row_weights, col_weights, grams_in, grams_out, non_finite = fisher_sides(state, targets, fisher_weighting)
+        if non_finite:
+            info["non_finite_fisher"] = non_finite
         report_method = report_method or ("fwsvd" if state.source == "full" else "fisher_lora")
         info.update({"fisher_weighting": fisher_weighting, "fisher_exponent": exponent, "fisher_eps": eps,
                      **state.summary()})
@@ -297,7 +246,7 @@ def compress_model(
                 "before it: it needs calibration= (not grams_in=), calibration_weighting='whitened' (the output "
                 "gradients need the whole model) and allocation='uniform' (or a rank map)."
             )
-        plan = resolve_ranks(targets, ranks, multiple=rank_multiple)
+        plan = resolve_ranks(targets, ranks, rank_pattern=rank_pattern, multiple=rank_multiple)
         warn_small_int_rank(ranks, targets, plan)
         report = CompressionReport(method=report_method or "whitened")
         sides, tokens = _compress_sequential(model, targets, plan, calibration, report, row_weights, col_weights,
@@ -335,7 +284,8 @@ def compress_model(
         tokens = info.get("calibration_tokens")
         sides = _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping,
                                  tokens=tokens)
-        check_empty_sides(sides, grams_in is not None, grams_out is not None, calibration is not None)
+        if state is None:  # a useless Fisher state is named by fisher_sides and gives plain SVD, as documented there
+            check_empty_sides(sides, grams_in is not None, grams_out is not None, calibration is not None)
         if loss_normalization is None:
             loss_normalization = "none" if (grams_out or row_weights) else "relative"
         if allocation == "global":
@@ -348,7 +298,7 @@ def compress_model(
                 )
             plan = _global_plan(targets, sides, float(ranks), loss_normalization, rank_multiple, progress)
         else:
-            plan = resolve_ranks(targets, ranks, multiple=rank_multiple)
+            plan = resolve_ranks(targets, ranks, rank_pattern=rank_pattern, multiple=rank_multiple)
             warn_small_int_rank(ranks, targets, plan)
         weighted = any(side.weighted for side in sides.values())
         default_label = ("kronecker" if grams_out else "whitened") if (grams_in or grams_out) else (
@@ -379,7 +329,7 @@ def compress_model(
     if allocation == "global":
         info["loss_normalization"] = loss_normalization
     report.info = {**info, **report.info}
-    mark_compressed(model, report.ranks, method=report.method)
+    mark_compressed(model, report.ranks, method=report.method, extra=dict(checkpoint_extra or {}) or None)
     return report
 
 
@@ -464,18 +414,6 @@ def _compress_sequential(model, targets, plan, calibration, report, row_weights,
     finally:
         model.train(was_training)
     return sides, stream.tokens
-
-
-def _fisher_sides(state, targets, weighting):
-    """``(row_weights, col_weights, grams_in, grams_out)`` of the targets from a Fisher state."""
-    state.check_shapes({n: (m.out_features, m.in_features) for n, m in targets.items()})
-    if weighting == "kronecker":
-        grams = {name: state.grams(name) for name in targets}
-        return None, None, {n: g[0] for n, g in grams.items()}, {n: g[1] for n, g in grams.items()}
-    if weighting not in ("row", "two_sided"):
-        raise ValueError(f"fisher_weighting must be 'kronecker', 'two_sided' or 'row', got {weighting!r}.")
-    rows, cols = state.weights(weighting, names=list(targets))
-    return rows, cols or None, None, None
 
 
 def _only(weights, names):

@@ -344,10 +344,12 @@ def compress_on_save(
             if rank is None and keep is None and not rank_pattern:
                 raise ValueError("CompressOnSaveCallback on a model without adapters needs rank=, keep= or "
                                  "rank_pattern= (the model carries no LoRA adapter on a Linear layer).")
-            ranks = rank_pattern or (rank if rank is not None else keep)
+            ranks = rank if rank is not None else keep
+            if ranks is None:  # a pattern alone: its keys choose the targets
+                ranks, rank_pattern = rank_pattern, None
             compressed = shared_weight_copy(unwrap_model(gathered))
-            report = compress_model(compressed, ranks, fisher=state, fisher_weighting=weighting if state else None,
-                                    progress=progress, **method_kwargs)
+            report = compress_model(compressed, ranks, rank_pattern=rank_pattern, fisher=state,
+                                    fisher_weighting=weighting if state else None, progress=progress, **method_kwargs)
         save_compressed_model(compressed, output_dir, tokenizer=tokenizer, report=report, fisher_state=state)
         logger.info("Compressed model saved to %s: %s", output_dir, report.summary())
         if not inplace:

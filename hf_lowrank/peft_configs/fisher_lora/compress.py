@@ -3,35 +3,30 @@
 :func:`compress_peft_model` turns a trained ``PeftModel`` into a plain transformers model whose adapted Linear
 layers are ``LowRankLinear`` factor pairs (a factorized checkpoint, see ``hf_lowrank.compression.checkpoint``).
 By default it works on a COPY that shares every untouched tensor with the trained model, so the trainer's model (and
-its adapter) stays usable and the extra memory is that of the new factors plus one dense weight at a time.
+its adapter) stays usable and the extra memory is that of the new factors plus the merged weights ``W + s B A``
+(none without ``merge``). It is a thin layer over :func:`hf_lowrank.compress_model`: each adapted layer is handed to
+that one pipeline as a plain Linear holding its effective weight, and what is left of peft is removed afterwards.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Mapping
-from types import SimpleNamespace
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...compression.compress import (
     ALLOCATIONS,
     CompressionReport,
     ModuleReport,
-    factorize_linear,
-    resolve_ranks,
+    compress_model,
     set_submodule,
 )
+from ...compression.ranks import plan_ranks
 from ...fisher_state import FisherState, resolve_fisher
 from ...modules import dense_weight, is_quantized
-from ...ops.fisher import weighted_spectrum
-from ...ops.rank_allocation import global_ranks, uniform_ranks
-from ...ops.svd import RANK_MULTIPLE, factorized_params
-from ...targets import check_pattern_key, pattern_key
 from .config import (
     DEFAULT_ALLOCATION,
     FISHER_WEIGHTINGS,
@@ -39,7 +34,7 @@ from .config import (
     FisherLoRAConfig,
 )
 from .save import export_lora_adapter, save_compressed_model
-from .sides import _check_adapter_rank, _fisher_side, _warn_degenerate_fisher
+from .sides import _check_adapter_rank
 from .unload import (
     _cast_params,
     _dense_linear,
@@ -47,6 +42,8 @@ from .unload import (
     _effective_weight,
     _finish_unload,
     _float_dtype,
+    _linear_view,
+    _settle_dense,
     shared_weight_copy,
 )
 from .walk import lora_linear_modules, model_fingerprint, unwrap_model
@@ -64,65 +61,6 @@ logger = logging.getLogger(__name__)
 
 _REPORT_METHOD = {"lora": "fisher_lora", "full": "fwsvd", "none": "svd"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def plan_ranks(
-    shapes: Mapping[str, tuple[int, int]],
-    *,
-    rank: int | None = None,
-    keep: float | None = None,
-    rank_pattern: Mapping[str, int | float] | None = None,
-) -> dict[str, int | None]:
-    """Rank of each module from a global rank or keep fraction and per-module overrides.
-
-    Args:
-        shapes: ``{name: (out, in)}`` of the candidate modules.
-        rank: one rank for every module; exclusive with ``keep``.
-        keep: fraction of each module's parameters kept, in ``(0, 1]``.
-        rank_pattern: ``{key: rank or keep}``; peft's ``rank_pattern`` rule (:func:`hf_lowrank.targets.pattern_key`):
-            a key is a regex matched against the end of the name on a dot boundary; the first matching key wins.
-
-    Returns:
-        ``{name: rank}`` for the modules to compress, ``None`` where that rank would not save parameters (the module
-        stays dense). Modules neither matched by a pattern nor covered by ``rank`` / ``keep`` are absent.
-
-    Raises:
-        ValueError: no target at all, both rank and keep, a pattern key that matches no module, a rank out of range.
-    """
-    pattern = dict(rank_pattern or {})
-    if rank is not None and keep is not None:
-        raise ValueError(f"Give a rank ({rank!r}) or a keep fraction ({keep!r}), not both.")
-    if rank is None and keep is None and not pattern:
-        raise ValueError(
-            "Nothing says how much to compress: set compress_rank or compress_keep in FisherLoRAConfig (or pass "
-            "rank= / keep= / rank_pattern=)."
-        )
-    if not shapes:
-        raise ValueError("No target modules matched: the model has no adapted Linear layer to compress.")
-    for key in pattern:
-        check_pattern_key(key, "compress_rank_pattern")
-        if not any(pattern_key([key], n) for n in shapes):
-            raise ValueError(
-                f"compress_rank_pattern key {key!r} matches no target module (targets end with e.g. "
-                f"{sorted({n.rsplit('.', 1)[-1] for n in shapes})[:6]}). Fix the key or remove it."
-            )
-    wanted: dict[str, int | float] = {}
-    for name in shapes:
-        key = pattern_key(pattern, name)
-        value = None if key is None else pattern[key]
-        if value is None:
-            value = rank if rank is not None else keep
-        if value is None:
-            continue
-        if isinstance(value, float) and not 0 < value <= 1:
-            raise ValueError(f"Keep fraction {value!r} for module '{name}' must be in (0, 1].")
-        wanted[name] = value
-    # the modules sharing one keep fraction fill its budget together (as compress_model's uniform ranks do)
-    for fraction in {v for v in wanted.values() if isinstance(v, float)}:
-        group = {n: shapes[n] for n, v in wanted.items() if isinstance(v, float) and v == fraction}
-        wanted.update(uniform_ranks(group, fraction, multiple=RANK_MULTIPLE))
-    fake = {n: SimpleNamespace(out_features=shapes[n][0], in_features=shapes[n][1]) for n in wanted}
-    return resolve_ranks(fake, wanted)
 
 
 @torch.no_grad()
@@ -237,7 +175,8 @@ def compress_peft_model(
             "allocation='global' spreads one budget over all adapted modules: give keep= (compress_keep) alone, "
             "without a rank or a rank pattern."
         )
-    plan = plan_ranks(shapes, rank=rank, keep=keep, rank_pattern=rank_pattern)
+    if rank is None and keep is None and not rank_pattern:
+        plan_ranks(shapes)  # raises "Nothing says how much to compress"
 
     state: FisherState | None = None
     if source != "none":
@@ -252,9 +191,9 @@ def compress_peft_model(
                 f"The Fisher state was collected with source '{state.source}' but fisher_source='{source}' was asked "
                 f"for; collect it with source='{source}' or set fisher_source='{state.source}'."
             )
-        state.check_shapes({n: shapes[n] for n in plan})
+        state.check_shapes(shapes)  # before the fingerprint: "another shape" says more than "another model"
         if source == "lora":
-            _check_adapter_rank(state, plan, adapter_rank)
+            _check_adapter_rank(state, shapes, adapter_rank)
             state.check_fingerprint(fingerprint, what="the model being compressed")
         if state.is_empty:
             warnings.warn(
@@ -262,62 +201,52 @@ def compress_peft_model(
                 "SVD. Train with FisherCollectorCallback attached (LowRankTrainer attaches it).",
                 stacklevel=2,
             )
-        else:
-            _warn_degenerate_fisher(state, plan, weighting)
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     base = unwrap_model(base)
     work = base if inplace else shared_weight_copy(base)
-    quantized = any(is_quantized(m) for m in work.modules())
     out_dtype = dtype or _float_dtype(work)
+    ranks = rank if rank is not None else keep
+    pattern = rank_pattern or None
+    if ranks is None:  # a pattern alone
+        ranks, pattern = dict(rank_pattern), None
 
-    report = CompressionReport(method=_REPORT_METHOD[source])
-    names = list(shapes)
-    sides = {n: _fisher_side(state, n, weighting, exponent, eps, damping) for n in names} if state else {}
-    fallbacks = sorted(n for n, side in sides.items() if side[3])
-    if allocation == "global":
-        spectra = {}
-        for name in tqdm(names, desc="spectra (global allocation)", disable=not progress, unit="module"):
-            out_factor, in_factor, scale, _ = sides.get(name, (None, None, 1.0, False))
-            spectra[name] = weighted_spectrum(
-                _effective_weight(work.get_submodule(name), adapter, merge, name), out_factor=out_factor,
-                in_factor=in_factor, name=name,
-            ) * math.sqrt(scale)
-        plan = global_ranks(spectra, shapes, float(keep), normalize=loss_normalization, multiple=RANK_MULTIPLE).ranks
-    # Every replacement is computed before any module is swapped (all or nothing, as in compress_model): a failure
-    # (an SVDError on a NaN weight, a bad Gram) leaves the model, with inplace=True the PeftModel itself, untouched.
-    # The cost: the new factors of all modules exist at once, next to the dense weights they replace.
-    replacements: dict[str, nn.Module] = {}
-    for name in tqdm(names, desc=f"compress ({report.method})", disable=not progress, unit="module"):
-        wrapper = work.get_submodule(name)
-        base_layer = wrapper.get_base_layer()
-        W_eff = _effective_weight(wrapper, adapter, merge, name)
-        bias = base_layer.bias.detach() if getattr(base_layer, "bias", None) is not None else None
-        out_f, in_f = W_eff.shape
-        before = out_f * in_f + (out_f if bias is not None else 0)
-        r = plan.get(name)
-        if r is None:
-            reason = "rank saves no parameters" if name in plan else "no rank given for this module"
-            if allocation == "global":
-                reason = "kept dense by the global allocation"
-            unchanged = W_eff.data_ptr() == base_layer.weight.data_ptr()
-            keep_layer = unchanged and not quantized and (dtype is None or W_eff.dtype == out_dtype)
-            replacements[name] = base_layer if keep_layer else _dense_linear(W_eff, bias, out_dtype)
-            report.modules.append(ModuleReport(name, (out_f, in_f), None, before, before, skipped=reason))
-            continue
-        out_factor, in_factor, _, _ = sides.get(name, (None, None, 1.0, False))
-        holder = SimpleNamespace(weight=W_eff, bias=bias, out_features=out_f, in_features=in_f)
-        new, err, werr = factorize_linear(holder, r, out_factor, in_factor, method=svd_method, dtype=out_dtype,
-                                          name=name)
-        new.requires_grad_(False)
-        replacements[name] = new
-        report.modules.append(
-            ModuleReport(name, (out_f, in_f), r, before, factorized_params(out_f, in_f, r) + (out_f if bias is not None
-                         else 0), err, werr if name in sides else None)
-        )
-        del W_eff, wrapper, base_layer, holder
-    for name, new in replacements.items():  # all factors exist: swap them in
-        set_submodule(work, name, new)
-    del replacements
+    quantized = any(is_quantized(m) for m in work.modules())
+    if quantized:
+        _drop_bnb_quantization(work)  # every bitsandbytes layer is dequantized below; the checkpoint is a low-rank one
+    # The weight source: each adapted layer becomes a plain Linear holding its effective weight (W + s B A, or W;
+    # dequantized), so that the one pipeline (compress_model) factorizes it; put back on any failure.
+    originals: dict[str, nn.Module] = {}
+    stand_ins: dict[str, nn.Module] = {}
+    try:
+        for name in shapes:
+            wrapper = work.get_submodule(name)
+            originals[name] = wrapper
+            stand_ins[name] = _linear_view(wrapper.get_base_layer(), _effective_weight(wrapper, adapter, merge, name))
+            set_submodule(work, name, stand_ins[name])
+        with warnings.catch_warnings():  # `rank` is unambiguous here, unlike compress_model's int-or-float `ranks`
+            warnings.filterwarnings("ignore", message=r"ranks=\d+ is an absolute rank", category=UserWarning)
+            report = compress_model(
+                work, ranks, rank_pattern=pattern, fisher=state, fisher_weighting=weighting if state else None,
+                allocation=allocation, loss_normalization=loss_normalization, damping=damping,
+                target_modules=list(shapes), method=svd_method, exponent=exponent, eps=eps, dtype=out_dtype,
+                report_method=_REPORT_METHOD[source], progress=progress,
+                checkpoint_extra={"fisher_source": source, "fisher_weighting": weighting if source != "none" else None,
+                                  "merged": merge},
+            )
+    except BaseException:
+        for name, module in originals.items():
+            set_submodule(work, name, module)
+        raise
+    _settle_dense(work, stand_ins, originals, quantized=quantized, dtype=dtype, out_dtype=out_dtype)
+    del originals, stand_ins
+    listed = {m.name for m in report.modules}
+    for name, (out_f, in_f) in shapes.items():
+        if name not in listed:
+            before = out_f * in_f + (out_f if getattr(work.get_submodule(name), "bias", None) is not None else 0)
+            report.modules.append(ModuleReport(name, (out_f, in_f), None, before, before,
+                                               skipped="no rank given for this module"))
+    for name in report.ranks:
+        work.get_submodule(name).requires_grad_(False)
 
     _finish_unload(work, adapter, inplace=inplace, merge=merge)
     if quantized:
@@ -325,33 +254,21 @@ def compress_peft_model(
             if is_quantized(module):
                 bias = module.bias.detach() if module.bias is not None else None
                 set_submodule(work, qname, _dense_linear(dense_weight(module), bias, out_dtype))
-        _drop_bnb_quantization(work)
     if dtype is not None or quantized:
         _cast_params(work, out_dtype)
         if getattr(work, "config", None) is not None:
             work.config.dtype = out_dtype
     work.eval()
 
-    info = {
+    report.info.update({
         "fisher_source": source,
         "fisher_weighting": weighting if source != "none" else None,
         "fisher_exponent": exponent,
         "fisher_eps": eps,
         "allocation": allocation,
-        **({"damping": damping, "gram_fallbacks": fallbacks} if weighting == "kronecker" and state else {}),
-        **({"loss_normalization": loss_normalization} if allocation == "global" else {}),
         "merge_before_compress": merge,
         "adapter_name": adapter,
         "adapter_rank": adapter_rank,
         "dtype": str(out_dtype).removeprefix("torch."),
-    }
-    if state is not None:
-        info.update({k: v for k, v in state.summary().items() if k != "fisher_source"})
-    report.info = info
-    from ...compression.checkpoint import mark_compressed
-
-    mark_compressed(
-        work, report.ranks, method=report.method,
-        extra={"fisher_source": source, "fisher_weighting": info["fisher_weighting"], "merged": merge},
-    )
+    })
     return work, report

@@ -67,6 +67,33 @@ def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.
     return layer
 
 
+def _linear_view(base_layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """A plain Linear whose weight IS ``weight`` (an effective weight, no copy) with ``base_layer``'s bias: the
+    stand-in through which the compression pipeline reads an adapted layer."""
+    out_f, in_f = weight.shape
+    layer = nn.Linear(in_f, out_f, bias=False, device="meta")
+    layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    bias = getattr(base_layer, "bias", None)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return layer.train(base_layer.training)
+
+
+def _settle_dense(work: nn.Module, stand_ins, originals, *, quantized: bool, dtype, out_dtype) -> None:
+    """Stand-ins the pipeline left dense become the original base layer (its weight unchanged and of the right
+    dtype) or a dense Linear of ``out_dtype``."""
+    for name, layer in stand_ins.items():
+        if work.get_submodule(name) is not layer:
+            continue  # factorized
+        base_layer = originals[name].get_base_layer()
+        W = layer.weight
+        unchanged = not quantized and W.data_ptr() == base_layer.weight.data_ptr()
+        if unchanged and (dtype is None or W.dtype == out_dtype):
+            set_submodule(work, name, base_layer)
+        elif W.dtype != out_dtype:
+            set_submodule(work, name, _dense_linear(W, layer.bias, out_dtype))
+
+
 def _drop_bnb_quantization(model: nn.Module) -> None:
     """Forget a bitsandbytes quantization config on a model whose layers were all dequantized."""
     config = getattr(model, "config", None)
