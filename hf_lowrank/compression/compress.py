@@ -252,8 +252,7 @@ def compress_model(
         sides, tokens = _compress_sequential(model, targets, plan, calibration, report, row_weights, col_weights,
                                              grams_out, exponent, eps, damping, max_gram_dim, method, dtype, progress)
         info.update({"calibration_tokens": tokens, "sequential": True})
-        log_tokens_per_dimension(tokens, {n: (m.out_features, m.in_features) for n, m in targets.items()},
-                                  max_gram_dim)
+        log_tokens_per_dimension(tokens, _shapes(targets), max_gram_dim)
         grams_in = True  # for the labels below
         default_label = report.method
     else:
@@ -261,10 +260,6 @@ def compress_model(
             if grams_in or (kronecker and (grams_out or row_weights)):
                 raise ValueError("Pass calibration= or grams_in=/grams_out=, not both (calibration collects the "
                                  "Grams).")
-            shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
-            estimate = gram_memory_bytes(shapes, outputs=kronecker, max_dim=max_gram_dim)
-            logger.warning("calibration: %s Grams of %d modules, at most %.1f MB (float32, before sharing).",
-                           "input and output-gradient" if kronecker else "input", len(targets), estimate / 2**20)
             if isinstance(calibration, CalibrationGrams):
                 if kronecker and calibration.outputs is None:
                     raise ValueError(
@@ -273,14 +268,17 @@ def compress_model(
                         "calibration_grams(..., outputs=True), or pass calibration_weighting='whitened'."
                     )
                 collected = (calibration.inputs, calibration.outputs, int(calibration.tokens))
-            else:
+            else:  # the memory estimate is that of collecting: statistics passed in are already held
+                estimate = gram_memory_bytes(_shapes(targets), outputs=kronecker, max_dim=max_gram_dim)
+                logger.warning("calibration: %s Grams of %d modules, at most %.1f MB (float32, before sharing).",
+                               "input and output-gradient" if kronecker else "input", len(targets), estimate / 2**20)
                 collected = calibration_grams(model, targets, calibration, outputs=kronecker, max_dim=max_gram_dim,
                                               progress=progress)
             grams_in, tokens = collected[0], collected[-1]
             if kronecker:
                 grams_out = collected[1]
             info["calibration_tokens"] = tokens
-            log_tokens_per_dimension(tokens, shapes, max_gram_dim)
+            log_tokens_per_dimension(tokens, _shapes(targets), max_gram_dim)
         tokens = info.get("calibration_tokens")
         sides = _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping,
                                  tokens=tokens)
@@ -489,7 +487,7 @@ def _weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exp
 
 
 def _global_plan(targets, sides, keep, normalization, multiple, progress):
-    shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
+    shapes = _shapes(targets)
     spectra = {}
     for name in tqdm(list(targets), desc="spectra (global allocation)", disable=not progress, unit="module"):
         side = sides[name]
@@ -538,3 +536,8 @@ def _lookup(weights: Mapping[str, torch.Tensor] | None, name: str, shape: tuple[
         )
     return w
 
+
+
+def _shapes(targets: Mapping[str, nn.Module]) -> dict[str, tuple[int, int]]:
+    """``{name: (out, in)}`` of the target Linears."""
+    return {n: (m.out_features, m.in_features) for n, m in targets.items()}
