@@ -135,11 +135,13 @@ _RELOAD = textwrap.dedent(
     import sys, torch
     import hf_lowrank
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
-    kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, hf_lowrank.LowRankLinear)})
-    with torch.no_grad():
-        logits = model(torch.load(sys.argv[2])).logits
-    torch.save({"logits": logits, "kinds": kinds}, sys.argv[3])
+    ids, out = torch.load(sys.argv[1]), {}
+    for folder in sys.argv[2:]:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, hf_lowrank.LowRankLinear)})
+        with torch.no_grad():
+            out[folder] = {"logits": model(ids).logits, "kinds": kinds}
+    torch.save(out, sys.argv[1] + ".out")
     """
 )
 
@@ -161,10 +163,11 @@ def test_save_reload_in_a_fresh_process_gives_identical_logits(tmp_path):
     assert config["quantized"]["factor_quantization"] == {"bits": 4, "group_size": 16, "scheme": "refit",
                                                           "format": "rtn-affine-v1"}
     assert config["float"]["format_version"] == 1 and "factor_quantization" not in config["float"]
+    subprocess.run([sys.executable, "-c", _RELOAD, str(tmp_path / "ids.pt"), *(str(tmp_path / k) for k in cases)],
+                   check=True, env=env, timeout=300, capture_output=True)
+    reloaded = torch.load(tmp_path / "ids.pt.out")
     for kind in cases:
-        subprocess.run([sys.executable, "-c", _RELOAD, str(tmp_path / kind), str(tmp_path / "ids.pt"),
-                        str(tmp_path / f"{kind}.pt")], check=True, env=env, timeout=300, capture_output=True)
-        got = torch.load(tmp_path / f"{kind}.pt")
+        got = reloaded[str(tmp_path / kind)]
         assert got["kinds"] == (["QuantizedLowRankLinear"] if kind == "quantized" else ["LowRankLinear"])
         assert torch.equal(got["logits"], expected[kind]), kind
     # and in this process, through load_compressed
