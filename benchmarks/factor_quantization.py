@@ -70,6 +70,7 @@ def main() -> None:
                         help="compress_model's allocation (default: its own, global for this setting)")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--schemes", nargs="+", default=["naive", "refit", "gptq"])
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--eval-prose", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
@@ -128,42 +129,47 @@ def main() -> None:
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     float_err = {}
     for bits in args.bits:
-        for scheme in ("naive", "refit"):
-            start = time.perf_counter()
-            errors, new_layers, nbytes = {}, {}, 0
-            for name, layer in layers.items():
-                L_in, L_out = side(g_in[name], name), side(g_out[name], name)
-                W = weights[name]
-                down, up = layer.down.weight.float(), layer.up.weight.float()
-                if name not in float_err:
-                    float_err[name] = weighted_relative_error(W, up @ down, L_out, L_in)
-                q = quantize_factor_pair(down, up, bits, group_size=args.group_size, scheme=scheme, W=W,
-                                         in_factor=L_in)
-                errors[name] = weighted_relative_error(W, q.up_hat @ q.down_hat, L_out, L_in)
-                new = QuantizedLowRankLinear.from_codes(q.down, q.up, layer.bias, dtype=down.dtype, scheme=scheme)
-                new_layers[name] = new
-                nbytes += new.nbytes()
-            quantized = copy.deepcopy(model)
-            for name, new in new_layers.items():
-                set_submodule(quantized, name, new)
-            errs = list(errors.values())
-            dense_bytes = sum(2 * w.numel() for w in weights.values())  # every block Linear in bf16
-            kept_dense = sum(2 * w.numel() for n, w in weights.items() if n not in layers)  # left dense, bf16
-            row = {"bits": bits, "scheme": scheme, "quantize_s": round(time.perf_counter() - start, 1),
-                   "weighted_rel_error_mean": round(statistics.fmean(errs), 5),
-                   "weighted_rel_error_median": round(statistics.median(errs), 5),
-                   "float_factor_weighted_rel_error_mean": round(statistics.fmean(float_err.values()), 5),
-                   "factor_bytes": nbytes, "dense_kept_bf16_bytes": kept_dense,
-                   "bytes_vs_bf16_dense": round((nbytes + kept_dense) / dense_bytes, 4), **score(quantized)}
-            result["rows"].append(row)
-            result.setdefault("_errors", {})[(bits, scheme)] = errors
-            print(row, flush=True)
-            del quantized
-    per = result.pop("_errors")
-    for bits in args.bits:
-        if (bits, "naive") in per and (bits, "refit") in per:
-            worse = [n for n in per[bits, "naive"] if per[bits, "refit"][n] > per[bits, "naive"][n] * (1 + 1e-9)]
-            result.setdefault("refit_worse_than_naive", {})[str(bits)] = len(worse)
+        for scheme in args.schemes:
+            try:
+                start = time.perf_counter()
+                errors, new_layers, nbytes = {}, {}, 0
+                for name, layer in layers.items():
+                    L_in, L_out = side(g_in[name], name), side(g_out[name], name)
+                    W = weights[name]
+                    down, up = layer.down.weight.float(), layer.up.weight.float()
+                    if name not in float_err:
+                        float_err[name] = weighted_relative_error(W, up @ down, L_out, L_in)
+                    q = quantize_factor_pair(down, up, bits, group_size=args.group_size, scheme=scheme, W=W,
+                                             in_factor=L_in)
+                    errors[name] = weighted_relative_error(W, q.up_hat @ q.down_hat, L_out, L_in)
+                    new = QuantizedLowRankLinear.from_codes(q.down, q.up, layer.bias, dtype=down.dtype, scheme=scheme)
+                    new_layers[name] = new
+                    nbytes += new.nbytes()
+                quantized = copy.deepcopy(model)
+                for name, new in new_layers.items():
+                    set_submodule(quantized, name, new)
+                errs = list(errors.values())
+                dense_bytes = sum(2 * w.numel() for w in weights.values())  # every block Linear in bf16
+                kept_dense = sum(2 * w.numel() for n, w in weights.items() if n not in layers)  # left dense, bf16
+                row = {"bits": bits, "scheme": scheme, "quantize_s": round(time.perf_counter() - start, 1),
+                       "weighted_rel_error_mean": round(statistics.fmean(errs), 5),
+                       "weighted_rel_error_median": round(statistics.median(errs), 5),
+                       "float_factor_weighted_rel_error_mean": round(statistics.fmean(float_err.values()), 5),
+                       "factor_bytes": nbytes, "dense_kept_bf16_bytes": kept_dense,
+                       "bytes_vs_bf16_dense": round((nbytes + kept_dense) / dense_bytes, 4), **score(quantized)}
+                result["rows"].append(row)
+                result.setdefault("_errors", {})[(bits, scheme)] = errors
+                print(row, flush=True)
+                del quantized
+            except Exception as exc:  # one failing scheme must not lose the others' rows
+                result["rows"].append({"bits": bits, "scheme": scheme, "error": f"{type(exc).__name__}: {exc}"})
+                print("FAILED", bits, scheme, exc, flush=True)
+    per = result.pop("_errors", {})
+    for (bits, scheme), errors in per.items():  # modules whose weighted error the scheme made worse than naive
+        naive = per.get((bits, "naive"))
+        if naive is not None and scheme != "naive":
+            worse = [n for n in naive if errors[n] > naive[n] * (1 + 1e-9)]
+            result.setdefault("modules_worse_than_naive", {})[f"{scheme}_{bits}bit"] = len(worse)
     if args.forward:
         result["forward"] = [forward_cost(4, args.group_size, dt) for dt in (torch.float32, torch.bfloat16)]
         print(result["forward"], flush=True)

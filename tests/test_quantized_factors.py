@@ -243,3 +243,20 @@ def test_mixed_factors_refused_and_dequantize_or_decompress_keep_the_values():
     dense = decompress_model(_quantized_tiny())
     with torch.no_grad():
         assert torch.allclose(dense(ids).logits, ref, atol=1e-4)
+
+
+def test_gptq_rounding_is_rtn_without_correlations_and_helps_with_them():
+    W, L_in, L_out = _weighted_problem(3)
+    down, up = weighted_lowrank(W, 10, out_factor=L_out, in_factor=L_in)
+    from hf_lowrank.ops.quant import quantize_rtn
+    from hf_lowrank.ops.quant_lowrank import gptq_round
+
+    plain = quantize_rtn(down, 4, group_size=16)
+    alone = gptq_round(down, torch.eye(down.shape[1], dtype=torch.float64), 4, 16)  # nothing to push errors onto
+    assert torch.equal(alone.packed, plain.packed) and torch.equal(alone.scales, plain.scales)
+    for bits in (3, 4):
+        refit = quantize_factor_pair(down, up, bits, group_size=16, scheme="refit", W=W, in_factor=L_in)
+        gptq = quantize_factor_pair(down, up, bits, group_size=16, scheme="gptq", W=W, in_factor=L_in)
+        err = {k: weighted_relative_error(W, q.up_hat @ q.down_hat, L_out, L_in) for k, q in
+               (("refit", refit), ("gptq", gptq))}
+        assert err["gptq"] < err["refit"], (bits, err)

@@ -40,8 +40,9 @@ from .quant import QuantizedTensor, dequantize_rtn, quantize_rtn
 
 __all__ = ["FACTOR_SCHEMES", "QuantizedFactors", "factor_bytes", "quantize_factor_pair", "refit_up"]
 
-FACTOR_SCHEMES = ("refit", "naive")
-"""How a factor pair is quantized: ``"refit"`` (``up`` refitted to the quantized ``down``) or ``"naive"``."""
+FACTOR_SCHEMES = ("refit", "naive", "gptq")
+"""How a factor pair is quantized: ``"refit"`` (``up`` refitted to the quantized ``down``), ``"naive"``, or
+``"gptq"`` (the refit, with each factor rounded column by column against its input Hessian, :func:`gptq_round`)."""
 
 
 @dataclass
@@ -131,6 +132,63 @@ def refit_up(W: torch.Tensor, down: torch.Tensor, in_factor: torch.Tensor | None
 
 
 @torch.no_grad()
+def gptq_round(X: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, *, damping: float = 0.01
+               ) -> QuantizedTensor:
+    """Round ``X (rows, cols)`` group-wise in the :func:`~hf_lowrank.ops.quant.quantize_rtn` format, column by
+    column, each column's rounding error pushed onto the columns not yet rounded so as to minimise
+    ``tr((X - X_q) H (X - X_q)^T)``: GPTQ (Frantar et al., 2022, arXiv:2210.17323) with its group-wise scales, each
+    group's scale and offset taken from the group's values when its first column is reached.
+
+    Args:
+        X: ``(rows, cols)`` float matrix; ``cols`` is the input dimension of the GEMM it takes part in.
+        H: ``(cols, cols)`` Gram of that input (positive semi-definite), damped by ``damping`` times its mean
+            diagonal.
+        bits, group_size: as for :func:`~hf_lowrank.ops.quant.quantize_rtn`.
+
+    Returns:
+        The codes (scales and offsets fp16). Codes are clamped to the group's grid, so a column moved by the
+        updates beyond its group's range is saturated.
+    """
+    from .quant import pack_bits
+
+    rows, cols = X.shape
+    W = X.detach().double().clone()
+    Hd = H.detach().to(device=W.device, dtype=torch.float64)
+    mean = float(Hd.diagonal().mean()) if cols else 0.0
+    eye = torch.eye(cols, dtype=torch.float64, device=W.device)
+    Hd = (Hd + Hd.T) / 2 + (damping * mean if mean > 0 else 1.0) * eye
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info) != 0:  # not positive definite even damped: plain rounding
+        return quantize_rtn(X.detach().to(torch.float64 if X.dtype == torch.float64 else torch.float32), bits,
+                            group_size=group_size)
+    Uinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper factor of H^{-1}
+    levels = (1 << bits) - 1
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    scales, offsets = [], []
+    for g0 in range(0, cols, group_size):
+        g1 = min(g0 + group_size, cols)
+        grid = quantize_rtn(W[:, g0:g1], bits, group_size=g1 - g0)  # this group's scale and offset, fp16
+        scale, off = grid.scales[:, 0].double(), grid.offsets[:, 0].double()
+        scales.append(grid.scales)
+        offsets.append(grid.offsets)
+        for j in range(g0, g1):
+            c = torch.round((W[:, j] - off) / scale).clamp_(0, levels)
+            codes[:, j] = c.to(torch.uint8)
+            err = (W[:, j] - (off + c * scale)) / Uinv[j, j]
+            if j + 1 < cols:
+                W[:, j + 1 :] -= err[:, None] * Uinv[j, j + 1 :][None, :]
+    return QuantizedTensor(pack_bits(codes, bits), torch.cat(scales, dim=1), torch.cat(offsets, dim=1),
+                           (rows, cols), bits, group_size)
+
+
+def _input_gram(in_factor: torch.Tensor | None, size: int, device) -> torch.Tensor:
+    if in_factor is None:
+        return torch.eye(size, dtype=torch.float64, device=device)
+    f = in_factor.to(device=device, dtype=torch.float64)
+    return torch.diag(f * f) if f.ndim == 1 else f @ f.T
+
+
+@torch.no_grad()
 def quantize_factor_pair(
     down: torch.Tensor,
     up: torch.Tensor,
@@ -165,12 +223,21 @@ def quantize_factor_pair(
             f"{tuple(up.shape)}."
         )
     dtype = torch.float64 if down.dtype == torch.float64 else torch.float32
-    qd = quantize_rtn(down.detach().to(dtype), bits, group_size=group_size)
+    G = _input_gram(in_factor, down.shape[1], down.device) if scheme == "gptq" else None
+    if G is not None:
+        _check_in_factor(in_factor, down.shape[1])
+        qd = gptq_round(down, G, bits, group_size)
+    else:
+        qd = quantize_rtn(down.detach().to(dtype), bits, group_size=group_size)
     down_hat = dequantize_rtn(qd, dtype)
-    if scheme == "refit":
+    if scheme != "naive":
         target = W if W is not None else up.detach().to(dtype) @ down.detach().to(dtype)
         if tuple(target.shape) != (up.shape[0], down.shape[1]):
             raise ValueError(f"W must be ({up.shape[0]}, {down.shape[1]}), got {tuple(target.shape)}.")
         up = refit_up(target.to(dtype), down_hat, in_factor)
-    qu = quantize_rtn(up.detach().to(dtype), bits, group_size=group_size)
+    if G is not None:
+        D = down_hat.double()
+        qu = gptq_round(up, D @ G @ D.T, bits, group_size)  # the input of up is down_hat x
+    else:
+        qu = quantize_rtn(up.detach().to(dtype), bits, group_size=group_size)
     return QuantizedFactors(qd, qu, down_hat, dequantize_rtn(qu, dtype))
