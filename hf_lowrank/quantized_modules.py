@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from .modules import LowRankLinear
 from .ops.quant import QuantizedTensor, dequantize_rtn
-from .ops.quant_lowrank import FACTOR_SCHEMES, factor_bytes
+from .ops.quant_lowrank import DEFAULT_FACTOR_SCHEME, FACTOR_SCHEMES, factor_bytes
 
 __all__ = [
     "QuantizedFactor",
@@ -276,7 +276,7 @@ def recorded_factor_quantization(model: nn.Module) -> dict | None:
 
 
 @torch.no_grad()
-def quantize_lowrank(layer: LowRankLinear, bits: int, *, group_size: int = 64, scheme: str = "refit",
+def quantize_lowrank(layer: LowRankLinear, bits: int, *, group_size: int = 64, scheme: str = DEFAULT_FACTOR_SCHEME,
                      W: torch.Tensor | None = None, in_factor: torch.Tensor | None = None) -> QuantizedLowRankLinear:
     """The :class:`QuantizedLowRankLinear` of a float factor pair (the layer itself is left unchanged).
 

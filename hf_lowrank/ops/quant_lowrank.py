@@ -22,6 +22,12 @@ Two schemes:
   relative ridge of 1e-10 of its mean diagonal; an eigendecomposition with a clamped spectrum if that still fails),
   never inverted. Cost: one ``(out, in) @ (in, in)`` product and an ``(r, r)`` factorization per module, the order of
   the weighted SVD it follows.
+- ``"gptq"``: the refit, with each factor rounded by :func:`gptq_round` instead of to the nearest code: ``down``
+  against the input Gram ``G``, ``up`` against the Gram of its own input ``D_q G D_q^T``, each column's rounding
+  error moved onto the columns not yet rounded (GPTQ). Costs a Python loop over the columns of each factor.
+
+:data:`DEFAULT_FACTOR_SCHEME` is what ``compress_model(..., factor_bits=...)`` uses (the best measured on SmolLM2,
+``benchmarks/factor_quantization.py``).
 
 Run-time cost of the codes: the factor layer (:class:`hf_lowrank.quantized_modules.QuantizedLowRankLinear`)
 dequantizes both factors on every forward (unpack the bit stream, ``offset + code * scale`` per element, cast to the
@@ -38,11 +44,23 @@ import torch
 
 from .quant import QuantizedTensor, dequantize_rtn, quantize_rtn
 
-__all__ = ["FACTOR_SCHEMES", "QuantizedFactors", "factor_bytes", "quantize_factor_pair", "refit_up"]
+__all__ = [
+    "DEFAULT_FACTOR_SCHEME",
+    "FACTOR_SCHEMES",
+    "QuantizedFactors",
+    "factor_bytes",
+    "gptq_round",
+    "quantize_factor_pair",
+    "refit_up",
+]
 
 FACTOR_SCHEMES = ("refit", "naive", "gptq")
 """How a factor pair is quantized: ``"refit"`` (``up`` refitted to the quantized ``down``), ``"naive"``, or
 ``"gptq"`` (the refit, with each factor rounded column by column against its input Hessian, :func:`gptq_round`)."""
+
+
+DEFAULT_FACTOR_SCHEME = "refit"
+"""The scheme of :func:`quantize_factor_pair` and of ``compress_model(..., factor_bits=...)``."""
 
 
 @dataclass
@@ -195,7 +213,7 @@ def quantize_factor_pair(
     bits: int,
     *,
     group_size: int = 64,
-    scheme: str = "refit",
+    scheme: str = DEFAULT_FACTOR_SCHEME,
     W: torch.Tensor | None = None,
     in_factor: torch.Tensor | None = None,
 ) -> QuantizedFactors:
