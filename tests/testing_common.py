@@ -1,8 +1,10 @@
-"""The tiny models the tests build: one place for their configs, so that every test works on the same shapes.
+"""What the tests share: the tiny models they build (one place for their configs, so that every test works on the
+same shapes), snapshots of a model's state, and hand-edits of safetensors headers.
 
-Imported as ``from tiny_models import ...``: pytest puts ``tests/`` on ``sys.path`` (the folder has no
+Imported as ``from testing_common import ...``: pytest puts ``tests/`` on ``sys.path`` (the folder has no
 ``__init__.py``), and scripts run from ``tests/`` (``distributed_worker.py``, the subprocess of
-``test_crash_safe.py``) find it next to themselves or through ``PYTHONPATH``.
+``test_crash_safe.py``) find it next to themselves or through ``PYTHONPATH``. ``tiny_models.py`` re-exports the model
+builders under their old module name.
 
 transformers is imported inside the functions, not at module level: ``conftest.py`` sets ``HF_HUB_OFFLINE`` before
 transformers is first imported, and importing this module must not get ahead of that.
@@ -156,3 +158,55 @@ class CallCounter:
     def __call__(self, *args, **kwargs):
         self.calls += 1
         return self.fn(*args, **kwargs)
+
+
+def snapshot_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every tensor of ``model.state_dict()``, to compare with after an operation that failed."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """``model``'s state is exactly ``before`` (a :func:`snapshot_state`): the same keys, bit-identical values."""
+    after = model.state_dict()
+    assert sorted(after) == sorted(before)
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True)
+
+
+def read_safetensors_header(path) -> dict:
+    """The JSON header of a safetensors file (tests that edit it with :func:`write_safetensors_header`)."""
+    import json
+    from pathlib import Path
+
+    data = Path(path).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n])
+
+
+def mlp_fisher_lora(model: PreTrainedModel, **overrides: Any) -> PeftModel:
+    """FisherLoRA r=4 on the MLP Linears with random B, compression to rank 8 and the config's default Fisher
+    weighting (:data:`TINY_FISHER_LORA` pins the two-sided one); the LoRA init is drawn after seeding with 1."""
+    from peft import get_peft_model
+
+    from hf_lowrank import FisherLoRAConfig
+
+    torch.manual_seed(1)
+    config = dict(r=4, lora_alpha=8, target_modules=TINY_MLP, init_lora_weights=False, compress_rank=8)
+    return get_peft_model(model, FisherLoRAConfig(**{**config, **overrides}))
+
+
+def collect_lora_fisher(peft_model: PeftModel, n: int = 2):
+    """A :class:`~hf_lowrank.peft_configs.fisher_lora.FisherCollector` over ``n`` backward passes of random tokens
+    (gradients cleared afterwards, the model left in eval mode)."""
+    from hf_lowrank.peft_configs.fisher_lora import FisherCollector
+
+    collector = FisherCollector("lora").attach(peft_model)
+    peft_model.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        x = torch.randint(0, 128, (2, 12), generator=g)
+        peft_model(input_ids=x, labels=x).loss.backward()
+    peft_model.zero_grad(set_to_none=True)
+    collector.detach()
+    peft_model.eval()
+    return collector
