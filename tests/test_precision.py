@@ -35,8 +35,11 @@ def _cpuinfo_flags() -> set[str]:
 def test_probe_agrees_with_the_kernels_cpu_flags():
     flags = _cpuinfo_flags()
     assert flags, "no flags line in /proc/cpuinfo"
-    expected = "avx512_bf16" in flags or "amx_tile" in flags
-    assert precision.cpu_has_native_bf16() is expected
+    native = precision.cpu_has_native_bf16()
+    if native:  # the probe never claims an instruction set the CPU does not report
+        assert "avx512_bf16" in flags or "amx_tile" in flags
+    if "avx512_bf16" in flags:  # AMX alone may also need the OS's permission, which the kernel flags do not show
+        assert native
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU training only")
