@@ -122,12 +122,36 @@ def test_layer_computes_the_dequantized_pair_and_casts_keep_the_codes():
 
 def _quantized_tiny(bits=4, group_size=16, seed=0):
     model = make_tiny_llama(seed)
-    compress_model(model, 0.5, progress=False)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LowRankLinear):
-            set_submodule(model, name, quantize_lowrank(module, bits, group_size=group_size))
-    mark_compressed(model, {})
+    compress_model(model, 0.5, factor_bits=bits, group_size=group_size, progress=False)
     return model
+
+
+def test_compress_model_with_factor_bits_end_to_end():
+    """The one pipeline: calibration Grams weigh the factors and the refit, the codes go into the layers, the report
+    counts bytes, the config records the quantization."""
+    model = make_tiny_llama(0)
+    reference = make_tiny_llama(0)
+    batches = [{"input_ids": torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(i))}
+               for i in range(4)]
+    report = compress_model(model, 0.5, calibration=batches, allocation="uniform", factor_bits=4, group_size=16,
+                            progress=False)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert layers and all(isinstance(m, QuantizedLowRankLinear) and m.bits == 4 for m in layers.values())
+    assert model.config.quantization_config.factor_quantization["bits"] == 4
+    for row in report.modules:
+        assert row.bytes_after == layers[row.name].nbytes() < row.bytes_before
+        assert 0 < row.weighted_rel_error < 1  # measured on the dequantized pair
+    assert report.bytes_after == sum(m.nbytes() for m in layers.values())
+    assert report.to_dict()["bytes_after"] == report.bytes_after
+    float_report = compress_model(reference, 0.5, calibration=batches, allocation="uniform", progress=False)
+    for row, float_row in zip(report.modules, float_report.modules):  # the same factorization, then 4-bit codes
+        assert row.rank == float_row.rank and row.weighted_rel_error >= float_row.weighted_rel_error * 0.999
+        q, f = layers[row.name].weight, reference.get_submodule(row.name).weight
+        assert float((q - f).norm() / f.norm()) < 0.25
+    with pytest.raises(ValueError, match="factor_bits"):
+        compress_model(make_tiny_llama(0), 0.5, factor_bits=9)
+    with pytest.raises(ValueError, match="group_size"):
+        compress_model(make_tiny_llama(0), 0.5, factor_bits=4, group_size=0)
 
 
 _RELOAD = textwrap.dedent(
