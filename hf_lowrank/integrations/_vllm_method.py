@@ -12,6 +12,11 @@ factorized with its own rank or left dense (a global rank allocation keeps some 
 
 ``apply`` runs one GEMM ``x @ down^T`` for all factorized groups, one per group ``h_g @ up_g^T``, one for the dense
 rows, and concatenates in the layer's output order. Tensor parallelism follows :mod:`hf_lowrank.ops.tp_sharding`.
+
+A checkpoint whose factors are stored as group-wise codes (``quantization_config.factor_quantization``) is refused at
+engine start, with the conversion to float factors in the message
+(:func:`hf_lowrank.quantized_modules.dequantize_factors`): dequantizing into float factors at load would save disk
+bytes only, not GPU memory, and the codes' bytes are what such a checkpoint is for.
 """
 
 from __future__ import annotations
