@@ -1,6 +1,6 @@
 """Round-to-nearest n-bit quantization with bit packing, and projection onto the Stiefel manifold.
 
-Pure math on torch tensors (used by ERE, METHODS.md section 3, and by the quantized factor pairs of
+Pure math on torch tensors (used by ERE, the residual encoding of Ryu et al. 2023, arXiv:2305.18425, and by the quantized factor pairs of
 :mod:`hf_lowrank.ops.quant_lowrank`).
 
 Scheme (``"rtn-affine-v1"``): asymmetric min/max affine quantization per group of ``group_size`` consecutive
