@@ -1,7 +1,7 @@
 """Round-to-nearest n-bit quantization with bit packing, and projection onto the Stiefel manifold.
 
-Pure math on torch tensors (used by ERE, the residual encoding of Ryu et al. 2023, arXiv:2305.18425, and by the quantized factor pairs of
-:mod:`hf_lowrank.ops.quant_lowrank`).
+Pure math on torch tensors, used by ERE (the residual encoding of Ryu et al. 2023, arXiv:2305.18425) and by the
+quantized factor pairs of :mod:`hf_lowrank.ops.quant_lowrank`.
 
 Scheme (``"rtn-affine-v1"``): asymmetric min/max affine quantization per group of ``group_size`` consecutive
 elements along the last dimension. Each group stores an ``offset`` (its minimum) and a ``scale``
