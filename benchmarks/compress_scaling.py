@@ -168,16 +168,25 @@ def fit(rows: list[dict]) -> dict:
 
 
 def memory_table() -> dict:
+    """Statistics memory of every shape at full depth: the default (Kronecker) with full Grams, with
+    ``max_gram_dim=hidden_size`` (the residual-stream sides full, the MLP's wide sides diagonal) and 4096; and
+    ``sequential=True`` (whitened: one block's input Grams at a time)."""
     table = {}
     for name in BUILT + TARGETS:
         shape, layers = SHAPES[name], SHAPES[name]["num_hidden_layers"]
-        row = {"params_b": round(params(shape, layers) / 1e9, 3), "weights_fp32_gb": round(params(shape, layers) * 4
-                                                                                          / 2**30, 1)}
-        for label, max_dim in (("full", None), ("max_gram_dim_8192", 8192), ("max_gram_dim_4096", 4096)):
+        n = params(shape, layers)
+        row = {"params_b": round(n / 1e9, 3), "weights_fp32_gb": round(n * 4 / 2**30, 2),
+               "weights_bf16_gb": round(n * 2 / 2**30, 2)}
+        for label, max_dim in (("full", None), ("max_gram_dim_hidden_size", shape["hidden_size"]),
+                               ("max_gram_dim_4096", 4096)):
             b = statistics_bytes(shape, layers, max_dim)
             row[label] = {"logged_gb": round(b["logged"] / 2**30, 2), "grams_gb": round(b["grams"] / 2**30, 2),
                           "grams_and_factors_gb": round((b["grams"] + b["factors"]) / 2**30, 2),
                           "one_block_grams_and_factors_gb": round((b["grams"] + b["factors"]) / layers / 2**30, 2)}
+        h, i = shape["hidden_size"], shape["intermediate_size"]
+        one_block_inputs = 3 * h * h + i * i  # whitened: q/k/v, o, gate/up, down input Grams
+        row["sequential_whitened_one_block_gb"] = {"grams": round(4 * one_block_inputs / 2**30, 2),
+                                                   "grams_and_factors": round(12 * one_block_inputs / 2**30, 2)}
         table[name] = row
     return table
 

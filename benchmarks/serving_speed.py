@@ -193,12 +193,55 @@ def _manifest(args) -> dict:
     return json.loads(path.read_text())
 
 
+def _onednn_factors() -> None:
+    """PROTOTYPE of a plugin change, for measurement only: run the factor GEMMs of the hf_lowrank vLLM linear method
+    through vLLM's prepacked oneDNN matmul, as vLLM's own dense CPU path does (``dispatch_cpu_unquantized_gemm``),
+    instead of ``F.linear`` on unpacked weights. CPU only; the plugin itself is unchanged."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    from hf_lowrank.integrations import _vllm_method as method
+
+    cls = method.LowRankLinearMethod
+    loaded, original_apply = cls.process_weights_after_loading, cls.apply
+
+    def process(self, layer):
+        loaded(self, layer)
+        down = getattr(layer, method.DOWN_PARAM)
+        self.onednn = {"down": ops.create_onednn_mm(down.data.t().contiguous(), 32),
+                       "ups": [None if up is None else ops.create_onednn_mm(up.t().contiguous(), 32)
+                               for up in layer.hf_lowrank_ups],
+                       "dense": ops.create_onednn_mm(layer.weight.data.t().contiguous(), 32)
+                       if "weight" in layer._parameters else None}
+
+    def apply(self, layer, x, bias=None):
+        handles = getattr(self, "onednn", None)
+        if handles is None:
+            return original_apply(self, layer, x, bias)
+        hidden = ops.onednn_mm(handles["down"], x, None)
+        if len(self.pieces) == 1:
+            return ops.onednn_mm(handles["ups"][0], hidden, bias)
+        dense = ops.onednn_mm(handles["dense"], x, None) if handles["dense"] is not None else None
+        parts = []
+        for piece, up in zip(self.pieces, handles["ups"]):
+            if up is None:
+                parts.append(dense[..., piece[1]: piece[2]])
+            else:
+                parts.append(ops.onednn_mm(up, hidden[..., piece[1]: piece[2]].contiguous(), None))
+        out = torch.cat(parts, dim=-1)
+        return out + bias if bias is not None else out
+
+    cls.process_weights_after_loading, cls.apply = process, apply
+
+
 def run_vllm(args) -> dict:
     import torch
     import vllm
     from vllm import LLM, SamplingParams
 
     manifest, rows = _manifest(args), _rows(args)
+    if args.onednn_factors:
+        _onednn_factors()
     device, dtype = _device_dtype()
     work = _workloads(args, manifest["config"]["vocab_size"])
     longest = max(len(p[0]) + new for p, new in work.values())
@@ -220,7 +263,8 @@ def run_vllm(args) -> dict:
         results[kind] = _rows_of(_timed(calls, args.repeats), _tokens(kind, prompts, new))
         print(json.dumps({kind: {r: {k: v for k, v in x.items() if k != "seconds"} for r, x in results[kind].items()}}),
               flush=True)
-    return {"engine": "vllm", "vllm_version": vllm.__version__, "torch": torch.__version__, "device": device,
+    return {"engine": "vllm" + ("-onednn-factors-prototype" if args.onednn_factors else ""),
+            "vllm_version": vllm.__version__, "torch": torch.__version__, "device": device,
             "dtype": dtype, "engine_start_seconds": started, "threads": torch.get_num_threads(), **results}
 
 
@@ -285,7 +329,7 @@ def merge(args) -> dict:
         raise SystemExit(f"no part-*.json in {args.dir}: run the vllm / transformers stages first")
     engines: dict[str, dict] = {}
     for part in parts:
-        key = "vllm" if part["engine"] == "vllm" else "transformers"
+        key = part["engine"] if part["engine"].startswith("vllm") else "transformers"
         entry = engines.setdefault(key, {"runs": []})
         entry["runs"].append({k: v for k, v in part.items() if k not in ("prefill", "decode")})
         for kind in ("prefill", "decode"):
@@ -336,6 +380,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="transformers: torch threads (default: torch's)")
+    parser.add_argument("--onednn-factors", action="store_true",
+                        help="vllm: PROTOTYPE, the factor GEMMs through vLLM's prepacked oneDNN matmul (CPU)")
     parser.add_argument("--note", action="append", help="merge: a note recorded in the JSON")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -345,13 +391,13 @@ def main() -> None:
     if args.stage == "merge":
         summary = merge(args)
         commands = [_manifest(args)["command"]] + [p["command"] for p in _parts_commands(args)]
-        summary["command"] = " && ".join(commands + [_command(args, skip=("rows",))])
+        summary["command"] = " && ".join(commands + [f"python benchmarks/serving_speed.py merge --dir {args.dir}"])
         write_summary(summary, args.out)
         return
     result = run_vllm(args) if args.stage == "vllm" else run_transformers(args)
     result["args"] = {k: v for k, v in vars(args).items() if k not in ("stage", "dir", "rows", "note", "out")}
     result["command"] = _command(args, skip=("out", "note"))
-    name = f"part-{args.stage}-{'_'.join(_rows(args)[1:])}.json"
+    name = f"part-{args.stage}{'-onednn' if args.onednn_factors else ''}-{'_'.join(_rows(args)[1:])}.json"
     result["run"] = name
     (Path(args.dir) / name).write_text(json.dumps(result, indent=1))
     write_summary(result, args.out)
