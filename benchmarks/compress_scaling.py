@@ -215,7 +215,7 @@ def main() -> None:
                    "notes": args.note or [], "command": " && ".join(p["command"] for p in parts)}
         write_summary(summary, args.out)
         return
-    rows = []
+    rows, command = [], command_line("compress_scaling.py", args, skip=("out", "child"))
     for spec in args.rows:
         name, layers, *rest = spec.split(":")
         if name not in BUILT:
@@ -230,8 +230,11 @@ def main() -> None:
                 raise SystemExit(f"{spec} {mode} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
             rows.append(json.loads(line[0][7:]))
             print(json.dumps(rows[-1]), flush=True)
-    write_summary({"measured": rows, "command": command_line("compress_scaling.py", args, skip=("out", "child"))},
-                  args.out)
+            if args.out:  # what is measured so far survives a run stopped by a time limit
+                from hf_lowrank.io import atomic_write_json
+
+                atomic_write_json(args.out, {"measured": rows, "command": command})
+    write_summary({"measured": rows, "command": command}, args.out)
 
 
 if __name__ == "__main__":
