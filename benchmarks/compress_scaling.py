@@ -145,25 +145,44 @@ def measure(name: str, layers: int, mode: str, keep: float, calib_batches: int, 
 
 
 # ------------------------------------------------------------------------------------------------- fit and merge
+def block_work(shape: dict) -> float:
+    """A cost proxy of one block's factorization: ``sum max(o, i) min(o, i)^2`` (an SVD of each module) plus ``n^3``
+    for every distinct Gram side (its Cholesky factorization)."""
+    s = block_shapes(shape)
+    svd = sum(max(o, i) * min(o, i) ** 2 for o, i in s.values())
+    grams = [s["q"][1], s["o"][1], s["gate"][1], s["down"][1]] + [o for o, _ in s.values()]
+    return float(svd + sum(n**3 for n in grams))
+
+
+def _loglog(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    p = sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / sum((x - mx) ** 2 for x in lx)
+    return math.exp(my - p * mx), p
+
+
 def fit(rows: list[dict]) -> dict:
-    """Per-block seconds ``a * width**p`` (least squares in log-log over the built shapes) and extrapolations."""
+    """Per-block seconds over the built shapes (the run with the most blocks of each: a run of few blocks also
+    carries the fixed cost of embeddings, LM head and allocation, so its per-block time is an upper bound), as
+    ``a * width**p`` (the growth exponent in the width) and as ``a * work**q`` (:func:`block_work`), extrapolated
+    to the targets' full depth with the latter."""
     out = {}
     for mode in ("default", "svd"):
-        per_block: dict[str, list[float]] = {}
+        best: dict[str, dict] = {}
         for r in rows:
-            if r["mode"] == mode and r.get("max_gram_dim") is None:
-                per_block.setdefault(r["row"], []).append(r["seconds"] / r["layers"])
-        if len(per_block) < 2:
+            if r["mode"] == mode and r.get("max_gram_dim") is None and r["layers"] >= best.get(r["row"], {}).get(
+                    "layers", 0):
+                best[r["row"]] = r
+        if len(best) < 2:
             continue
-        xs = [math.log(SHAPES[n]["hidden_size"]) for n in per_block]
-        ys = [math.log(min(v)) for v in per_block.values()]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        p = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-        a = math.exp(my - p * mx)
-        out[mode] = {"per_block_seconds": {n: round(min(v), 2) for n, v in per_block.items()},
-                     "width_exponent": round(p, 2),
-                     "extrapolated_hours": {t: round(a * SHAPES[t]["hidden_size"] ** p * SHAPES[t]["num_hidden_layers"]
-                                                     / 3600, 1) for t in TARGETS}}
+        per_block = {n: r["seconds"] / r["layers"] for n, r in best.items()}
+        _, p = _loglog([SHAPES[n]["hidden_size"] for n in per_block], list(per_block.values()))
+        a, q = _loglog([block_work(SHAPES[n]) for n in per_block], list(per_block.values()))
+        out[mode] = {"per_block_seconds": {n: round(v, 2) for n, v in per_block.items()},
+                     "from_layers": {n: r["layers"] for n, r in best.items()},
+                     "width_exponent": round(p, 2), "work_exponent": round(q, 2),
+                     "extrapolated_hours": {t: round(a * block_work(SHAPES[t]) ** q * SHAPES[t]["num_hidden_layers"]
+                                                     / 3600, 2) for t in BUILT + TARGETS}}
     return out
 
 
