@@ -26,7 +26,8 @@ Stages (each a separate process; ``--dir`` holds the checkpoints and the parts):
    ``--dir``, with the FLOP ratio of the block Linears per row in ``manifest.json``;
 2. ``vllm`` (an environment with vLLM and hf-lowrank importable: the plugin registers through the
    ``vllm.general_plugins`` entry point): ``vllm.LLM(folder)`` per row, all rows' engines alive in one process,
-   prefix caching off (the prompts repeat), ``enforce_eager``;
+   prefix caching off (the prompts repeat), ``enforce_eager``; ``--onednn-factors`` measures a PROTOTYPE of a plugin
+   change instead (the factor GEMMs through vLLM's prepacked oneDNN matmul, as vLLM's dense CPU layers run);
 3. ``transformers`` (main environment): ``load_compressed(folder)`` per row, ``generate`` (eager, ``use_cache=True``,
    greedy); prefill = ``generate(max_new_tokens=1)``;
 4. ``merge``: the parts into one JSON with the goals of the serving issue (never slower than dense at any keep, and
