@@ -22,7 +22,13 @@ from ..statistics import CalibrationGrams, calibration_grams, check_model_ready,
 from ..targets import find_target_linears
 from .config import ALLOCATIONS, CompressionConfig
 from .fisher_sides import fisher_sides
-from .guards import check_empty_sides, eligibility, log_tokens_per_dimension, warn_small_int_rank
+from .guards import (
+    check_empty_sides,
+    eligibility,
+    log_tokens_per_dimension,
+    statistics_memory_bytes,
+    warn_small_int_rank,
+)
 from .pipeline import (
     factorize_linear,
     factorize_plan,
@@ -295,9 +301,13 @@ def _calibration_stats(model, targets, calibration, kronecker: bool, config: Com
             )
         return calibration.inputs, calibration.outputs, int(calibration.tokens)
     # the memory estimate is that of collecting: statistics passed in are already held
-    estimate = gram_memory_bytes(shapes_of(targets), outputs=kronecker, max_dim=config.max_gram_dim)
-    logger.warning("calibration: %s Grams of %d modules, at most %.1f MB (float32, before sharing).",
-                   "input and output-gradient" if kronecker else "input", len(targets), estimate / 2**20)
+    shapes = shapes_of(targets)
+    grams = gram_memory_bytes(shapes, outputs=kronecker, max_dim=config.max_gram_dim)
+    estimate = statistics_memory_bytes(shapes, outputs=kronecker, max_dim=config.max_gram_dim)
+    logger.warning("calibration: %s Grams of %d modules, %.1f MB of float32 Grams; with their float64 factors at most "
+                   "%.1f MB besides the model (max_gram_dim= keeps wide sides diagonal).",
+                   "input and output-gradient" if kronecker else "input", len(targets), grams / 2**20,
+                   estimate / 2**20)
     collected = calibration_grams(model, targets, calibration, outputs=kronecker, max_dim=config.max_gram_dim,
                                   progress=progress)
     return collected[0], (collected[1] if kronecker else None), collected[-1]

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from ..statistics import gram_memory_bytes
+
 logger = logging.getLogger("hf_lowrank.compression.compress")
 
 
@@ -95,3 +97,17 @@ def eligibility(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict:
             stacklevel=4,
         )
     return info
+
+
+def statistics_memory_bytes(shapes: Mapping[str, tuple[int, int]], *, outputs: bool, max_dim: int | None) -> int:
+    """Upper bound on the bytes the calibration statistics of a compression hold besides the model.
+
+    The float32 Grams (:func:`~hf_lowrank.statistics.gram_memory_bytes`, shared Grams counted once per module, so
+    an over-count), plus the float64 Cholesky factor of every full Gram, which the weighting sides keep until the last
+    module is factorized (twice the Gram's bytes), plus the float64 temporaries of factorizing the widest full Gram
+    (about five ``n x n`` matrices).
+    """
+    grams = gram_memory_bytes(shapes, outputs=outputs, max_dim=max_dim)
+    sides = [d for out_f, in_f in shapes.values() for d in ((in_f, out_f) if outputs else (in_f,))]
+    widest = max((d for d in sides if max_dim is None or d <= max_dim), default=0)
+    return 3 * grams + 40 * widest * widest
