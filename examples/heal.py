@@ -24,7 +24,6 @@ laptop CPU), or ``python examples/heal.py --smoke`` (a tiny random Llama with th
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import time
