@@ -17,7 +17,7 @@ WeLore (Jaiswal et al., 2024, arXiv:2407.11239) heal the same way; here the heal
 ``--targets up`` puts LoRA on ``up`` only, ``--targets full`` trains the factors themselves (no adapter: the
 low-rank components fine-tuned directly, WeLore's LRC training); ``docs/healing.md`` compares them per step.
 
-Run: ``python examples/heal.py --keep 0.6 --steps 100 --out heal_out`` (SmolLM2-135M, offline; a few minutes on a
+Run: ``python examples/heal.py --keep 0.6 --steps 50 --out heal_out`` (SmolLM2-135M, offline; about five minutes on a
 laptop CPU), or ``python examples/heal.py --smoke`` (a tiny random Llama with the same tokenizer, seconds).
 """
 
@@ -58,7 +58,7 @@ def heal(
     chunks: torch.Tensor,
     *,
     steps: int,
-    batch_size: int = 8,
+    batch_size: int = 4,
     lr: float = 1e-3,
     lora_r: int = 16,
     lora_alpha: int = 32,
@@ -173,11 +173,11 @@ def _smoke_model(tokenizer):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", type=float, default=0.6, help="fraction of the block Linears' parameters kept")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--targets", choices=TARGETS, default="factors")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--calibration-tokens", type=int, default=4096)
     parser.add_argument("--eval-texts", type=int, default=32)
