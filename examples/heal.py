@@ -88,7 +88,8 @@ def heal(
 
     Returns:
         ``(model, history)``: the healed model with ``LowRankLinear`` layers of unchanged ranks (LoRA merged and
-        unwrapped), and ``[{"step", "loss", "seconds", **evaluate(...)}]`` for each evaluated step.
+        unwrapped), and ``[{"step", "loss", "seconds", **evaluate(...)}]`` for each evaluated step (``loss``: the
+        mean training loss since the previous entry; ``seconds``: training time so far, evaluations excluded).
     """
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}.")
@@ -118,13 +119,16 @@ def heal(
     warmup = max(1, steps // 10) if warmup is None else warmup
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     history: list[dict] = []
-    start, loss_sum, loss_n = time.perf_counter(), 0.0, 0
+    start, loss_sum, loss_n, eval_seconds = time.perf_counter(), 0.0, 0, 0.0
 
     def record(step: int) -> None:
+        nonlocal eval_seconds
         entry = {"step": step, "loss": round(loss_sum / loss_n, 4) if loss_n else None,
-                 "seconds": round(time.perf_counter() - start, 1)}
+                 "seconds": round(time.perf_counter() - start - eval_seconds, 1)}
         if evaluate is not None:
+            began = time.perf_counter()
             entry.update(evaluate(trained))
+            eval_seconds += time.perf_counter() - began
         history.append(entry)
         if log:
             log(f"heal step {step}: {entry}")
