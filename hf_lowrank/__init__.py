@@ -8,6 +8,7 @@ from importlib import metadata as _metadata
 
 from .compression import (
     CompressedCheckpointError,
+    CompressionConfig,
     CompressionReport,
     LowRankConfig,
     compress_model,
@@ -48,6 +49,7 @@ __all__ = [
     "BaseMismatchError",
     "CompressOnSaveCallback",
     "CompressedCheckpointError",
+    "CompressionConfig",
     "CompressionReport",
     "EREResidual",
     "FisherCollectorCallback",
