@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--grams-cache", default=None, help="file keeping the calibration Grams between parts")
     parser.add_argument("--out", default=None, help="JSON to merge the rows into (by row name)")
     parser.add_argument("--plot", default=None, help="PNG of the frontier drawn from the merged JSON")
-    parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG (and refresh not_measured) only")
     args = parser.parse_args()
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
@@ -156,6 +156,10 @@ def main() -> None:
     if args.plot_only:
         if not (args.plot and previous):
             raise SystemExit("--plot-only needs --plot and an existing --out JSON")
+        previous["not_measured"] = _not_measured(previous)
+        from hf_lowrank.io import atomic_write_json
+
+        atomic_write_json(args.out, previous)
         plot(previous, args.plot)
         return
 
@@ -361,8 +365,15 @@ def _write(args, previous, rows, dense_bytes) -> dict:
         "commands": commands,
     }
     result["finite"] = all(math.isfinite(r.get("ppl_other_kind", 0.0)) for r in result["rows"])
+    result["not_measured"] = _not_measured(result)
     atomic_write_json(args.out, result)
     return result
+
+
+def _not_measured(result: dict) -> list[str]:
+    """The grid's rows missing from ``result`` (and the classifier grid, which this script does not run)."""
+    done = {r["row"] for r in result["rows"]}
+    return [r for r in ROWS if r not in done] + ["MiniLM classifier accuracy on the grid (not implemented here)"]
 
 
 def plot(result: dict, out: str) -> None:
