@@ -119,3 +119,57 @@ def test_unsupported_vllm_version_leaves_vllm_usable(tmp_path):
     assert "outside the supported range" in out
     assert "COMPRESSED-REFUSED" in out and "hf_lowrank" in out.split("COMPRESSED-REFUSED", 1)[1][:400]
     assert "DENSE-OK" in out
+
+
+QUANTIZED = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {here!r})
+    import parity  # sets vLLM's CPU environment
+    try:
+        parity.vllm_engine({quantized!r})
+    except Exception as exc:
+        print("QUANTIZED-REFUSED", type(exc).__name__, str(exc)[:600])
+    else:
+        print("QUANTIZED-LOADED")
+    prompts = parity.prompts(parity.SHAPES["vocab_size"])
+    tokens, _ = parity.vllm_greedy(parity.vllm_engine({converted!r}), prompts, 8)
+    reference, _ = parity.transformers_greedy({quantized!r}, prompts, 8)
+    print("CONVERTED", tokens == reference)
+    """
+)
+
+
+def test_quantized_factors_refused_at_engine_start_and_the_conversion_serves(tmp_path):
+    """A checkpoint with 4-bit factor codes is refused at engine start with the conversion in the message; the
+    converted checkpoint (dequantize_factors, same values as float factors) serves the same greedy tokens as
+    transformers on the quantized checkpoint."""
+    env = _env()
+    prep = textwrap.dedent(
+        f"""
+        import sys; sys.path.insert(0, {str(HERE)!r})
+        import parity
+        from hf_lowrank import LowRankLinear, load_compressed
+        from hf_lowrank.compression.checkpoint import mark_compressed
+        from hf_lowrank.modules import set_submodule
+        from hf_lowrank.quantized_modules import dequantize_factors, quantize_lowrank
+        parity.compressed_folder("llama", {str(tmp_path / 'float')!r})
+        model = load_compressed({str(tmp_path / 'float')!r})
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LowRankLinear):
+                set_submodule(model, name, quantize_lowrank(module, 4, group_size=16))
+        mark_compressed(model, {{}})
+        model.save_pretrained({str(tmp_path / 'quantized')!r})
+        dequantize_factors(load_compressed({str(tmp_path / 'quantized')!r})).save_pretrained({str(tmp_path / 'converted')!r})
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", prep], env=env, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    script = QUANTIZED.format(here=str(HERE), quantized=str(tmp_path / "quantized"),
+                              converted=str(tmp_path / "converted"))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=280)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "QUANTIZED-REFUSED" in out, out[-4000:]
+    assert "dequantize_factors" in out.split("QUANTIZED-REFUSED", 1)[1][:700]
+    assert "CONVERTED True" in out, out[-4000:]

@@ -38,8 +38,11 @@ from .checkpoint_checks import (
     STOCK_GUARD_KEY,
     CompressedCheckpointError,
     _check_files,
+    _hub_snapshot,
+    _is_hub_id,
     check_compressed_checkpoint,
     check_safetensors_file,
+    checked_factor_quantization,
     checked_fields,
 )
 
@@ -64,31 +67,45 @@ class LowRankConfig(QuantizationConfigMixin):
     Args:
         ranks: ``{module_name: rank}`` of every ``LowRankLinear`` in the model.
         method: how the factors were obtained (``"svd"``, ``"fwsvd"``, ``"welore"``, ...), informational.
-        format_version: version of this layout; a newer major version is refused with a clear message.
+        format_version: version of this layout; a newer major version is refused with a clear message. Default: 1
+            for float factors (what every release reads), 2 with ``factor_quantization``.
+        factor_quantization: ``None`` (float factors) or ``{"bits", "group_size", "scheme", "format"}``: every
+            factorized module stores its factors as group-wise codes
+            (:class:`~hf_lowrank.quantized_modules.QuantizedLowRankLinear`); ``scheme`` says how they were fitted
+            (``"refit"`` / ``"naive"``), ``format`` the code layout (``"rtn-affine-v1"``).
     """
 
     def __init__(
-        self, ranks: dict[str, int] | None = None, method: str = "svd", format_version: int = FORMAT_VERSION, **kwargs
+        self, ranks: dict[str, int] | None = None, method: str = "svd", format_version: int | None = None,
+        factor_quantization: dict | None = None, **kwargs
     ):
         self.quant_method = QUANT_METHOD
+        if format_version is None:
+            format_version = 2 if factor_quantization is not None else 1
         self.ranks, self.method, self.format_version, self.extra = checked_fields(
             ranks, method, format_version, kwargs.pop("extra", None)
         )
+        self.factor_quantization = checked_factor_quantization(factor_quantization, self.format_version)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "quant_method": QUANT_METHOD,
             "ranks": dict(self.ranks),
             "method": self.method,
             "format_version": self.format_version,
             "extra": dict(self.extra),
         }
+        if self.factor_quantization is not None:  # absent for float factors: the version-1 layout, unchanged
+            out["factor_quantization"] = dict(self.factor_quantization)
+        return out
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
 
 
-def _replace_with_factorized(model: nn.Module, ranks: dict[str, int]) -> None:
+def _replace_with_factorized(model: nn.Module, ranks: dict[str, int], factor_quantization: dict | None = None) -> None:
+    from ..quantized_modules import QuantizedLowRankLinear
+
     names, prefixes = dict(model.named_modules()), [getattr(model, "base_model_prefix", "") or ""]
     for recorded, rank in ranks.items():
         name = resolve_name(recorded, names, prefixes)  # also when saved with / loaded without the task head
@@ -112,7 +129,13 @@ def _replace_with_factorized(model: nn.Module, ranks: dict[str, int]) -> None:
             )
         device = module.weight.device
         dtype = module.weight.dtype
-        new = LowRankLinear(in_features, out_features, rank, bias=module.bias is not None, device=device, dtype=dtype)
+        if factor_quantization is None:
+            new = LowRankLinear(in_features, out_features, rank, bias=module.bias is not None, device=device,
+                                dtype=dtype)
+        else:
+            fq = factor_quantization
+            new = QuantizedLowRankLinear(in_features, out_features, rank, fq["bits"], fq["group_size"],
+                                         bias=module.bias is not None, device=device, dtype=dtype, scheme=fq["scheme"])
         new.conv1d = is_conv1d(module)
         set_submodule(model, name, new)
 
@@ -164,7 +187,8 @@ class LowRankHfQuantizer(HfQuantizer):
         return None
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        _replace_with_factorized(model, self.quantization_config.ranks)
+        _replace_with_factorized(model, self.quantization_config.ranks,
+                                 getattr(self.quantization_config, "factor_quantization", None))
         _ignore_stock_guard(model)
         return model
 
@@ -174,7 +198,8 @@ class LowRankHfQuantizer(HfQuantizer):
         from .parallel import factor_parallel_plan
 
         super().update_parallel_plan(model, plan)
-        self._tp_moved |= factor_parallel_plan(model, plan)
+        if getattr(self.quantization_config, "factor_quantization", None) is None:  # codes are not split (below)
+            self._tp_moved |= factor_parallel_plan(model, plan)
 
     def get_state_dict_and_metadata(self, model):
         return _with_stock_guard(model), {"hf_lowrank": STOCK_GUARD_NOTE}
@@ -183,9 +208,22 @@ class LowRankHfQuantizer(HfQuantizer):
         from .parallel import unhook_factorized
 
         unhook_factorized(model, self._tp_moved)  # the factors' own tensor-parallel hooks do the communication
+        from ..quantized_modules import QuantizedLowRankLinear
+
         model.is_quantized = False  # ordinary float factors: .half() / .float() cast them (module docstring)
-        for module in model.modules():  # loading assigned new (row-major) tensors to the factors
-            if isinstance(module, LowRankLinear):
+        for name, module in model.named_modules():  # loading assigned new (row-major) tensors to the factors
+            if isinstance(module, QuantizedLowRankLinear):
+                if getattr(module, "_is_hooked", False):  # transformers put a tensor-parallel style on it
+                    raise CompressedCheckpointError(
+                        f"This checkpoint stores its factors as group-wise codes, which tensor parallelism cannot "
+                        f"split (e.g. '{name}'). Load it without tp_plan, or load it once, run hf_lowrank."
+                        "quantized_modules.dequantize_factors(model), save it, and load that with tp_plan."
+                    )
+                try:
+                    module.check_codes(name)
+                except ValueError as exc:
+                    raise CompressedCheckpointError(str(exc)) from None
+            elif isinstance(module, LowRankLinear):
                 module.lay_out_for_speed_()
         return model
 
@@ -249,6 +287,8 @@ def mark_compressed(model: nn.Module, ranks: dict[str, int], *, method: str = "s
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
+    from ..quantized_modules import recorded_factor_quantization
+
     previous = getattr(model, "hf_quantizer", None)
     merged: dict[str, int] = {}
     if previous is not None and isinstance(previous.quantization_config, LowRankConfig):
@@ -260,7 +300,8 @@ def mark_compressed(model: nn.Module, ranks: dict[str, int], *, method: str = "s
     merged.update(ranks)
     if not merged:
         return
-    qconfig = LowRankConfig(ranks=merged, method=method, extra=extra)
+    factor_quantization = recorded_factor_quantization(model)
+    qconfig = LowRankConfig(ranks=merged, method=method, extra=extra, factor_quantization=factor_quantization)
     own_config(model).quantization_config = qconfig
     model.hf_quantizer = LowRankHfQuantizer(qconfig, pre_quantized=True)
     model.is_quantized = False  # ordinary float factors: .half() / .float() cast them (module docstring)
@@ -347,43 +388,6 @@ def save_compressed(
     return Path(path)
 
 
-def _is_hub_id(name: str) -> bool:
-    """Whether ``name`` (which is no local folder) reads as a Hub repo id, ``name`` or ``org/name``."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if name.startswith((".", "/", "~")) or "\\" in name or os.path.isabs(name) or name.count("/") > 1:
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _hub_snapshot(repo_id: str, kwargs: dict) -> Path:
-    """The local folder of ``repo_id`` resolved as ``from_pretrained`` would (the cache, downloading what is missing
-    unless offline), so that the checks run on the files that will load."""
-    from huggingface_hub import constants, snapshot_download
-
-    try:
-        folder = snapshot_download(
-            repo_id,
-            revision=kwargs.get("revision"),
-            cache_dir=kwargs.get("cache_dir"),
-            token=kwargs.get("token"),
-            local_files_only=bool(kwargs.get("local_files_only")) or constants.HF_HUB_OFFLINE,
-            allow_patterns=["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "*.jinja"],
-        )
-    except (OSError, ValueError) as exc:
-        raise CompressedCheckpointError(
-            f"No checkpoint at '{repo_id}': it is not a local folder, and as a Hub repo id it could not be resolved "
-            f"({type(exc).__name__}: {exc}). Check the path or the repo id (and the network, or HF_HUB_OFFLINE and "
-            "the cache)."
-        ) from exc
-    folder = Path(folder)
-    return folder / kwargs["subfolder"] if kwargs.get("subfolder") else folder
-
-
 def load_compressed(path: str | os.PathLike, model_class: Any = None, **kwargs) -> nn.Module:
     """Load a factorized checkpoint with the plugin guaranteed active and every factor verified.
 
@@ -428,7 +432,7 @@ def load_compressed(path: str | os.PathLike, model_class: Any = None, **kwargs) 
             f"{len(missing)} factor weights of '{path}' are missing (e.g. {missing[0]}): the weights file does not "
             "match its config.json. Re-save the compressed model."
         )
-    for name, param in model.named_parameters():
-        if (".down." in name or ".up." in name) and not torch.isfinite(param).all():
+    for name, param in [*model.named_parameters(), *model.named_buffers()]:
+        if (".down." in name or ".up." in name) and param.is_floating_point() and not torch.isfinite(param).all():
             raise CompressedCheckpointError(f"Factor '{name}' in '{path}' contains NaN/inf values; re-create it.")
     return model

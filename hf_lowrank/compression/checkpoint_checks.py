@@ -24,11 +24,17 @@ __all__ = [
     "CompressedCheckpointError",
     "check_compressed_checkpoint",
     "check_safetensors_file",
+    "checked_factor_quantization",
     "checked_fields",
 ]
 
 QUANT_METHOD = "hf_lowrank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest layout this installation reads. Version 2 adds ``factor_quantization`` (factors stored as group-wise
+codes); a checkpoint without it is written as version 1, the layout every earlier release reads."""
+FACTOR_CODE_FORMAT = "rtn-affine-v1"
+"""The code layout of quantized factors: :func:`hf_lowrank.ops.quant.quantize_rtn` (packed little-endian bit stream,
+fp16 scale and offset per group along the factor's last dimension)."""
 
 
 class CompressedCheckpointError(ValueError):
@@ -63,6 +69,42 @@ def checked_fields(
             f"{FORMAT_VERSION} this installation reads. Upgrade hf-lowrank (pip install -U hf-lowrank)."
         )
     return ranks, method, format_version, dict(extra or {})
+
+
+def checked_factor_quantization(value: Any, format_version: int = FORMAT_VERSION) -> dict | None:
+    """``quantization_config.factor_quantization`` checked: ``None`` (float factors) or ``{"bits", "group_size",
+    "scheme", "format"}``, or a :class:`CompressedCheckpointError` naming the field."""
+    if value is None:
+        return None
+    fix = "the config.json was edited or corrupted. Restore it from the original save."
+    if not isinstance(value, dict):
+        raise CompressedCheckpointError(
+            f"quantization_config.factor_quantization in config.json must be a JSON object {{bits, group_size, "
+            f"scheme, format}} or absent, got {str(value)[:80]}: {fix}"
+        )
+    if format_version < 2:
+        raise CompressedCheckpointError(
+            f"quantization_config records factor_quantization with format_version {format_version}; quantized "
+            f"factors are format version 2: {fix}"
+        )
+    bits, group_size = value.get("bits"), value.get("group_size")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise CompressedCheckpointError(
+            f"quantization_config.factor_quantization.bits must be an integer in [2, 8], got {bits!r}: {fix}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise CompressedCheckpointError(
+            f"quantization_config.factor_quantization.group_size must be a positive integer, got {group_size!r}: {fix}")
+    fmt = value.get("format", FACTOR_CODE_FORMAT)
+    if fmt != FACTOR_CODE_FORMAT:
+        raise CompressedCheckpointError(
+            f"quantization_config.factor_quantization.format is {fmt!r}; this hf-lowrank reads "
+            f"{FACTOR_CODE_FORMAT!r}. Upgrade hf-lowrank (pip install -U hf-lowrank)."
+        )
+    scheme = value.get("scheme", "refit")
+    if not isinstance(scheme, str):
+        raise CompressedCheckpointError(
+            f"quantization_config.factor_quantization.scheme must be a string, got {scheme!r}: {fix}")
+    return {"bits": bits, "group_size": group_size, "scheme": scheme, "format": fmt}
 
 
 def _checked_ranks(ranks: Any) -> dict[str, int]:
@@ -209,18 +251,22 @@ def _check_factor_headers(path: Path, headers: dict[Path, dict]) -> None:
                 "they cannot be loaded. Restore config.json from the original save."
             )
         return
-    ranks = checked_fields(**{k: v for k, v in quant.items() if k != "quant_method"})[0]  # clear field errors
+    fields = checked_fields(**{k: v for k, v in quant.items() if k != "quant_method"})  # clear field errors
+    ranks = fields[0]
+    fq = checked_factor_quantization(quant.get("factor_quantization"), fields[2])
+    stored = "packed" if fq else "weight"  # the tensor every factor has: its codes, or its float weight
     where = {key: (shard, entry) for shard, header in headers.items() for key, entry in header.items()}
     parts: dict[str, set[str]] = {}
     for key in where:
         for part in _PARTS:
-            if key.endswith(f".{part}.weight"):
-                parts.setdefault(key[: -len(f".{part}.weight")], set()).add(part)
+            for kind in ("weight", "packed"):
+                if key.endswith(f".{part}.{kind}"):
+                    parts.setdefault(key[: -len(f".{part}.{kind}")], set()).add(part)
     short = {_strip_first(n) for n in ranks}
     stripped = {_strip_first(m): m for m in parts if _strip_first(m)}
     for module, found in sorted(parts.items()):
         if len(found) == 2 and not (module in ranks or _strip_first(module) in ranks or module in short):
-            shard = where[f"{module}.down.weight"][0]
+            shard = where.get(f"{module}.down.weight", where.get(f"{module}.down.packed"))[0]
             raise CompressedCheckpointError(
                 f"'{shard}' holds the factors of '{module}' ({module}.down.weight, {module}.up.weight) but "
                 "quantization_config.ranks in config.json has no entry for it, so it would be rebuilt as a dense "
@@ -229,13 +275,16 @@ def _check_factor_headers(path: Path, headers: dict[Path, dict]) -> None:
             )
     for name, rank in ranks.items():
         module = name if name in parts else _strip_first(name) if _strip_first(name) in parts else stripped.get(name)
-        missing = [f"{name}.{p}.weight" for p in _PARTS if module is None or p not in parts[module]]
+        missing = [f"{name}.{p}.{stored}" for p in _PARTS if module is None or f"{module}.{p}.{stored}" not in where]
         if missing:
             raise CompressedCheckpointError(
                 f"config.json records rank {rank} for '{name}' but the weights in '{path}' hold no "
                 f"{' / '.join(missing)}: the weights and config.json come from different saves, or a file is "
                 "missing. Copy all files of the same save_pretrained again, or re-save the compressed model."
             )
+        if fq:
+            _check_code_headers(module, name, rank, fq, where)
+            continue
         for part, side in (("down", 0), ("up", 1)):
             shard, entry = where[f"{module}.{part}.weight"]
             dtype, shape = entry.get("dtype"), entry.get("shape")
@@ -251,6 +300,58 @@ def _check_factor_headers(path: Path, headers: dict[Path, dict]) -> None:
                     f"{rank} for '{name}' (the {'first' if side == 0 else 'second'} dimension of '{part}'): the "
                     "weights and config.json come from different saves. Copy both from the same save_pretrained."
                 )
+
+
+def _check_code_headers(module: str, name: str, rank: int, fq: dict, where: dict) -> None:
+    """The codes of one quantized factor pair: ``packed`` uint8 of the size its scales and the rank imply,
+    ``scales`` / ``offsets`` fp16 of shape ``(rows, groups)`` with the rank on the right side (``(rank, ...)`` for
+    ``down``, ``(out, ceil(rank / group_size))`` for ``up``). A truncated or resized code tensor is refused here,
+    naming it, before transformers would report a bare size mismatch."""
+    bits, gs = fq["bits"], fq["group_size"]
+    entries = {}
+    for part in _PARTS:
+        for kind in ("packed", "scales", "offsets"):
+            key = f"{module}.{part}.{kind}"
+            if key not in where:
+                raise CompressedCheckpointError(
+                    f"config.json records quantized factors for '{name}' but the weights hold no '{key}': a file is "
+                    "missing or comes from another save. Copy all files of the same save_pretrained again."
+                )
+            entries[part, kind] = where[key]
+    for part in _PARTS:
+        scales = entries[part, "scales"][1].get("shape")
+        for kind, dtype in (("scales", "F16"), ("offsets", "F16")):
+            shard, entry = entries[part, kind]
+            if entry.get("dtype") != dtype or entry.get("shape") != scales or not isinstance(scales, list) or len(
+                    scales) != 2:
+                raise CompressedCheckpointError(
+                    f"'{module}.{part}.{kind}' in '{shard}' is {entry.get('dtype')} of shape {entry.get('shape')}, "
+                    f"expected {dtype} of the shape of its scales {scales} (rows, groups): the file was altered. "
+                    "Copy it again from the original save, or re-save the model."
+                )
+        rows, groups = scales
+        if part == "down":
+            ok, cols = rows == rank, None  # in_features: (groups - 1) * gs < in <= groups * gs
+            sizes = [-(-rank * n * bits // 8) for n in ((groups - 1) * gs + 1, groups * gs)]
+        else:
+            ok, cols = groups == -(-rank // gs), rank
+            sizes = [-(-rows * cols * bits // 8)] * 2
+        shard, entry = entries[part, "packed"]
+        shape = entry.get("shape")
+        if not ok:
+            raise CompressedCheckpointError(
+                f"'{module}.{part}.scales' in '{shard}' has shape {scales}, which does not fit the rank {rank} "
+                f"config.json records for '{name}' at group size {gs}: the weights and config.json come from "
+                "different saves. Copy both from the same save_pretrained."
+            )
+        if entry.get("dtype") != "U8" or not isinstance(shape, list) or len(shape) != 1 or not (
+                sizes[0] <= shape[0] <= sizes[1]):
+            raise CompressedCheckpointError(
+                f"The codes '{module}.{part}.packed' in '{shard}' are {entry.get('dtype')} of shape {shape}, but "
+                f"{bits}-bit codes of this factor need U8 of {sizes[0]}"
+                f"{'' if sizes[0] == sizes[1] else f' to {sizes[1]}'} bytes: the tensor was truncated or edited. "
+                "Copy the checkpoint again from the original save, or re-save the model."
+            )
 
 
 def check_compressed_checkpoint(path: str | os.PathLike) -> Path:
@@ -278,3 +379,40 @@ def check_safetensors_file(shard: Path) -> dict:
     """
     tensors, metadata = read_safetensors_header(shard, error=CompressedCheckpointError)
     return {**tensors, "__metadata__": metadata} if metadata else tensors
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` (which is no local folder) reads as a Hub repo id, ``name`` or ``org/name``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or "\\" in name or os.path.isabs(name) or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_snapshot(repo_id: str, kwargs: dict) -> Path:
+    """The local folder of ``repo_id`` resolved as ``from_pretrained`` would (the cache, downloading what is missing
+    unless offline), so that the checks run on the files that will load."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=kwargs.get("revision"),
+            cache_dir=kwargs.get("cache_dir"),
+            token=kwargs.get("token"),
+            local_files_only=bool(kwargs.get("local_files_only")) or constants.HF_HUB_OFFLINE,
+            allow_patterns=["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "*.jinja"],
+        )
+    except (OSError, ValueError) as exc:
+        raise CompressedCheckpointError(
+            f"No checkpoint at '{repo_id}': it is not a local folder, and as a Hub repo id it could not be resolved "
+            f"({type(exc).__name__}: {exc}). Check the path or the repo id (and the network, or HF_HUB_OFFLINE and "
+            "the cache)."
+        ) from exc
+    folder = Path(folder)
+    return folder / kwargs["subfolder"] if kwargs.get("subfolder") else folder

@@ -130,6 +130,16 @@ class CompressionConfig:
     #: dtype of the factors, by name (``"bfloat16"``; a ``torch.dtype`` is converted); ``None``: the replaced
     #: weight's dtype (float32 for a quantized one).
     dtype: str | None = None
+    #: Store the factors as group-wise integer codes of this many bits (2..8; 4 and 8 are usual), fitted by
+    #: :func:`hf_lowrank.ops.quant_lowrank.quantize_factor_pair` (``down`` rounded, ``up`` refitted to the weighted
+    #: target, then rounded) and held by :class:`hf_lowrank.quantized_modules.QuantizedLowRankLinear`, which
+    #: dequantizes them on every forward (bytes saved, not time). ``None``: float factors. Every factor shares the
+    #: bit width, so the parameter budget of the allocation is also its budget in bytes for the factors; a module
+    #: the allocation keeps dense stays in its own dtype (the report's bytes say what it costs).
+    factor_bits: int | None = None
+    #: With ``factor_bits``: codes per fp16 scale and offset, along each factor's input dimension (the GEMM's
+    #: reduction axis), >= 1.
+    group_size: int = 64
 
     def __post_init__(self) -> None:
         self.keep = _int(self.keep)
@@ -182,6 +192,15 @@ class CompressionConfig:
                                        hint="0.5 is FWSVD's square root")
         self.fisher_eps = _number(self.fisher_eps, "fisher_eps", low=0.0, strict=True, hint=f"default {DEFAULT_EPS:g}")
         self.dtype = dtype_name(self.dtype)
+        bits = _int(self.factor_bits)
+        if bits is not None and not (isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= 8):
+            raise ValueError(f"factor_bits must be None (float factors) or an int in [2, 8] (4 or 8 are usual), got "
+                             f"{self.factor_bits!r}.")
+        self.factor_bits = bits
+        group = _int(self.group_size)
+        if not (isinstance(group, int) and not isinstance(group, bool) and group >= 1):
+            raise ValueError(f"group_size must be an int >= 1 (codes per scale, e.g. 64), got {self.group_size!r}.")
+        self.group_size = group
 
     @staticmethod
     def _checked_pattern(pattern) -> dict:

@@ -34,7 +34,7 @@ from ..targets import find_linears, find_target_linears, pattern_key
 from .checkpoint import mark_compressed
 from .config import CompressionConfig
 from .ranks import check_pattern_keys, plan_ranks
-from .report import CompressionReport, ModuleReport
+from .report import CompressionReport, ModuleReport, stored_bytes
 
 logger = logging.getLogger("hf_lowrank.compression.compress")
 
@@ -203,6 +203,10 @@ def factorize(module: nn.Module, rank: int, side: Side, config: CompressionConfi
     bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
     new = LowRankLinear.from_factors(down.to(out_dtype), up.to(out_dtype), bias, dtype=out_dtype).to(W.device)
     new.conv1d = is_conv1d(module)
+    if config.factor_bits is not None:  # codes fitted to the same weighted target (the refit needs W and L_in)
+        from ..quantized_modules import quantize_lowrank
+
+        new = quantize_lowrank(new, config.factor_bits, group_size=config.group_size, W=W, in_factor=side.in_factor)
     W_hat = new.up.weight.float() @ new.down.weight.float()
     err = relative_error(W.float(), W_hat)
     werr = weighted_relative_error(W.float(), W_hat, side.out_factor, side.in_factor)
@@ -228,7 +232,9 @@ def factorize_plan(targets, plan, sides, report: CompressionReport, allocation: 
         before = out_f * in_f + bias
         if rank is None:
             reason = "kept dense by the global allocation" if allocation == "global" else "rank saves no parameters"
-            report.modules.append(ModuleReport(name, (out_f, in_f), None, before, before, skipped=reason))
+            size = stored_bytes(module)
+            report.modules.append(ModuleReport(name, (out_f, in_f), None, before, before, skipped=reason,
+                                               bytes_before=size, bytes_after=size))
             continue
         side = sides[name]
         new, err, werr = factorize(module, rank, side, config, name=name)
@@ -238,6 +244,14 @@ def factorize_plan(targets, plan, sides, report: CompressionReport, allocation: 
             ModuleReport(name, (out_f, in_f), rank, before, factorized_params(out_f, in_f, rank) + bias, err,
                          werr if side.weighted else None)
         )
+        report.modules[-1].bytes_before, report.modules[-1].bytes_after = stored_bytes(module), stored_bytes(new)
+    kept = [m for m in report.modules if m.skipped is not None and m.bytes_before]
+    if config.factor_bits is not None and kept:
+        share = sum(m.bytes_after for m in kept) / max(sum(m.bytes_after or 0 for m in report.modules), 1)
+        logger.warning(
+            "factor_bits=%d: %d module(s) stay dense in their own dtype (not quantized; e.g. '%s'), %.0f%% of the "
+            "targets' bytes after compression (report.bytes_after). For a budget in bytes use allocation='uniform', "
+            "which factorizes every module.", config.factor_bits, len(kept), kept[0].name, 100 * share)
     return replacements
 
 

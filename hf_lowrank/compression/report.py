@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..io import atomic_write_json
 
-__all__ = ["CompressionReport", "ModuleReport"]
+__all__ = ["CompressionReport", "ModuleReport", "stored_bytes"]
 
 
 @dataclass
@@ -23,6 +23,10 @@ class ModuleReport:
     skipped: str | None = None
     #: sides ("input", "output") whose calibration Gram was empty, so the factorization was unweighted there
     unweighted_sides: list[str] | None = None
+    #: bytes the module stores before / after (weights or factor codes with their scales and offsets, and the bias,
+    #: each in its own dtype): :func:`stored_bytes`
+    bytes_before: int | None = None
+    bytes_after: int | None = None
 
 
 @dataclass
@@ -47,6 +51,17 @@ class CompressionReport:
         return sum(m.params_after for m in self.modules)
 
     @property
+    def bytes_before(self) -> int:
+        """Bytes of the target modules before compression (modules without a byte count add nothing)."""
+        return sum(m.bytes_before or 0 for m in self.modules)
+
+    @property
+    def bytes_after(self) -> int:
+        """Bytes of the target modules after compression: factor codes (quantized factors) or float factors, plus
+        the modules kept dense, each in its own dtype."""
+        return sum(m.bytes_after or 0 for m in self.modules)
+
+    @property
     def kept_fraction(self) -> float:
         return self.params_after / max(self.params_before, 1)
 
@@ -56,6 +71,8 @@ class CompressionReport:
             "params_before": self.params_before,
             "params_after": self.params_after,
             "kept_fraction": self.kept_fraction,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
             "modules": [asdict(m) for m in self.modules],
             **({"info": dict(self.info)} if self.info else {}),
         }
@@ -73,3 +90,9 @@ class CompressionReport:
             f"{self.params_before:,} -> {self.params_after:,} ({self.kept_fraction:.1%} kept), "
             f"mean relative error {mean_err:.4f}"
         )
+
+
+def stored_bytes(module) -> int:
+    """Bytes of ``module``'s parameters and buffers, each at its dtype's size (codes, scales, offsets and bias of a
+    quantized factor layer; float factors; a dense weight)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))

@@ -12,6 +12,11 @@ factorized with its own rank or left dense (a global rank allocation keeps some 
 
 ``apply`` runs one GEMM ``x @ down^T`` for all factorized groups, one per group ``h_g @ up_g^T``, one for the dense
 rows, and concatenates in the layer's output order. Tensor parallelism follows :mod:`hf_lowrank.ops.tp_sharding`.
+
+A checkpoint whose factors are stored as group-wise codes (``quantization_config.factor_quantization``) is refused at
+engine start, with the conversion to float factors in the message
+(:func:`hf_lowrank.quantized_modules.dequantize_factors`): dequantizing into float factors at load would save disk
+bytes only, not GPU memory, and the codes' bytes are what such a checkpoint is for.
 """
 
 from __future__ import annotations
@@ -35,7 +40,12 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.model_executor.utils import set_weight_attrs
 
-from ..compression.checkpoint_checks import QUANT_METHOD, checked_fields
+from ..compression.checkpoint_checks import (
+    QUANT_METHOD,
+    CompressedCheckpointError,
+    checked_factor_quantization,
+    checked_fields,
+)
 from ..ops.tp_sharding import RowSpan, column_spans, row_parallel_span, take_rows
 from .vllm import DOWN_PARAM, UP_PARAM, FusedGroup, checkpoint_name_rules, lookup_rank, plan_groups
 
@@ -48,13 +58,25 @@ class LowRankVllmConfig(QuantizationConfig):
     Args:
         ranks: ``{module: rank}`` in the checkpoint's (transformers') module names.
         method, format_version, extra: the other recorded fields, checked as transformers-side loading does.
+        factor_quantization: must be absent: a checkpoint whose factors are stored as group-wise codes is refused
+            at engine start (this plugin runs float factor pairs; see the error for the conversion).
     """
 
-    def __init__(self, ranks: dict[str, int], method: str = "svd", format_version: int = 1, extra: Any = None):
+    def __init__(self, ranks: dict[str, int], method: str = "svd", format_version: int = 1, extra: Any = None,
+                 factor_quantization: Any = None):
         super().__init__()
         self.checkpoint_ranks, self.method, self.format_version, self.extra = checked_fields(
             ranks, method, format_version, extra
         )
+        quantized = checked_factor_quantization(factor_quantization, self.format_version)
+        if quantized is not None:
+            raise CompressedCheckpointError(
+                f"This hf_lowrank checkpoint stores its factors as {quantized['bits']}-bit group-wise codes "
+                "(quantization_config.factor_quantization), which the hf_lowrank vLLM plugin does not run: it serves "
+                "float factor pairs. Convert it once with transformers: model = hf_lowrank.load_compressed(path); "
+                "hf_lowrank.quantized_modules.dequantize_factors(model); model.save_pretrained(float_dir) (the "
+                "same values, float factors), and serve float_dir."
+            )
         self.ranks = dict(self.checkpoint_ranks)  # renamed to vLLM's module names by apply_vllm_mapper
 
     def __repr__(self) -> str:
@@ -76,7 +98,8 @@ class LowRankVllmConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LowRankVllmConfig:
-        return cls(**{k: v for k, v in config.items() if k in ("ranks", "method", "format_version", "extra")})
+        keys = ("ranks", "method", "format_version", "extra", "factor_quantization")
+        return cls(**{k: v for k, v in config.items() if k in keys})
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: WeightsMapper) -> None:
         self.ranks = hf_to_vllm_mapper.apply_dict(self.checkpoint_ranks)

@@ -1,6 +1,7 @@
 """Round-to-nearest n-bit quantization with bit packing, and projection onto the Stiefel manifold.
 
-Pure math on torch tensors (used by ERE, METHODS.md section 3).
+Pure math on torch tensors, used by ERE (the residual encoding of Ryu et al. 2023, arXiv:2305.18425) and by the
+quantized factor pairs of :mod:`hf_lowrank.ops.quant_lowrank`.
 
 Scheme (``"rtn-affine-v1"``): asymmetric min/max affine quantization per group of ``group_size`` consecutive
 elements along the last dimension. Each group stores an ``offset`` (its minimum) and a ``scale``
@@ -342,7 +343,10 @@ def dequantize_rtn(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> to
         codes = torch.cat([codes, codes.new_zeros(rows, pad)], dim=1)
     cdtype = torch.float64 if dtype == torch.float64 else torch.float32
     levels = (1 << q.bits) - 1
-    top = float(q.offsets.double().abs().max()) + levels * float(q.scales.double().abs().max())
+    # fp16 scales and offsets cannot reach float32's limit (no host sync then: the factor layers dequantize per
+    # forward); wider ones are checked
+    top = 0.0 if q.scales.dtype == torch.float16 and q.offsets.dtype == torch.float16 else (
+        float(q.offsets.double().abs().max()) + levels * float(q.scales.double().abs().max()))
     if q.scales.dtype == torch.float64 or top >= 0.25 * _FP32_MAX:
         cdtype = torch.float64  # offset + code * scale would overflow float32 arithmetic
     scale = q.scales.reshape(rows, n_groups, 1).to(cdtype)
