@@ -295,11 +295,15 @@ def main() -> None:
 def report_bytes(report, model, names) -> int:
     """Stored bytes of the block Linears of a model with quantized factors: each layer's own ``nbytes()`` (codes,
     scales, offsets, bias), bf16 for any target left dense."""
+    from hf_lowrank import LowRankLinear
+
     total = 0
     for name in names:
         m = model.get_submodule(name)
         if hasattr(m, "nbytes"):
             total += int(m.nbytes())
+        elif isinstance(m, LowRankLinear):  # a float factor pair (its ``weight`` is the dense product: not stored)
+            total += _lowrank_bytes(model, [name])
         elif isinstance(getattr(m, "weight", None), torch.Tensor):
             total += 2 * m.weight.numel() + (2 * m.bias.numel() if m.bias is not None else 0)
         else:
