@@ -302,7 +302,7 @@ def report_bytes(report, model, names) -> int:
         m = model.get_submodule(name)
         if hasattr(m, "nbytes"):
             total += int(m.nbytes())
-        elif isinstance(m, LowRankLinear):  # a float factor pair (its ``weight`` is the dense product: not stored)
+        elif isinstance(m, LowRankLinear):  # a float factor pair: its ``weight`` is the product, not what is stored
             total += _lowrank_bytes(model, [name])
         elif isinstance(getattr(m, "weight", None), torch.Tensor):
             total += 2 * m.weight.numel() + (2 * m.bias.numel() if m.bias is not None else 0)
