@@ -8,6 +8,7 @@ from importlib import metadata as _metadata
 
 from .compression import (
     CompressedCheckpointError,
+    CompressionConfig,
     CompressionReport,
     LowRankConfig,
     compress_model,
@@ -49,6 +50,7 @@ __all__ = [
     "BaseMismatchError",
     "CompressOnSaveCallback",
     "CompressedCheckpointError",
+    "CompressionConfig",
     "CompressionReport",
     "CorrectionReport",
     "EREResidual",

@@ -138,7 +138,7 @@ def _convert_smollm2(gguf: Path, dest: Path) -> float:
 def smollm2_dir(*, cache_dir: str | os.PathLike | None = None) -> Path:
     """Folder of a float32 safetensors copy of SmolLM2-135M-Instruct, converting the GGUF on first use.
 
-    The conversion (about 30 s on two CPU cores) is written to a temporary sibling folder, marked finished, then
+    The conversion (once, seconds to a minute) is written to a temporary sibling folder, marked finished, then
     renamed into place, so an interrupted run never leaves a half-written cache; later calls return at once.
 
     Args:

@@ -1,10 +1,11 @@
 """Pictures of WeLore's view of a model: normalised spectra per layer type and the kept-rank map.
 
 ``plot_spectra`` draws the min-max normalised singular values of every target weight, one panel per layer type
-(``self_attn.q_proj``, ``mlp.down_proj``, ...) and one curve per transformer block (the seed's Figure 4); a heavy
+(``self_attn.q_proj``, ``mlp.down_proj``, ...) and one curve per transformer block (as in Figure 4 of WeLore, Jaiswal et
+al., 2024, arXiv:2407.11239); a heavy
 tail (a curve that drops fast) marks a low-rank-friendly layer. ``plot_ranks`` draws the kept rank of every target as
-a fraction of its full rank, per layer type and block, low-rank components in green and the rest in red (the
-seed's Figure 6).
+a fraction of its full rank, per layer type and block, low-rank components in green and the rest in red (as
+in Figure 6 of the same paper).
 
 Both render with matplotlib's Agg canvas (no display, no global backend switch) and write the PNG atomically. The
 ``hf-lowrank plot spectra|ranks`` subcommands (:mod:`hf_lowrank.cli.plot`) call them.

@@ -1,13 +1,13 @@
 """Which training dtype the device runs fast: bf16 where it is native, fp32 on CPUs without bf16 instructions.
 
 trl's ``SFTConfig`` defaults to ``bf16=True``. On a CPU without native bf16 (e.g. an AMD EPYC or Intel core with
-AVX2 only, no AVX512-BF16 / AMX) torch then runs its reference bf16 GEMM (``cpublas gemm_transa_<BFloat16>``), about
-10x slower than fp32. :func:`training_dtype_kwargs` gives the ``bf16=`` / ``fp16=`` arguments to pass to
+AVX2 only, no AVX512-BF16 / AMX) torch then runs its reference bf16 GEMM (``cpublas gemm_transa_<BFloat16>``), many
+times slower than fp32. :func:`training_dtype_kwargs` gives the ``bf16=`` / ``fp16=`` arguments to pass to
 ``TrainingArguments`` / ``SFTConfig`` and says why; :func:`warn_if_slow_bf16` is what ``LowRankSFTTrainer`` calls.
 
 The CPU feature probes are private torch functions (``torch.cpu._is_avx512_bf16_supported``, ``_is_amx_tile_supported``);
 they are looked up defensively, and a torch without them is treated as having no native bf16 (fp32 is then chosen:
-slower at worst by the bf16 speed-up, never 10x).
+slower at worst by the bf16 speed-up, never by the reference kernels' factor).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def training_dtype_kwargs(use_cpu: bool | None = None) -> tuple[dict, str]:
     if cpu_has_native_bf16():
         return {"bf16": True, "fp16": False}, f"CPU {capability} with native bf16: bf16"
     return {"bf16": False, "fp16": False}, (
-        f"CPU {capability} without native bf16 (no AVX512-BF16/AMX): fp32 (bf16 would run torch's ~10x slower "
+        f"CPU {capability} without native bf16 (no AVX512-BF16/AMX): fp32 (bf16 would run torch's much slower "
         "reference kernels)"
     )
 
@@ -69,7 +69,7 @@ def warn_if_slow_bf16(args) -> bool:
         _WARNED = True
         warnings.warn(
             f"Training in bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}): torch runs "
-            "its reference bf16 kernels, about 10x slower than fp32. Pass bf16=False to SFTConfig / "
+            "its reference bf16 kernels, much slower than fp32. Pass bf16=False to SFTConfig / "
             "TrainingArguments (hf_lowrank.precision.training_dtype_kwargs() picks the fast dtype).",
             stacklevel=3,
         )

@@ -15,8 +15,9 @@ with ``share=True`` they also share one storage (calibration), else the product 
 saved with safetensors, which refuses shared tensors).
 
 :func:`calibration_grams` runs a model over calibration batches and returns the input Grams (the SVD-LLM
-"truncation-aware whitening" statistics, METHODS.md section 5) and, with ``outputs=True``, the output-gradient Grams
-of the model's loss on the same batches (the Kronecker-factored Fisher without a training run). Under
+"truncation-aware whitening" statistics: Wang et al. 2024, arXiv:2403.07378) and, with ``outputs=True``, the
+output-gradient Grams of the model's loss on the same batches (the Kronecker-factored Fisher of K-FAC, Martens and
+Grosse 2015, arXiv:1503.05671, without a training run). Under
 ``torch.distributed`` each process passes its own shard of the batches and :func:`reduce_grams` sums the Grams and the
 token count over the processes, so every process ends with the Grams of all the batches.
 """
@@ -370,8 +371,8 @@ def calibration_grams(
         embeddings = getattr(model, "get_input_embeddings", lambda: None)()
         if embeddings is None:
             raise ValueError(
-                f"calibration_weighting='kronecker' needs the input embeddings of {type(model).__name__} "
-                "(get_input_embeddings()) to start the backward pass; use calibration_weighting='whitened'."
+                f"weighting='kronecker' needs the input embeddings of {type(model).__name__} "
+                "(get_input_embeddings()) to start the backward pass; use weighting='whitened'."
             )
         # parameters frozen, the embedding output made a leaf that requires grad: backward reaches every module's
         # output without forming a single weight gradient. Every module that embeds with the input embedding's
@@ -394,9 +395,9 @@ def calibration_grams(
             if not outputs and not unused_labels and isinstance(batch, Mapping) and "labels" in batch:
                 unused_labels = True
                 logger.warning(
-                    "calibration: the batches carry 'labels', but whitening (calibration_weighting='whitened', the "
+                    "calibration: the batches carry 'labels', but whitening (weighting='whitened', the "
                     "default for a model that is not a causal language model) weighs by the module inputs only, so "
-                    "the labels are not used%s. Pass calibration_weighting='kronecker' to compress_model to weigh "
+                    "the labels are not used%s. Pass weighting='kronecker' to compress_model to weigh "
                     "by the gradients of the loss on them.",
                     " (but to build the decoder inputs)" if _is_encoder_decoder(model) else "")
             if not outputs:
@@ -412,9 +413,9 @@ def calibration_grams(
                         f"{type(model).__name__} returned "
                         + ("a loss that does not depend on its input embeddings" if loss is not None else "no loss")
                         + (" although the batch carries 'labels'" if given else "")
-                        + ", so calibration_weighting='kronecker' has no gradient to weigh by: "
-                        + ("use calibration_weighting='whitened'." if given else
-                           "pass batches with 'labels' or use calibration_weighting='whitened'."))
+                        + ", so weighting='kronecker' has no gradient to weigh by: "
+                        + ("use weighting='whitened'." if given else
+                           "pass batches with 'labels' or use weighting='whitened'."))
                 counted = int((inputs["labels"] != -100).sum())
                 (loss * max(counted, 1)).backward()
     except Exception as exc:  # raised below, on every process under torch.distributed
@@ -437,89 +438,6 @@ def calibration_grams(
         return grams, tokens
     grads = {name: store[name + GRAM_OUT] for name in modules if name + GRAM_OUT in store}
     return grams, grads, tokens
-
-
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once the first block's inputs are captured."""
-
-
-def split_into_blocks(names: Iterable[str]) -> dict[str, list[str]]:
-    """``{block path: [target names]}`` in model order, a block being the path up to the first numeric component.
-
-    ``model.layers.3.mlp.up_proj`` belongs to ``model.layers.3``. Raises ValueError for a name outside any block.
-    """
-    blocks: dict[str, list[str]] = {}
-    for name in names:
-        parts = name.split(".")
-        idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
-        if idx is None:
-            raise ValueError(
-                f"sequential calibration compresses block by block, but '{name}' is not inside a repeated block "
-                "(no numeric index in its path). Leave it out of target_modules or use sequential=False."
-            )
-        blocks.setdefault(".".join(parts[: idx + 1]), []).append(name)
-    return blocks
-
-
-class BlockStream:
-    """The calibration activations entering one transformer block at a time (sequential calibration).
-
-    :meth:`capture` runs the model up to the first block and keeps, per batch, the block's positional and keyword
-    inputs (hidden states, attention mask, rotary embeddings, ...) and the batch's 2-D token mask. :meth:`run` passes
-    every batch through a block and (``advance=True``) replaces the hidden states by its outputs, so the next block
-    sees the outputs of the blocks before it as they are now (e.g. already compressed). Under ``torch.distributed``
-    each process captures its own shard of the batches (:meth:`capture` is a collective); ``tokens`` counts those of
-    all processes.
-    """
-
-    def __init__(self) -> None:
-        self.items: list[tuple[list, dict, torch.Tensor | None]] = []
-        self.tokens = 0
-
-    @torch.no_grad()
-    def capture(self, model: nn.Module, first_block: nn.Module, calibration, *, progress: bool = True) -> BlockStream:
-        param = next(model.parameters(), None)
-        target = param.device if param is not None else torch.device("cpu")
-
-        def grab(module, args, kwargs):
-            self.items.append((list(args), dict(kwargs), self._mask))
-            raise _StopForward
-
-        check_model_ready(model)
-        calibration = as_batches(calibration)
-        handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
-        tokens, error = 0, None
-        try:
-            for batch in tqdm(calibration, desc="calibration inputs", unit="batch", disable=not progress):
-                inputs = _batch_inputs(batch, target, model)
-                mask = inputs.get("attention_mask")
-                self._mask = _row_mask(mask)
-                tokens += _token_count(mask, inputs["input_ids"])
-                try:
-                    model(**inputs)
-                except _StopForward:
-                    pass
-        except Exception as exc:  # raised by reduce_grams, on every process under torch.distributed
-            error = exc
-        finally:
-            handle.remove()
-        _, (batches, tokens) = reduce_grams({}, (len(self.items), tokens), error=error)
-        self.tokens += tokens
-        if not batches:
-            raise ValueError("The calibration data held no batch; pass batches with input_ids.")
-        return self
-
-    @torch.no_grad()
-    def run(self, block: nn.Module, *, hooks: GramHooks | None = None, advance: bool = False) -> None:
-        """Every batch through ``block`` (``hooks`` see each batch's token mask); ``advance`` keeps the outputs."""
-        for i, (args, kwargs, mask) in enumerate(self.items):
-            if hooks is not None:
-                hooks._mask, hooks._last = mask, None
-            out = block(*args, **kwargs)
-            if advance:
-                hidden = out[0] if isinstance(out, (tuple, list)) else out
-                self.items[i] = ([hidden, *args[1:]], kwargs, mask)
-
 
 
 class CalibrationGrams(NamedTuple):

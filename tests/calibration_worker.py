@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 import torch
-from tiny_models import make_tiny_llama  # next to this file: on sys.path as a script and under pytest
+from testing_common import make_tiny_llama  # next to this file: on sys.path as a script and under pytest
 
 N_BATCHES = 5
 

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny_models import make_tiny_bert_config, make_tiny_llama_config  # noqa: E402
+from testing_common import make_tiny_bert_config, make_tiny_llama_config  # noqa: E402
 
 import hf_lowrank  # noqa: E402,F401  (registers the PEFT types and the checkpoint format)
 

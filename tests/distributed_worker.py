@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 import torch
-from tiny_models import make_tiny_llama  # next to this file: on sys.path as a script and under pytest
+from testing_common import make_tiny_llama  # next to this file: on sys.path as a script and under pytest
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
 METHODS = ("fisher_lora", "fisher_callbacks", "welore", "spsft", "ere", "fsdp")

@@ -1,6 +1,8 @@
 """The training dtype follows what the CPU runs fast; bf16 on a CPU without native bf16 warns once."""
 
+import platform
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,9 +20,26 @@ def test_cpu_choice_follows_native_bf16(monkeypatch):
         assert ("without native bf16" in why) is (not native)
 
 
-def test_probe_agrees_with_torch():
-    expected = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    assert precision.cpu_has_native_bf16() is expected
+def _cpuinfo_flags() -> set[str]:
+    """The CPU feature flags the Linux kernel reports: an independent reference for the probe (which asks torch)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64") or not Path("/proc/cpuinfo").exists(),
+    reason="the reference reads x86 feature flags from /proc/cpuinfo",
+)
+def test_probe_agrees_with_the_kernels_cpu_flags():
+    flags = _cpuinfo_flags()
+    assert flags, "no flags line in /proc/cpuinfo"
+    native = precision.cpu_has_native_bf16()
+    if native:  # the probe never claims an instruction set the CPU does not report
+        assert "avx512_bf16" in flags or "amx_tile" in flags
+    if "avx512_bf16" in flags:  # AMX alone may also need the OS's permission, which the kernel flags do not show
+        assert native
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU training only")

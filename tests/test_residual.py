@@ -408,9 +408,10 @@ def test_full_finetune_with_trainer_then_save_residual_on_save(tmp_path):
 
 
 def test_trainer_compress_on_save_callback(tmp_path):
-    callbacks = pytest.importorskip("hf_lowrank.trainer_mixins.callbacks")
+    from hf_lowrank.trainer_mixins.callbacks import CompressOnSaveCallback
+
     make_tiny_llama().save_pretrained(tmp_path / "base")
-    cb = callbacks.CompressOnSaveCallback(method="ere", rank=16, bits=8)
+    cb = CompressOnSaveCallback(method="ere", rank=16, bits=8)
     trainer = _train_tiny_llama(tmp_path / "base", tmp_path / "run", callbacks=[cb])
     trainer.save_model(str(tmp_path / "final"))
     found = [p.parent for p in tmp_path.rglob("residual_manifest.json")]

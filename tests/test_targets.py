@@ -9,7 +9,6 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from hf_lowrank import FisherLoRAConfig, SPSFTConfig, find_target_linears, welore_ranks_for_model
-from hf_lowrank.compression import compress as compress_module
 from hf_lowrank.peft_configs.fisher_lora import plan_ranks
 from hf_lowrank.peft_configs.spsft.model import _block_linear_leaf_names
 from hf_lowrank.peft_configs.welore.allocation import match_rank_pattern
@@ -162,11 +161,18 @@ def test_all_linear_is_peft_everywhere(tiny_llama, tiny_bert_classifier):
     assert is_all_linear("All-Linear") and not is_all_linear(["all-linear"])
 
 
-def test_find_target_linears_is_reexported():
+@pytest.mark.parametrize("target_modules", [None, "all-linear", ["q_proj", "down_proj"]])
+def test_public_find_target_linears_is_the_rule_compress_model_applies(tiny_llama, target_modules):
+    """The public name is the one rule (no copy), and it names exactly the modules compress_model reports on."""
     import hf_lowrank
     from hf_lowrank import targets
 
-    assert hf_lowrank.find_target_linears is targets.find_target_linears is compress_module.find_target_linears
+    assert hf_lowrank.find_target_linears is targets.find_target_linears
+    expected = set(hf_lowrank.find_target_linears(tiny_llama, target_modules))
+    with pytest.warns(UserWarning, match="absolute rank"):
+        report = hf_lowrank.compress_model(tiny_llama, 4, target_modules=target_modules, progress=False)
+    assert {m.name for m in report.modules} == expected
+    assert set(report.ranks) == expected  # rank 4 saves parameters in every tiny Linear: none skipped
 
 
 # ---------------------------------------------------------------------------------------------- prefixes

@@ -548,3 +548,11 @@ def test_plots_and_cli(planted, tmp_path):
                  "--reduction", "0.3"]) == 0
     for name in ("cli_ranks.png", "cli_spectra.png", "cli_ranks2.png"):
         assert _png_size(tmp_path / name)[0] > 300
+
+
+def test_welore_on_an_already_compressed_model_says_so(tiny_llama):
+    from hf_lowrank import compress_model
+
+    compress_model(tiny_llama, 0.5, progress=False)
+    with pytest.raises(ValueError, match="already compressed"):
+        get_peft_model(tiny_llama, WeLoreLRCConfig(reduction=0.3, progress=False))

@@ -168,14 +168,14 @@ def _cmd_compress(args) -> int:
         if calibration is None and (args.sequential or args.allocation == "global" or args.calibration_weighting):
             raise CliError("--sequential, --allocation global and --calibration-weighting need --calibration "
                            "FILE|bundled.")
-        report = compress_model(model, _ranks_arg(args), target_modules=targets, method=args.svd,
-                                calibration=calibration, calibration_weighting=args.calibration_weighting,
+        report = compress_model(model, _ranks_arg(args), target_modules=targets, svd_method=args.svd,
+                                calibration=calibration, weighting=args.calibration_weighting,
                                 allocation=args.allocation, sequential=args.sequential)
     elif args.method == "fwsvd":
         if not args.fisher:
             raise SystemExit("--method fwsvd needs --fisher FILE (the Fisher state a FisherCollectorCallback saved).")
-        report = compress_model(model, _ranks_arg(args), fisher=args.fisher, fisher_weighting=args.weighting,
-                                target_modules=targets, method=args.svd, allocation=args.allocation)
+        report = compress_model(model, _ranks_arg(args), fisher=args.fisher, weighting=args.weighting,
+                                target_modules=targets, svd_method=args.svd, allocation=args.allocation)
     elif args.method == "welore":
         report = _compress_welore(args, model, tok, targets)
     else:  # argparse restricts the choices
@@ -192,7 +192,6 @@ def _compress_welore(args, model, tok, targets):
     """WeLore ranks, then the LRCs factorized (N-LRCs stay dense). With ``--calibration`` data-aware: the threshold
     runs on the whitened spectra and the factors are the whitened SVD, both from the same input Grams (collected
     once, forward passes only)."""
-    from ..compression.checkpoint import mark_compressed
     from ..compression.compress import compress_model
     from ..peft_configs.welore import welore_ranks_for_model
 
@@ -204,7 +203,7 @@ def _compress_welore(args, model, tok, targets):
         if args.calibration_weighting:
             raise CliError("--calibration-weighting needs --calibration FILE|bundled.")
         ranks, allocation = welore_ranks_for_model(model, args.reduction, target_modules=targets)
-        report = compress_model(model, ranks, method=args.svd, report_method="welore")
+        report = compress_model(model, ranks, svd_method=args.svd, report_method="welore")
         print(f"WeLore: target reduction {args.reduction:.3f}, achieved {allocation.achieved_reduction:.4f}")
         return report
     from ..statistics import calibration_grams
@@ -212,14 +211,13 @@ def _compress_welore(args, model, tok, targets):
 
     grams, tokens = calibration_grams(model, find_target_linears(model, targets), calibration)
     ranks, allocation = welore_ranks_for_model(model, args.reduction, target_modules=targets, grams_in=grams)
-    report = compress_model(model, ranks, method=args.svd, report_method="welore",
-                            grams_in={n: grams[n] for n in ranks if n in grams})
     welore = {"spectra": "whitened", "reduction": args.reduction,
               "achieved_reduction": allocation.achieved_reduction, "calibration_tokens": tokens,
               "lrc": len(allocation.lrc), "nlrc": len(allocation.nlrc)}
+    report = compress_model(model, ranks, svd_method=args.svd, report_method="welore",
+                            grams_in={n: grams[n] for n in ranks if n in grams}, checkpoint_extra=welore)
     report.info["welore"] = welore
     report.info["calibration_tokens"] = tokens
-    mark_compressed(model, report.ranks, method=report.method, extra=welore)
     print(f"WeLore (whitened spectra, {tokens} calibration tokens): target reduction {args.reduction:.3f}, "
           f"achieved {allocation.achieved_reduction:.4f}")
     return report

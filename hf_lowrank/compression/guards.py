@@ -54,7 +54,7 @@ def check_empty_sides(sides, want_in: bool, want_out: bool, from_calibration: bo
         raise ValueError(
             "Every output-gradient Gram is zero: the loss sent no gradient to any target module. For a causal LM "
             "each sequence needs at least 2 tokens (the next-token labels of a 1-token sequence are empty) and the "
-            "labels must not all be -100; or use calibration_weighting='whitened' (input Grams only)."
+            "labels must not all be -100; or use weighting='whitened' (input Grams only)."
         )
 
 

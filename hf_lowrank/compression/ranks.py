@@ -1,9 +1,9 @@
 """The one answer to "which rank for each module": a rank, a keep fraction and a ``rank_pattern``, for every entry point.
 
-``rank_pattern`` has peft's meaning everywhere (``compress_model``, ``compress_peft_model``, ``compress_on_save``,
-``FisherLoRAConfig.compress_rank_pattern``): a key is a regular expression matched against the end of a module name
-on a dot boundary (:func:`hf_lowrank.targets.pattern_key`), the first matching key wins, so a full module name and a
-suffix such as ``"up_proj"`` both work.
+``rank_pattern`` has peft's meaning everywhere (``CompressionConfig.rank_pattern``, and so ``compress_model``,
+``compress_peft_model``, ``compress_on_save`` and ``FisherLoRAConfig.compression``): a key is a regular expression
+matched against the end of a module name on a dot boundary (:func:`hf_lowrank.targets.pattern_key`), the first
+matching key wins, so a full module name and a suffix such as ``"up_proj"`` both work.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def plan_ranks(
     keep: float | None = None,
     rank_pattern: Mapping[str, int | float] | None = None,
     multiple: int = RANK_MULTIPLE,
-    what: str = "compress_rank_pattern",
+    what: str = "rank_pattern",
 ) -> dict[str, int | None]:
     """Rank of each module from a global rank or keep fraction and per-module overrides.
 
@@ -66,8 +66,8 @@ def plan_ranks(
         raise ValueError(f"Give a rank ({rank!r}) or a keep fraction ({keep!r}), not both.")
     if rank is None and keep is None and not pattern:
         raise ValueError(
-            "Nothing says how much to compress: set compress_rank or compress_keep in FisherLoRAConfig (or pass "
-            "rank= / keep= / rank_pattern=)."
+            "Nothing says how much to compress: set keep=, rank= or rank_pattern= (a CompressionConfig, also as "
+            "FisherLoRAConfig(compression=CompressionConfig(keep=0.8)))."
         )
     if not shapes:
         raise ValueError("No target modules matched: the model has no adapted Linear layer to compress.")

@@ -1,14 +1,18 @@
 """Fisher-weighted SVD (FWSVD) and the Fisher of a LoRA product.
 
-Pure math on torch tensors (see METHODS.md section 1).
+Pure math on torch tensors. FWSVD: Hsu, Hua, Chang, Lou, Shen and Jin, 2022, "Language model compression with
+weighted low-rank factorization", arXiv:2207.00112. Fisher from LoRA adapters: Moskovskiy, Pletenev, Zagoruyko and
+Panchenko, 2025, "Memory Efficient LM Compression using Fisher Information from Low-Rank Representations" (NLDB 2025).
+Kronecker-factored Fisher sides: Martens and Grosse, 2015, arXiv:1503.05671 (K-FAC); Chekalina et al., 2025,
+arXiv:2505.17974 (GFWSVD). Input-side whitening: Wang, Zheng, Wan and Zhang, 2024, arXiv:2403.07378 (SVD-LLM).
 
 Conventions: a Linear weight ``W`` has shape ``(out, in)``; the factor pair is ``down (r, in)`` and ``up (out, r)``
 with ``W ~= up @ down``. PEFT LoRA: ``A (r, in)``, ``B (out, r)``, ``dW = s * B @ A``.
 
 Fisher-weighted SVD solves ``min ||D_out (W - W_hat) D_in||_F`` over rank-``r`` matrices ``W_hat`` exactly: take
 the truncated SVD of ``D_out W D_in = U S V^T`` and divide the weights back out of the factors,
-``up = D_out^{-1} U sqrt(S)``, ``down = sqrt(S) V^T D_in^{-1}``. With only ``D_out`` this is FWSVD (Hsu et al.
-2022); with both sides it is the two-sided weighting of the FisherLoRA authors' code.
+``up = D_out^{-1} U sqrt(S)``, ``down = sqrt(S) V^T D_in^{-1}``. With only ``D_out`` this is FWSVD (Hsu et al.,
+2022); with both sides it is the two-sided weighting of the FisherLoRA authors' code (Moskovskiy et al., 2025).
 """
 
 from __future__ import annotations
@@ -137,11 +141,11 @@ def gram_shrinkage(dim: int, tokens: int) -> float:
 
     A Gram from fewer samples than features is rank-deficient, and one from a few times more is still dominated by
     sampling noise in its small eigenvalues; a weighted factorization then trusts directions the data never
-    measured and chases noise (SmolLM2 at 256 calibration tokens: held-out perplexity in the hundreds of thousands).
+    measured and chases noise.
     Shrinking toward the diagonal, ``(1 - a) G + a diag(G)``, is the classical remedy for a sample covariance with
     few samples per dimension (Ledoit and Wolf, 2004, "A well-conditioned estimator for large-dimensional covariance
-    matrices"); ``a = d / (d + n)`` falls from about 1 with no data to 0 as the tokens per dimension grow, and was
-    chosen by measurement (``benchmarks/calibration_size.py``).
+    matrices"); ``a = d / (d + n)`` falls from about 1 with no data to 0 as the tokens per dimension grow (the choice
+    is compared with other calibration sizes in ``benchmarks/calibration_size.py``).
 
     Args:
         dim: the Gram's size ``d``.

@@ -6,8 +6,8 @@ that cheaper than ``acc.add_(rows.T @ rows)``:
 - the product is accumulated by ``addmm_`` straight into the accumulator (no ``(n, n)`` temporary to allocate,
   check and add: with hundreds of accumulators those passes over cold memory cost as much as the GEMM);
 - for a wide side and many rows only the blocks on and above the diagonal are multiplied and the rest mirrored
-  (the Gram is symmetric): 4 column blocks do 10 of the 16 block products, measured 0.64x the time of one GEMM at
-  ``(2048, 1536)`` on a 2-core AVX2 CPU; below :data:`BLOCKED_MIN_DIM` / :data:`BLOCKED_MIN_ROWS` one GEMM is faster.
+  (the Gram is symmetric): 4 column blocks do 10 of the 16 block products, in less time than one GEMM for a wide side
+  (``benchmarks/gram_accumulate.py``); below :data:`BLOCKED_MIN_DIM` / :data:`BLOCKED_MIN_ROWS` one GEMM is faster.
 
 Non-finite rows would poison the accumulator for good, so :func:`gram_accumulate_` leaves it untouched and returns
 ``False`` when the contribution is not finite (decided from the rows, with an overflow bound, before any write).

@@ -3,8 +3,10 @@
 Pure math on torch tensors. Conventions: a Linear weight ``W`` has shape ``(out, in)``; neuron ``i`` is row ``W[i]``;
 every score is a float32 vector of shape ``(out,)`` where larger means more important.
 
-The Taylor scores follow seed 004 eq. 6 as fixed in METHODS.md section 4: ``eta_i = |W[i] . G[i]|`` (the absolute value
-of the row-wise dot product of the weight with the loss gradient ``G``). Because this is linear in ``G``, it never
+SPSFT: Li and Bhaskara, 2025, "An Efficient Sparse Fine-Tuning with Low Quantization Error via Neural Network
+Pruning" (first titled "Memory-Efficient Fine-Tuning via Structured Neural Network Pruning"), arXiv:2502.11439.
+The Taylor scores are the paper's first-order Taylor importance, taken as ``eta_i = |W[i] . G[i]|`` (the absolute
+value of the row-wise dot product of the weight with the loss gradient ``G``). Because this is linear in ``G``, it never
 needs the ``(out, in)`` gradient itself: for a Linear layer ``G = sum_tokens grad_y^T x``, hence
 ``W[i] . G[i] = sum_tokens grad_y[:, i] * (x @ W[i])`` -- see :func:`row_dot_from_activations`, which is what
 :func:`hf_lowrank.spsft_importance` accumulates with hooks.
@@ -28,7 +30,7 @@ __all__ = [
     "top_rows",
 ]
 
-# The 0%, 10%, ..., 100% quantiles of seed 004 eq. 7.
+# The 0%, 10%, ..., 100% quantiles of the quantile-mean Taylor importance (Li and Bhaskara, 2025, arXiv:2502.11439).
 QUANTILE_LEVELS: tuple[float, ...] = tuple(k / 10 for k in range(11))
 
 
@@ -73,11 +75,11 @@ def taylor_importance(W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def quantile_mean(eta: torch.Tensor, levels: Sequence[float] = QUANTILE_LEVELS) -> torch.Tensor:
-    """Mean of the quantiles of per-class scores (seed 004 eq. 7).
+    """Mean of the quantiles of per-class scores (Li and Bhaskara, 2025, arXiv:2502.11439).
 
     Args:
         eta: ``(T, out)`` per-class importance, one row per class ``t``.
-        levels: quantile levels in ``[0, 1]``; the seed uses 0, 0.1, ..., 1.
+        levels: quantile levels in ``[0, 1]``; the paper uses 0, 0.1, ..., 1.
 
     Returns:
         ``(out,)`` float32: ``mean_k Q_k({eta[t, i]}_t)`` with linear interpolation between order statistics
@@ -97,7 +99,7 @@ def quantile_mean(eta: torch.Tensor, levels: Sequence[float] = QUANTILE_LEVELS) 
 def quantile_mean_taylor_importance(
     W: torch.Tensor, class_grads: torch.Tensor | Sequence[torch.Tensor], levels: Sequence[float] = QUANTILE_LEVELS
 ) -> torch.Tensor:
-    """Class-aware quantile-mean Taylor importance (seed 004 eq. 6-7).
+    """Class-aware quantile-mean Taylor importance (Li and Bhaskara, 2025, arXiv:2502.11439).
 
     For every class ``t``: ``eta[t, i] = |W[i] . G_t[i]|`` with ``G_t`` the gradient of the mean loss over that
     class's examples; the score is the mean of the 0, 10, ..., 100% quantiles of ``{eta[t, i]}_t``.

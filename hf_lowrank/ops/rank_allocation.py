@@ -1,6 +1,7 @@
 """Rank allocation across modules: uniform, WeLore global threshold, ERE budget allocation.
 
-Pure functions from spectra and shapes to ``{module name: rank}`` (see METHODS.md sections 2 and 3). Spectra are
+Pure functions from spectra and shapes to ``{module name: rank}`` (WeLore: Jaiswal et al., 2024, arXiv:2407.11239;
+ERE: Ryu, Seo and Yoo, 2023, arXiv:2305.18425). Spectra are
 1-D tensors of singular values (any order; they are sorted here); shapes are ``(out, in)`` tuples. WeLore's
 threshold lives in :mod:`.welore_allocation` and is re-exported here.
 """
@@ -156,7 +157,7 @@ def ere_ranks(
     alpha: float = 0.5,
     fit_range: tuple[float, float] | None = None,
 ) -> EREAllocation:
-    """ERE budget allocation (seed 003, appendix A) with the prior-rank blend.
+    """ERE budget allocation (Ryu, Seo and Yoo, 2023, arXiv:2305.18425, appendix A) with the prior-rank blend.
 
     For each module the tail energy ``f_l(r) = sum_{i > r} s_i^2`` is fitted by ``g_l(r) = exp(a_l r + b_l)``
     (least squares on ``log f_l``). Minimising ``sum_l g_l(r_l)`` under ``sum_l r_l c_l = M`` (``c_l = out_l +
@@ -312,7 +313,11 @@ def global_ranks(
     min_rank: int = 1,
     multiple: int = 1,
 ) -> GlobalAllocation:
-    """Per-module ranks minimising the summed truncation loss under one parameter budget (METHODS.md section 5).
+    """Per-module ranks minimising the summed truncation loss under one parameter budget.
+
+    The spectra are those of the weighted weights (Kronecker-factored Fisher sides as in GFWSVD, Chekalina et al.,
+    2025, arXiv:2505.17974; or whitened inputs as in SVD-LLM, Wang et al., 2024, arXiv:2403.07378), so that a tail
+    measures the loss a truncation costs.
 
     The loss of keeping rank ``k`` in module ``l`` is its tail ``sum_{i >= k} s_{l,i}^2``; each rank costs
     ``out_l + in_l`` parameters. The tails are convex, so taking singular values greedily by loss removed per

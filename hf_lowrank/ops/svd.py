@@ -307,9 +307,9 @@ def break_even_rank(out_features: int, in_features: int) -> int:
     return max(0, math.ceil(out_features * in_features / (out_features + in_features)) - 1)
 
 
-#: Ranks chosen from a keep fraction are multiples of this (``compress_model(rank_multiple=...)``): measured with
-#: ``benchmarks/inference_speed.py``, a factor pair whose inner dimension is not a multiple of 8 runs 5-25% slower
-#: than its FLOP ratio on CPU GEMM kernels; aligned ones run at it. Costs at most 7 ranks of a module's budget.
+#: Ranks chosen from a keep fraction are multiples of this (``compress_model(rank_multiple=...)``): a factor pair
+#: whose inner dimension is not a multiple of 8 runs slower than its FLOP ratio on CPU GEMM kernels and aligned ones
+#: run at it (``benchmarks/inference_speed.py``). Costs at most 7 ranks of a module's budget.
 RANK_MULTIPLE = 8
 
 

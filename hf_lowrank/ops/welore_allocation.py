@@ -1,4 +1,7 @@
-"""WeLore's rank allocation (METHODS.md section 2): min-max normalised spectra, one global threshold, LRC split.
+"""WeLore's rank allocation: min-max normalised spectra, one global threshold, LRC split.
+
+WeLore: Jaiswal, Yin, Zhang, Liu, Zhao, Tian and Wang, 2024, "From GaLore to WeLore: How Low-Rank Weights
+Non-uniformly Emerge from Low-Rank Gradients", arXiv:2407.11239.
 
 Pure functions from spectra to ``{module name: rank}``; :mod:`hf_lowrank.peft_configs.welore` computes the spectra
 of a model and builds the PEFT method on :func:`welore_ranks`. Also reachable from :mod:`.rank_allocation`.
@@ -158,7 +161,7 @@ def welore_ranks(
     pinned: Mapping[str, int] | None = None,
     max_iter: int = 100,
 ) -> WeLoreAllocation:
-    """WeLore (METHODS.md section 2): one global threshold on min-max normalised spectra, set for an ACHIEVED reduction.
+    """WeLore (Jaiswal et al., 2024, arXiv:2407.11239): one global threshold on min-max normalised spectra, set for an ACHIEVED reduction.
 
     Every free module keeps ``r_l(k) = max(1, #(s_norm_l >= k))``. The achieved reduction counts only what is really
     removed: with ``nlrc="keep"`` (N-LRCs keep their full weight, as in the authors' code) a module removes ranks only

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..compression.compress import CompressionReport
+from ..compression.config import CompressionConfig
 from ..distributed import barrier, gather_full_model, is_fsdp_model
 from ..fisher_state import FisherState, FisherStateError, fisher_state_filename
 from ..peft_configs.fisher_lora.fisher import FisherCollector
@@ -162,26 +164,24 @@ class FisherCollectorCallback(TrainerCallback):
 class CompressOnSaveCallback(TrainerCallback):
     """Write a compressed copy of the trained model when training ends (and, optionally, into every checkpoint).
 
-    The training model is not modified: compression works on a copy that shares the untouched tensors.
+    The training model is not modified: compression works on a copy that shares the untouched tensors. What to do is
+    ``config`` (a :class:`~hf_lowrank.CompressionConfig`; for a FisherLoRA model without one, the adapter config's
+    ``compression``); with ``fisher`` the factorization is Fisher-weighted (FWSVD, Hsu et al. 2022,
+    arXiv:2207.00112; the Kronecker-factored Fisher when the state holds Grams), without it plain truncated SVD. A
+    LoRA ``PeftModel`` goes through :func:`~hf_lowrank.compress_peft_model` (merged per its config), a plain model
+    (full fine-tuning with ``FisherCollectorCallback(source="full")``) through :func:`~hf_lowrank.compress_model`.
 
-    Methods:
-        - ``"fwsvd"``: Fisher-weighted SVD with the Fisher of ``fisher`` (a :class:`FisherCollectorCallback` in the
-          same Trainer, or a state / path). A LoRA ``PeftModel`` goes through
-          :func:`~hf_lowrank.compress_peft_model` (merged per its config); a plain model (full fine-tuning with
-          ``FisherCollectorCallback(source="full")``) through ``compress_model(..., fisher=...)``.
-        - ``"svd"``: plain truncated SVD, no Fisher.
-        - ``"ere"``: efficient residual encoding of the fine-tuned weights (seed 003), delegated to
-          ``hf_lowrank.compression.ere.save_residual_on_save(model, output_dir, base_model=..., **kwargs)``.
-          ERE encodes ``W_finetuned - W_base`` and therefore needs the base weights: pass ``base_model=`` here (or
-          let ``save_residual_on_save`` decide how to find them; see its documentation).
+    ``method="ere"`` writes an efficient residual encoding of the fine-tuned weights instead (Ryu, Seo and Yoo 2023,
+    arXiv:2305.18425), delegated to ``hf_lowrank.compression.ere.save_residual_on_save(model, output_dir,
+    base_model=..., **kwargs)``; it encodes ``W_finetuned - W_base`` and therefore needs the base weights
+    (``base_model=``, or see that function for how it finds them).
 
     Args:
-        method: ``"fwsvd"``, ``"svd"`` or ``"ere"``.
-        fisher: Fisher source for ``"fwsvd"``.
-        rank, keep, rank_pattern: compression target (a FisherLoRA config supplies its own when these are None).
-        weighting: ``"kronecker"``, ``"two_sided"`` or ``"row"`` for ``"fwsvd"`` (default: the adapter config's;
-            for a plain model, ``"kronecker"`` when the Fisher state holds Grams, else
-            :data:`~hf_lowrank.fisher_state.DEFAULT_WEIGHTING`).
+        config: the compression.
+        fisher: a :class:`FisherCollectorCallback` in the same Trainer, or a Fisher state / path.
+        method: ``"ere"``, or (deprecated) ``"fwsvd"`` / ``"svd"``, which ``fisher`` now says.
+        rank, keep, rank_pattern, weighting: deprecated aliases of the config's fields (``rank`` stays the ERE
+            prior rank with ``"ere"``).
         output_subdir: folder name written inside ``args.output_dir`` (and inside checkpoints).
         at_checkpoints: also write ``<checkpoint>/<output_subdir>`` at every save (costly for big models).
         base_model: for ``"ere"``.
@@ -190,8 +190,9 @@ class CompressOnSaveCallback(TrainerCallback):
 
     def __init__(
         self,
-        method: str = "fwsvd",
+        method: str | None = None,
         *,
+        config: CompressionConfig | None = None,
         fisher=None,
         rank: int | None = None,
         keep: float | None = None,
@@ -202,15 +203,28 @@ class CompressOnSaveCallback(TrainerCallback):
         base_model=None,
         **method_kwargs,
     ) -> None:
-        if method not in ("fwsvd", "svd", "ere"):
-            raise ValueError(f"CompressOnSaveCallback method must be 'fwsvd', 'svd' or 'ere', got {method!r}.")
+        if method not in (None, "fwsvd", "svd", "ere"):
+            raise ValueError(f"CompressOnSaveCallback method must be 'ere' (or None: compress), got {method!r}.")
+        if config is not None and not isinstance(config, CompressionConfig):
+            raise ValueError(f"config must be a hf_lowrank.CompressionConfig, got {type(config).__name__}.")
+        if method in ("fwsvd", "svd"):
+            warnings.warn(f"CompressOnSaveCallback(method={method!r}) is deprecated and will be removed in the next "
+                          "release: pass fisher= for the Fisher-weighted SVD, leave it out for plain SVD.",
+                          DeprecationWarning, stacklevel=2)
         if method == "fwsvd" and fisher is None:
             raise ValueError(
                 "method='fwsvd' needs fisher=<FisherCollectorCallback> (add the same callback object to the Trainer) "
                 "or a saved Fisher state; use method='svd' for plain SVD."
             )
-        self.method = method
-        self.fisher = fisher
+        aliases = {k: v for k, v in (("rank", rank), ("keep", keep), ("rank_pattern", rank_pattern),
+                                     ("weighting", weighting)) if v is not None and not (k == "rank" and method == "ere")}
+        if aliases:
+            warnings.warn(f"CompressOnSaveCallback({', '.join(f'{k}=' for k in aliases)}) is deprecated and will be "
+                          "removed in the next release: pass config=CompressionConfig(...).", DeprecationWarning,
+                          stacklevel=2)
+        self.method = "ere" if method == "ere" else "compress"
+        self.config = config
+        self.fisher = None if method == "svd" else fisher
         self.rank, self.keep, self.rank_pattern = rank, keep, rank_pattern
         self.weighting = weighting
         self.output_subdir = output_subdir
@@ -237,12 +251,12 @@ class CompressOnSaveCallback(TrainerCallback):
             self._write_residual(model, folder, tokenizer, should_save)
             barrier()
             return
-        fisher = self.fisher if self.method == "fwsvd" else None
         _, report = compress_on_save(
-            model, folder, fisher=fisher, fisher_source=None if fisher is not None else "none", tokenizer=tokenizer,
-            should_save=should_save, progress=not getattr(args, "disable_tqdm", False),
-            global_step=getattr(state, "global_step", None), rank=self.rank, keep=self.keep,
-            rank_pattern=self.rank_pattern, weighting=self.weighting, **self.method_kwargs,
+            model, folder, config=self.config, fisher=self.fisher,
+            fisher_source=None if self.fisher is not None else "none", tokenizer=tokenizer, should_save=should_save,
+            progress=not getattr(args, "disable_tqdm", False), global_step=getattr(state, "global_step", None),
+            rank=self.rank, keep=self.keep, rank_pattern=self.rank_pattern, weighting=self.weighting,
+            **self.method_kwargs,
         )
         if report is not None:
             self.last_report = report
@@ -281,6 +295,7 @@ def compress_on_save(
     model: nn.Module,
     output_dir: str | os.PathLike,
     *,
+    config: CompressionConfig | None = None,
     fisher=None,
     fisher_source: str | None = None,
     tokenizer=None,
@@ -313,6 +328,8 @@ def compress_on_save(
     Args:
         model: the trained model (a ``PeftModel``, a model with LoRA layers, or a plain model), wrapped or not.
         output_dir: the folder to write.
+        config: the compression (:class:`~hf_lowrank.CompressionConfig`); for a FisherLoRA model it replaces the
+            adapter config's ``compression``; a plain model needs it (or ``rank`` / ``keep`` / ``rank_pattern``).
         fisher: ``FisherCollectorCallback`` / ``FisherCollector`` / ``FisherState`` / path, or None (plain SVD).
         fisher_source: for ``compress_peft_model`` (None: the adapter config's).
         tokenizer: saved with the model when given.
@@ -338,18 +355,19 @@ def compress_on_save(
         if lora:
             compressed, report = compress_peft_model(
                 gathered, fisher=state, fisher_source=fisher_source, rank=rank, keep=keep, rank_pattern=rank_pattern,
-                weighting=weighting, inplace=inplace, progress=progress, **method_kwargs,
+                weighting=weighting, inplace=inplace, progress=progress, compression=config, **method_kwargs,
             )
         else:
-            if rank is None and keep is None and not rank_pattern:
-                raise ValueError("CompressOnSaveCallback on a model without adapters needs rank=, keep= or "
-                                 "rank_pattern= (the model carries no LoRA adapter on a Linear layer).")
-            ranks = rank if rank is not None else keep
-            if ranks is None:  # a pattern alone: its keys choose the targets
-                ranks, rank_pattern = rank_pattern, None
+            given = {k: v for k, v in (("rank", rank), ("keep", keep), ("rank_pattern", rank_pattern)) if v is not None}
+            if state is not None and weighting:
+                given["weighting"] = weighting
+            if not given and (config is None or not config.has_target):
+                raise ValueError("CompressOnSaveCallback on a model without adapters needs config=CompressionConfig("
+                                 "keep=... or rank=...) (the model carries no LoRA adapter on a Linear layer).")
+            if config is not None and (rank is not None or keep is not None):  # a rank or keep replaces the other
+                given = {"rank": rank, "keep": keep, **given}
             compressed = shared_weight_copy(unwrap_model(gathered))
-            report = compress_model(compressed, ranks, rank_pattern=rank_pattern, fisher=state,
-                                    fisher_weighting=weighting if state else None, progress=progress, **method_kwargs)
+            report = compress_model(compressed, config, fisher=state, progress=progress, **given, **method_kwargs)
         save_compressed_model(compressed, output_dir, tokenizer=tokenizer, report=report, fisher_state=state)
         logger.info("Compressed model saved to %s: %s", output_dir, report.summary())
         if not inplace:

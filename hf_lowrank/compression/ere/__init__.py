@@ -1,4 +1,7 @@
-"""ERE: store a fully fine-tuned model as a compressed residual over its base (seed 003, METHODS.md section 3).
+"""ERE: store a fully fine-tuned model as a compressed residual over its base.
+
+ERE (efficient residual encoding): Ryu, Seo and Yoo, 2023, "Efficient Storage of Fine-Tuned Models via Low-Rank
+Approximation of Weight Residuals", arXiv:2305.18425.
 
 For every 2-D weight with a counterpart in the base, the residual ``R = W_ft - W_base`` is encoded:
 

@@ -1,4 +1,8 @@
-"""FisherLoRA (seed 000): FWSVD compression with Fisher information collected from LoRA / QLoRA adapters.
+"""FisherLoRA: FWSVD compression with Fisher information collected from LoRA / QLoRA adapters.
+
+Moskovskiy, Pletenev, Zagoruyko and Panchenko, 2025, "Memory Efficient LM Compression using Fisher Information from
+Low-Rank Representations" (NLDB 2025), on FWSVD (Hsu, Hua, Chang, Lou, Shen and Jin, 2022, "Language model
+compression with weighted low-rank factorization", arXiv:2207.00112).
 
 Importing this package registers ``PeftType.FISHER_LORA`` with peft, so ``get_peft_model(model,
 FisherLoRAConfig(...))``, ``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` handle it.

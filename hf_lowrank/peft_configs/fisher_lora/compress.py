@@ -10,6 +10,7 @@ that one pipeline as a plain Linear holding its effective weight, and what is le
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Mapping
@@ -17,13 +18,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ...compression.compress import (
-    ALLOCATIONS,
-    CompressionReport,
-    ModuleReport,
-    compress_model,
-    set_submodule,
-)
+from ...compression.compress import CompressionReport, ModuleReport, compress_model, set_submodule
+from ...compression.config import CompressionConfig
+from ...compression.pipeline import restore_modules, swap_modules
 from ...compression.ranks import plan_ranks
 from ...fisher_state import FisherState, resolve_fisher
 from ...modules import dense_weight, is_quantized
@@ -32,6 +29,7 @@ from .config import (
     FISHER_WEIGHTINGS,
     NO_CONFIG_DEFAULTS,
     FisherLoRAConfig,
+    default_allocation,
 )
 from .save import export_lora_adapter, save_compressed_model
 from .sides import _check_adapter_rank
@@ -84,6 +82,7 @@ def compress_peft_model(
     adapter_name: str | None = None,
     inplace: bool = False,
     progress: bool = True,
+    compression: CompressionConfig | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress every LoRA-adapted Linear of ``peft_model`` by (Fisher-weighted) truncated SVD.
 
@@ -106,13 +105,15 @@ def compress_peft_model(
         exponent, eps: Fisher weighting, ``D = (F / mean(F) + eps) ** exponent``.
         merge: merge the LoRA delta before compressing (VRAM-unlimited pipeline) or not (VRAM-limited).
         dtype: dtype of the returned model (``torch.dtype`` or ``"bfloat16"`` ...); default the config's
-            ``compress_dtype``, else the model's floating dtype.
+            ``compression.dtype``, else the model's floating dtype.
         svd_method: ``"auto"``, ``"exact"`` or ``"randomized"``.
         adapter_name: adapter to use (default: the active one).
         inplace: False (default): compress a copy that shares untouched tensors with ``peft_model``, which stays
             intact and trainable. True: replace layers inside ``peft_model``'s base model (no copy at all; the
             PeftModel must not be used afterwards).
         progress: show a progress bar.
+        compression: a :class:`~hf_lowrank.CompressionConfig` used instead of the adapter config's
+            ``compression`` (the arguments above still override single fields).
 
     Returns:
         ``(model, report)``: the compressed transformers model (``save_pretrained`` writes a factorized checkpoint
@@ -142,19 +143,32 @@ def compress_peft_model(
         fisher_source = "lora" if fisher is not None else "none"
     source = pick(fisher_source, "fisher_source")
     weighting = pick(weighting, "fisher_weighting")
-    exponent = float(pick(exponent, "fisher_exponent"))
-    eps = float(pick(eps, "fisher_eps"))
+    if compression is not None:  # given here: its "auto"s resolved as the adapter config resolves its own
+        if compression.weighting != "auto" and weighting != compression.weighting:
+            raise ValueError(f"compression.weighting={compression.weighting!r} but weighting={weighting!r}: pass "
+                             "one weighting (the Fisher's).")
+        base = dataclasses.replace(
+            compression,
+            allocation=default_allocation(weighting, compression.keep, compression.rank_pattern)
+            if compression.allocation == "auto" else compression.allocation,
+            loss_normalization="none" if compression.loss_normalization == "auto" else compression.loss_normalization,
+        )
+    elif cfg is not None:
+        base = cfg.resolved_compression()
+    else:
+        base = CompressionConfig(allocation=DEFAULT_ALLOCATION, loss_normalization="none")
+    exponent = float(exponent if exponent is not None else base.fisher_exponent)
+    eps = float(eps if eps is not None else base.fisher_eps)
     merge = bool(pick(merge, "merge_before_compress"))
-    svd_method = pick(svd_method, "compress_svd_method")
+    svd_method = svd_method or base.svd_method
     if allocation is None and (rank is not None or rank_pattern):
         allocation = DEFAULT_ALLOCATION  # an explicit rank (or pattern) overrides the config's budget and allocation
-    allocation = pick(allocation, "compress_allocation")
-    damping = float(pick(damping, "compress_damping"))
-    loss_normalization = pick(loss_normalization, "compress_loss_normalization")
-    if rank is None and keep is None and rank_pattern is None and cfg is not None:
-        rank, keep, rank_pattern = cfg.compress_rank, cfg.compress_keep, cfg.compress_rank_pattern
-    if dtype is None and cfg is not None and cfg.compress_dtype is not None:
-        dtype = cfg.compress_dtype
+    allocation = allocation or base.allocation
+    damping = float(damping if damping is not None else base.damping)
+    loss_normalization = loss_normalization or base.loss_normalization
+    if rank is None and keep is None and rank_pattern is None:
+        rank, keep, rank_pattern = base.rank, base.keep, base.rank_pattern
+    dtype = dtype if dtype is not None else base.dtype
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)} or a torch.dtype, got {dtype!r}.")
@@ -163,8 +177,8 @@ def compress_peft_model(
         raise ValueError(f"fisher_source must be 'lora', 'full' or 'none', got {source!r}.")
     if weighting not in FISHER_WEIGHTINGS:
         raise ValueError(f"weighting must be 'row', 'two_sided' or 'kronecker', got {weighting!r}.")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
+    if allocation not in ("uniform", "global"):
+        raise ValueError(f"allocation must be 'uniform' or 'global', got {allocation!r}.")
 
     shapes = {n: (m.out_features, m.in_features) for n, m in modules.items()}
     adapter_rank = int(next(iter(modules.values())).r[adapter])
@@ -205,10 +219,12 @@ def compress_peft_model(
     base = unwrap_model(base)
     work = base if inplace else shared_weight_copy(base)
     out_dtype = dtype or _float_dtype(work)
-    ranks = rank if rank is not None else keep
-    pattern = rank_pattern or None
-    if ranks is None:  # a pattern alone
-        ranks, pattern = dict(rank_pattern), None
+    config = CompressionConfig(
+        rank=rank, keep=keep, rank_pattern=rank_pattern, target_modules=list(shapes),
+        weighting=weighting if state is not None else "auto", allocation=allocation,
+        loss_normalization=loss_normalization, damping=damping, svd_method=svd_method, fisher_exponent=exponent,
+        fisher_eps=eps, dtype=out_dtype,
+    )
 
     quantized = any(is_quantized(m) for m in work.modules())
     if quantized:
@@ -216,26 +232,20 @@ def compress_peft_model(
     # The weight source: each adapted layer becomes a plain Linear holding its effective weight (W + s B A, or W;
     # dequantized), so that the one pipeline (compress_model) factorizes it; put back on any failure.
     originals: dict[str, nn.Module] = {}
-    stand_ins: dict[str, nn.Module] = {}
     try:
-        for name in shapes:
-            wrapper = work.get_submodule(name)
-            originals[name] = wrapper
-            stand_ins[name] = _linear_view(wrapper.get_base_layer(), _effective_weight(wrapper, adapter, merge, name))
-            set_submodule(work, name, stand_ins[name])
-        with warnings.catch_warnings():  # `rank` is unambiguous here, unlike compress_model's int-or-float `ranks`
+        stand_ins = {name: _linear_view(work.get_submodule(name).get_base_layer(),
+                                        _effective_weight(work.get_submodule(name), adapter, merge, name))
+                     for name in shapes}
+        originals = swap_modules(work, stand_ins)
+        with warnings.catch_warnings():  # `rank` is unambiguous here, unlike compress_model's int-or-float argument
             warnings.filterwarnings("ignore", message=r"ranks=\d+ is an absolute rank", category=UserWarning)
             report = compress_model(
-                work, ranks, rank_pattern=pattern, fisher=state, fisher_weighting=weighting if state else None,
-                allocation=allocation, loss_normalization=loss_normalization, damping=damping,
-                target_modules=list(shapes), method=svd_method, exponent=exponent, eps=eps, dtype=out_dtype,
-                report_method=_REPORT_METHOD[source], progress=progress,
+                work, config, fisher=state, report_method=_REPORT_METHOD[source], progress=progress,
                 checkpoint_extra={"fisher_source": source, "fisher_weighting": weighting if source != "none" else None,
                                   "merged": merge},
             )
     except BaseException:
-        for name, module in originals.items():
-            set_submodule(work, name, module)
+        restore_modules(work, originals)
         raise
     _settle_dense(work, stand_ins, originals, quantized=quantized, dtype=dtype, out_dtype=out_dtype)
     del originals, stand_ins

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from types import MappingProxyType
 
 from peft import LoraConfig
 
+from ...compression.config import CompressionConfig
 from ...fisher_state import DEFAULT_EPS, DEFAULT_EXPONENT, DEFAULT_LORA_WEIGHTING, DEFAULT_WEIGHTING
 from ...ops.fisher import DEFAULT_DAMPING
 from ...targets import check_pattern_key
@@ -50,6 +53,21 @@ def default_allocation(fisher_weighting: str, compress_keep: float | None, compr
         return "global"
     return DEFAULT_ALLOCATION
 _NORMALIZATIONS = ("none", "relative")
+#: ``{FisherLoRAConfig field: (CompressionConfig field, the field's default, deprecated)}``: the compression settings
+#: before ``FisherLoRAConfig.compression``. ``fisher_exponent`` / ``fisher_eps`` stay FisherLoRA fields (the Fisher's
+#: own weighting) and are copied into the sub-config.
+_LEGACY_FIELDS = {
+    "compress_rank": ("rank", None, True),
+    "compress_keep": ("keep", None, True),
+    "compress_rank_pattern": ("rank_pattern", {}, True),
+    "compress_allocation": ("allocation", None, True),
+    "compress_damping": ("damping", DEFAULT_DAMPING, True),
+    "compress_loss_normalization": ("loss_normalization", "none", True),
+    "compress_dtype": ("dtype", None, True),
+    "compress_svd_method": ("svd_method", "auto", True),
+    "fisher_exponent": ("fisher_exponent", DEFAULT_EXPONENT, False),
+    "fisher_eps": ("fisher_eps", DEFAULT_EPS, False),
+}
 _SVD_METHODS = ("auto", "exact", "randomized")
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -74,7 +92,9 @@ def _is_keep(x) -> bool:
 
 @dataclass
 class FisherLoRAConfig(LoraConfig):
-    """FisherLoRA (seed 000, METHODS.md section 1): FWSVD compression with Fisher information from LoRA adapters.
+    """FisherLoRA: FWSVD compression with Fisher information from LoRA adapters (Moskovskiy, Pletenev, Zagoruyko and
+    Panchenko 2025, "Memory Efficient LM Compression using Fisher Information from Low-Rank Representations", NLDB;
+    FWSVD: Hsu et al. 2022, arXiv:2207.00112).
 
     Everything :class:`peft.LoraConfig` has (the adapter layers ARE peft LoRA layers, their weights stay
     LoRA-compatible; see :meth:`to_lora_config`), plus where compression goes, where its Fisher comes from, and how
@@ -82,15 +102,16 @@ class FisherLoRAConfig(LoraConfig):
     (``FisherCollectorCallback``, attached by ``LowRankTrainer``); saving compresses every adapted Linear with
     Fisher-weighted SVD.
 
-    Pipelines (seed section 5.3): ``merge_before_compress=True`` (default, "VRAM-unlimited"): train LoRA on the
+    Pipelines (the paper's section 5.3): ``merge_before_compress=True`` (default, "VRAM-unlimited"): train LoRA on the
     task, merge ``dW`` into ``W``, compress ``W + dW``. ``False`` ("VRAM-limited"): the base is already fine-tuned;
     LoRA only collects Fisher and the original ``W`` is compressed. A bitsandbytes 4-bit base (QLoRA) is dequantized
-    at compression time and saved in ``compress_dtype``.
+    at compression time and saved in ``compression.dtype``.
 
-    Compression target: one of ``compress_rank`` (same rank everywhere) or ``compress_keep`` (fraction of each
-    module's parameters kept), optionally overridden per module by ``compress_rank_pattern``. With none of them the
-    trainer saves the adapter and the Fisher state, and compression is left to ``compress_peft_model`` or
-    ``hf-lowrank compress --method fwsvd --fisher``.
+    Compression: ``compression=CompressionConfig(keep=0.8)`` (or ``rank=``, ``rank_pattern=``, ...; a dict in
+    ``adapter_config.json``, as peft's ``LoraConfig.eva_config``). Without a target there the trainer saves the
+    adapter and the Fisher state, and compression is left to ``compress_peft_model`` or
+    ``hf-lowrank compress --method fwsvd --fisher``. The former ``compress_*`` fields are deprecated aliases of its
+    fields (one release) and mirror it in the saved file.
     """
 
     compress_rank: int | None = field(
@@ -124,11 +145,11 @@ class FisherLoRAConfig(LoraConfig):
         metadata={
             "help": "'kronecker' (the default with fisher_source='lora'): the Kronecker-factored Fisher, Grams of "
             "each adapted layer's input and of the gradient at its output collected during LoRA training "
-            "(whitening on both sides, METHODS.md section 5); 'two_sided' (the default otherwise): output weights "
+            "(whitening on both sides: K-FAC, Martens and Grosse 2015, arXiv:1503.05671; GFWSVD, Chekalina et al. 2025, "
+            "arXiv:2505.17974); 'two_sided' (the default otherwise): output weights "
             "from F_B.sum(1) and input weights from F_A.sum(0) (the authors' code); 'row': output-row weights from "
-            "F_B @ F_A.sum(1) (paper eq. 4/6, FWSVD). Default chosen from benchmarks/compression_quality.py: on "
-            "SmolLM2 MLPs at 80% of their parameters, kronecker + global allocation 26.95 perplexity vs two_sided "
-            "246 (dense 21.4)."
+            "F_B @ F_A.sum(1) (paper eq. 4/6, FWSVD). The default is the measured best "
+            "(benchmarks/compression_quality.py)."
         },
     )
     kronecker_max_dim: int | str | None = field(
@@ -138,8 +159,7 @@ class FisherLoRAConfig(LoraConfig):
             "diagonal of its Gram (memory per module is in^2 + out^2 floats with full Grams). Default "
             "'hidden_size': the model's hidden size (config.hidden_size / d_model / n_embd), i.e. full Grams on the "
             "residual-stream sides, the diagonal on the wider MLP sides (SmolLM2: 576 full, 1536 diagonal; a 7B "
-            "Llama: 4096 full, 11008 diagonal). Measured on SmolLM2 MLPs at 80%: Gram memory 8x smaller and the "
-            "LoRA step near a plain one, perplexity 29.0 vs 27.2 with full Grams "
+            "Llama: 4096 full, 11008 diagonal): a fraction of the Gram memory for a small loss of quality "
             "(benchmarks/compression_quality.py). An int: that width. None: always full."
         },
     )
@@ -190,6 +210,15 @@ class FisherLoRAConfig(LoraConfig):
         default="auto",
         metadata={"help": "SVD used for compression: 'auto', 'exact' or 'randomized'."},
     )
+    compression: CompressionConfig | dict | None = field(
+        default=None,
+        metadata={
+            "help": "How the trained model is compressed: a hf_lowrank.CompressionConfig (a dict in "
+            "adapter_config.json), e.g. CompressionConfig(keep=0.8). Its weighting is fisher_weighting's ('auto'). "
+            "None: no compression target, the trainer saves the adapter and the Fisher state. Replaces the "
+            "compress_* fields, which still work for one release (a DeprecationWarning) and mirror it."
+        },
+    )
 
     def __post_init__(self):
         self._validate_lora_fields()  # before peft's own __post_init__, which does not check them
@@ -234,6 +263,8 @@ class FisherLoRAConfig(LoraConfig):
                     raise ValueError(f"{name}[{key!r}] must be {rule}, got {value!r}.")
 
     def _validate_fisher_fields(self) -> None:
+        legacy = {old: getattr(self, old) for old, (_, default, _) in _LEGACY_FIELDS.items()
+                  if getattr(self, old) != default}
         if self.fisher_weighting is None:
             self.fisher_weighting = default_weighting(self.fisher_source)
         if self.compress_allocation is None:
@@ -274,7 +305,7 @@ class FisherLoRAConfig(LoraConfig):
         if self.fisher_weighting not in FISHER_WEIGHTINGS:
             raise ValueError(
                 f"fisher_weighting must be 'row' (paper eq. 4/6), 'two_sided' (authors' code) or 'kronecker' (input x "
-                f"output-gradient Grams, METHODS.md section 5), got {self.fisher_weighting!r}."
+                f"output-gradient Grams, K-FAC), got {self.fisher_weighting!r}."
             )
         if self.compress_allocation not in _ALLOCATIONS:
             raise ValueError(f"compress_allocation must be one of {_ALLOCATIONS}, got {self.compress_allocation!r}.")
@@ -307,6 +338,7 @@ class FisherLoRAConfig(LoraConfig):
             raise ValueError(f"compress_dtype must be None or one of {_DTYPES}, got {self.compress_dtype!r}.")
         if self.compress_svd_method not in _SVD_METHODS:
             raise ValueError(f"compress_svd_method must be one of {_SVD_METHODS}, got {self.compress_svd_method!r}.")
+        self._merge_compression(legacy)
         if self.use_dora:
             raise ValueError(
                 "FisherLoRA does not support use_dora=True: a DoRA update is not the additive B @ A whose Fisher "
@@ -316,10 +348,76 @@ class FisherLoRAConfig(LoraConfig):
             raise ValueError("FisherLoRA does not support lora_bias=True (the bias delta is not compressed). Set it "
                              "to False.")
 
+    def _merge_compression(self, legacy: dict) -> None:
+        """``compression`` from a dict, or from the deprecated ``compress_*`` fields; then those fields mirror it.
+
+        A file this version wrote holds both, alike (older versions read the mirrored fields); both set and unlike
+        is refused."""
+        if isinstance(self.compression, Mapping):
+            self.compression = CompressionConfig.from_dict(self.compression)
+        elif self.compression is not None and not isinstance(self.compression, CompressionConfig):
+            raise ValueError(f"compression must be a hf_lowrank.CompressionConfig, its dict or None, got "
+                             f"{type(self.compression).__name__}.")
+        if self.compression is None and legacy:
+            deprecated = sorted(k for k in legacy if _LEGACY_FIELDS[k][2])
+            if deprecated:
+                warnings.warn(
+                    f"FisherLoRAConfig({', '.join(f'{k}=...' for k in deprecated)}) is deprecated and will be removed "
+                    f"in the next release: use compression=CompressionConfig("
+                    f"{', '.join(f'{_LEGACY_FIELDS[k][0]}=...' for k in deprecated)}).",
+                    DeprecationWarning, stacklevel=4,
+                )
+            self.compression = CompressionConfig(**{_LEGACY_FIELDS[k][0]: v for k, v in legacy.items()})
+        if self.compression is None:
+            return
+        copied = {new: legacy[old] for old, (new, default, deprecated) in _LEGACY_FIELDS.items()
+                  if not deprecated and old in legacy and getattr(self.compression, new) == default}
+        if copied:  # the Fisher's own weighting, set on FisherLoRAConfig: used by the sub-config too
+            self.compression = dataclasses.replace(self.compression, **copied)
+        if self.compression.dtype not in (None, *_DTYPES):
+            raise ValueError(f"compression.dtype must be None or one of {_DTYPES} for a FisherLoRA model, got "
+                             f"{self.compression.dtype!r}.")
+        if self.compression.weighting not in ("auto", self.fisher_weighting):
+            raise ValueError(
+                f"compression.weighting={self.compression.weighting!r} but fisher_weighting={self.fisher_weighting!r}"
+                ": the weighting is the Fisher collected in training; set fisher_weighting and leave "
+                "compression.weighting='auto'."
+            )
+        mirror = self._mirror(self.compression)
+        unlike = {k: v for k, v in legacy.items() if mirror[k] != v and not (k == "compress_allocation" and v is None)}
+        if unlike:
+            name = next(iter(unlike))
+            raise ValueError(
+                f"{name}={unlike[name]!r} disagrees with compression.{_LEGACY_FIELDS[name][0]}="
+                f"{getattr(self.compression, _LEGACY_FIELDS[name][0])!r}: set compression only (the compress_* "
+                "fields are its deprecated aliases)."
+            )
+        for key, value in mirror.items():
+            setattr(self, key, value)
+
+    def _mirror(self, compression: CompressionConfig) -> dict:
+        """The deprecated fields' values that say what ``compression`` says (its ``"auto"``s resolved as here)."""
+        values = {old: getattr(compression, new) for old, (new, _, _) in _LEGACY_FIELDS.items()}
+        values["compress_rank_pattern"] = dict(compression.rank_pattern)
+        if compression.allocation == "auto":
+            values["compress_allocation"] = default_allocation(self.fisher_weighting, compression.keep,
+                                                               compression.rank_pattern)
+        if compression.loss_normalization == "auto":
+            values["compress_loss_normalization"] = "none"
+        return values
+
+    def resolved_compression(self) -> CompressionConfig:
+        """The compression this adapter's config asks for, with its ``"auto"`` allocation and loss normalization
+        resolved as for a FisherLoRA state (a :class:`CompressionConfig` without a target when none is set)."""
+        base = self.compression or CompressionConfig(fisher_exponent=self.fisher_exponent, fisher_eps=self.fisher_eps)
+        mirror = self._mirror(base)
+        return dataclasses.replace(base, allocation=mirror["compress_allocation"],
+                                   loss_normalization=mirror["compress_loss_normalization"])
+
     @property
     def has_compression_target(self) -> bool:
         """Whether the config says how much to compress (a rank, a keep fraction or a rank pattern)."""
-        return self.compress_rank is not None or self.compress_keep is not None or bool(self.compress_rank_pattern)
+        return self.compression is not None and self.compression.has_target
 
     def to_lora_config(self):
         """The same adapter as a vanilla :class:`peft.LoraConfig` (the FisherLoRA fields dropped).

@@ -1,4 +1,7 @@
-"""SPSFT: structured-pruning-based sparse fine-tuning (seed 004, METHODS.md section 4) as a PEFT method.
+"""SPSFT: structured-pruning-based sparse fine-tuning as a PEFT method.
+
+Li and Bhaskara, 2025, "An Efficient Sparse Fine-Tuning with Low Quantization Error via Neural Network Pruning",
+arXiv:2502.11439.
 
 Importing this package registers ``PeftType.SPSFT`` with peft, so ``get_peft_model(model, SPSFTConfig(...))``,
 ``save_pretrained`` and ``PeftModel.from_pretrained`` work as for any built-in method.

@@ -1,4 +1,8 @@
-"""Configuration of SPSFT (structured-pruning-based sparse fine-tuning, seed 004, METHODS.md section 4)."""
+"""Configuration of SPSFT (structured-pruning-based sparse fine-tuning).
+
+SPSFT: Li and Bhaskara, 2025, "An Efficient Sparse Fine-Tuning with Low Quantization Error via Neural Network
+Pruning" (first titled "Memory-Efficient Fine-Tuning via Structured Neural Network Pruning"), arXiv:2502.11439.
+"""
 
 from __future__ import annotations
 
@@ -88,7 +92,7 @@ class SPSFTConfig(PeftConfig):
         metadata={
             "help": (
                 "Row importance: 'l2' (row norm, data-free), 'taylor' (|W[i] . dL/dW[i]| over calibration batches) "
-                "or 'qm_taylor' (class-aware quantile-mean Taylor, seed eq. 7, needs class labels). The data-driven "
+                "or 'qm_taylor' (class-aware quantile-mean Taylor of the paper, needs class labels). The data-driven "
                 "ones are computed by `hf_lowrank.spsft_importance(model, dataloader, ...)` before training."
             )
         },
@@ -98,7 +102,7 @@ class SPSFTConfig(PeftConfig):
         metadata={
             "help": (
                 "Module names or a regex of the Linear layers to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'. "
-                "Default: 'all-linear' (every Linear except the output / classification head), as in the seed."
+                "Default: 'all-linear' (every Linear except the output / classification head), as in the paper."
             )
         },
     )

@@ -81,7 +81,7 @@ def spsft_importance(
 
     - ``"taylor"``: ``|sum_batches W[i] . G_b[i]|`` with ``G_b`` the gradient of the model's own loss
       (``outputs.loss``, so batches must carry ``labels``).
-    - ``"qm_taylor"`` (seed eq. 7): per class ``t``, ``eta_t[i] = |W[i] . grad L(D_t)[i]|`` with ``L(D_t)`` the mean
+    - ``"qm_taylor"`` (the quantile-mean Taylor importance of Li and Bhaskara, 2025, arXiv:2502.11439): per class ``t``, ``eta_t[i] = |W[i] . grad L(D_t)[i]|`` with ``L(D_t)`` the mean
       cross-entropy over the class's examples (computed from ``outputs.logits (B, C)``, one example at a time through
       a summed loss); the score is the mean of the 0, 10, ..., 100% quantiles of ``{eta_t[i]}_t``. Needs one class
       label per example.

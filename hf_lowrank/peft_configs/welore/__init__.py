@@ -1,4 +1,7 @@
-"""WeLoreLRC (seed 001): non-uniform rank reduction, then fine-tuning of only the low-rank components.
+"""WeLoreLRC: non-uniform rank reduction, then fine-tuning of only the low-rank components.
+
+WeLore: Jaiswal, Yin, Zhang, Liu, Zhao, Tian and Wang, 2024, "From GaLore to WeLore: How Low-Rank Weights Non-uniformly
+Emerge from Low-Rank Gradients", arXiv:2407.11239.
 
 Data-free by default (the threshold runs on the weights' spectra, as in the paper); data-aware with calibration
 batches (``WeLoreLRCConfig(...).with_calibration(batches)``, ``welore_ranks_for_model(..., calibration=batches)``):

@@ -1,6 +1,6 @@
 """WeLore's rank allocation for the PEFT method: the ops allocation with shapes, pins from ``rank_pattern``, spectra.
 
-The rank rule itself is :func:`hf_lowrank.ops.rank_allocation.welore_ranks` (METHODS.md section 2): the target is
+The rank rule itself is :func:`hf_lowrank.ops.rank_allocation.welore_ranks` (Jaiswal et al., 2024, arXiv:2407.11239): the target is
 the ACHIEVED effective rank reduction counting what is really removed. With ``nlrc="keep"`` (the authors' code) the
 non-low-rank components keep their full weight, so their threshold ranks do not count as removed; the global
 threshold is bisected on that achieved figure, not on the attempted one the authors log. This module adds what the
@@ -10,7 +10,7 @@ model's target Linears (:mod:`.spectra`).
 Data-aware WeLore (``calibration=`` / ``grams_in=`` here, ``WeLoreLRCConfig(spectra="whitened")`` for the PEFT
 method) runs the SAME rule on the whitened spectra, the singular values of ``W L_in`` where ``L_in L_in^T`` is the
 module's calibration input Gram ``sum x x^T`` (normalised by its mean diagonal and damped, as ``compress_model``
-does; SVD-LLM's truncation-aware whitening, METHODS.md section 5). ``sum_{i>k} s_i^2`` of a whitened spectrum is the
+does; SVD-LLM's truncation-aware whitening, Wang, Zheng, Wan and Zhang, 2024, arXiv:2403.07378). ``sum_{i>k} s_i^2`` of a whitened spectrum is the
 output error ``||(W - W_k) X||_F^2`` of the best rank-``k`` approximation on the calibration inputs, so a direction
 the data never excites falls into the tail however large it is in ``W``.
 

@@ -35,7 +35,7 @@ def _plain_ints(mapping: dict) -> dict:
 
 @dataclass
 class WeLoreLRCConfig(PeftConfig):
-    """WeLore (seed 001, METHODS.md section 2) as a PEFT method.
+    """WeLore (Jaiswal et al., 2024, arXiv:2407.11239) as a PEFT method.
 
     ``get_peft_model(model, WeLoreLRCConfig(reduction=0.3))`` computes the singular values of every target weight
     (cached), bisects one global threshold on the min-max normalised spectra so that the ACHIEVED effective rank

@@ -1,14 +1,13 @@
 """Singular-value spectra of a model's Linear weights, cached: what WeLore's rank allocation (:mod:`.allocation`) reads.
 
-Computing every spectrum is the expensive step of WeLore (a full ``svdvals`` per weight: about 10-20 s for the 210
-Linears of SmolLM2-135M on 2 CPU cores), so spectra are cached, keyed by a content hash of the weight (and of the
+Computing every spectrum is the expensive step of WeLore (a full ``svdvals`` per weight), so spectra are cached, keyed by a content hash of the weight (and of the
 Fisher weighting when one is applied). The cache lives in memory for the process and, optionally, on disk as small
 safetensors files (``SpectraCache(directory=...)``, or the environment variable ``HF_LOWRANK_SPECTRA_CACHE``), so a
 second ``get_peft_model`` of the same base model, in this process or the next, skips the SVDs.
 
 Data-aware WeLore (``WeLoreLRCConfig(spectra="whitened")``) thresholds the WHITENED spectra instead: the singular
-values of ``W L_in`` with ``L_in`` the Cholesky factor of the module's calibration input Gram (SVD-LLM's whitening,
-METHODS.md section 5), from :func:`whitening_factors` and :func:`compute_spectra` ``in_factors=``; they are cached
+values of ``W L_in`` with ``L_in`` the Cholesky factor of the module's calibration input Gram (SVD-LLM's whitening:
+Wang, Zheng, Wan and Zhang, 2024, arXiv:2403.07378), from :func:`whitening_factors` and :func:`compute_spectra` ``in_factors=``; they are cached
 too, keyed by the weight and the factor.
 """
 
@@ -234,7 +233,7 @@ def compute_spectra(
 
     Without Fisher these are the spectra of ``W``; with ``row_fisher`` / ``col_fisher`` (accumulated Fisher per output
     row ``(out,)`` / input column ``(in,)``, e.g. from a FisherLoRA run) they are the spectra of ``D_out W D_in`` with
-    ``D = diag(fisher_weights(F))``, the matrix whose truncation FWSVD optimises (METHODS.md section 1), so the global
+    ``D = diag(fisher_weights(F))``, the matrix whose truncation FWSVD optimises (Hsu et al., 2022, arXiv:2207.00112), so the global
     threshold ranks layers by how low-rank they are *where the data puts weight*. With ``in_factors`` (whitening
     factors from :func:`whitening_factors`) they are the WHITENED spectra, the singular values of ``W L_in``
     (:func:`hf_lowrank.ops.fisher.weighted_spectrum`): ``sum_{i>k} s_i^2`` is the output error of the best rank-``k``

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny_llama
+from testing_common import make_tiny_llama
 
 import hf_lowrank
 from hf_lowrank.io import SaveConflictError, atomic_directory

@@ -1,6 +1,6 @@
 """Checkpoints and ERE residuals whose files disagree with the JSON that describes them are refused, naming the field
-and the fix: rank maps that miss modules (C), file names that leave the folder (F), malformed fields (H); and a
-compressed checkpoint loads by Hub id from the cache (I)."""
+and the fix: rank maps that miss modules, file names that leave the folder, malformed fields, tensors whose header
+dtype was changed; and a compressed checkpoint loads by Hub id from the cache."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import make_tiny_llama
+from testing_common import make_tiny_llama, read_safetensors_header, write_safetensors_header
 
 import hf_lowrank
 from hf_lowrank.compression.checkpoint import CompressedCheckpointError
@@ -219,3 +219,21 @@ def test_load_compressed_resolves_a_hub_id_from_the_cache(saved, tmp_path):
     got = load_file(tmp_path / "logits.safetensors")["logits"]
     torch.testing.assert_close(got, saved[1])
     assert "REFUSED No checkpoint at 'org/not-in-the-cache'" in done.stdout
+
+
+# ------------------------------------------------------------------------------------------- header dtypes
+@pytest.mark.parametrize("dtype", ["I32", "U32"])
+def test_dense_weight_relabelled_as_integer_is_refused(tmp_path, dtype):
+    """An F32 dense weight whose header says I32 / U32 (same size) must not load cast to float (a different model,
+    no error): a case the property test ``test_tampered_checkpoint_is_refused_or_loads_the_saved_model`` can draw."""
+    model = make_tiny_llama(seed=0)
+    hf_lowrank.compress_model(model, 0.5, progress=False)
+    hf_lowrank.save_compressed(model, tmp_path / "ckpt")
+    shard = tmp_path / "ckpt" / "model.safetensors"
+    header = read_safetensors_header(shard)
+    assert header["model.embed_tokens.weight"]["dtype"] == "F32"
+    header["model.embed_tokens.weight"]["dtype"] = dtype
+    write_safetensors_header(shard, header)
+    with pytest.raises(CompressedCheckpointError, match="model.embed_tokens.weight.*not a float type"):
+        hf_lowrank.load_compressed(tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "ckpt")
