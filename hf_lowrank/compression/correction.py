@@ -38,8 +38,8 @@ from ..ops.quant import dequantize_rtn, quantize_rtn
 from ..ops.svd import relative_error
 from ..statistics import CalibrationGrams, calibration_grams
 from ..targets import find_target_linears
-from .compress import _weighting_sides
 from .guards import check_empty_sides
+from .pipeline import weighting_sides
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def _sides(model, targets, calibration, weighting, grams_on, spec, damping, max_
         grams_out = collected[1] if kronecker else None
         info["grams_on"] = grams_on
     info["calibration_tokens"] = tokens
-    sides = _weighting_sides(targets, None, None, grams_in, grams_out, 0.5, 1e-6, damping, tokens=tokens)
+    sides = weighting_sides(targets, None, None, grams_in, grams_out, 0.5, 1e-6, damping, tokens=tokens)
     check_empty_sides(sides, True, kronecker, not isinstance(calibration, CalibrationGrams))
     empty = {n: list(s.empty) for n, s in sides.items() if s.empty}
     if empty:
