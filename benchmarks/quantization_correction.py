@@ -12,7 +12,10 @@ bundled prose. Calibration: ``--tokens`` tokens of the bundled prose (``prose_te
 - ``nf4_loftq_r16`` / ``nf4_loftq_r64``: LoftQ's one-iteration initialisation, computed by peft's own
   ``peft.utils.loftq_utils._low_rank_decomposition`` of the same residual (peft's ``replace_lora_weights_loftq``
   hard-codes a CUDA / XPU device, so it does not run on a CPU; its split of ``W - Q(W)`` is this one);
-- ``int3_svd_r16``: the data-free correction (plain SVD of the residual, ``weighting="none"``).
+- ``int3_svd_r16``: the data-free correction (plain SVD of the residual, ``weighting="none"``);
+- ``nf4_ours_r16_train`` / ``nf4_loftq_r16_train``: each adapter as the initialisation of a QLoRA fine-tune (LoRA
+  r16 on the NF4 weights, AdamW, ``--train-steps`` steps of 4 prose texts of 128 tokens, other texts than the
+  calibration's): the training loss along the way and the perplexities after.
 
 Every corrected row runs the dense model with each target weight replaced by ``Q(W) + B A``
 (``hf_lowrank.fake_quantize``), what ``PeftModel.from_pretrained(bnb_base, adapter)`` computes (tests/
@@ -41,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROWS = ["dense", "nf4", "nf4_ours_r16", "nf4_ours_r64", "nf4_loftq_r16", "nf4_loftq_r64", "int3", "int3_ours_r16",
-        "int3_svd_r16", "nf4_ours_q_r16", "int3_ours_q_r16"]
+        "int3_svd_r16", "nf4_ours_q_r16", "int3_ours_q_r16", "nf4_ours_r16_train", "nf4_loftq_r16_train"]
 
 
 def _quantization(name: str):
@@ -67,6 +70,36 @@ def _loftq(dense, targets, quantization, rank):
     return report
 
 
+def _qlora(model, report, tok, texts, steps, lr):
+    """A LoRA of rank ``report.rank`` on the quantized weights, initialised with ``report``'s factors, trained
+    ``steps`` steps (AdamW, batches of 4 texts of 128 tokens): ``(peft model, per-step losses)``."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_lowrank.evaluation import calibration_batches
+
+    config = LoraConfig(r=report.rank, lora_alpha=report.rank, lora_dropout=0.0, target_modules=list(report.factors))
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, (A, B) in report.factors.items():
+            module = peft_model.base_model.model.get_submodule(name)
+            module.lora_A["default"].weight.copy_(A)
+            module.lora_B["default"].weight.copy_(B)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    batches = calibration_batches(tok, texts, max_length=128, batch_size=4)
+    losses = []
+    peft_model.train()
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = peft_model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    peft_model.eval()
+    return peft_model, losses
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=ROWS)
@@ -74,6 +107,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--eval-prose", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--train-steps", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--grams-cache", default="/tmp/quantization_correction_grams.pt")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -136,6 +171,8 @@ def main() -> None:
             q = _quantization(row)
             model = copy.deepcopy(dense)
             parts = row.split("_")
+            train = parts[-1] == "train"
+            parts = parts[:-1] if train else parts
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if len(parts) == 1:
@@ -155,8 +192,17 @@ def main() -> None:
                             "mean_error_before", "mean_error_after", "mean_weighted_error_before",
                             "mean_weighted_error_after")})
                         entry["calibration_tokens"] = summary.get("calibration_tokens")
-                    hf_lowrank.fake_quantize(model, q, group_size=128, correction=report)
                     entry["adapter_params"] = sum(a.numel() + b.numel() for a, b in report.factors.values())
+                    if train:
+                        hf_lowrank.fake_quantize(model, q, target_modules=targets, group_size=128)
+                        texts = bundled.prose_texts("train")[500 : 500 + 4 * args.train_steps]
+                        model, losses = _qlora(model, report, tok, texts, args.train_steps, args.lr)
+                        entry.update({"train_steps": args.train_steps, "lr": args.lr,
+                                      "loss_first": round(losses[0], 4),
+                                      "loss_last5_mean": round(sum(losses[-5:]) / len(losses[-5:]), 4),
+                                      "losses": [round(v, 4) for v in losses]})
+                    else:
+                        hf_lowrank.fake_quantize(model, q, group_size=128, correction=report)
             entry.update(score(model))
             del model
         entry["seconds"] = round(time.perf_counter() - start, 1)

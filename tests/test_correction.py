@@ -73,6 +73,17 @@ def test_correction_is_the_optimal_weighted_fit(model, grams, quantization):
         assert abs(row.weighted_error_after - float(achieved / (L_out.T @ W @ L_in).norm())) < 1e-4
 
 
+def test_grams_on_the_quantized_model(model):
+    """grams_on='quantized' collects the Grams on a quantized copy (the model passed is left dense) and still lowers
+    each module's weighted error."""
+    before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    report = hf_lowrank.quantization_correction(model, 3, 4, calibration=_batches(), grams_on="quantized",
+                                                group_size=32, progress=False)
+    assert report.info["grams_on"] == "quantized"
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
+    assert all(row.weighted_error_after < row.weighted_error_before for row in report.modules)
+
+
 def test_data_free_correction_is_loftq(model):
     """weighting='none' is LoftQ's one-iteration initialisation: peft's own SVD split of the same residual."""
     from peft.utils.loftq_utils import _low_rank_decomposition

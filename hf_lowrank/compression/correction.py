@@ -104,7 +104,10 @@ class CorrectionReport:
 
 
 def _spec(quantization, group_size: int) -> dict:
-    """Check ``quantization`` and describe it (the description is what :func:`quantized_weight` computes)."""
+    """Check ``quantization`` and describe it (the description is what :func:`quantized_weight` computes); a
+    description passes through."""
+    if isinstance(quantization, dict) and quantization.get("kind") in ("rtn", "bitsandbytes"):
+        return quantization
     if isinstance(quantization, bool) or quantization is None:
         raise ValueError(_bad_quantization(quantization))
     if isinstance(quantization, int):
@@ -147,7 +150,7 @@ def quantized_weight(W: torch.Tensor, quantization, *, group_size: int = 128) ->
     (the bytes a 4-bit base loaded in that dtype holds: block size 64, the config's quant type and double
     quantization); for an int, :func:`hf_lowrank.ops.quant.quantize_rtn` per group of ``group_size`` inputs.
     """
-    spec = quantization if isinstance(quantization, dict) else _spec(quantization, group_size)
+    spec = _spec(quantization, group_size)
     if spec["kind"] == "rtn":
         return dequantize_rtn(quantize_rtn(W.detach(), spec["bits"], group_size=spec["group_size"]), torch.float32)
     import bitsandbytes.functional as bnbf
