@@ -17,6 +17,7 @@ from .compression import (
     load_compressed,
     save_compressed,
 )
+from .compression.correction import CorrectionReport, fake_quantize, quantization_correction
 from .compression.ere import (
     BaseMismatchError,
     EREResidual,
@@ -51,6 +52,7 @@ __all__ = [
     "CompressedCheckpointError",
     "CompressionConfig",
     "CompressionReport",
+    "CorrectionReport",
     "EREResidual",
     "FisherCollectorCallback",
     "FisherLoRAConfig",
@@ -74,11 +76,13 @@ __all__ = [
     "encode_residual",
     "export_residual_as_lora",
     "export_spsft_as_lora",
+    "fake_quantize",
     "find_target_linears",
     "gather_full_model",
     "is_fsdp_model",
     "load_compressed",
     "load_residual",
+    "quantization_correction",
     "save_compressed",
     "save_residual_on_save",
     "spsft_importance",
