@@ -55,8 +55,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RTN = {"rtn_int8_g128": (8, 128), "rtn_int4_g128": (4, 128), "rtn_int3_g128": (3, 128), "rtn_int2_g64": (2, 64)}
 KEEPS = ("0.9", "0.8", "0.6")
 LOWRANK = [f"lowrank_{k}{s}" for k in KEEPS for s in ("", "_q8", "_q4", "_heal")]
+# uniform ranks: every block Linear factorized, so the factor bits set the bytes (the global allocation keeps some
+# modules dense, in their own dtype, which dominates the bytes of its quantized rows)
+UNIFORM = [f"lowrank_u{k}_q{b}" for k in KEEPS for b in (4, 3)]
 CORRECTION = [f"nf4_{kind}{r}" for kind in ("corr", "loftq") for r in (16, 64)]
-ROWS = ["dense", *RTN, "nf4", "nf4_dq", *LOWRANK, "heal_targets", *CORRECTION]
+ROWS = ["dense", *RTN, "nf4", "nf4_dq", *LOWRANK, *UNIFORM, "heal_targets", *CORRECTION]
 GPU_NOTE = ("GPTQ and AWQ rows need a GPU (their packages quantize with CUDA kernels); no GPU was lent to this "
             "session, so they are not measured here.")
 
@@ -234,6 +237,13 @@ def main() -> None:
                 entry["scheme"] = ("bitsandbytes NF4, blocksize 64, absmax "
                                    + ("8-bit, double quantization" if row == "nf4_dq" else "fp32"))
             entry.update(score(model))
+        elif row in UNIFORM:
+            keep, bits = re.fullmatch(r"lowrank_u(0\.\d)_q(\d)", row).groups()
+            model, report = compressed(float(keep), factor_bits=int(bits), group_size=64, allocation="uniform")
+            nbytes = report_bytes(report, model, names)
+            entry["scheme"] = f"compress_model keep {keep}, uniform ranks, {bits}-bit group-64 factors"
+            entry["kept_fraction"] = round(report.kept_fraction, 4)
+            entry.update(score(model))
         elif row.startswith("lowrank_"):
             keep, suffix = re.fullmatch(r"lowrank_(0\.\d)(_q8|_q4|_heal)?", row).groups()
             if suffix in ("_q8", "_q4"):
@@ -395,6 +405,8 @@ def plot(result: dict, out: str) -> None:
         ("hf-lowrank, bf16 factors", [f"lowrank_{k}" for k in KEEPS], "tab:blue", "s"),
         ("hf-lowrank, 8-bit factors", [f"lowrank_{k}_q8" for k in KEEPS], "tab:cyan", "s"),
         ("hf-lowrank, 4-bit factors", [f"lowrank_{k}_q4" for k in KEEPS], "tab:purple", "s"),
+        ("hf-lowrank, uniform ranks, 4-bit factors", [f"lowrank_u{k}_q4" for k in KEEPS], "tab:olive", "v"),
+        ("hf-lowrank, uniform ranks, 3-bit factors", [f"lowrank_u{k}_q3" for k in KEEPS], "tab:brown", "v"),
         ("hf-lowrank + LoRA heal", [f"lowrank_{k}_heal" for k in KEEPS], "tab:green", "^"),
         ("NF4 + data-aware correction", [f"nf4_corr{r}" for r in (16, 64)], "tab:red", "D"),
         ("NF4 + LoftQ", [f"nf4_loftq{r}" for r in (16, 64)], "tab:orange", "D"),

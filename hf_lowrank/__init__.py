@@ -39,6 +39,7 @@ from .peft_configs.fisher_lora import (
 )
 from .peft_configs.spsft import SPSFTConfig, SPSFTModel, export_spsft_as_lora, spsft_importance
 from .peft_configs.welore import WeLoreLRCConfig, WeLoreModel, welore_ranks_for_model
+from .quantized_modules import QuantizedLowRankLinear, dequantize_factors
 from .trainer_mixins import CompressOnSaveCallback, FisherCollectorCallback, LowRankTrainer, LowRankTrainerMixin
 
 try:
@@ -60,6 +61,7 @@ __all__ = [
     "FisherState",
     "LowRankConfig",
     "LowRankLinear",
+    "QuantizedLowRankLinear",
     "LowRankSFTTrainer",
     "LowRankTrainer",
     "LowRankTrainerMixin",
@@ -76,6 +78,7 @@ __all__ = [
     "encode_residual",
     "export_residual_as_lora",
     "export_spsft_as_lora",
+    "dequantize_factors",
     "fake_quantize",
     "find_target_linears",
     "gather_full_model",
