@@ -1,0 +1,128 @@
+"""The package's import graph: no circle among module-level imports, ``ops`` pure torch, the core free of the demo kit.
+
+Read from the source with ``ast`` (no import is executed), so a new edge fails here before it can bite at run time.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "hf_lowrank"
+PACKAGE = ROOT.name
+#: the demo kit: offline model loaders, bundled data, evaluation helpers, plots and the lm-eval command
+DEMO = {f"{PACKAGE}.{m}" for m in ("offline", "bundled", "evaluation", "plotting", "lm_eval_cli")}
+#: modules allowed to use the demo kit: the kit itself and the command line
+DEMO_USERS = DEMO | {f"{PACKAGE}.cli"}
+#: the one core use of the kit, by name: ERE resolves a residual's recorded base ``"smollm2"`` to its offline folder
+DEMO_EXCEPTIONS = {
+    (f"{PACKAGE}.compression.ere.encode", f"{PACKAGE}.offline"),
+    (f"{PACKAGE}.compression.ere.decode", f"{PACKAGE}.offline"),
+}
+STDLIB = set(sys.stdlib_module_names)
+
+
+def _modules() -> dict[str, tuple[Path, bool]]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        out[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    return out
+
+
+def _imports(path: Path, module: str, is_package: bool, modules, *, top_level_only: bool) -> set[str]:
+    """Modules ``path`` imports (package-internal ones resolved to the most specific module that exists)."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if top_level_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")
+                base = base if is_package else base[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                found.add(sub if sub in modules else target)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        stack.extend(ast.iter_child_nodes(node))
+    found.discard(module)
+    return found
+
+
+def _graph(top_level_only: bool) -> dict[str, set[str]]:
+    modules = _modules()
+    return {m: _imports(p, m, pkg, modules, top_level_only=top_level_only) for m, (p, pkg) in modules.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circle_among_module_level_imports():
+    assert _cycles(_graph(top_level_only=True)) == []
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_ops_imports_torch_and_the_standard_library_only():
+    for module, imports in _graph(top_level_only=False).items():
+        if not module.startswith(f"{PACKAGE}.ops"):
+            continue
+        foreign = sorted(i for i in imports if i.split(".")[0] not in STDLIB | {"torch"}
+                         and not i.startswith(f"{PACKAGE}.ops"))
+        assert not foreign, f"{module} imports {foreign}: hf_lowrank.ops is pure torch"
+
+
+def test_the_core_does_not_import_the_demo_kit():
+    for module, imports in _graph(top_level_only=False).items():
+        if any(module == user or module.startswith(user + ".") for user in DEMO_USERS):
+            continue
+        used = sorted(i for i in imports if i in DEMO and (module, i) not in DEMO_EXCEPTIONS)
+        assert not used, f"{module} imports the demo kit {used}: move what it needs into the core"
