@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import TINY_MLP, make_tiny_fisher_lora
 from transformers import AutoModelForCausalLM
 
-from hf_lowrank import compress_model
+from hf_lowrank import compress_model, save_compressed
 from hf_lowrank.modules import LowRankLinear, dense_weight
 from hf_lowrank.ops.fisher import fwsvd, lora_fisher_to_weights
 from hf_lowrank.peft_configs.fisher_lora import (
@@ -197,13 +197,13 @@ def test_compressed_model_save_reload_is_exact(tiny_llama, tmp_path):
     pm = make_tiny_fisher_lora(tiny_llama, compress_keep=0.5, compress_rank=None)
     c = _collect(pm)
     out, report = compress_peft_model(pm, fisher=c, progress=False)
-    save_compressed_model(out, tmp_path / "out", report=report, fisher_state=c.state)
+    save_compressed(out, tmp_path / "out", report=report, fisher_state=c.state)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert isinstance(reloaded.model.layers[1].mlp.gate_proj, LowRankLinear)
     x = _batches(2, seed=9)[1]
     assert torch.equal(_logits(reloaded.eval(), x), _logits(out, x))
     data = json.loads((tmp_path / "out" / "compression_report.json").read_text())
-    assert data["method"] == "fisher_lora" and data["fisher"]["micro_batches"] == 3
+    assert data["method"] == "fisher_lora" and data["info"]["micro_batches"] == 3
     m0 = data["modules"][0]
     assert {"name", "rank", "params_before", "params_after", "rel_error", "weighted_rel_error"} <= set(m0)
     assert m0["params_after"] < m0["params_before"]
@@ -211,7 +211,9 @@ def test_compressed_model_save_reload_is_exact(tiny_llama, tmp_path):
     # a folder that already holds an adapter is refused (from_pretrained would load the adapter instead)
     pm.save_pretrained(tmp_path / "adapter")
     with pytest.raises(ValueError, match="PEFT adapter"):
-        save_compressed_model(out, tmp_path / "adapter")
+        save_compressed(out, tmp_path / "adapter")
+    with pytest.warns(DeprecationWarning, match="save_compressed"), pytest.raises(ValueError, match="PEFT adapter"):
+        save_compressed_model(out, tmp_path / "adapter")  # the old name: a thin wrapper, one release
 
 
 def test_plan_ranks_keep_rank_and_pattern():

@@ -80,12 +80,12 @@ def test_hub_model_id_rules(tmp_path, monkeypatch):
 
 
 def test_trainer_save_path_card_names_the_output_folder(tmp_path):
-    """``LowRankTrainer.save_model`` writes through ``save_compressed_model`` (an atomic folder too)."""
-    from hf_lowrank.peft_configs.fisher_lora.save import save_compressed_model
+    """``LowRankTrainer.save_model`` writes through ``save_compressed`` (an atomic folder too)."""
+    from hf_lowrank import save_compressed
 
     model = make_tiny_llama()
     compress_model(model, 0.5, progress=False)
-    save_compressed_model(model, tmp_path / "sft-out")
+    save_compressed(model, tmp_path / "sft-out")
     card, text = _card(tmp_path / "sft-out")
     assert ".tmp-" not in text and 'from_pretrained("sft-out")' in text
     assert card.data.library_name == "transformers"

@@ -176,8 +176,8 @@ def test_low_rank_trainer_save_model_writes_compressed_model(tiny_llama_config, 
     with torch.no_grad():
         assert torch.equal(trainer.model(input_ids=x).logits, before)
     report = json.loads((out / "compression_report.json").read_text())
-    assert report["method"] == "fisher_lora" and report["fisher"]["fisher_weighting"] == "two_sided"
-    assert report["fisher"]["micro_batches"] == 6 and len(report["modules"]) == 6
+    assert report["method"] == "fisher_lora" and report["info"]["fisher_weighting"] == "two_sided"
+    assert report["info"]["micro_batches"] == 6 and len(report["modules"]) == 6
     assert (out / FISHER_STATE_NAME).is_file() and not (out / "adapter_config.json").exists()
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert isinstance(reloaded.model.layers[0].mlp.up_proj, LowRankLinear)
@@ -254,10 +254,10 @@ def test_sft_trainer_paths(tiny_llama_config, tmp_path, use_mixin):
         assert (out / "tokenizer.json").is_file()
         expected, _ = compress_peft_model(trainer.model, fisher=callback, progress=False)
     else:
-        from hf_lowrank.peft_configs.fisher_lora import save_compressed_model
+        from hf_lowrank import save_compressed
 
         expected, report = compress_peft_model(trainer.model, fisher=callback, progress=False)
-        save_compressed_model(expected, out, tokenizer=tok, report=report)
+        save_compressed(expected, out, tokenizer=tok, report=report)
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = tok("a cat is a tree.", return_tensors="pt")["input_ids"]
     with torch.no_grad():

@@ -351,6 +351,7 @@ def save_compressed(
     *,
     tokenizer: Any = None,
     report: Any = None,
+    fisher_state: Any = None,
     base_model: str | None = None,
     license: str | None = None,
     **kwargs,
@@ -366,6 +367,8 @@ def save_compressed(
         tokenizer: optional tokenizer/processor saved beside the weights.
         report: optional :class:`~hf_lowrank.compression.compress.CompressionReport`, saved as
             ``compression_report.json``.
+        fisher_state: optional :class:`~hf_lowrank.fisher_state.FisherState` the compression was weighted by, saved
+            as ``fisher_state.safetensors`` (``compress_model(..., fisher=path)`` reads it back).
         base_model: the base model's Hub id for the model card (default: the model's ``name_or_path`` when it is a
             Hub id the model was downloaded from; a local path is never written as ``base_model``).
         license: licence identifier for the model card (default: the base model's, when known).
@@ -374,14 +377,22 @@ def save_compressed(
     A compressed model also gets a ``README.md`` model card (:func:`hf_lowrank.model_card.write_model_card_for`)
     that names ``path``'s folder, valid Hub metadata, so that ``push_to_hub`` of the folder uploads a usable repo.
     """
+    from ..fisher_state import FISHER_STATE_NAME
     from ..io import atomic_directory
 
+    if (Path(path) / "adapter_config.json").exists():
+        raise ValueError(
+            f"'{path}' already holds a PEFT adapter (adapter_config.json); saving a model there would mix the two "
+            "(from_pretrained would load the adapter). Save to another folder, or remove the adapter files first."
+        )
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
             report.save(Path(tmp) / "compression_report.json")
+        if fisher_state is not None:
+            fisher_state.save(Path(tmp) / FISHER_STATE_NAME)
         from ..model_card import write_model_card_for
 
         write_model_card_for(model, tmp, report, name=Path(path).name, base_model=base_model, license=license)

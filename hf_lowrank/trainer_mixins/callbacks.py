@@ -321,7 +321,7 @@ def compress_on_save(
        :func:`~hf_lowrank.compress_peft_model` (every argument left None from its :class:`FisherLoRAConfig`), a plain
        model on a weight-sharing copy through ``compress_model`` (with ``fisher=`` when there is one; it
        needs ``rank``, ``keep`` or ``rank_pattern``);
-    5. write it atomically (:func:`~hf_lowrank.peft_configs.fisher_lora.save_compressed_model`: the factorized
+    5. write it atomically (:func:`~hf_lowrank.save_compressed`: the factorized
        model, ``tokenizer``, ``compression_report.json`` and the Fisher state);
     6. wait for every process, so the folder is complete wherever training goes on.
 
@@ -343,8 +343,9 @@ def compress_on_save(
         ``(model, report)`` on the writing process: ``model`` is the compressed model with ``inplace=True`` (it
         replaces the trained one), else None (the copy is dropped once written). ``(None, None)`` elsewhere.
     """
+    from ..compression.checkpoint import save_compressed
     from ..compression.compress import compress_model
-    from ..peft_configs.fisher_lora.compress import compress_peft_model, save_compressed_model, shared_weight_copy
+    from ..peft_configs.fisher_lora.compress import compress_peft_model, shared_weight_copy
 
     model = unwrap_wrappers(model)
     state = reduced_fisher(fisher, global_step)  # a collective under DDP
@@ -368,7 +369,7 @@ def compress_on_save(
                 given = {"rank": rank, "keep": keep, **given}
             compressed = shared_weight_copy(unwrap_model(gathered))
             report = compress_model(compressed, config, fisher=state, progress=progress, **given, **method_kwargs)
-        save_compressed_model(compressed, output_dir, tokenizer=tokenizer, report=report, fisher_state=state)
+        save_compressed(compressed, output_dir, tokenizer=tokenizer, report=report, fisher_state=state)
         logger.info("Compressed model saved to %s: %s", output_dir, report.summary())
         if not inplace:
             compressed = None  # the copy's new factors are freed before the other processes are released

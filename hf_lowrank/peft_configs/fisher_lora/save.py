@@ -4,12 +4,14 @@ FisherLoRA adapter folder exported as a vanilla LoRA one."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from torch import nn
 
+from ...compression.checkpoint import save_compressed
 from ...compression.compress import CompressionReport
-from ...fisher_state import FISHER_STATE_NAME, FisherState
+from ...fisher_state import FisherState
 from ...io import atomic_directory, atomic_write_json, read_json
 from .config import FISHER_FIELDS
 
@@ -24,36 +26,10 @@ def save_compressed_model(
     report: CompressionReport | None = None,
     fisher_state: FisherState | None = None,
 ) -> Path:
-    """Write a compressed model, its tokenizer, ``compression_report.json`` and the Fisher state, atomically.
-
-    The folder is built beside ``output_dir`` and swapped in only when everything is written (see
-    :func:`hf_lowrank.io.atomic_directory`). A folder that holds a PEFT adapter at its top level is refused: the
-    adapter files would be carried over and ``from_pretrained`` would load the adapter instead of the model.
-
-    Returns:
-        The output folder.
-    """
-    output_dir = Path(output_dir)
-    if (output_dir / "adapter_config.json").exists():
-        raise ValueError(
-            f"'{output_dir}' already holds a PEFT adapter (adapter_config.json); saving a compressed model there would "
-            "mix the two. Save to another folder, or remove the adapter files first."
-        )
-    with atomic_directory(output_dir) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if report is not None:
-            data = report.to_dict()
-            if report.info:  # a FisherLoRA report: the Fisher facts go under "fisher"
-                data["fisher"] = data.pop("info")
-            atomic_write_json(Path(tmp) / "compression_report.json", data)
-        if fisher_state is not None:
-            fisher_state.save(Path(tmp) / FISHER_STATE_NAME)
-        from ...model_card import write_model_card_for
-
-        write_model_card_for(model, tmp, report, name=output_dir.name)
-    return output_dir
+    """Deprecated: :func:`hf_lowrank.save_compressed` does the same job (atomic folder, report, Fisher state, card)."""
+    warnings.warn("save_compressed_model is deprecated; use hf_lowrank.save_compressed(model, path, tokenizer=, "
+                  "report=, fisher_state=).", DeprecationWarning, stacklevel=2)
+    return save_compressed(model, output_dir, tokenizer=tokenizer, report=report, fisher_state=fisher_state)
 
 
 def export_lora_adapter(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
