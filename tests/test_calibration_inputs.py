@@ -110,7 +110,7 @@ def test_classifier_labels_under_whitening_are_named(caplog):
     with caplog.at_level(logging.WARNING, logger="hf_lowrank.statistics"):
         report = compress_model(make_tiny_roberta_classifier(), 0.5, calibration=[batch], progress=False)
     assert report.method == "whitened"
-    assert "carry 'labels'" in caplog.text and "calibration_weighting='kronecker'" in caplog.text
+    assert "carry 'labels'" in caplog.text and "Pass weighting='kronecker' to compress_model" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_lowrank.statistics"):
         report = compress_model(make_tiny_roberta_classifier(), 0.5, calibration=[batch],
