@@ -34,7 +34,7 @@ def _siblings(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.parent.iterdir() if p.name != folder.name)
 
 
-# ------------------------------------------------------------------------------------ B: what a re-save carries over
+# ------------------------------------------------------------------------------------ what a re-save carries over
 def test_sharded_resave_does_not_reload_the_previous_model(tmp_path):
     """A sharded save over a single-file one: the old model.safetensors (which transformers prefers) is not kept."""
     path = tmp_path / "ckpt"
@@ -83,7 +83,7 @@ def test_carried_over_rule():
         assert carried_over(Path("/nonexistent") / name), name
 
 
-# --------------------------------------------------------------------------- G: failed and concurrent saves
+# --------------------------------------------------------------------------- failed and concurrent saves
 def test_save_to_a_file_is_refused_before_writing(tmp_path):
     target = tmp_path / "taken"
     target.write_text("a file")

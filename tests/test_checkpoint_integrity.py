@@ -48,7 +48,7 @@ def _edit_config(path: Path, edit) -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
-# ------------------------------------------------------------------------------------------- C: the rank map
+# ------------------------------------------------------------------------------------------- the rank map
 def test_rank_map_missing_a_module_is_refused(ckpt):
     from hf_lowrank.compression.checkpoint import check_compressed_checkpoint
 
@@ -85,7 +85,7 @@ def test_a_factor_deleted_from_the_file_is_refused_naming_it(ckpt):
         check_compressed_checkpoint(ckpt)
 
 
-# ------------------------------------------------------------------------------------ H: malformed config fields
+# ------------------------------------------------------------------------------------ malformed config fields
 @pytest.mark.parametrize(
     "field,value",
     [("ranks", ["model.layers.0.mlp.up_proj", 4]), ("extra", "x"), ("format_version", "abc"), ("method", 3),
@@ -103,7 +103,7 @@ def test_malformed_quantization_config_fields_name_the_field(ckpt, field, value)
     assert (field if field != "ranks" or isinstance(value, list) else "quantization_config.ranks") in str(info.value)
 
 
-# ------------------------------------------------------------------------------ F: file names in the index
+# ------------------------------------------------------------------------------ file names in the index
 @pytest.mark.parametrize("name", ["../outside.safetensors", "/abs/model.safetensors", "sub/model.safetensors", 7])
 def test_index_file_names_must_stay_in_the_folder(saved, tmp_path, name):
     model = hf_lowrank.load_compressed(saved[0])
@@ -131,7 +131,7 @@ def test_index_placing_a_tensor_in_the_wrong_shard_is_refused(saved, tmp_path):
         hf_lowrank.load_compressed(path)
 
 
-# ------------------------------------------------------------------------------------------ F, H: ERE manifests
+# ------------------------------------------------------------------------------------------ ERE manifests
 @pytest.fixture(scope="module")
 def residual(tmp_path_factory):
     base = make_tiny_llama(seed=0)
@@ -189,7 +189,7 @@ def test_manifest_weights_not_an_object(residual, tmp_path):
         EREResidual.load(path)
 
 
-# --------------------------------------------------------------------------------------------- I: Hub ids
+# --------------------------------------------------------------------------------------------- Hub ids
 def test_load_compressed_resolves_a_hub_id_from_the_cache(saved, tmp_path):
     """``load_compressed("org/name")`` resolves the id as from_pretrained does (here offline, from a cache laid out as
     the Hub's), runs its checks on the cached files and loads the same model."""
