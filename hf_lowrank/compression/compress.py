@@ -18,7 +18,7 @@ from torch import nn
 from ..distributed import unwrap_wrappers
 from ..fisher_state import resolve_fisher
 from ..modules import set_submodule
-from ..statistics import CalibrationGrams, calibration_grams, check_model_ready, gram_memory_bytes, is_causal_lm
+from ..statistics import CalibrationGrams, check_model_ready, gram_memory_bytes, is_causal_lm
 from ..targets import find_target_linears
 from .config import ALLOCATIONS, CompressionConfig
 from .fisher_sides import fisher_sides
@@ -30,6 +30,7 @@ from .guards import (
     warn_small_int_rank,
 )
 from .pipeline import (
+    calibration_statistics,
     factorize_linear,
     factorize_plan,
     mark,
@@ -173,8 +174,11 @@ def compress_model(
             if grams_in or (kronecker and (grams_out or row_weights)):
                 raise ValueError("Pass calibration= or grams_in=/grams_out=, not both (calibration collects the "
                                  "Grams).")
-            grams_in, collected_out, tokens = _calibration_stats(model, targets, calibration, kronecker, config,
-                                                                 spelled.get("weighting", "weighting"), progress)
+            if not isinstance(calibration, CalibrationGrams):
+                _log_statistics_memory(targets, kronecker, config.max_gram_dim)
+            grams_in, collected_out, tokens = calibration_statistics(
+                model, targets, calibration, kronecker=kronecker, max_gram_dim=config.max_gram_dim,
+                name=spelled.get("weighting", "weighting"), progress=progress)
             grams_out = collected_out if kronecker else grams_out
             info["calibration_tokens"] = tokens
             log_tokens_per_dimension(tokens, shapes_of(targets), config.max_gram_dim)
@@ -290,27 +294,16 @@ def _resolve_weighting(model, config: CompressionConfig, state, calibration, exp
     return None
 
 
-def _calibration_stats(model, targets, calibration, kronecker: bool, config: CompressionConfig, name: str, progress):
-    """``(input Grams, output-gradient Grams or None, tokens)`` from batches or from :class:`CalibrationGrams`."""
-    if isinstance(calibration, CalibrationGrams):
-        if kronecker and calibration.outputs is None:
-            raise ValueError(
-                "These CalibrationGrams hold input Grams only (collected with outputs=False), but "
-                f"{name}='kronecker' needs the output-gradient Grams too: collect them with "
-                f"calibration_grams(..., outputs=True), or pass {name}='whitened'."
-            )
-        return calibration.inputs, calibration.outputs, int(calibration.tokens)
-    # the memory estimate is that of collecting: statistics passed in are already held
+def _log_statistics_memory(targets, kronecker: bool, max_gram_dim: int | None) -> None:
+    """The memory the calibration statistics about to be collected will hold (not logged for statistics passed in:
+    those are already held)."""
     shapes = shapes_of(targets)
-    grams = gram_memory_bytes(shapes, outputs=kronecker, max_dim=config.max_gram_dim)
-    estimate = statistics_memory_bytes(shapes, outputs=kronecker, max_dim=config.max_gram_dim)
+    grams = gram_memory_bytes(shapes, outputs=kronecker, max_dim=max_gram_dim)
+    estimate = statistics_memory_bytes(shapes, outputs=kronecker, max_dim=max_gram_dim)
     logger.warning("calibration: %s Grams of %d modules, %.1f MB of float32 Grams; with their float64 factors at most "
                    "%.1f MB besides the model (max_gram_dim= keeps wide sides diagonal).",
                    "input and output-gradient" if kronecker else "input", len(targets), grams / 2**20,
                    estimate / 2**20)
-    collected = calibration_grams(model, targets, calibration, outputs=kronecker, max_dim=config.max_gram_dim,
-                                  progress=progress)
-    return collected[0], (collected[1] if kronecker else None), collected[-1]
 
 
 def _record_sides(report: CompressionReport, sides, info: dict, *, gram_settings: bool, damping: float) -> None:

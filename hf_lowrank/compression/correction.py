@@ -36,10 +36,10 @@ from ..modules import LowRankLinear, dense_weight, is_conv1d
 from ..ops.fisher import DEFAULT_DAMPING, weighted_lowrank, weighted_relative_error
 from ..ops.quant import dequantize_rtn, quantize_rtn
 from ..ops.svd import relative_error
-from ..statistics import CalibrationGrams, calibration_grams
+from ..statistics import CalibrationGrams
 from ..targets import find_target_linears
 from .guards import check_empty_sides
-from .pipeline import weighting_sides
+from .pipeline import calibration_statistics, weighting_sides
 
 logger = logging.getLogger(__name__)
 
@@ -245,27 +245,18 @@ def _sides(model, targets, calibration, weighting, grams_on, spec, damping, max_
     if weighting == "none":
         return {}
     kronecker = weighting == "kronecker"
-    if isinstance(calibration, CalibrationGrams):
-        if kronecker and calibration.outputs is None:
-            raise ValueError("weighting='kronecker' needs output-gradient Grams; these CalibrationGrams have inputs "
-                             "only. Pass weighting='whitened' or collect them with outputs=True.")
-        grams_in, grams_out, tokens = calibration.inputs, calibration.outputs if kronecker else None, \
-            calibration.tokens
-        info["grams_on"] = "given"
-    else:
-        source, source_targets = model, targets
-        if grams_on == "quantized":  # the activations and gradients the quantized model sees
-            source = copy.deepcopy(model)
-            source_targets = find_target_linears(source, list(targets))
-            fake_quantize(source, spec, target_modules=list(targets))
-        collected = calibration_grams(source, source_targets, calibration, outputs=kronecker, max_dim=max_gram_dim,
-                                      progress=progress)
-        grams_in, tokens = collected[0], collected[-1]
-        grams_out = collected[1] if kronecker else None
-        info["grams_on"] = grams_on
+    given = isinstance(calibration, CalibrationGrams)
+    source, source_targets = model, targets
+    if grams_on == "quantized" and not given:  # the activations and gradients the quantized model sees
+        source = copy.deepcopy(model)
+        source_targets = find_target_linears(source, list(targets))
+        fake_quantize(source, spec, target_modules=list(targets))
+    grams_in, grams_out, tokens = calibration_statistics(source, source_targets, calibration, kronecker=kronecker,
+                                                         max_gram_dim=max_gram_dim, progress=progress)
+    info["grams_on"] = "given" if given else grams_on
     info["calibration_tokens"] = tokens
     sides = weighting_sides(targets, None, None, grams_in, grams_out, 0.5, 1e-6, damping, tokens=tokens)
-    check_empty_sides(sides, True, kronecker, not isinstance(calibration, CalibrationGrams))
+    check_empty_sides(sides, True, kronecker, not given)
     empty = {n: list(s.empty) for n, s in sides.items() if s.empty}
     if empty:
         info["unweighted_sides"] = empty

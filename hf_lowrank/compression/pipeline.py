@@ -30,6 +30,7 @@ from ..ops.fisher import (
 )
 from ..ops.rank_allocation import global_ranks
 from ..ops.svd import factorized_params, relative_error
+from ..statistics import CalibrationGrams, calibration_grams
 from ..targets import find_linears, find_target_linears, pattern_key
 from .checkpoint import mark_compressed
 from .config import CompressionConfig
@@ -40,6 +41,7 @@ logger = logging.getLogger("hf_lowrank.compression.compress")
 
 __all__ = [
     "Side",
+    "calibration_statistics",
     "factorize",
     "factorize_linear",
     "factorize_plan",
@@ -56,6 +58,24 @@ __all__ = [
 def shapes_of(targets: Mapping[str, nn.Module]) -> dict[str, tuple[int, int]]:
     """``{name: (out, in)}`` of the target Linears."""
     return {n: (m.out_features, m.in_features) for n, m in targets.items()}
+
+
+def calibration_statistics(model, targets, calibration, *, kronecker: bool, max_gram_dim: int | None,
+                           name: str = "weighting", progress: bool = True):
+    """``(input Grams, output-gradient Grams or None, tokens)`` of ``targets``, collected from calibration batches on
+    ``model`` or taken from :class:`~hf_lowrank.statistics.CalibrationGrams` (refused when ``kronecker`` needs output
+    Grams they lack; ``name`` is the argument the caller's user spelled)."""
+    if isinstance(calibration, CalibrationGrams):
+        if kronecker and calibration.outputs is None:
+            raise ValueError(
+                "These CalibrationGrams hold input Grams only (collected with outputs=False), but "
+                f"{name}='kronecker' needs the output-gradient Grams too: collect them with "
+                f"calibration_grams(..., outputs=True), or pass {name}='whitened'."
+            )
+        return calibration.inputs, (calibration.outputs if kronecker else None), int(calibration.tokens)
+    collected = calibration_grams(model, targets, calibration, outputs=kronecker, max_dim=max_gram_dim,
+                                  progress=progress)
+    return collected[0], (collected[1] if kronecker else None), collected[-1]
 
 
 # ------------------------------------------------------------------------------------------------------- targets
