@@ -4,7 +4,6 @@ dtype was changed; and a compressed checkpoint loads by Hub id from the cache.""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from testing_common import make_tiny_llama, read_safetensors_header, write_safetensors_header
+from testing_common import make_finetuned_copy, make_tiny_llama, read_safetensors_header, write_safetensors_header
 
 import hf_lowrank
 from hf_lowrank.compression.checkpoint import CompressedCheckpointError
@@ -135,12 +134,7 @@ def test_index_placing_a_tensor_in_the_wrong_shard_is_refused(saved, tmp_path):
 @pytest.fixture(scope="module")
 def residual(tmp_path_factory):
     base = make_tiny_llama(seed=0)
-    ft = copy.deepcopy(base)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
-        for p in ft.parameters():
-            if p.ndim == 2:
-                p += 0.02 * torch.randn(p.shape, generator=g)
+    ft = make_finetuned_copy(base, seed=1)
     out = tmp_path_factory.mktemp("res") / "residual"
     hf_lowrank.encode_residual(base, ft, rank=4, out=out, progress=False)
     return base, out

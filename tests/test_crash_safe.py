@@ -25,15 +25,11 @@ SCRIPT = textwrap.dedent(
 
     mode, path, seed, what = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     if what == "residual":  # an ERE residual re-encoded into the folder of the previous one
-        from tiny_models import make_tiny_llama
+        from tiny_models import make_finetuned_copy, make_tiny_llama
         import hf_lowrank.compression.ere.format as mu
 
-        base, ft = make_tiny_llama(seed=0), make_tiny_llama(seed=0)
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(seed)
-            for p in ft.parameters():
-                if p.ndim == 2:
-                    p += 0.02 * torch.randn(p.shape, generator=g)
+        base = make_tiny_llama(seed=0)
+        ft = make_finetuned_copy(base, seed=seed)
         save = lambda: hf_lowrank.encode_residual(base, ft, rank=4, out=path, progress=False)
     elif what == "compressed":
         model = make_tiny_llama(seed=seed)

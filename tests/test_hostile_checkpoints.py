@@ -9,7 +9,6 @@ never a different or partly random one. Settings: the "hostile" profile of conft
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ import pytest
 import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from tiny_models import make_tiny_llama, write_safetensors_header
+from tiny_models import make_finetuned_copy, make_tiny_llama, write_safetensors_header
 
 import hf_lowrank
 from hf_lowrank.compression.ere import EREResidual
@@ -41,12 +40,7 @@ def originals(tmp_path_factory):
     with torch.no_grad():
         logits = model(IDS).logits
     base = make_tiny_llama(seed=0)
-    ft = copy.deepcopy(base)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
-        for p in ft.parameters():
-            if p.ndim == 2:
-                p += 0.02 * torch.randn(p.shape, generator=g)
+    ft = make_finetuned_copy(base, seed=1)
     hf_lowrank.encode_residual(base, ft, rank=4, out=root / "residual", progress=False)
     decoded = hf_lowrank.decode_residual(base, root / "residual", progress=False).state_dict()
     return {"root": root, "logits": logits, "base": base, "decoded": decoded}

@@ -56,6 +56,20 @@ def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrid
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+
+def make_finetuned_copy(base: torch.nn.Module, seed: int = 1, scale: float = 0.02) -> torch.nn.Module:
+    """A deep copy of ``base`` standing in for a full fine-tune of it: every matrix moved by ``scale`` times seeded
+    Gaussian noise (what ERE encodes as a residual)."""
+    import copy
+
+    ft = copy.deepcopy(base)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in ft.parameters():
+            if p.ndim == 2:
+                p += scale * torch.randn(p.shape, generator=g)
+    return ft
+
 def make_tiny_bert_config(**overrides: Any) -> BertConfig:
     """A :class:`~transformers.BertConfig` with the :data:`TINY_BERT` shapes; ``overrides`` replace or add fields
     (e.g. ``num_labels=3``)."""

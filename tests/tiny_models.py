@@ -8,6 +8,7 @@ from testing_common import (  # noqa: F401
     TINY_ROBERTA,
     TINY_SHAPES,
     CallCounter,
+    make_finetuned_copy,
     make_tiny_bert_config,
     make_tiny_fisher_lora,
     make_tiny_llama,
