@@ -14,7 +14,9 @@ fresh copy of the dense model from them:
   global allocation: what the default did before the shrinkage.
 
 Run: ``python benchmarks/calibration_size.py --out benchmarks/results/calibration_size.json`` (about an hour on 2
-cores; ``--tokens 256 4096`` for a quick look).
+cores; ``--tokens 256 4096`` for a quick look). ``--merge`` continues a partial run: the rows already in ``--out``
+(same settings) are kept and not recompressed; the Grams are still collected over every budget in the same order, so
+the new rows see exactly the tokens the full run would have.
 """
 
 from __future__ import annotations
@@ -74,6 +76,23 @@ def _batches(chunk, pad_id: int, batch_size: int = 8):
     return out
 
 
+def _previous_rows(args) -> dict:
+    """The rows of a partial ``--out`` with the same settings, by ``(row, tokens)``, plus its dense scores."""
+    import json
+
+    if not args.out or not os.path.exists(args.out):
+        raise SystemExit("--merge needs --out naming an existing result of this script")
+    with open(args.out) as f:
+        old = json.load(f)
+    words = old.get("command", "").split()
+    recorded = {w[2:].replace("-", "_"): v for w, v in zip(words, words[1:]) if w.startswith("--")}
+    mismatch = [k for k in ("keep", "eval_windows", "eval_prose", "max_length") if recorded.get(k) != str(getattr(args, k))]
+    if mismatch:
+        raise SystemExit(f"--merge: {args.out} was run with other {mismatch}; rerun without --merge")
+    kept = {(r["row"], r["tokens"]): r for r in old["rows"]}
+    return {**kept, "dense": old["dense"], "command_of_kept_rows": old["command"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384, 65536])
@@ -83,7 +102,10 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--rows", nargs="+", default=["default", "whitened_uniform", "raw_grams"])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows already in --out (same settings) and only run the missing ones")
     args = parser.parse_args()
+    previous = _previous_rows(args) if args.merge else {}
 
     from tqdm.auto import tqdm
 
@@ -106,7 +128,7 @@ def main() -> None:
               "calibration": "bundled prose_texts('train')", "evaluation": {
                   "other_kind": f"pydoc_data.topics, {args.eval_windows} windows of 256 tokens",
                   "prose": f"prose_texts('test', n={args.eval_prose})"},
-              "dense": score(dense), "rows": []}
+              "dense": previous.pop("dense", None) or score(dense), "rows": []}
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     sums_in: dict[str, torch.Tensor] = {}
     sums_out: dict[str, torch.Tensor] = {}
@@ -127,6 +149,9 @@ def main() -> None:
                     sums[name] = seen.setdefault(id(G), G.clone())
         del g_in, g_out
         for row in tqdm(args.rows, desc=f"{tokens} tokens", unit="row"):
+            if (row, tokens) in previous:
+                result["rows"].append(previous[(row, tokens)])
+                continue
             model = copy.deepcopy(dense)
             start = time.perf_counter()
             with warnings.catch_warnings():
@@ -166,6 +191,8 @@ def main() -> None:
                                  f"default_vs_{most}_tokens": round(d / by[("default", most)]["ppl_other_kind"], 3)}
         result["ratios_other_kind"] = goals
     result["command"] = command_line("calibration_size.py", args)
+    if args.merge:
+        result["merged_from"] = previous.get("command_of_kept_rows")
     result["torch_threads"] = torch.get_num_threads()
     result["finite"] = all(math.isfinite(r["ppl_other_kind"]) for r in result["rows"])
     write_summary(result, args.out)
