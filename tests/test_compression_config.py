@@ -50,6 +50,8 @@ def _assert_same_factors(a, b, bound=1e-6):
     (dict(damping=-1.0), "damping must be a finite number >= 0"),
     (dict(damping=float("nan")), "damping must be a finite number"),
     (dict(max_gram_dim=0), "max_gram_dim must be None"),
+    (dict(max_gram_dim="hidden"), "max_gram_dim must be None .*'hidden_size'"),
+    (dict(gram_device="cuda"), "gram_device must be None .* or 'cpu'"),
     (dict(sequential="yes"), "sequential must be True or False"),
     (dict(keep=0.5, sequential=True, allocation="global"), "sequential=True .* allocation='uniform'"),
     (dict(rank_multiple=0), "rank_multiple must be an int >= 1"),

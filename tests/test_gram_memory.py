@@ -94,4 +94,111 @@ def test_logged_estimate_covers_the_statistics_compress_model_holds(monkeypatch)
             monkeypatch.setattr(module, "gram_factor", recording)
     compress_model(model, 0.8, calibration=CalibrationGrams(*result), progress=False)
     held = _bytes(grams)[1] + sum(factors.values())
-    assert factors and held <= statistics_memory_bytes(_shapes(targets), outputs=True, max_dim=None)
+    assert factors and held <= statistics_memory_bytes(_shapes(targets), outputs=True, max_dim=None, held=True)
+
+
+def _live_statistics_peak(monkeypatch, model, **kwargs) -> tuple[int, int]:
+    """``(peak, Gram bytes)``: the most bytes of calibration Grams and Gram factors alive at once while
+    ``compress_model(model, 0.8, calibration=batches, **kwargs)`` runs (sampled after every Gram factorization and
+    before every module's factorization), and the bytes of the distinct Grams it collected."""
+    import sys
+    import weakref
+
+    from hf_lowrank.compression import pipeline
+    from hf_lowrank.ops import fisher
+
+    live: list[weakref.ref] = []
+    gram_bytes, peak = [0], [0]
+
+    def sample():
+        tensors = {id(t): t for t in (r() for r in live) if t is not None}
+        peak[0] = max(peak[0], _bytes(tensors.values())[1] if tensors else 0)
+
+    collect, factor, factorize = pipeline.calibration_grams, fisher.gram_factor, pipeline.factorize
+
+    def collecting(*args, **kw):
+        result = collect(*args, **kw)
+        grams = [g for part in result[:-1] for g in part.values()]
+        live.extend(weakref.ref(g) for g in grams)
+        gram_bytes[0] = _bytes(grams)[1]
+        return result
+
+    def factoring(G, **kw):
+        out = factor(G, **kw)
+        live.append(weakref.ref(out.L))
+        sample()
+        return out
+
+    def factorizing(*args, **kw):
+        sample()
+        return factorize(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "calibration_grams", collecting)
+    monkeypatch.setattr(pipeline, "factorize", factorizing)
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("hf_lowrank") and getattr(module, "gram_factor", None) is factor:
+            monkeypatch.setattr(module, "gram_factor", factoring)
+    compress_model(model, 0.8, calibration=_batches(), progress=False, **kwargs)
+    return peak[0], gram_bytes[0]
+
+
+def test_collected_grams_are_freed_as_they_are_factorized(monkeypatch):
+    """Grams ``compress_model`` collects itself are freed as soon as their factors are made: the Grams and factors
+    alive at once never exceed the logged estimate (factors only, no Grams beside them), which is below the Grams
+    plus all their factors that the old path held."""
+    model = make_tiny_llama()
+    targets = find_target_linears(model)
+    peak, grams = _live_statistics_peak(monkeypatch, model)
+    estimate = statistics_memory_bytes(_shapes(targets), outputs=True, max_dim=None)
+    assert grams > 0 and peak <= estimate
+    assert peak < 3 * grams  # every Gram plus its float64 factor: what stays alive without the release
+
+
+
+def _factors(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".down." in n or ".up." in n}
+
+
+def test_gram_device_cpu_accumulates_there_and_changes_nothing_else(monkeypatch):
+    """``gram_device="cpu"`` reaches the Gram hooks (the accumulators are created on the CPU whatever the model's
+    device) and gives the same factors as the default."""
+    from hf_lowrank.compression import pipeline
+    from hf_lowrank.statistics import GramHooks
+
+    devices, stores = [], []
+    collect, store = pipeline.calibration_grams, GramHooks._store
+
+    def collecting(*args, **kw):
+        devices.append(kw.get("device"))
+        return collect(*args, **kw)
+
+    def storing(self, key, prod):
+        store(self, key, prod)
+        stores.append((self.device, self.store[key].device))
+
+    monkeypatch.setattr(pipeline, "calibration_grams", collecting)
+    monkeypatch.setattr(GramHooks, "_store", storing)
+    reference, on_cpu = make_tiny_llama(), make_tiny_llama()
+    compress_model(reference, 0.8, calibration=_batches(), progress=False)
+    assert devices == [None]
+    stores.clear()
+    compress_model(on_cpu, 0.8, calibration=_batches(), progress=False, gram_device="cpu")
+    assert devices == [None, "cpu"]
+    assert stores and all(d == "cpu" and acc == torch.device("cpu") for d, acc in stores)
+    for name, value in _factors(reference).items():
+        torch.testing.assert_close(_factors(on_cpu)[name], value, rtol=0, atol=0)
+
+
+def test_max_gram_dim_hidden_size_is_the_models_hidden_size():
+    """``max_gram_dim="hidden_size"`` (FisherLoRA's ``kronecker_max_dim`` value) resolves to the config's hidden
+    size: the same factors as that int, and the MLP's wider sides diagonal (other factors than full Grams)."""
+    models = {key: make_tiny_llama() for key in ("hidden_size", "int", "full")}
+    hidden = models["int"].config.hidden_size
+    for key, max_dim in (("hidden_size", "hidden_size"), ("int", hidden), ("full", None)):
+        compress_model(models[key], 0.8, calibration=_batches(), progress=False, max_gram_dim=max_dim)
+    by_name, as_int, full = (_factors(models[k]) for k in ("hidden_size", "int", "full"))
+    for name, value in as_int.items():
+        torch.testing.assert_close(by_name[name], value, rtol=0, atol=0)
+    assert by_name.keys() == as_int.keys()
+    mlp = [n for n in full if "mlp" in n]
+    assert mlp and any(n not in as_int or not torch.equal(full[n], as_int[n]) for n in mlp)

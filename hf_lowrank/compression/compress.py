@@ -129,6 +129,10 @@ def compress_model(
     """
     config, spelled = build_config(config_or_keep, overrides)
     model = unwrap_wrappers(model)
+    if config.max_gram_dim == "hidden_size":
+        from ..peft_configs.fisher_lora.fisher import hidden_size  # that package imports this module
+
+        config = dataclasses.replace(config, max_gram_dim=hidden_size(model, "max_gram_dim"))
     check_model_ready(model)  # meta weights, torch.inference_mode(): a clear error before any work
     explicit = any(x is not None for x in (row_weights, col_weights, grams_in, grams_out))
     state = None
@@ -178,14 +182,21 @@ def compress_model(
                 _log_statistics_memory(targets, kronecker, config.max_gram_dim)
             grams_in, collected_out, tokens = calibration_statistics(
                 model, targets, calibration, kronecker=kronecker, max_gram_dim=config.max_gram_dim,
-                name=spelled.get("weighting", "weighting"), progress=progress)
+                name=spelled.get("weighting", "weighting"), progress=progress, device=config.gram_device)
             grams_out = collected_out if kronecker else grams_out
             info["calibration_tokens"] = tokens
             log_tokens_per_dimension(tokens, shapes_of(targets), config.max_gram_dim)
-        sides = weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, config.fisher_exponent,
-                                config.fisher_eps, config.damping, tokens=info.get("calibration_tokens"))
+        # Grams collected here are ours: each is freed as soon as its factors are made (not those passed in)
+        release = calibration is not None and not isinstance(calibration, CalibrationGrams) and (
+            kronecker or not grams_out)
+        statistics, has_in, has_out = (grams_in, grams_out), grams_in is not None, grams_out is not None
+        grams_in, grams_out = bool(grams_in), bool(grams_out)  # whether given: released dicts end up empty
+        sides = weighting_sides(targets, row_weights, col_weights, *statistics, config.fisher_exponent,
+                                config.fisher_eps, config.damping, tokens=info.get("calibration_tokens"),
+                                release=release)
+        del statistics
         if state is None:  # a useless Fisher state is named by fisher_sides and gives plain SVD, as documented there
-            check_empty_sides(sides, grams_in is not None, grams_out is not None, calibration is not None)
+            check_empty_sides(sides, has_in, has_out, calibration is not None)
         normalization = config.loss_normalization
         if normalization == "auto":
             normalization = "none" if (grams_out or row_weights) else "relative"

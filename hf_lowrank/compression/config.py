@@ -113,8 +113,13 @@ class CompressionConfig:
     loss_normalization: str = "auto"
     #: Gram damping ``lambda`` (``G / mean(diag G) + lambda I``), >= 0.
     damping: float = DEFAULT_DAMPING
-    #: Calibration Grams of sides wider than this keep their diagonal only (memory); ``None``: always full.
-    max_gram_dim: int | None = None
+    #: Calibration Grams of sides wider than this keep their diagonal only (memory); ``None``: always full;
+    #: ``"hidden_size"``: the model's hidden size (residual-stream sides full, the wider MLP sides diagonal), as
+    #: ``FisherLoRAConfig.kronecker_max_dim``.
+    max_gram_dim: int | str | None = None
+    #: Where calibration Grams accumulate and are factorized: ``None`` (each module's device) or ``"cpu"`` (a GPU
+    #: model's statistics kept in host memory; each factor is moved to the module's device only while it is used).
+    gram_device: str | None = None
     #: With calibration batches: compress block by block, each block's input Grams measured on the outputs of the
     #: blocks already compressed before it (one block's Grams in memory at a time). Whitened, uniform ranks only.
     sequential: bool = False
@@ -174,9 +179,12 @@ class CompressionConfig:
             )
         self.damping = _number(self.damping, "damping", low=0.0, strict=False, hint=f"default {DEFAULT_DAMPING:g}")
         max_dim = _int(self.max_gram_dim)
-        if max_dim is not None and not (isinstance(max_dim, int) and max_dim >= 1):
-            raise ValueError(f"max_gram_dim must be None (full Grams) or an int >= 1, got {self.max_gram_dim!r}.")
+        if max_dim not in (None, "hidden_size") and not (isinstance(max_dim, int) and max_dim >= 1):
+            raise ValueError(f"max_gram_dim must be None (full Grams), 'hidden_size' or an int >= 1, got "
+                             f"{self.max_gram_dim!r}.")
         self.max_gram_dim = max_dim
+        if self.gram_device not in (None, "cpu"):
+            raise ValueError(f"gram_device must be None (each module's device) or 'cpu', got {self.gram_device!r}.")
         if not isinstance(self.sequential, bool):
             raise ValueError(f"sequential must be True or False, got {self.sequential!r}.")
         if self.sequential and self.allocation == "global":

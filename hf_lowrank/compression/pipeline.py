@@ -61,10 +61,11 @@ def shapes_of(targets: Mapping[str, nn.Module]) -> dict[str, tuple[int, int]]:
 
 
 def calibration_statistics(model, targets, calibration, *, kronecker: bool, max_gram_dim: int | None,
-                           name: str = "weighting", progress: bool = True):
+                           name: str = "weighting", progress: bool = True, device: str | None = None):
     """``(input Grams, output-gradient Grams or None, tokens)`` of ``targets``, collected from calibration batches on
-    ``model`` or taken from :class:`~hf_lowrank.statistics.CalibrationGrams` (refused when ``kronecker`` needs output
-    Grams they lack; ``name`` is the argument the caller's user spelled)."""
+    ``model`` (accumulated on ``device``, default each module's) or taken from
+    :class:`~hf_lowrank.statistics.CalibrationGrams` (refused when ``kronecker`` needs output Grams they lack;
+    ``name`` is the argument the caller's user spelled)."""
     if isinstance(calibration, CalibrationGrams):
         if kronecker and calibration.outputs is None:
             raise ValueError(
@@ -74,7 +75,7 @@ def calibration_statistics(model, targets, calibration, *, kronecker: bool, max_
             )
         return calibration.inputs, (calibration.outputs if kronecker else None), int(calibration.tokens)
     collected = calibration_grams(model, targets, calibration, outputs=kronecker, max_dim=max_gram_dim,
-                                  progress=progress)
+                                  device=device, progress=progress)
     return collected[0], (collected[1] if kronecker else None), collected[-1]
 
 
@@ -118,11 +119,15 @@ class Side:
         return self.out_factor is not None or self.in_factor is not None
 
 
-def weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping, tokens=None):
+def weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping, tokens=None,
+                    release: bool = False):
     """``{name: Side}``: each side's factor from a diagonal Fisher or a Gram (a shared Gram is factorized once).
 
     With ``tokens`` (the calibration tokens the Grams were summed over), each full Gram is shrunk toward its diagonal
-    by :func:`~hf_lowrank.ops.fisher.gram_shrinkage`."""
+    by :func:`~hf_lowrank.ops.fisher.gram_shrinkage`. With ``release`` (Grams the caller collected and owns), each
+    module's entries are removed from ``grams_in`` / ``grams_out`` once its factors are made, so that a Gram is freed
+    as soon as its last module is factorized: the statistics then peak at the float64 factors instead of the Grams
+    plus the factors."""
     for label, weights in (("row_weights", row_weights), ("col_weights", col_weights), ("grams_in", grams_in),
                            ("grams_out", grams_out)):
         unknown = [n for n in (weights or {}) if n not in targets]
@@ -162,6 +167,8 @@ def weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, expo
                         f"{size}) (or its diagonal): it was collected on a model of another shape."
                     )
                 f = factor(G, name)
+                if release:
+                    del grams[name], G
                 if f.fallback == "zero":  # no data reached this side: it stays unweighted, and the report says so
                     side.empty += ("output" if which == "out" else "input",)
                     continue
@@ -243,7 +250,11 @@ def factorize_linear(module: nn.Module, rank: int, out_factor: torch.Tensor | No
 
 def factorize_plan(targets, plan, sides, report: CompressionReport, allocation: str, config: CompressionConfig,
                    progress: bool) -> dict[str, LowRankLinear]:
-    """Factor layers of every planned module (none swapped in yet); the per-module rows go into ``report``."""
+    """Factor layers of every planned module (none swapped in yet); the per-module rows go into ``report``.
+
+    Each side's factors are dropped from ``sides`` once its module is factorized (a factor shared by several modules
+    is freed after the last of them), so that the factor layers built replace the statistics in memory instead of
+    adding to them."""
     replacements: dict[str, LowRankLinear] = {}
     for name in tqdm(list(plan), desc=f"compress ({report.method})", disable=not progress, unit="module"):
         module, rank = targets[name], plan[name]
@@ -255,14 +266,17 @@ def factorize_plan(targets, plan, sides, report: CompressionReport, allocation: 
             size = stored_bytes(module)
             report.modules.append(ModuleReport(name, (out_f, in_f), None, before, before, skipped=reason,
                                                bytes_before=size, bytes_after=size))
+            if name in sides:
+                sides[name].out_factor = sides[name].in_factor = None
             continue
         side = sides[name]
         new, err, werr = factorize(module, rank, side, config, name=name)
+        weighted, side.out_factor, side.in_factor = side.weighted, None, None  # freed once the last user is done
         new.train(module.training)
         replacements[name] = new
         report.modules.append(
             ModuleReport(name, (out_f, in_f), rank, before, factorized_params(out_f, in_f, rank) + bias, err,
-                         werr if side.weighted else None)
+                         werr if weighted else None)
         )
         report.modules[-1].bytes_before, report.modules[-1].bytes_after = stored_bytes(module), stored_bytes(new)
     kept = [m for m in report.modules if m.skipped is not None and m.bytes_before]

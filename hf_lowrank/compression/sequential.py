@@ -138,7 +138,7 @@ def compress_sequential(model, targets, plan, calibration, report: CompressionRe
             names = blocks.get(f"{parent_name}.{index}", [])
             if names:
                 sub = {n: targets[n] for n in names}
-                hooks = GramHooks(sub, share=True, max_dim=config.max_gram_dim).attach()
+                hooks = GramHooks(sub, share=True, max_dim=config.max_gram_dim, device=config.gram_device).attach()
                 error = None
                 try:
                     stream.run(block, hooks=hooks)
@@ -147,16 +147,19 @@ def compress_sequential(model, targets, plan, calibration, report: CompressionRe
                 finally:
                     hooks.detach()
                 param = next(block.parameters(), None)
-                store, _ = reduce_grams(hooks.store, device=param.device if param is not None else None, error=error)
+                store, _ = reduce_grams(hooks.store, error=error, device=config.gram_device or (
+                    param.device if param is not None else None))
                 grams = {n: store[n + GRAM_IN] for n in names if n + GRAM_IN in store}
+                hooks.store.clear()  # the Grams now live in `grams` only, each freed once factorized
+                del store
                 block_sides = weighting_sides(sub, _only(row_weights, names), _only(col_weights, names), grams,
                                               _only(grams_out, names), config.fisher_exponent, config.fisher_eps,
-                                              config.damping, tokens=stream.tokens)
+                                              config.damping, tokens=stream.tokens, release=True)
                 sides.update(block_sides)
                 replacements = factorize_plan(sub, {n: plan[n] for n in names}, block_sides, report, "uniform",
                                               config, progress=False)
                 originals.update(swap_modules(model, replacements))
-                del grams, store, block_sides, hooks
+                del grams, block_sides, hooks
             stream.run(block, advance=True)
     except BaseException:
         restore_modules(model, originals)  # all or nothing

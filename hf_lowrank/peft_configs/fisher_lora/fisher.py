@@ -78,16 +78,17 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
 
 
 # -------------------------------------------------------------------------------------------------- collector
-def hidden_size(model: nn.Module) -> int:
-    """The residual-stream width of a (peft-wrapped) transformers model: ``hidden_size``, ``d_model`` or ``n_embd``."""
+def hidden_size(model: nn.Module, option: str = "kronecker_max_dim") -> int:
+    """The residual-stream width of a (peft-wrapped) transformers model: ``hidden_size``, ``d_model`` or ``n_embd``
+    (``option``: the setting that asked for it, named in the error)."""
     config = getattr(unwrap_wrappers(model), "config", None)  # a PeftModel forwards .config to its base model
     for key in ("hidden_size", "d_model", "n_embd"):
         value = getattr(config, key, None)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
             return value
     raise ValueError(
-        f"kronecker_max_dim='hidden_size' needs the model's hidden size, and {type(model).__name__} has no config with "
-        "hidden_size, d_model or n_embd: pass kronecker_max_dim as an int (or None for full Grams)."
+        f"{option}='hidden_size' needs the model's hidden size, and {type(model).__name__} has no config with "
+        f"hidden_size, d_model or n_embd: pass {option} as an int (or None for full Grams)."
     )
 
 
