@@ -202,3 +202,26 @@ def test_max_gram_dim_hidden_size_is_the_models_hidden_size():
     assert by_name.keys() == as_int.keys()
     mlp = [n for n in full if "mlp" in n]
     assert mlp and any(n not in as_int or not torch.equal(full[n], as_int[n]) for n in mlp)
+
+
+def test_default_max_gram_dim_keeps_sides_up_to_4096_full(monkeypatch, caplog):
+    """The default ``max_gram_dim`` is 4096 (the width up to which the statistics stay affordable at 7B): it reaches
+    the Gram collection, and the log says which sides keep their diagonal (none on the tiny model)."""
+    from hf_lowrank.compression import CompressionConfig, pipeline
+
+    seen = []
+    collect = pipeline.calibration_grams
+
+    def collecting(*args, **kw):
+        seen.append(kw.get("max_dim"))
+        return collect(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "calibration_grams", collecting)
+    assert CompressionConfig().max_gram_dim == 4096
+    with caplog.at_level("WARNING", logger="hf_lowrank"):
+        compress_model(make_tiny_llama(), 0.8, calibration=_batches(), progress=False)
+        compress_model(make_tiny_llama(), 0.8, calibration=_batches(), progress=False, max_gram_dim=100)
+    assert seen == [4096, 100]
+    logged = [r.getMessage() for r in caplog.records if "float32 Grams" in r.getMessage()]
+    assert "every Gram full (max_gram_dim=4096" in logged[0]
+    assert "sides [128] wide keep their diagonal only (max_gram_dim=100" in logged[1]

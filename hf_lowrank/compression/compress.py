@@ -307,14 +307,17 @@ def _resolve_weighting(model, config: CompressionConfig, state, calibration, exp
 
 def _log_statistics_memory(targets, kronecker: bool, max_gram_dim: int | None) -> None:
     """The memory the calibration statistics about to be collected will hold (not logged for statistics passed in:
-    those are already held)."""
+    those are already held), and how many sides ``max_gram_dim`` keeps diagonal."""
     shapes = shapes_of(targets)
     grams = gram_memory_bytes(shapes, outputs=kronecker, max_dim=max_gram_dim)
     estimate = statistics_memory_bytes(shapes, outputs=kronecker, max_dim=max_gram_dim)
-    logger.warning("calibration: %s Grams of %d modules, %.1f MB of float32 Grams; with their float64 factors at most "
-                   "%.1f MB besides the model (max_gram_dim= keeps wide sides diagonal).",
+    wide = sorted({d for out_f, in_f in shapes.values() for d in ((in_f, out_f) if kronecker else (in_f,))
+                   if max_gram_dim is not None and d > max_gram_dim})
+    logger.warning("calibration: %s Grams of %d modules, %.1f MB of float32 Grams, at most %.1f MB with their float64 "
+                   "factors besides the model; %s (max_gram_dim=%s; gram_device='cpu' keeps them in host memory).",
                    "input and output-gradient" if kronecker else "input", len(targets), grams / 2**20,
-                   estimate / 2**20)
+                   estimate / 2**20, f"sides {wide} wide keep their diagonal only" if wide else "every Gram full",
+                   max_gram_dim)
 
 
 def _record_sides(report: CompressionReport, sides, info: dict, *, gram_settings: bool, damping: float) -> None:

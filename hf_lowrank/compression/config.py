@@ -115,8 +115,10 @@ class CompressionConfig:
     damping: float = DEFAULT_DAMPING
     #: Calibration Grams of sides wider than this keep their diagonal only (memory); ``None``: always full;
     #: ``"hidden_size"``: the model's hidden size (residual-stream sides full, the wider MLP sides diagonal), as
-    #: ``FisherLoRAConfig.kronecker_max_dim``.
-    max_gram_dim: int | str | None = None
+    #: ``FisherLoRAConfig.kronecker_max_dim``. The default 4096 keeps every Gram full up to that width (SmolLM2:
+    #: all of them, and their quality) and makes a 7B/8B Llama's statistics fit in memory (its 11008/14336-wide MLP
+    #: sides diagonal; see docs/scaling.md and benchmarks/results/max_gram_dim.json).
+    max_gram_dim: int | str | None = 4096
     #: Where calibration Grams accumulate and are factorized: ``None`` (each module's device) or ``"cpu"`` (a GPU
     #: model's statistics kept in host memory; each factor is moved to the module's device only while it is used).
     gram_device: str | None = None
