@@ -1,7 +1,7 @@
 """The ``hf-lowrank`` command: compress, inspect, residual, plot.
 
 ``MODEL`` arguments accept a local folder, a Hub id, or ``smollm2`` / ``minilm`` for the embedded offline
-SmolLM2-135M / all-MiniLM-L6-v2 (:func:`hf_lowrank.offline.resolve_model_alias`).
+SmolLM2-135M / all-MiniLM-L6-v2 (:func:`hf_lowrank.demo.models.resolve_model_alias`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ __all__ = ["CliError", "load_model_for_cli", "main", "resolve_model_class"]
 
 # Modules that contribute subcommands through `add_parser(subparsers)`; each is optional at import time so one
 # method's missing extra (e.g. matplotlib for plots) never breaks the others.
-_PLUGIN_MODULES = ("hf_lowrank.cli.residual", "hf_lowrank.cli.plot")
+_PLUGIN_MODULES = ("hf_lowrank.cli.commands.residual", "hf_lowrank.cli.commands.plot")
 
 _MODEL_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
@@ -37,7 +37,7 @@ class CliError(Exception):
 
 
 def _model_path(model: str) -> str:
-    from ..offline import resolve_model_alias
+    from ..demo.models import resolve_model_alias
 
     return resolve_model_alias(model)
 
@@ -193,7 +193,7 @@ def _compress_welore(args, model, tok, targets):
     runs on the whitened spectra and the factors are the whitened SVD, both from the same input Grams (collected
     once, forward passes only)."""
     from ..compression.compress import compress_model
-    from ..peft_configs.welore import welore_ranks_for_model
+    from ..tuners.welore import welore_ranks_for_model
 
     if args.calibration_weighting == "kronecker":
         raise CliError("--method welore is data-aware through input Grams only (whitened spectra): use "
@@ -206,7 +206,7 @@ def _compress_welore(args, model, tok, targets):
         report = compress_model(model, ranks, svd_method=args.svd, report_method="welore")
         print(f"WeLore: target reduction {args.reduction:.3f}, achieved {allocation.achieved_reduction:.4f}")
         return report
-    from ..statistics import calibration_grams
+    from ..calibration.grams import calibration_grams
     from ..targets import find_target_linears
 
     grams, tokens = calibration_grams(model, find_target_linears(model, targets), calibration)
@@ -231,10 +231,10 @@ def _calibration_arg(args, tok):
         return None
     if tok is None:
         raise CliError("--calibration needs the model's tokenizer, and none was found next to the model.")
-    from ..evaluation import calibration_batches
+    from ..calibration import calibration_batches
 
     if source == "bundled":
-        from ..bundled import prose_texts
+        from ..demo.wordnet import prose_texts
 
         texts = prose_texts("train", n=args.calibration_texts)
     else:
@@ -256,7 +256,7 @@ def _calibration_arg(args, tok):
 
 
 def _write_card(args, model, report) -> None:
-    from ..model_card import write_model_card
+    from ..cards import write_model_card
 
     if args.method == "welore":
         settings = {"reduction": args.reduction}
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["lm-eval"]:  # lm-eval parses its own arguments
-        from ..lm_eval_cli import main as lm_eval_main
+        from .commands.lm_eval import main as lm_eval_main
 
         return lm_eval_main(argv[1:])
     debug = "--debug" in argv

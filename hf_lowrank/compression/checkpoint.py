@@ -367,17 +367,17 @@ def save_compressed(
         tokenizer: optional tokenizer/processor saved beside the weights.
         report: optional :class:`~hf_lowrank.compression.compress.CompressionReport`, saved as
             ``compression_report.json``.
-        fisher_state: optional :class:`~hf_lowrank.fisher_state.FisherState` the compression was weighted by, saved
+        fisher_state: optional :class:`~hf_lowrank.fisher.state.FisherState` the compression was weighted by, saved
             as ``fisher_state.safetensors`` (``compress_model(..., fisher=path)`` reads it back).
         base_model: the base model's Hub id for the model card (default: the model's ``name_or_path`` when it is a
             Hub id the model was downloaded from; a local path is never written as ``base_model``).
         license: licence identifier for the model card (default: the base model's, when known).
         **kwargs: passed to ``save_pretrained``.
 
-    A compressed model also gets a ``README.md`` model card (:func:`hf_lowrank.model_card.write_model_card_for`)
+    A compressed model also gets a ``README.md`` model card (:func:`hf_lowrank.cards.write_model_card_for`)
     that names ``path``'s folder, valid Hub metadata, so that ``push_to_hub`` of the folder uploads a usable repo.
     """
-    from ..fisher_state import FISHER_STATE_NAME
+    from ..fisher.state import FISHER_STATE_NAME
     from ..io import atomic_directory
 
     if (Path(path) / "adapter_config.json").exists():
@@ -393,7 +393,7 @@ def save_compressed(
             report.save(Path(tmp) / "compression_report.json")
         if fisher_state is not None:
             fisher_state.save(Path(tmp) / FISHER_STATE_NAME)
-        from ..model_card import write_model_card_for
+        from ..cards import write_model_card_for
 
         write_model_card_for(model, tmp, report, name=Path(path).name, base_model=base_model, license=license)
     return Path(path)
