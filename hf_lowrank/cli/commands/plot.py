@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ...demo.plotting import plot_ranks, plot_spectra, ranks_from_adapter, ranks_from_report
 from ...targets import TARGETS_HELP, find_target_linears, parse_targets
-from .. import load_model_for_cli
+from ..common import load_model_for_cli
 
 __all__ = ["add_parser"]
 

@@ -44,7 +44,7 @@ def _load(path: str, architecture: str | None, dtype: str):
 def _tokenizer(*paths: str):
     """The first of ``paths`` that holds a tokenizer gives it (``None`` when none does)."""
     from ...demo.models import resolve_model_alias
-    from .. import load_tokenizer
+    from ..common import load_tokenizer
 
     for path in paths:
         tok = load_tokenizer(resolve_model_alias(path))
