@@ -31,6 +31,7 @@ from ..ops.fisher import (
 )
 from ..ops.rank_allocation import global_ranks
 from ..ops.svd import factorized_params, relative_error
+from ..quantized_modules import quantize_lowrank
 from ..targets import find_linears, find_target_linears, pattern_key
 from .checkpoint import mark_compressed
 from .config import CompressionConfig
@@ -224,7 +225,6 @@ def factorize(module: nn.Module, rank: int, side: Side, config: CompressionConfi
     new = LowRankLinear.from_factors(down.to(out_dtype), up.to(out_dtype), bias, dtype=out_dtype).to(W.device)
     new.conv1d = is_conv1d(module)
     if config.factor_bits is not None:  # codes fitted to the same weighted target (the refit needs W and L_in)
-        from ..quantized_modules import quantize_lowrank
 
         new = quantize_lowrank(new, config.factor_bits, group_size=config.group_size, W=W, in_factor=side.in_factor)
     W_hat = new.up.weight.float() @ new.down.weight.float()

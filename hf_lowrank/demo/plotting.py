@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_write_bytes, read_json, read_safetensors_header
+from ..ops.rank_allocation import normalized_spectrum
 from ..targets import block_index, strip_peft_prefix
 
 __all__ = ["plot_compression_summary", "plot_ranks", "plot_spectra", "ranks_from_adapter"]
@@ -140,8 +141,6 @@ def plot_spectra(
         The written path.
     """
     from matplotlib import colormaps
-
-    from ..ops.rank_allocation import normalized_spectrum
 
     out = _check_png(out)
     if not spectra:
@@ -276,8 +275,6 @@ def ranks_from_report(
     """``(ranks, shapes, factorized, report)`` of a compressed checkpoint's ``compression_report.json`` (a folder or
     the file). A module kept dense (e.g. by the global allocation) counts as its full rank and is not in
     ``factorized``; ``report`` is the whole JSON (method, info)."""
-    from ..io import read_json
-
     path = Path(path)
     file = path / "compression_report.json" if path.is_dir() else path
     if not file.is_file():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..distributed import unwrap_wrappers
-from ..modules import is_conv1d
+from ..modules import dense_weight, is_conv1d
 from ..targets import find_target_linears
 
 __all__ = ["lora_linear_modules", "model_fingerprint", "unwrap_model", "unwrap_wrappers"]
@@ -38,8 +38,6 @@ def model_fingerprint(model: nn.Module, modules: Mapping[str, nn.Module], adapte
     module; a module whose adapter is merged into its weight is left out of it. Compared with a tolerance, so that the
     same model loaded in another dtype matches.
     """
-    from ..modules import dense_weight
-
     config = getattr(unwrap_model(model), "config", None)
     first = next(iter(modules.values()), None)
     rank = getattr(first, "r", {}).get(adapter_name) if first is not None and adapter_name else None

@@ -17,12 +17,15 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..compression.compress import CompressionReport
+from ..compression.checkpoint import save_compressed
+from ..compression.compress import CompressionReport, compress_model
 from ..compression.config import CompressionConfig
+from ..compression.ere import save_residual_on_save
 from ..distributed import barrier, gather_full_model, is_fsdp_model
 from ..fisher.collector import FisherCollector
 from ..fisher.state import FisherState, FisherStateError, fisher_state_filename
 from ..fisher.walk import lora_linear_modules, unwrap_model, unwrap_wrappers
+from ..tuners.fisher_lora.compress import compress_peft_model, resolve_fisher, shared_weight_copy
 
 __all__ = ["CompressOnSaveCallback", "FisherCollectorCallback", "compress_on_save", "reduced_fisher"]
 
@@ -263,8 +266,6 @@ class CompressOnSaveCallback(TrainerCallback):
             self.last_output_dir = folder
 
     def _write_residual(self, model, folder: Path, tokenizer, should_save: bool) -> None:
-        from ..compression.ere import save_residual_on_save
-
         model = unwrap_wrappers(model)
         if is_fsdp_model(model):  # full weights on the main process only (a collective)
             model = gather_full_model(unwrap_model(model))
@@ -283,8 +284,6 @@ def reduced_fisher(fisher, global_step: int | None = None) -> FisherState | None
     every process calls it; a copy, whose ``global_step`` is set to ``global_step`` when given), a loaded path, or a
     ``FisherState`` as given (not modified); None for None. See
     :func:`~hf_lowrank.tuners.fisher_lora.resolve_fisher`."""
-    from ..tuners.fisher_lora.compress import resolve_fisher
-
     state = resolve_fisher(fisher)
     if state is not None and state is not fisher and global_step is not None:
         state.global_step = int(global_step)
@@ -343,10 +342,6 @@ def compress_on_save(
         ``(model, report)`` on the writing process: ``model`` is the compressed model with ``inplace=True`` (it
         replaces the trained one), else None (the copy is dropped once written). ``(None, None)`` elsewhere.
     """
-    from ..compression.checkpoint import save_compressed
-    from ..compression.compress import compress_model
-    from ..tuners.fisher_lora.compress import compress_peft_model, shared_weight_copy
-
     model = unwrap_wrappers(model)
     state = reduced_fisher(fisher, global_step)  # a collective under DDP
     gathered = gather_full_model(unwrap_model(model)) if is_fsdp_model(model) else model  # FSDP: a collective

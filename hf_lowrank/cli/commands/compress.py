@@ -12,7 +12,9 @@ from ...calibration.grams import calibration_grams
 from ...cards import write_model_card
 from ...compression.checkpoint import save_compressed
 from ...compression.compress import compress_model
+from ...demo.wordnet import prose_texts
 from ...targets import TARGETS_HELP, find_target_linears, parse_targets
+from ...tuners.welore import welore_ranks_for_model
 from ..common import _MODEL_CLASSES, CliError, _model_path, load_model_for_cli
 
 __all__ = ["add_parser"]
@@ -57,8 +59,6 @@ def _compress_welore(args, model, tok, targets):
     """WeLore ranks, then the LRCs factorized (N-LRCs stay dense). With ``--calibration`` data-aware: the threshold
     runs on the whitened spectra and the factors are the whitened SVD, both from the same input Grams (collected
     once, forward passes only)."""
-    from ...tuners.welore import welore_ranks_for_model
-
     if args.calibration_weighting == "kronecker":
         raise CliError("--method welore is data-aware through input Grams only (whitened spectra): use "
                        "--calibration-weighting whitened or leave it out.")
@@ -93,8 +93,6 @@ def _calibration_arg(args, tok):
     if tok is None:
         raise CliError("--calibration needs the model's tokenizer, and none was found next to the model.")
     if source == "bundled":
-        from ...demo.wordnet import prose_texts
-
         texts = prose_texts("train", n=args.calibration_texts)
     else:
         path = Path(source)

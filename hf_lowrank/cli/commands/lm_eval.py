@@ -45,6 +45,9 @@ from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
+from ...demo import wordnet
+from ...demo.models import cache_root
+
 __all__ = ["BUNDLED_TASKS", "CATEGORY_CHOICES", "bundled_task_dir", "main"]
 
 BUNDLED_TASKS: tuple[str, ...] = ("hf_lowrank_wordnet_ppl", "hf_lowrank_wordnet_category", "hf_lowrank_wordnet_word")
@@ -71,8 +74,6 @@ def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
 
 
 def _write_data(folder: Path) -> None:
-    from ...demo import wordnet
-
     if len(CATEGORY_CHOICES) != len(wordnet.DEFAULT_CATEGORIES):
         raise AssertionError("CATEGORY_CHOICES must name one answer per wordnet.DEFAULT_CATEGORIES entry")
     _write_jsonl(folder / "prose_test.jsonl", [{"text": t} for t in wordnet.prose_texts("test")])
@@ -99,7 +100,6 @@ def bundled_task_dir(root: str | os.PathLike | None = None) -> Path:
         The folder holding the YAMLs of :data:`BUNDLED_TASKS` and their data.
     """
     from ... import __version__
-    from ...demo.models import cache_root
 
     templates = _templates()
     digest = hashlib.sha256(json.dumps([__version__, _DATA_VERSION, templates], sort_keys=True).encode()).hexdigest()

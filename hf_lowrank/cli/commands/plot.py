@@ -6,15 +6,14 @@ from pathlib import Path
 
 from ...demo.plotting import plot_ranks, plot_spectra, ranks_from_adapter, ranks_from_report
 from ...targets import TARGETS_HELP, find_target_linears, parse_targets
+from ...tuners.welore.allocation import welore_allocation, welore_ranks_for_model
+from ...tuners.welore.spectra import compute_spectra, default_spectra_cache
 from ..common import load_model_for_cli
 
 __all__ = ["add_parser"]
 
 
 def _cmd_spectra(args) -> int:
-    from ...tuners.welore.allocation import welore_allocation
-    from ...tuners.welore.spectra import compute_spectra, default_spectra_cache
-
     model, _ = load_model_for_cli(args.model)
     targets = find_target_linears(model, parse_targets(args.target_modules))
     spectra = compute_spectra(targets, cache=default_spectra_cache(args.cache_dir), progress=True)
@@ -39,9 +38,6 @@ def _cmd_ranks(args) -> int:
         ranks, shapes, lrc = ranks_from_adapter(source)
         title = f"{source.name}: WeLoreLRC adapter"
     else:
-        from ...tuners.welore.allocation import welore_ranks_for_model
-        from ...tuners.welore.spectra import default_spectra_cache
-
         if args.reduction is None:
             raise SystemExit("plot ranks MODEL needs --reduction (e.g. 0.3), or pass a saved WeLoreLRC adapter folder.")
         model, _ = load_model_for_cli(args.model)

@@ -11,7 +11,11 @@ import json
 import time
 from pathlib import Path
 
+from ...compression.ere import EREResidual, encode_residual, export_residual_as_lora, load_residual
+from ...demo.models import resolve_model_alias
+from ...io import atomic_directory
 from ...targets import TARGETS_HELP, parse_targets
+from ..common import load_tokenizer
 
 __all__ = ["add_parser"]
 
@@ -19,8 +23,6 @@ __all__ = ["add_parser"]
 def _load(path: str, architecture: str | None, dtype: str):
     import torch
     import transformers
-
-    from ...demo.models import resolve_model_alias
 
     folder = resolve_model_alias(path)
     if architecture is None:
@@ -43,9 +45,6 @@ def _load(path: str, architecture: str | None, dtype: str):
 
 def _tokenizer(*paths: str):
     """The first of ``paths`` that holds a tokenizer gives it (``None`` when none does)."""
-    from ...demo.models import resolve_model_alias
-    from ..common import load_tokenizer
-
     for path in paths:
         tok = load_tokenizer(resolve_model_alias(path))
         if tok is not None:
@@ -54,8 +53,6 @@ def _tokenizer(*paths: str):
 
 
 def _cmd_encode(args) -> int:
-    from ...compression.ere import encode_residual
-
     started = time.perf_counter()
     finetuned, arch = _load(args.finetuned, args.model_class, args.dtype)
     base, _ = _load(args.base, arch, args.dtype)
@@ -86,9 +83,6 @@ def _cmd_encode(args) -> int:
 
 
 def _cmd_decode(args) -> int:
-    from ...compression.ere import load_residual
-    from ...io import atomic_directory
-
     started = time.perf_counter()
     model_class = None
     if args.model_class:
@@ -97,7 +91,6 @@ def _cmd_decode(args) -> int:
         model_class = getattr(transformers, args.model_class, None)
         if model_class is None:
             raise SystemExit(f"unknown model class {args.model_class!r}.")
-    from ...demo.models import resolve_model_alias
 
     model = load_residual(resolve_model_alias(args.base), args.residual, model_class, progress=not args.quiet)
     tok = _tokenizer(args.residual, args.base)
@@ -113,12 +106,8 @@ def _cmd_decode(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from ...compression.ere import export_residual_as_lora
-
     base = None
     if args.base:
-        from ...compression.ere import EREResidual
-
         arch = EREResidual.load(args.residual).manifest.get("architecture")
         base, _ = _load(args.base, arch, args.dtype)
     out = export_residual_as_lora(args.residual, args.out, base_model=base, progress=not args.quiet)
@@ -133,8 +122,6 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from ...compression.ere import EREResidual
-
     res = EREResidual.load(args.residual)
     m = res.manifest
     kinds: dict[str, int] = {}

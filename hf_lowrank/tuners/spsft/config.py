@@ -14,6 +14,8 @@ from peft.config import PeftConfig
 from hf_lowrank.targets import check_regex
 from hf_lowrank.tuners._registry import ensure_peft_type
 
+from ...ops.importance import rows_for_ratio
+
 __all__ = ["DEFAULT_R", "IMPORTANCE_METHODS", "SPSFTConfig"]
 
 IMPORTANCE_METHODS = ("l2", "taylor", "qm_taylor")
@@ -201,8 +203,6 @@ class SPSFTConfig(PeftConfig):
 
     def rows_for(self, out_features: int) -> int:
         """Rows kept in a module with ``out_features`` outputs (``r``, or ``ratio`` of them)."""
-        from hf_lowrank.ops.importance import rows_for_ratio
-
         if self.ratio is not None:
             return rows_for_ratio(out_features, self.ratio)
         return int(self.r)

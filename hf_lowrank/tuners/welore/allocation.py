@@ -33,10 +33,11 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
+from ...calibration.grams import calibration_grams
 from ...ops.svd import factorized_params
 from ...ops.welore_allocation import WeLoreAllocation, _check_reduction, welore_ranks
 from ...targets import find_target_linears, pattern_key
-from .spectra import SpectraCache, compute_spectra
+from .spectra import SpectraCache, compute_spectra, whitening_factors
 
 logger = logging.getLogger(__name__)
 
@@ -232,9 +233,6 @@ def calibration_whitening(
     Raises:
         ValueError: both or neither of ``calibration`` and ``grams_in``, or a target whose Gram has the wrong shape.
     """
-    from ...calibration.grams import calibration_grams
-    from .spectra import whitening_factors
-
     if (calibration is None) == (grams_in is None):
         raise ValueError("Data-aware WeLore needs calibration batches (calibration=) or input Grams (grams_in=), one "
                          "of the two.")

@@ -10,7 +10,8 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...modules import linear_shape
+from ...compression.checkpoint import mark_compressed
+from ...modules import LowRankLinear, linear_shape
 from ...targets import find_target_linears
 from .._tuner import KeepUnloadedModules
 from .allocation import WeLoreLRCAllocation, calibration_whitening, welore_allocation_for_targets
@@ -26,8 +27,6 @@ def _find_targets(model: nn.Module, target_modules, task_type=None) -> dict[str,
     try:
         targets = find_target_linears(model, target_modules, task_type=task_type)
     except ValueError as exc:
-        from ...modules import LowRankLinear
-
         done = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
         if not done:
             raise
@@ -354,9 +353,6 @@ class WeLoreModel(KeepUnloadedModules, BaseTuner):
             safe_merge: refuse factors with NaN/inf.
             adapter_names: must be ``None`` or the single WeLore adapter.
         """
-        from ...compression.checkpoint import mark_compressed
-        from ...modules import LowRankLinear
-
         self._check_adapter_names(adapter_names)
         lrc = {name for name, layer in self._welore_layers() if "lrc" in layer.welore_role.values()}
         config = next(iter(self.peft_config.values()))

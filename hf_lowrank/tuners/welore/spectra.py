@@ -23,7 +23,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...compression.compress import _weighting_sides
 from ...io import atomic_save_safetensors
+from ...modules import dense_weight
+from ...ops.fisher import DEFAULT_DAMPING, fisher_weights, weighted_spectrum
 from ...ops.svd import singular_values
 
 __all__ = [
@@ -172,7 +175,6 @@ def default_spectra_cache(directory: str | os.PathLike | None = None) -> Spectra
 def _side_weights(fisher: Mapping[str, torch.Tensor] | None, name: str, size: int, what: str) -> torch.Tensor | None:
     if not fisher or name not in fisher:
         return None
-    from ...ops.fisher import fisher_weights
 
     f = fisher[name]
     if tuple(f.shape) != (size,):
@@ -210,9 +212,6 @@ def whitening_factors(
     Raises:
         ValueError: Grams of non-targets or of the wrong shape, non-finite Grams, bad damping.
     """
-    from ...compression.compress import _weighting_sides
-    from ...ops.fisher import DEFAULT_DAMPING
-
     damping = DEFAULT_DAMPING if damping is None else damping
     sides = _weighting_sides(targets, None, None, grams_in, None, 0.5, 1e-6, damping)
     factors = {n: side.in_factor for n, side in sides.items() if side.in_factor is not None}
@@ -254,9 +253,6 @@ def compute_spectra(
     Raises:
         ValueError: Fisher or factors of the wrong shape, or Fisher together with whitening factors.
     """
-    from ...modules import dense_weight
-    from ...ops.fisher import weighted_spectrum
-
     if in_factors and (row_fisher or col_fisher):
         raise ValueError(
             "WeLore spectra take one weighting: Fisher (row_fisher / col_fisher, with_fisher) or whitening "
