@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,10 +11,10 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import get_quantization_kwargs
-from safetensors.torch import save_file
 from torch import nn
 
 from ..._compat import get_in_out_features
+from ...io import atomic_directory, atomic_save_safetensors
 from ...modules import is_conv1d
 from ...targets import PEFT_PREFIX, all_linear_names, in_block, is_linear, module_matches, strip_peft_prefix
 from .._tuner import KeepUnloadedModules
@@ -231,7 +229,8 @@ def export_spsft_as_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adap
     ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, out_dir)`` loads with identical outputs,
     without hf_lowrank.
 
-    Files are written to a temporary sibling directory first and moved into place with ``os.replace``.
+    The folder is written through :func:`hf_lowrank.io.atomic_directory` (a temporary sibling swapped into place;
+    files of an earlier save that are not part of a model, such as a README, are kept).
 
     Args:
         peft_model: a ``PeftModel`` wrapping an SPSFT adapter.
@@ -243,13 +242,7 @@ def export_spsft_as_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adap
     """
     lora_config, state = spsft_to_lora(peft_model, adapter_name)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         lora_config.save_pretrained(str(tmp))
-        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        for fname in ("adapter_model.safetensors", "adapter_config.json"):
-            os.replace(tmp / fname, out / fname)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_save_safetensors(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     return out
