@@ -1,7 +1,7 @@
 """Calibration batches as a model's forward arguments: what a user passes, made usable or refused with the fix.
 
 A calibration set is an iterable of dicts with ``input_ids`` (a tokenizer's output, a ``DataLoader`` over such
-dicts); one dict alone is one batch. :func:`_batch_inputs` moves a batch to the model's device as forward kwargs:
+dicts, or :func:`calibration_batches` of a tokenizer and texts); one dict alone is one batch. :func:`_batch_inputs` moves a batch to the model's device as forward kwargs:
 1-D ``input_ids`` become a batch of one, integer labels int64, tensors made under ``torch.inference_mode()``
 ordinary tensors; an encoder-decoder keeps its ``labels`` (it builds its decoder inputs from them).
 :func:`_language_model_labels` gives a causal language model its next-token labels. :func:`check_model_ready`
