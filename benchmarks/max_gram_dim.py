@@ -59,18 +59,19 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    from hf_lowrank import bundled, compress_model, find_target_linears
+    from hf_lowrank import compress_model, find_target_linears
     from hf_lowrank.compression.guards import statistics_memory_bytes
     from hf_lowrank.compression.pipeline import shapes_of
-    from hf_lowrank.evaluation import perplexity
-    from hf_lowrank.offline import load_smollm2
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.evaluation import perplexity
+    from hf_lowrank.demo.models import load_smollm2
 
     torch.set_num_threads(1)
     logging.getLogger("hf_lowrank").setLevel(logging.ERROR)
     torch.manual_seed(0)
     dense, tok = load_smollm2()
     shapes = shapes_of(find_target_linears(dense))
-    other, prose = _other_kind_texts(tok, args.eval_windows), bundled.prose_texts("test", n=args.eval_prose)
+    other, prose = _other_kind_texts(tok, args.eval_windows), wordnet.prose_texts("test", n=args.eval_prose)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     (_, chunk), = _calibration_chunks(tok, [args.tokens], args.max_length)
     batches = _batches(chunk, pad)

@@ -14,8 +14,8 @@ import torch
 from tiny_models import make_tiny_llama
 
 from hf_lowrank import compress_model
+from hf_lowrank.calibration.grams import CalibrationGrams, calibration_grams, gram_memory_bytes
 from hf_lowrank.compression.guards import statistics_memory_bytes
-from hf_lowrank.statistics import CalibrationGrams, calibration_grams, gram_memory_bytes
 from hf_lowrank.targets import find_target_linears
 
 
@@ -162,8 +162,8 @@ def _factors(model) -> dict[str, torch.Tensor]:
 def test_gram_device_cpu_accumulates_there_and_changes_nothing_else(monkeypatch):
     """``gram_device="cpu"`` reaches the Gram hooks (the accumulators are created on the CPU whatever the model's
     device) and gives the same factors as the default."""
+    from hf_lowrank.calibration.grams import GramHooks
     from hf_lowrank.compression import pipeline
-    from hf_lowrank.statistics import GramHooks
 
     devices, stores = [], []
     collect, store = pipeline.calibration_grams, GramHooks._store

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from ..statistics import gram_memory_bytes
+from ..calibration.grams import gram_memory_bytes
 
 logger = logging.getLogger("hf_lowrank.compression.compress")
 
@@ -104,11 +104,11 @@ def statistics_memory_bytes(shapes: Mapping[str, tuple[int, int]], *, outputs: b
     """Upper bound on the bytes the calibration statistics of a compression hold besides the model.
 
     The float64 Cholesky factor of every full Gram (twice the float32 Gram's bytes,
-    :func:`~hf_lowrank.statistics.gram_memory_bytes`, shared Grams counted once per module, so an over-count), which
-    the weighting sides keep until their module is factorized, plus the float64 temporaries of factorizing the widest
-    full Gram (about five ``n x n`` matrices). Grams that ``compress_model`` collects are freed as their factors are
+    :func:`~hf_lowrank.calibration.grams.gram_memory_bytes`, shared Grams counted once per module, so an over-count),
+    which the weighting sides keep until their module is factorized, plus the float64 temporaries of factorizing the
+    widest full Gram (about five ``n x n`` matrices). Grams that ``compress_model`` collects are freed as their factors are
     made, so the factors alone are the peak (the Grams alone, before, are half of it); with ``held`` (Grams passed
-    in, e.g. :class:`~hf_lowrank.statistics.CalibrationGrams`, which the caller keeps) the Grams count as well.
+    in, e.g. :class:`~hf_lowrank.calibration.grams.CalibrationGrams`, which the caller keeps) the Grams count as well.
     """
     grams = gram_memory_bytes(shapes, outputs=outputs, max_dim=max_dim)
     sides = [d for out_f, in_f in shapes.values() for d in ((in_f, out_f) if outputs else (in_f,))]

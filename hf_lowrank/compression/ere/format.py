@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ...cards import residual_card
 from ...io import (
     atomic_directory,
     atomic_write_bytes,
@@ -31,11 +32,8 @@ from ...io import (
     recover_directory,
 )
 from ...ops.quant import QuantizedTensor, dequantize_rtn, stiefel_project
-from .card import _model_card
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from .report import ResidualReport
 
 __all__ = [
@@ -215,7 +213,7 @@ class EREResidual:
             if self.config is not None:
                 atomic_write_bytes(tmp / CONFIG_NAME, self.config.to_json_string(use_diff=False).encode())
             if card:
-                atomic_write_bytes(tmp / CARD_NAME, _model_card(self).encode())
+                atomic_write_bytes(tmp / CARD_NAME, residual_card(self).encode())
             atomic_write_json(tmp / MANIFEST_NAME, self.manifest)
         if self.report is not None:
             self.report.stored_bytes = len(data)
@@ -383,12 +381,6 @@ class EREResidual:
                 out[rows] = self._dense(name, "values", dtype)
             return out
         raise ValueError(f"'{name}' is stored as {e['kind']!r}; only lowrank and sparse tensors have a delta.")
-
-    def decode(self, base_model: nn.Module, **kwargs) -> nn.Module:
-        """Same as :func:`decode_residual` ``(base_model, self, **kwargs)``."""
-        from .decode import decode_residual
-
-        return decode_residual(base_model, self, **kwargs)
 
 
 def _as_residual(path: str | os.PathLike | EREResidual) -> EREResidual:
