@@ -29,18 +29,11 @@ from pathlib import Path
 
 import torch
 from calibration_size import _batches, _calibration_chunks, _other_kind_texts
-from compress_scaling import SHAPES, TARGETS, block_shapes
+from compress_scaling import SHAPES, TARGETS, _status, block_shapes
 from results_io import command_line, write_summary
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _shapes(shape: dict) -> dict[str, tuple[int, int]]:
