@@ -99,18 +99,17 @@ def eligibility(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict:
     return info
 
 
-def statistics_memory_bytes(shapes: Mapping[str, tuple[int, int]], *, outputs: bool, max_dim: int | None,
-                            held: bool = False) -> int:
+def statistics_memory_bytes(shapes: Mapping[str, tuple[int, int]], *, outputs: bool, max_dim: int | None) -> int:
     """Upper bound on the bytes the calibration statistics of a compression hold besides the model.
 
-    The float64 Cholesky factor of every full Gram (twice the float32 Gram's bytes,
-    :func:`~hf_lowrank.calibration.grams.gram_memory_bytes`, shared Grams counted once per module, so an over-count),
-    which the weighting sides keep until their module is factorized, plus the float64 temporaries of factorizing the
-    widest full Gram (about five ``n x n`` matrices). Grams that ``compress_model`` collects are freed as their factors are
-    made, so the factors alone are the peak (the Grams alone, before, are half of it); with ``held`` (Grams passed
-    in, e.g. :class:`~hf_lowrank.calibration.grams.CalibrationGrams`, which the caller keeps) the Grams count as well.
+    The float32 Grams (:func:`~hf_lowrank.calibration.grams.gram_memory_bytes`, shared Grams counted once per module,
+    so an over-count), plus the float64 Cholesky factor of every full Gram (twice the Gram's bytes), plus the float64
+    temporaries of factorizing the widest full Gram (about five ``n x n`` matrices). ``compress_model`` frees each
+    Gram it collected once factorized and each factor once its modules are, but the Grams still count: memory freed
+    in blocks below glibc's mmap threshold (at most 32 MB by default: sides up to about 2,900 wide) can stay with the
+    allocator instead of returning to the system, so the process's peak can stay near Grams plus factors.
     """
     grams = gram_memory_bytes(shapes, outputs=outputs, max_dim=max_dim)
     sides = [d for out_f, in_f in shapes.values() for d in ((in_f, out_f) if outputs else (in_f,))]
     widest = max((d for d in sides if max_dim is None or d <= max_dim), default=0)
-    return (3 if held else 2) * grams + 40 * widest * widest
+    return 3 * grams + 40 * widest * widest
