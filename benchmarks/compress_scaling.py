@@ -18,8 +18,8 @@ row, in a fresh subprocess each (peak RSS, Linux ``VmHWM``, reset after the mode
 The memory the statistics take is also COMPUTED from the shapes: the float32 Grams as ``compress_model`` logs them
 (``gram_memory_bytes``, every module's own Grams), the distinct Grams actually held (modules fed one tensor share an
 input Gram: q/k/v, gate/up), and the float64 Cholesky factor of every distinct Gram, which the weighting holds until
-its modules are factorized (the Grams ``compress_model`` collects are freed as they are factorized, so then the
-factors are the peak; Grams passed in stay held beside them). The fit: per-block time ``t = a * width**p`` over the rows (``p`` printed), times scale with
+its modules are factorized (the Grams ``compress_model`` collects are freed as they are factorized, so the tensors
+held then peak at about the factors; the process peak measured stays nearer Grams + factors). The fit: per-block time ``t = a * width**p`` over the rows (``p`` printed), times scale with
 depth; memory by the formula (checked against the measured peaks), extrapolated to Llama-2-7B, Llama-3-8B and
 Llama-2-70B, with and without ``max_gram_dim`` (sides wider than it keep their diagonal).
 
@@ -190,9 +190,9 @@ def fit(rows: list[dict]) -> dict:
 def memory_table() -> dict:
     """Statistics memory of every shape at full depth: the default (Kronecker) with full Grams, with
     ``max_gram_dim=hidden_size`` (the residual-stream sides full, the MLP's wide sides diagonal) and 4096; and
-    ``sequential=True`` (whitened: one block's input Grams at a time). ``factors_gb`` is what ``compress_model`` holds
-    at most when it collects the Grams itself (each Gram is freed once factorized); ``grams_and_factors_gb`` when the
-    Grams are passed in and kept by the caller (``CalibrationGrams``)."""
+    ``sequential=True`` (whitened: one block's input Grams at a time). ``factors_gb``: the tensors ``compress_model``
+    holds at most when it collects the Grams itself (each Gram freed once factorized); ``grams_and_factors_gb``: the
+    bound its logged estimate uses (freed blocks may stay with the allocator), and what Grams passed in hold."""
     table = {}
     for name in BUILT + TARGETS:
         shape, layers = SHAPES[name], SHAPES[name]["num_hidden_layers"]
