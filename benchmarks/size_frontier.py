@@ -58,8 +58,14 @@ LOWRANK = [f"lowrank_{k}{s}" for k in KEEPS for s in ("", "_q8", "_q4", "_heal")
 # uniform ranks: every block Linear factorized, so the factor bits set the bytes (the global allocation keeps some
 # modules dense, in their own dtype, which dominates the bytes of its quantized rows)
 UNIFORM = [f"lowrank_u{k}_q{b}" for k in KEEPS for b in (4, 3)]
+# the global allocation with a byte budget (``budget_unit="bytes"``, the default with factor_bits): keep = the
+# fraction of the targets' bf16 bytes
+BYTE_BUDGETS = {4: ("0.27", "0.25", "0.23", "0.21"), 3: ("0.23", "0.21", "0.19")}
+BYTES = [f"lowrank_b{k}_q{b}" for b, keeps in BYTE_BUDGETS.items() for k in keeps]
 CORRECTION = [f"nf4_{kind}{r}" for kind in ("corr", "loftq") for r in (16, 64)]
-ROWS = ["dense", *RTN, "nf4", "nf4_dq", *LOWRANK, *UNIFORM, "heal_targets", *CORRECTION]
+# round-to-nearest int3 (group 128) / int2 (group 64) plus the data-aware correction (adapter in bf16)
+INT_CORRECTION = ["int3_corr16", "int3_corr32", "int2_corr32", "int2_corr64"]
+ROWS = ["dense", *RTN, "nf4", "nf4_dq", *LOWRANK, *UNIFORM, *BYTES, "heal_targets", *CORRECTION, *INT_CORRECTION]
 GPU_NOTE = ("GPTQ and AWQ rows need a GPU (their packages quantize with CUDA kernels); no GPU was lent to this "
             "session, so they are not measured here.")
 
@@ -244,6 +250,15 @@ def main() -> None:
             entry["scheme"] = f"compress_model keep {keep}, uniform ranks, {bits}-bit group-64 factors"
             entry["kept_fraction"] = round(report.kept_fraction, 4)
             entry.update(score(model))
+        elif row in BYTES:
+            keep, bits = re.fullmatch(r"lowrank_b(0\.\d+)_q(\d)", row).groups()
+            model, report = compressed(float(keep), factor_bits=int(bits), group_size=64, budget_unit="bytes")
+            nbytes = report_bytes(report, model, names)
+            entry["scheme"] = (f"compress_model, global allocation of {keep} of the bf16 bytes, {bits}-bit group-64 "
+                               "factors (rounding noise priced in)")
+            entry["kept_fraction"] = round(report.kept_fraction, 4)
+            entry["dense_modules"] = sum(1 for m in report.modules if m.rank is None)
+            entry.update(score(model))
         elif row.startswith("lowrank_"):
             keep, suffix = re.fullmatch(r"lowrank_(0\.\d)(_q8|_q4|_heal)?", row).groups()
             if suffix in ("_q8", "_q4"):
@@ -286,7 +301,7 @@ def main() -> None:
             entry["scheme"] = ("keep 0.6: LoRA r16 on up+down vs on up only vs training the factors themselves "
                                f"(lr {args.heal_lr}, factors lr {args.heal_lr / 10}), batch {args.heal_batch}x128")
             entry["curves"] = curves
-        else:
+        else:  # nf4_corr / nf4_loftq / int3_corr / int2_corr
             nbytes = correction_row(row, entry, dense, calibration, score, names)
         if nbytes is not None:
             entry["bytes"] = nbytes
@@ -332,23 +347,29 @@ def correction_row(row, entry, dense, calibration, score, names) -> int:
         raise SystemExit(f"row {row} needs hf_lowrank.quantization_correction (not on this branch yet)") from None
     from transformers import BitsAndBytesConfig
 
-    kind, rank = re.fullmatch(r"nf4_(corr|loftq)(\d+)", row).groups()
+    base, kind, rank = re.fullmatch(r"(nf4|int3|int2)_(corr|loftq)(\d+)", row).groups()
     rank = int(rank)
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    if kind == "corr":
-        report = quantization_correction(dense, nf4, rank, calibration=calibration(), progress=False)
+    if base == "nf4":
+        quant, group = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"), {}
     else:
-        report = quantization_correction(dense, nf4, rank, calibration=None, weighting="none", progress=False)
+        bits, group_size = RTN[f"rtn_{base}_g{128 if base == 'int3' else 64}"]
+        quant, group = bits, {"group_size": group_size}
+    if kind == "corr":
+        report = quantization_correction(dense, quant, rank, calibration=calibration(), progress=False, **group)
+    else:
+        report = quantization_correction(dense, quant, rank, calibration=None, weighting="none", progress=False,
+                                         **group)
     model = copy.deepcopy(dense)
     from hf_lowrank import find_target_linears
 
     targets = find_target_linears(model)
-    nbytes = _nf4_(targets, double_quant=False)
+    nbytes = _nf4_(targets, double_quant=False) if base == "nf4" else _rtn_(targets, quant, group["group_size"])
     for name, (A, B) in report.factors.items():
         A, B = A.to(torch.bfloat16).float(), B.to(torch.bfloat16).float()
         targets[name].weight.data += (B @ A).to(targets[name].weight.dtype)
         nbytes += 2 * (A.numel() + B.numel())
-    entry["scheme"] = (f"bitsandbytes NF4 (fp32 absmax) + rank-{rank} correction, "
+    label = "bitsandbytes NF4 (fp32 absmax)" if base == "nf4" else f"round-to-nearest {base}, group {group['group_size']}"
+    entry["scheme"] = (f"{label} + rank-{rank} correction (bf16 adapter), "
                        + ("Kronecker-weighted on the calibration text" if kind == "corr"
                           else "data-free (plain SVD of W - Q(W), LoftQ's one-iteration initialisation)"))
     entry["corrected_modules"] = len(report.factors)
@@ -407,6 +428,9 @@ def plot(result: dict, out: str) -> None:
         ("hf-lowrank, 4-bit factors", [f"lowrank_{k}_q4" for k in KEEPS], "tab:purple", "s"),
         ("hf-lowrank, uniform ranks, 4-bit factors", [f"lowrank_u{k}_q4" for k in KEEPS], "tab:olive", "v"),
         ("hf-lowrank, uniform ranks, 3-bit factors", [f"lowrank_u{k}_q3" for k in KEEPS], "tab:brown", "v"),
+        ("hf-lowrank, byte budget, 4-bit factors", [r for r in BYTES if r.endswith("_q4")], "tab:pink", "P"),
+        ("hf-lowrank, byte budget, 3-bit factors", [r for r in BYTES if r.endswith("_q3")], "tab:red", "X"),
+        ("int3 / int2 + data-aware correction", INT_CORRECTION, "tab:blue", "*"),
         ("hf-lowrank + LoRA heal", [f"lowrank_{k}_heal" for k in KEEPS], "tab:green", "^"),
         ("NF4 + data-aware correction", [f"nf4_corr{r}" for r in (16, 64)], "tab:red", "D"),
         ("NF4 + LoftQ", [f"nf4_loftq{r}" for r in (16, 64)], "tab:orange", "D"),

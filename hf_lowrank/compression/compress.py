@@ -145,6 +145,12 @@ def compress_model(
     if allocation == "auto":
         budget = config.keep is not None and not config.rank_pattern
         allocation = "global" if budget and (weighting == "kronecker" or bool(grams_out)) else "uniform"
+    if config.budget_unit == "bytes" and allocation != "global":
+        raise ValueError(
+            "budget_unit='bytes' needs the global allocation, but allocation='auto' chose 'uniform' for this weighting "
+            "(its losses do not compare across modules): pass allocation='global' (with weighting='kronecker' or "
+            "loss_normalization='relative'), or budget_unit='parameters'."
+        )
     targets = select_targets(model, config, state)
     info: dict = eligibility(model, targets)
     if state is not None:
@@ -195,16 +201,17 @@ def compress_model(
                 "errors across modules, which are not on the scale of the model's loss (measured worse than uniform "
                 "with whitening). Use loss_normalization='relative', allocation='uniform', or weighting='kronecker'."
             )
-        plan = plan_modules(targets, sides, config, allocation, normalization, progress)
+        built: dict = {}  # layers the byte allocation builds while measuring rounding noise
+        plan = plan_modules(targets, sides, config, allocation, normalization, progress, cache=built)
         if allocation != "global":
             warn_small_int_rank(config.rank, targets, plan)
         weighted = any(side.weighted for side in sides.values())
         label = ("kronecker" if grams_out else "whitened") if (grams_in or grams_out) else (
             "fwsvd" if weighted else "svd")
         report = CompressionReport(method=report_method or label)
-        swap_modules(model, factorize_plan(targets, plan, sides, report, allocation, config, progress))
+        swap_modules(model, factorize_plan(targets, plan, sides, report, allocation, config, progress, built))
         if allocation == "global":
-            info["loss_normalization"] = normalization
+            info.update({"loss_normalization": normalization, "budget_unit": config.budget_unit_for(allocation)})
     info.update({"allocation": allocation, "weighting": label})
     _record_sides(report, sides, info, gram_settings=bool(grams_in or grams_out), damping=config.damping)
     mark(model, report, checkpoint_extra)
