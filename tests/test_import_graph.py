@@ -21,6 +21,8 @@ DEMO_EXCEPTIONS = {
     (f"{PACKAGE}.compression.ere.decode", f"{PACKAGE}.offline"),
 }
 STDLIB = set(sys.stdlib_module_names)
+#: the error classes: a leaf (standard library only) that every layer, ops included, may import
+ERRORS = f"{PACKAGE}.errors"
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
@@ -116,8 +118,14 @@ def test_ops_imports_torch_and_the_standard_library_only():
         if not module.startswith(f"{PACKAGE}.ops"):
             continue
         foreign = sorted(i for i in imports if i.split(".")[0] not in STDLIB | {"torch"}
-                         and not i.startswith(f"{PACKAGE}.ops"))
+                         and not i.startswith(f"{PACKAGE}.ops") and i != ERRORS)
         assert not foreign, f"{module} imports {foreign}: hf_lowrank.ops is pure torch"
+
+
+def test_errors_is_a_leaf_that_imports_the_standard_library_only():
+    # ops may raise the package's errors because errors.py imports nothing else
+    imports = _graph(top_level_only=False)[ERRORS]
+    assert all(i.split(".")[0] in STDLIB for i in imports), imports
 
 
 def test_the_core_does_not_import_the_demo_kit():

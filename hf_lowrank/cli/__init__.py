@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import CliError
 from ..targets import TARGETS_HELP, parse_targets
 
 __all__ = ["CliError", "load_model_for_cli", "main", "resolve_model_class"]
@@ -30,10 +31,6 @@ _MODEL_CLASSES = {
     "base": "AutoModel",
 }
 """Short names for ``--model-class``; any transformers class name (``RobertaForSequenceClassification``) works too."""
-
-
-class CliError(Exception):
-    """A problem the command reports as one line on stderr with exit status 2 (as argparse does for bad usage)."""
 
 
 def _model_path(model: str) -> str:
