@@ -29,6 +29,7 @@ from .compression.ere import (
     save_residual_on_save,
 )
 from .distributed import gather_full_model, is_fsdp_model
+from .lora_export import save_as_lora
 from .model_card import write_model_card
 from .modules import LowRankLinear
 from .peft_configs.fisher_lora import (
@@ -86,6 +87,7 @@ __all__ = [
     "load_compressed",
     "load_residual",
     "quantization_correction",
+    "save_as_lora",
     "save_compressed",
     "save_residual_on_save",
     "spsft_importance",

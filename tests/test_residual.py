@@ -10,13 +10,13 @@ import pytest
 import torch
 from tiny_models import make_tiny_bert_config, make_tiny_llama
 
+from hf_lowrank import save_as_lora
 from hf_lowrank.compression.ere import (
     BaseMismatchError,
     EREResidual,
     ResidualFormatError,
     decode_residual,
     encode_residual,
-    export_residual_as_lora,
     load_residual,
     save_residual_on_save,
 )
@@ -306,7 +306,7 @@ def test_export_lora_loads_in_vanilla_peft_and_matches_decode(tmp_path, tied):
     res = encode_residual(base, ft, rank=8, bits=4, out=tmp_path / "r", progress=False)
     emb_kind = res.entries["model.embed_tokens.weight"]["kind"]
     assert emb_kind == ("lowrank" if tied else "sparse")
-    export_residual_as_lora(tmp_path / "r", tmp_path / "lora", base_model=base, progress=False)
+    save_as_lora(tmp_path / "lora", tmp_path / "r", base_model=base)
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA"
     from huggingface_hub import ModelCard
@@ -321,7 +321,7 @@ def test_export_lora_loads_in_vanilla_peft_and_matches_decode(tmp_path, tied):
     if not tied:  # row-sparse embeddings travel as trainable tokens, which store the new rows: base needed
         assert cfg["trainable_token_indices"] == {"model.embed_tokens": [3, 7, 9, 40]}
         with pytest.raises(ValueError, match="base_model="):
-            export_residual_as_lora(tmp_path / "r", tmp_path / "lora2", progress=False)
+            save_as_lora(tmp_path / "lora2", tmp_path / "r")
 
 
 def test_classifier_from_backbone_base_roundtrip_and_peft(tmp_path):
@@ -356,7 +356,7 @@ def test_classifier_from_backbone_base_roundtrip_and_peft(tmp_path):
         ref, got, got2 = ft(x).logits, loaded(x).logits, decoded(x).logits
     assert torch.allclose(got, got2, atol=1e-6)
     assert float((got - ref).norm() / ref.norm()) < 0.01
-    export_residual_as_lora(tmp_path / "r", tmp_path / "lora", base_model=base, progress=False)
+    save_as_lora(tmp_path / "lora", tmp_path / "r", base_model=base)
     cfg_l = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert cfg_l["bias"] == "all" and "classifier" in cfg_l["modules_to_save"]
     peft_base = BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3).eval()

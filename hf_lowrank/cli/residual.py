@@ -111,7 +111,7 @@ def _cmd_decode(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from ..compression.ere import export_residual_as_lora
+    from ..lora_export import save_as_lora
 
     base = None
     if args.base:
@@ -119,7 +119,7 @@ def _cmd_export(args) -> int:
 
         arch = EREResidual.load(args.residual).manifest.get("architecture")
         base, _ = _load(args.base, arch, args.dtype)
-    out = export_residual_as_lora(args.residual, args.out, base_model=base, progress=not args.quiet)
+    out = save_as_lora(args.out, args.residual, base_model=base, progressbar=not args.quiet)
     cfg = json.loads((Path(out) / "adapter_config.json").read_text())
     size = (Path(out) / "adapter_model.safetensors").stat().st_size
     print(

@@ -424,7 +424,7 @@ class FisherLoRAConfig(LoraConfig):
 
         The adapter weights are peft LoRA weights (``lora_A`` / ``lora_B`` with the same names and shapes), so
         ``PeftModel.from_pretrained(base, folder, config=cfg.to_lora_config())`` loads a FisherLoRA adapter folder
-        with plain peft; :func:`~hf_lowrank.peft_configs.fisher_lora.export_lora_adapter` writes such a folder.
+        with plain peft; :func:`hf_lowrank.save_as_lora` writes such a folder.
         """
         names = {f.name for f in fields(LoraConfig) if f.init}
         kwargs = {k: v for k, v in self.to_dict().items() if k in names and k != "peft_type"}

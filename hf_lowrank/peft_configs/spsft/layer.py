@@ -289,7 +289,7 @@ class SPSFTLayer(BaseTunerLayer):
         return self.get_base_layer()
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        # Exactly a LoRA with one-hot B and A = W_f: see hf_lowrank.peft_configs.spsft.export_spsft_as_lora.
+        # Exactly a LoRA with one-hot B and A = W_f: see hf_lowrank.save_as_lora.
         return True
 
 

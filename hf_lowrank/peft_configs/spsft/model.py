@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,17 +12,18 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import get_quantization_kwargs
-from safetensors.torch import save_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from ..._compat import get_in_out_features
+from ...io import atomic_directory, atomic_write_bytes
 from ...modules import is_conv1d
 from ...targets import PEFT_PREFIX, all_linear_names, in_block, is_linear, module_matches, strip_peft_prefix
 from .._tuner import KeepUnloadedModules
 from .config import SPSFTConfig
 from .layer import Linear, SPSFTLayer
 
-__all__ = ["SPSFTModel", "export_spsft_as_lora", "spsft_to_lora"]
+__all__ = ["SPSFTModel", "export_spsft_as_lora", "spsft_to_lora", "write_spsft_as_lora"]
 
 _PEFT_WRAPPER_SEGMENT = re.compile(r"\.(?:original_module|modules_to_save\.[^.]+)(?=\.|$)")
 
@@ -227,29 +227,26 @@ def spsft_to_lora(peft_model: nn.Module, adapter_name: str = "default") -> tuple
 
 
 def export_spsft_as_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Write the SPSFT adapter as a vanilla PEFT LoRA adapter directory (``adapter_config.json`` +
-    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, out_dir)`` loads with identical outputs,
-    without hf_lowrank.
+    """Deprecated: ``hf_lowrank.save_as_lora(out_dir, peft_model, adapter_name)`` (peft's argument order)."""
+    warnings.warn("export_spsft_as_lora(model, out_dir, adapter_name) is deprecated; use hf_lowrank.save_as_lora("
+                  "path, model, adapter_name) (peft's argument order).", DeprecationWarning, stacklevel=2)
+    return write_spsft_as_lora(out_dir, peft_model, adapter_name)
 
-    Files are written to a temporary sibling directory first and moved into place with ``os.replace``.
 
-    Args:
-        peft_model: a ``PeftModel`` wrapping an SPSFT adapter.
-        out_dir: target directory (created if missing; existing adapter files are replaced).
-        adapter_name: the SPSFT adapter to export.
+def write_spsft_as_lora(path: str | os.PathLike, peft_model: nn.Module, adapter_name: str = "default") -> Path:
+    """Write the SPSFT adapter as a vanilla PEFT LoRA adapter folder (``adapter_config.json`` +
+    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, path)`` loads with identical outputs,
+    without hf_lowrank. The implementation behind :func:`hf_lowrank.save_as_lora` for an SPSFT model.
+
+    The folder is written atomically (:func:`hf_lowrank.io.atomic_directory`): files of an earlier save that are not
+    part of an adapter (a tokenizer) are kept, an earlier adapter is replaced whole.
 
     Returns:
-        ``out_dir`` as a ``Path``.
+        ``path`` as a ``Path``.
     """
     lora_config, state = spsft_to_lora(peft_model, adapter_name)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    out = Path(path)
+    with atomic_directory(out) as tmp:
         lora_config.save_pretrained(str(tmp))
-        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        for fname in ("adapter_model.safetensors", "adapter_config.json"):
-            os.replace(tmp / fname, out / fname)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_bytes(tmp / "adapter_model.safetensors", st_save(state, metadata={"format": "pt"}))
     return out
