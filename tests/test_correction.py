@@ -185,3 +185,14 @@ def test_bad_input_is_refused(model, tmp_path):
     hf_lowrank.compress_model(compressed, {"model.layers.0.mlp.up_proj": 8}, progress=False)
     with pytest.raises(ValueError, match="already quantized or compressed|LowRankLinear"):
         correct(compressed, _nf4(), 4, calibration=None, weighting="none")
+
+
+def test_gram_only_weighting_needs_no_fisher_exponent():
+    # Gram sides never read the diagonal Fisher's exponent / eps: callers with Grams only pass neither
+    from hf_lowrank.compression.pipeline import weighting_sides
+
+    lin = torch.nn.Linear(6, 4)
+    x = torch.randn(32, 6, dtype=torch.float64)
+    sides = weighting_sides({"m": lin}, None, None, {"m": x.T @ x}, None, 1e-4)
+    L = sides["m"].in_factor
+    assert L is not None and L.shape == (6, 6) and torch.isfinite(L).all()

@@ -134,3 +134,11 @@ def test_the_core_does_not_import_the_demo_kit():
             continue
         used = sorted(i for i in imports if i in DEMO and (module, i) not in DEMO_EXCEPTIONS)
         assert not used, f"{module} imports the demo kit {used}: move what it needs into the core"
+
+
+def test_the_pipeline_imports_the_package_at_module_level_only():
+    # no circle needs a function-local import in the pipeline: every package module it uses is a module-level edge
+    path = ROOT / "compression" / "pipeline.py"
+    local = _graph(top_level_only=False)[f"{PACKAGE}.compression.pipeline"] - _graph(top_level_only=True)[
+        f"{PACKAGE}.compression.pipeline"]
+    assert not {i for i in local if i.startswith(PACKAGE)}, f"function-local package imports in {path}: {local}"

@@ -182,8 +182,9 @@ def compress_model(
             grams_out = collected_out if kronecker else grams_out
             info["calibration_tokens"] = tokens
             log_tokens_per_dimension(tokens, shapes_of(targets), config.max_gram_dim)
-        sides = weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, config.fisher_exponent,
-                                config.fisher_eps, config.damping, tokens=info.get("calibration_tokens"))
+        sides = weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, config.damping,
+                                exponent=config.fisher_exponent, eps=config.fisher_eps,
+                                tokens=info.get("calibration_tokens"))
         if state is None:  # a useless Fisher state is named by fisher_sides and gives plain SVD, as documented there
             check_empty_sides(sides, grams_in is not None, grams_out is not None, calibration is not None)
         normalization = config.loss_normalization

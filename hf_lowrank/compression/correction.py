@@ -255,7 +255,7 @@ def _sides(model, targets, calibration, weighting, grams_on, spec, damping, max_
                                                          max_gram_dim=max_gram_dim, progress=progress)
     info["grams_on"] = "given" if given else grams_on
     info["calibration_tokens"] = tokens
-    sides = weighting_sides(targets, None, None, grams_in, grams_out, 0.5, 1e-6, damping, tokens=tokens)
+    sides = weighting_sides(targets, None, None, grams_in, grams_out, damping, tokens=tokens)
     check_empty_sides(sides, True, kronecker, not given)
     empty = {n: list(s.empty) for n, s in sides.items() if s.empty}
     if empty:

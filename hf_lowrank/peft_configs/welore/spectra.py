@@ -214,7 +214,7 @@ def whitening_factors(
     from ...ops.fisher import DEFAULT_DAMPING
 
     damping = DEFAULT_DAMPING if damping is None else damping
-    sides = _weighting_sides(targets, None, None, grams_in, None, 0.5, 1e-6, damping)
+    sides = _weighting_sides(targets, None, None, grams_in, None, damping)
     factors = {n: side.in_factor for n, side in sides.items() if side.in_factor is not None}
     return factors, sorted(n for n, side in sides.items() if side.fallback)
 
