@@ -87,10 +87,11 @@ def main() -> None:
 
     from tqdm.auto import tqdm
 
-    from hf_lowrank import bundled, compress_model, find_target_linears
+    from hf_lowrank import bundled, compress_model
     from hf_lowrank.evaluation import perplexity
     from hf_lowrank.offline import load_smollm2
     from hf_lowrank.statistics import CalibrationGrams, calibration_grams
+    from hf_lowrank.targets import find_target_linears
 
     logging.getLogger("hf_lowrank").setLevel(logging.ERROR)
     torch.manual_seed(0)

@@ -128,8 +128,9 @@ def main() -> None:
     torch.manual_seed(0)
     t_run, cpu_run = time.perf_counter(), time.process_time()
 
-    from hf_lowrank import bundled, compress_model, compress_peft_model, evaluation, offline
+    from hf_lowrank import bundled, compress_model, evaluation, offline
     from hf_lowrank.modules import LowRankLinear
+    from hf_lowrank.peft_configs.fisher_lora import compress_peft_model
 
     train = bundled.category_task("train", n=args.train_texts)
     test_texts, test_labels, _ = bundled.category_task("test", n=args.test_texts or None)

@@ -97,9 +97,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from hf_lowrank import bundled, compress_model, compress_peft_model
+    from hf_lowrank import bundled, compress_model
     from hf_lowrank.evaluation import calibration_batches, perplexity
     from hf_lowrank.offline import load_smollm2
+    from hf_lowrank.peft_configs.fisher_lora import compress_peft_model
     from hf_lowrank.statistics import calibration_grams
 
     dense, tok = load_smollm2()

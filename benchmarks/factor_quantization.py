@@ -80,7 +80,7 @@ def main() -> None:
 
     from calibration_size import _batches, _calibration_chunks, _other_kind_texts
 
-    from hf_lowrank import bundled, compress_model, find_target_linears
+    from hf_lowrank import bundled, compress_model
     from hf_lowrank.evaluation import perplexity
     from hf_lowrank.modules import LowRankLinear, set_submodule
     from hf_lowrank.offline import load_smollm2
@@ -88,6 +88,7 @@ def main() -> None:
     from hf_lowrank.ops.quant_lowrank import quantize_factor_pair
     from hf_lowrank.quantized_modules import QuantizedLowRankLinear
     from hf_lowrank.statistics import CalibrationGrams, calibration_grams
+    from hf_lowrank.targets import find_target_linears
 
     logging.getLogger("hf_lowrank").setLevel(logging.ERROR)
     torch.manual_seed(0)

@@ -97,12 +97,13 @@ def main() -> None:
     torch.manual_seed(0)
     started, cpu_started = time.perf_counter(), time.process_time()
 
-    from hf_lowrank import compress_model, find_target_linears
+    from hf_lowrank import compress_model
     from hf_lowrank.bundled import prose_texts
     from hf_lowrank.evaluation import calibration_batches, perplexity
     from hf_lowrank.offline import load_smollm2
     from hf_lowrank.peft_configs.welore import compute_spectra, whitening_factors
     from hf_lowrank.statistics import calibration_grams
+    from hf_lowrank.targets import find_target_linears
 
     dense, tok = load_smollm2()
     dense.eval()

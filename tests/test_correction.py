@@ -42,7 +42,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def grams(model):
-    targets = hf_lowrank.find_target_linears(model)
+    targets = hf_lowrank.targets.find_target_linears(model)
     g_in, g_out, tokens = calibration_grams(model, targets, _batches(), outputs=True, progress=False)
     return CalibrationGrams(g_in, g_out, tokens)
 
@@ -123,7 +123,7 @@ def test_adapter_loads_with_stock_peft_on_a_4bit_base(model, tmp_path):
     base = tmp_path / "base"
     model.save_pretrained(base)
     report = hf_lowrank.quantization_correction(base, _nf4(double_quant=True), 8, calibration=_batches(),
-                                                output_dir=tmp_path / "adapter", progress=False)
+                                                path=tmp_path / "adapter", progress=False)
     assert report.output_dir == tmp_path / "adapter"
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
@@ -139,9 +139,9 @@ def test_adapter_loads_with_stock_peft_on_a_4bit_base(model, tmp_path):
     child = torch.load(tmp_path / "out.pt")["corrected"]
 
     corrected = copy.deepcopy(model)
-    hf_lowrank.fake_quantize(corrected, _nf4(double_quant=True), correction=report)
+    hf_lowrank.compression.correction.fake_quantize(corrected, _nf4(double_quant=True), correction=report)
     quantized = copy.deepcopy(model)
-    hf_lowrank.fake_quantize(quantized, _nf4(double_quant=True))
+    hf_lowrank.compression.correction.fake_quantize(quantized, _nf4(double_quant=True))
     with torch.no_grad():
         expected = corrected(ids, use_cache=False).logits
         uncorrected = quantized(ids, use_cache=False).logits

@@ -103,7 +103,7 @@ def test_the_three_old_exporters_warn_and_write_what_save_as_lora_writes(tiny_ll
     _warns_naming_save_as_lora(lambda: export_lora_adapter(tmp_path / "ad", tmp_path / "old_fl"))
     assert json.loads((tmp_path / "old_fl" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     # residual
-    encode_residual(tiny_llama, make_finetuned_copy(tiny_llama), rank=8, out=tmp_path / "r", progress=False)
+    encode_residual(tiny_llama, make_finetuned_copy(tiny_llama), rank=8, path=tmp_path / "r", progress=False)
     _warns_naming_save_as_lora(
         lambda: export_residual_as_lora(tmp_path / "r", tmp_path / "old_r", base_model=tiny_llama, progress=False)
     )

@@ -23,8 +23,9 @@ from tiny_models import make_tiny_model
 from transformers import TrainingArguments
 
 import hf_lowrank
-from hf_lowrank import FisherLoRAConfig, LowRankLinear, LowRankTrainer, SPSFTConfig, compress_peft_model, save_as_lora
+from hf_lowrank import FisherLoRAConfig, LowRankLinear, LowRankTrainer, SPSFTConfig, save_as_lora
 from hf_lowrank.compression.ere import decode_residual, encode_residual
+from hf_lowrank.peft_configs.fisher_lora import compress_peft_model
 
 CELLS = [pytest.param(kind, id=kind) for kind in KINDS]
 
@@ -131,7 +132,7 @@ def test_ere_decodes_a_full_fine_tune_and_its_lora_export_loads_in_vanilla_peft(
             p += scale * torch.randn(p.shape[0], 4, generator=g) @ torch.randn(4, p.shape[1], generator=g) / 4
     reference = _out(ft, kind)
     assert _rel(_out(base, kind), reference) > 0.01  # the fine-tune did change the outputs
-    encode_residual(base, ft, rank=32, bits=8, out=tmp_path / "r", progress=False)
+    encode_residual(base, ft, rank=32, bits=8, path=tmp_path / "r", progress=False)
     decoded = decode_residual(base, tmp_path / "r", progress=False).eval()
     got = _out(decoded, kind)
     assert _rel(got, reference) < 0.02  # within the ERE quantization fidelity

@@ -108,7 +108,7 @@ def test_ere_export_of_a_roberta_classifier_loads_in_vanilla_peft(tmp_path):
             scale = 0.3 if name.startswith("classifier") else 0.02
             p += scale * torch.randn(p.shape[0], 4, generator=g) @ torch.randn(4, p.shape[1], generator=g) / 4
     res_dir = tmp_path / "r"
-    encode_residual(base, ft, rank=32, bits=8, out=res_dir, progress=False)
+    encode_residual(base, ft, rank=32, bits=8, path=res_dir, progress=False)
     decoded = decode_residual(base, res_dir, progress=False).eval()
     save_as_lora(tmp_path / "lora", res_dir, base_model=base)
 

@@ -71,7 +71,7 @@ def _cmd_encode(args) -> int:
         refit=args.refit,
         store_exact=args.store_exact.split(",") if args.store_exact else None,
         progress=not args.quiet,
-        out=args.out,
+        path=args.out,
     )
     tok = _tokenizer(args.finetuned, args.base)
     if tok is not None:

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .._deprecation import renamed_keywords
 from ..compression.compress import CompressionReport
 from ..compression.config import CompressionConfig
 from ..distributed import barrier, gather_full_model, is_fsdp_model
@@ -172,7 +173,7 @@ class CompressOnSaveCallback(TrainerCallback):
     (full fine-tuning with ``FisherCollectorCallback(source="full")``) through :func:`~hf_lowrank.compress_model`.
 
     ``method="ere"`` writes an efficient residual encoding of the fine-tuned weights instead (Ryu, Seo and Yoo 2023,
-    arXiv:2305.18425), delegated to ``hf_lowrank.compression.ere.save_residual_on_save(model, output_dir,
+    arXiv:2305.18425), delegated to ``hf_lowrank.compression.ere.save_residual_on_save(model, path,
     base_model=..., **kwargs)``; it encodes ``W_finetuned - W_base`` and therefore needs the base weights
     (``base_model=``, or see that function for how it finds them).
 
@@ -291,9 +292,10 @@ def reduced_fisher(fisher, global_step: int | None = None) -> FisherState | None
     return state
 
 
+@renamed_keywords(output_dir="path")
 def compress_on_save(
     model: nn.Module,
-    output_dir: str | os.PathLike,
+    path: str | os.PathLike,
     *,
     config: CompressionConfig | None = None,
     fisher=None,
@@ -309,7 +311,7 @@ def compress_on_save(
     weighting: str | None = None,
     **method_kwargs,
 ) -> tuple[nn.Module | None, CompressionReport | None]:
-    """Compress a trained model and write it to ``output_dir``: the one compress-on-save path.
+    """Compress a trained model and write it to ``path``: the one compress-on-save path.
 
     :class:`CompressOnSaveCallback` (``"fwsvd"`` / ``"svd"``) and ``LowRankTrainer.save_model`` both call it. Every
     process calls it: the Fisher reduction over processes and the FSDP gather are collectives. In order:
@@ -327,7 +329,7 @@ def compress_on_save(
 
     Args:
         model: the trained model (a ``PeftModel``, a model with LoRA layers, or a plain model), wrapped or not.
-        output_dir: the folder to write.
+        path: the folder to write.
         config: the compression (:class:`~hf_lowrank.CompressionConfig`); for a FisherLoRA model it replaces the
             adapter config's ``compression``; a plain model needs it (or ``rank`` / ``keep`` / ``rank_pattern``).
         fisher: ``FisherCollectorCallback`` / ``FisherCollector`` / ``FisherState`` / path, or None (plain SVD).
@@ -369,8 +371,8 @@ def compress_on_save(
                 given = {"rank": rank, "keep": keep, **given}
             compressed = shared_weight_copy(unwrap_model(gathered))
             report = compress_model(compressed, config, fisher=state, progress=progress, **given, **method_kwargs)
-        save_compressed(compressed, output_dir, tokenizer=tokenizer, report=report, fisher_state=state)
-        logger.info("Compressed model saved to %s: %s", output_dir, report.summary())
+        save_compressed(compressed, path, tokenizer=tokenizer, report=report, fisher_state=state)
+        logger.info("Compressed model saved to %s: %s", path, report.summary())
         if not inplace:
             compressed = None  # the copy's new factors are freed before the other processes are released
     barrier()

@@ -223,7 +223,7 @@ class EREResidual:
         path = Path(path)
         recover_directory(path)
         if not path.is_dir():
-            raise ResidualFormatError(f"'{path}' is not a folder; pass the folder encode_residual(out=...) wrote.")
+            raise ResidualFormatError(f"'{path}' is not a folder; pass the folder encode_residual(path=...) wrote.")
         mpath = path / MANIFEST_NAME
         if not mpath.is_file():
             raise ResidualFormatError(

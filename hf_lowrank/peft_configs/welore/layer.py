@@ -307,7 +307,7 @@ class WeLoreLayer(BaseTunerLayer):
             safe_merge: refuse factors with NaN/inf.
             adapter_names: ignored beyond the single WeLore adapter (checked by the tuner).
         """
-        prepared = self.__dict__.pop("_welore_unloaded", None)  # computed up front by WeLoreModel (all or nothing)
+        prepared = self.__dict__.pop("_welore_unloaded", None)  # computed up front by WeLoreLRCModel (all or nothing)
         if self.merged:
             self.unmerge()
         if merge and prepared is not None:
