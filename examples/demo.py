@@ -281,11 +281,12 @@ def run_fisher_lora(model, tok, args):
 
     compressed = load_compressed(folder)
     report = trainer.compression_report
-    from hf_lowrank.peft_configs.fisher_lora import compress_peft_model
+    from hf_lowrank import compress_model
 
     fisher = trainer.fisher_callback.collector.reduced_state()
-    diag, diag_report = compress_peft_model(trainer.model, fisher=fisher, weighting="two_sided", allocation="uniform",
-                                            progress=False)
+    diag_config = CompressionConfig(keep=args.keep, weighting="two_sided", allocation="uniform")
+    diag_report = compress_model(trainer.model, diag_config, fisher=fisher, progress=False)  # in place: the last use
+    diag = trainer.model.get_base_model()
     _EXTRA_ROWS.append(("fisher_lora_2s", diag, {"mean_rel_error": _mean_error(diag_report),
                                                  "fisher_weighting": "two_sided", "allocation": "uniform"}))
     return compressed, {"mean_rel_error": _mean_error(report), "fisher_weighting": config.fisher_weighting,
