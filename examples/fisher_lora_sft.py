@@ -24,7 +24,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
 import hf_lowrank  # noqa: E402,F401  (registers FisherLoRA and the factorized-checkpoint format)
-from hf_lowrank import CompressionConfig, FisherLoRAConfig, LowRankSFTTrainer, bundled, evaluation, offline  # noqa: E402  # noqa: E402
+from hf_lowrank import CompressionConfig, FisherLoRAConfig, LowRankSFTTrainer  # noqa: E402
+from hf_lowrank.demo import evaluation, models, wordnet  # noqa: E402
 
 
 def main() -> None:
@@ -40,9 +41,9 @@ def main() -> None:
     torch.manual_seed(0)
     out = Path(args.out)
 
-    model, tokenizer = offline.load_smollm2()
-    train = Dataset.from_list(bundled.sft_examples("train", n=8 * args.steps))
-    eval_texts = bundled.definition_texts("test", n=16 if args.quick else 64)
+    model, tokenizer = models.load_smollm2()
+    train = Dataset.from_list(wordnet.sft_examples("train", n=8 * args.steps))
+    eval_texts = wordnet.definition_texts("test", n=16 if args.quick else 64)
 
     def ppl(m) -> float:
         return evaluation.perplexity(m, tokenizer, eval_texts, max_length=96, batch_size=8, progress=False)

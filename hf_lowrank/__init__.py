@@ -11,6 +11,8 @@ import importlib as _importlib
 import warnings as _warnings
 from importlib import metadata as _metadata
 
+from . import _moved
+from .calibration import calibration_batches
 from .compression import (
     CompressionConfig,
     CompressionReport,
@@ -24,10 +26,12 @@ from .compression.ere import decode_residual, encode_residual
 from .errors import HfLowRankError
 from .lora_export import save_as_lora
 from .modules import LowRankLinear
-from .peft_configs.fisher_lora import FisherLoRAConfig
-from .peft_configs.spsft import SPSFTConfig
-from .peft_configs.welore import WeLoreLRCConfig
-from .trainer_mixins import CompressOnSaveCallback, FisherCollectorCallback, LowRankTrainer, LowRankTrainerMixin
+from .trainer import CompressOnSaveCallback, FisherCollectorCallback, LowRankTrainer, LowRankTrainerMixin
+from .tuners.fisher_lora import FisherLoRAConfig
+from .tuners.spsft import SPSFTConfig
+from .tuners.welore import WeLoreLRCConfig
+
+_moved.install()
 
 try:
     __version__ = _metadata.version("hf-lowrank")
@@ -43,6 +47,7 @@ __all__ = [
     "load_compressed",
     "decompress_model",
     "quantization_correction",
+    "calibration_batches",
     "LowRankLinear",
     # PEFT methods (peft configs)
     "FisherLoRAConfig",
@@ -77,24 +82,24 @@ _MOVED = {
     "find_target_linears": "hf_lowrank.targets",
     "gather_full_model": "hf_lowrank.distributed",
     "is_fsdp_model": "hf_lowrank.distributed",
-    "write_model_card": "hf_lowrank.model_card",
+    "write_model_card": "hf_lowrank.cards",
     "QuantizedLowRankLinear": "hf_lowrank.quantized_modules",
     "dequantize_factors": "hf_lowrank.quantized_modules",
-    "FisherState": "hf_lowrank.fisher_state",
-    "FisherLoraModel": "hf_lowrank.peft_configs.fisher_lora",
-    "compress_peft_model": "hf_lowrank.peft_configs.fisher_lora",
-    "SPSFTModel": "hf_lowrank.peft_configs.spsft",
-    "export_spsft_as_lora": "hf_lowrank.peft_configs.spsft",
-    "spsft_importance": "hf_lowrank.peft_configs.spsft",
-    "WeLoreModel": "hf_lowrank.peft_configs.welore",
-    "welore_ranks_for_model": "hf_lowrank.peft_configs.welore",
+    "FisherState": "hf_lowrank.fisher.state",
+    "FisherLoraModel": "hf_lowrank.tuners.fisher_lora",
+    "compress_peft_model": "hf_lowrank.tuners.fisher_lora",
+    "SPSFTModel": "hf_lowrank.tuners.spsft",
+    "export_spsft_as_lora": "hf_lowrank.tuners.spsft",
+    "spsft_importance": "hf_lowrank.tuners.spsft",
+    "WeLoreModel": "hf_lowrank.tuners.welore",
+    "welore_ranks_for_model": "hf_lowrank.tuners.welore",
 }
 
 
 def __getattr__(name: str):
     # LowRankSFTTrainer subclasses trl.SFTTrainer: trl (an extra) is imported on first use only.
     if name == "LowRankSFTTrainer":
-        from .trainer_mixins.mixins import LowRankSFTTrainer
+        from .trainer.mixins import LowRankSFTTrainer
 
         return LowRankSFTTrainer
     if name in _MOVED:

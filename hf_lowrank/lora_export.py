@@ -17,8 +17,8 @@ from torch import nn
 
 from .compression.ere.format import MANIFEST_NAME, EREResidual
 from .compression.ere.lora import residual_to_lora
-from .peft_configs.fisher_lora.save import copy_as_lora_adapter
-from .peft_configs.spsft.model import write_spsft_as_lora
+from .tuners.fisher_lora.save import copy_as_lora_adapter
+from .tuners.spsft.model import write_spsft_as_lora
 
 __all__ = ["save_as_lora"]
 

@@ -34,11 +34,11 @@ from hf_lowrank import (
 )
 from hf_lowrank.modules import dense_weight, linear_shape
 from hf_lowrank.ops.importance import l2_importance, top_rows
-from hf_lowrank.peft_configs.fisher_lora import compress_peft_model, lora_linear_modules
-from hf_lowrank.peft_configs.spsft import spsft_importance, spsft_to_lora
-from hf_lowrank.peft_configs.spsft.layer import Linear as SPSFTLinear
-from hf_lowrank.peft_configs.welore import WeLoreLayer, welore_ranks_for_model
 from hf_lowrank.targets import find_target_linears
+from hf_lowrank.tuners.fisher_lora import compress_peft_model, lora_linear_modules
+from hf_lowrank.tuners.spsft import spsft_importance, spsft_to_lora
+from hf_lowrank.tuners.spsft.layer import Linear as SPSFTLinear
+from hf_lowrank.tuners.welore import WeLoreLayer, welore_ranks_for_model
 
 CONV1D = ["c_attn", "c_proj", "c_fc"]
 

@@ -19,8 +19,8 @@ from testing_common import make_finetuned_copy, make_tiny_fisher_lora
 import hf_lowrank
 from hf_lowrank import SPSFTConfig, WeLoreLRCConfig, save_as_lora
 from hf_lowrank.compression.ere import encode_residual, export_residual_as_lora
-from hf_lowrank.peft_configs.fisher_lora import export_lora_adapter
-from hf_lowrank.peft_configs.spsft import export_spsft_as_lora
+from hf_lowrank.tuners.fisher_lora import export_lora_adapter
+from hf_lowrank.tuners.spsft import export_spsft_as_lora
 
 
 def _logits(model, x):

@@ -25,7 +25,7 @@ from transformers import TrainingArguments
 import hf_lowrank
 from hf_lowrank import FisherLoRAConfig, LowRankLinear, LowRankTrainer, SPSFTConfig, save_as_lora
 from hf_lowrank.compression.ere import decode_residual, encode_residual
-from hf_lowrank.peft_configs.fisher_lora import compress_peft_model
+from hf_lowrank.tuners.fisher_lora import compress_peft_model
 
 CELLS = [pytest.param(kind, id=kind) for kind in KINDS]
 

@@ -15,7 +15,7 @@ import pytest
 import hf_lowrank
 from hf_lowrank._deprecation import RENAMED_KEYWORDS
 from hf_lowrank.compression.compress import DEPRECATED_NAMES
-from hf_lowrank.peft_configs.fisher_lora.config import _LEGACY_FIELDS
+from hf_lowrank.tuners.fisher_lora.config import _LEGACY_FIELDS
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
 
@@ -93,8 +93,8 @@ def test_a_renamed_keyword_warns_and_reaches_the_new_one(tiny_llama, tmp_path):
 
 
 def test_model_classes_are_named_like_their_configs():
-    from hf_lowrank.peft_configs.fisher_lora import FisherLoRAModel, FisherLoraModel
-    from hf_lowrank.peft_configs.welore import WeLoreLRCModel, WeLoreModel
+    from hf_lowrank.tuners.fisher_lora import FisherLoRAModel, FisherLoraModel
+    from hf_lowrank.tuners.welore import WeLoreLRCModel, WeLoreModel
 
     assert FisherLoraModel is FisherLoRAModel and WeLoreModel is WeLoreLRCModel
 

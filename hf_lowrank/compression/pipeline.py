@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..fisher_state import DEFAULT_EPS, DEFAULT_EXPONENT
+from ..calibration.grams import CalibrationGrams, calibration_grams
+from ..fisher.state import DEFAULT_EPS, DEFAULT_EXPONENT
 from ..modules import LowRankLinear, dense_weight, is_conv1d, set_submodule
 from ..ops.fisher import (
     fisher_weights,
@@ -32,7 +33,6 @@ from ..ops.fisher import (
 from ..ops.rank_allocation import global_ranks
 from ..ops.svd import factorized_params, relative_error
 from ..quantized_modules import quantize_lowrank
-from ..statistics import CalibrationGrams, calibration_grams
 from ..targets import find_linears, find_target_linears, pattern_key
 from .checkpoint import mark_compressed
 from .config import CompressionConfig
@@ -65,7 +65,7 @@ def shapes_of(targets: Mapping[str, nn.Module]) -> dict[str, tuple[int, int]]:
 def calibration_statistics(model, targets, calibration, *, kronecker: bool, max_gram_dim: int | None,
                            name: str = "weighting", progress: bool = True):
     """``(input Grams, output-gradient Grams or None, tokens)`` of ``targets``, collected from calibration batches on
-    ``model`` or taken from :class:`~hf_lowrank.statistics.CalibrationGrams` (refused when ``kronecker`` needs output
+    ``model`` or taken from :class:`~hf_lowrank.calibration.grams.CalibrationGrams` (refused when ``kronecker`` needs output
     Grams they lack; ``name`` is the argument the caller's user spelled)."""
     if isinstance(calibration, CalibrationGrams):
         if kronecker and calibration.outputs is None:
