@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import hf_lowrank
+import hf_lowrank.cards  # noqa: F401  (registers write_model_card's renamed keyword)
 from hf_lowrank._deprecation import RENAMED_KEYWORDS
 from hf_lowrank.compression.compress import DEPRECATED_NAMES
 from hf_lowrank.tuners.fisher_lora.config import _LEGACY_FIELDS
@@ -69,6 +70,8 @@ def test_an_unknown_name_is_still_an_attribute_error():
         ("quantization_correction", "output_dir", "path"),
         ("write_adapter", "output_dir", "path"),
         ("compress_on_save", "output_dir", "path"),
+        ("write_model_card", "folder", "path"),
+        ("write_model_card_for", "folder", "path"),
         ("LowRankTrainerMixin.__init__", "compress_inplace", "inplace"),
     ],
 )

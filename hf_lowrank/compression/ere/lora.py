@@ -34,17 +34,11 @@ def _task_type(arch: str | None) -> str | None:
     return None
 
 
-def export_residual_as_lora(
-    path: str | os.PathLike | EREResidual,
-    out: str | os.PathLike,
-    *,
-    base_model: nn.Module | None = None,
-    progress: bool = True,
-) -> Path:
+def export_residual_as_lora(path: str | os.PathLike | EREResidual, out: str | os.PathLike, **kwargs) -> Path:
     """Deprecated: ``hf_lowrank.save_as_lora(out, path, base_model=base_model)`` (peft's argument order)."""
     warnings.warn("export_residual_as_lora(path, out, base_model=) is deprecated; use hf_lowrank.save_as_lora(out, "
                   "residual, base_model=) (peft's argument order).", DeprecationWarning, stacklevel=2)
-    return residual_to_lora(path, out, base_model=base_model, progress=progress)
+    return residual_to_lora(path, out, **kwargs)
 
 
 @torch.no_grad()
