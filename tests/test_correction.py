@@ -111,7 +111,10 @@ _CHILD = textwrap.dedent("""
     model = PeftModel.from_pretrained(quantized, adapter).eval()
     ids = torch.load(ids_path)
     with torch.no_grad():
-        torch.save({"corrected": model(ids, use_cache=False).logits}, out_path)
+        corrected = model(ids, use_cache=False).logits
+        with model.disable_adapter():
+            base_only = model(ids, use_cache=False).logits
+    torch.save({"corrected": corrected, "base_only": base_only}, out_path)
     assert "hf_lowrank" not in sys.modules, "the child imported hf_lowrank"
     print("stock peft:", type(model).__name__, type(quantized.model.layers[0].mlp.up_proj.base_layer).__name__)
 """)
@@ -136,7 +139,8 @@ def test_adapter_loads_with_stock_peft_on_a_4bit_base(model, tmp_path):
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "stock peft: PeftModelForCausalLM Linear4bit" in done.stdout
-    child = torch.load(tmp_path / "out.pt")["corrected"]
+    saved = torch.load(tmp_path / "out.pt")
+    child, child_base = saved["corrected"], saved["base_only"]
 
     corrected = copy.deepcopy(model)
     hf_lowrank.compression.correction.fake_quantize(corrected, _nf4(double_quant=True), correction=report)
@@ -145,10 +149,19 @@ def test_adapter_loads_with_stock_peft_on_a_4bit_base(model, tmp_path):
     with torch.no_grad():
         expected = corrected(ids, use_cache=False).logits
         uncorrected = quantized(ids, use_cache=False).logits
-    gap = (child - expected).norm() / expected.norm()
-    assert gap < 1e-4, gap
+    # bitsandbytes' own kernel sets the floor: on CPUs with AVX512-BF16 its fused NF4 GEMM rounds activations to
+    # bf16, elsewhere it computes in float32. Its error is measured on the bare base (adapter disabled) against the
+    # same Q(W) in float32, and the corrected logits must agree as closely as the kernel allows.
+    kernel_noise = ((child_base - uncorrected).norm() / uncorrected.norm()).item()
+    bound = 1e-4 + 2 * kernel_noise
+    gap = ((child - expected).norm() / expected.norm()).item()
+    effect = ((uncorrected - expected).norm() / expected.norm()).item()
+    # the adapter's own contribution as stock peft computes it (adapter on minus off) is ours
+    delta_gap = (((child - child_base) - (expected - uncorrected)).norm() / (expected - uncorrected).norm()).item()
+    assert gap < bound, (gap, kernel_noise)
+    assert delta_gap < 1e-3 + 20 * kernel_noise, (delta_gap, kernel_noise)
     # the bound discriminates: the correction moves the logits far more than that
-    assert (uncorrected - expected).norm() / expected.norm() > 100 * gap
+    assert effect > 5 * bound, (effect, bound)
 
 
 def test_bad_input_is_refused(model, tmp_path):

@@ -35,8 +35,6 @@ from ...io import (
 from ...ops.quant import QuantizedTensor, dequantize_rtn, stiefel_project
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from .report import ResidualReport
 
 __all__ = [
@@ -372,12 +370,6 @@ class EREResidual:
                 out[rows] = self._dense(name, "values", dtype)
             return out
         raise ValueError(f"'{name}' is stored as {e['kind']!r}; only lowrank and sparse tensors have a delta.")
-
-    def decode(self, base_model: nn.Module, **kwargs) -> nn.Module:
-        """Same as :func:`decode_residual` ``(base_model, self, **kwargs)``."""
-        from .decode import decode_residual
-
-        return decode_residual(base_model, self, **kwargs)
 
 
 def _as_residual(path: str | os.PathLike | EREResidual) -> EREResidual:
