@@ -42,7 +42,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def grams(model):
-    targets = hf_lowrank.find_target_linears(model)
+    targets = hf_lowrank.targets.find_target_linears(model)
     g_in, g_out, tokens = calibration_grams(model, targets, _batches(), outputs=True, progress=False)
     return CalibrationGrams(g_in, g_out, tokens)
 
@@ -126,7 +126,7 @@ def test_adapter_loads_with_stock_peft_on_a_4bit_base(model, tmp_path):
     base = tmp_path / "base"
     model.save_pretrained(base)
     report = hf_lowrank.quantization_correction(base, _nf4(double_quant=True), 8, calibration=_batches(),
-                                                output_dir=tmp_path / "adapter", progress=False)
+                                                path=tmp_path / "adapter", progress=False)
     assert report.output_dir == tmp_path / "adapter"
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
@@ -143,9 +143,9 @@ def test_adapter_loads_with_stock_peft_on_a_4bit_base(model, tmp_path):
     child, child_base = saved["corrected"], saved["base_only"]
 
     corrected = copy.deepcopy(model)
-    hf_lowrank.fake_quantize(corrected, _nf4(double_quant=True), correction=report)
+    hf_lowrank.compression.correction.fake_quantize(corrected, _nf4(double_quant=True), correction=report)
     quantized = copy.deepcopy(model)
-    hf_lowrank.fake_quantize(quantized, _nf4(double_quant=True))
+    hf_lowrank.compression.correction.fake_quantize(quantized, _nf4(double_quant=True))
     with torch.no_grad():
         expected = corrected(ids, use_cache=False).logits
         uncorrected = quantized(ids, use_cache=False).logits
@@ -198,3 +198,14 @@ def test_bad_input_is_refused(model, tmp_path):
     hf_lowrank.compress_model(compressed, {"model.layers.0.mlp.up_proj": 8}, progress=False)
     with pytest.raises(ValueError, match="already quantized or compressed|LowRankLinear"):
         correct(compressed, _nf4(), 4, calibration=None, weighting="none")
+
+
+def test_gram_only_weighting_needs_no_fisher_exponent():
+    # Gram sides never read the diagonal Fisher's exponent / eps: callers with Grams only pass neither
+    from hf_lowrank.compression.pipeline import weighting_sides
+
+    lin = torch.nn.Linear(6, 4)
+    x = torch.randn(32, 6, dtype=torch.float64)
+    sides = weighting_sides({"m": lin}, None, None, {"m": x.T @ x}, None, 1e-4)
+    L = sides["m"].in_factor
+    assert L is not None and L.shape == (6, 6) and torch.isfinite(L).all()

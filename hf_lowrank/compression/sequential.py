@@ -153,8 +153,9 @@ def compress_sequential(model, targets, plan, calibration, report: CompressionRe
                 hooks.store.clear()  # the Grams now live in `grams` only, each freed once factorized
                 del store
                 block_sides = weighting_sides(sub, _only(row_weights, names), _only(col_weights, names), grams,
-                                              _only(grams_out, names), config.fisher_exponent, config.fisher_eps,
-                                              config.damping, tokens=stream.tokens, release=True)
+                                              _only(grams_out, names), config.damping,
+                                              exponent=config.fisher_exponent, eps=config.fisher_eps,
+                                              tokens=stream.tokens, release=True)
                 sides.update(block_sides)
                 replacements = factorize_plan(sub, {n: plan[n] for n in names}, block_sides, report, "uniform",
                                               config, progress=False)
