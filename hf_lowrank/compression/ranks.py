@@ -56,7 +56,10 @@ def plan_ranks(
 
     Returns:
         ``{name: rank}`` for the modules to compress, ``None`` where that rank would not save parameters (the module
-        stays dense). Modules neither matched by a pattern nor covered by ``rank`` / ``keep`` are absent.
+        stays dense): also a keep of 1.0 (all parameters kept: the exact weight, not a lossy pair of about the same
+        size) and a ``rank`` above a narrow module's smaller side (a 1 x 64 gate under ``rank=8``; a rank named for
+        that module by a pattern key is still refused). Modules neither matched by a pattern nor covered by
+        ``rank`` / ``keep`` are absent.
 
     Raises:
         ValueError: no target at all, both rank and keep, a pattern key that matches no module, a rank out of range.
@@ -73,8 +76,11 @@ def plan_ranks(
         raise ValueError("No target modules matched: the model has no adapted Linear layer to compress.")
     check_pattern_keys(pattern, shapes, what)
     wanted: dict[str, int | float] = {}
+    by_rank = set()  # modules that take the one ``rank`` (no pattern key of their own)
     for name in shapes:
         key = pattern_key(pattern, name)
+        if key is None and rank is not None:
+            by_rank.add(name)
         value = _as_int(pattern[key] if key is not None else (rank if rank is not None else keep))
         if value is None:
             continue
@@ -84,6 +90,7 @@ def plan_ranks(
                 "parameters kept. Pass an int for an absolute rank."
             )
         wanted[name] = value
+    whole = {n for n, v in wanted.items() if isinstance(v, float) and v == 1.0}
     for fraction in {v for v in wanted.values() if isinstance(v, float)}:
         group = {n: shapes[n] for n, v in wanted.items() if isinstance(v, float) and v == fraction}
         wanted.update(uniform_ranks(group, fraction, multiple=multiple))
@@ -91,6 +98,12 @@ def plan_ranks(
     for name, value in wanted.items():
         out_f, in_f = shapes[name]
         limit = min(out_f, in_f)
+        if name in whole:  # keep 1.0: every parameter kept, so the exact dense weight (as the global allocation does)
+            plan[name] = None
+            continue
+        if name in by_rank and isinstance(value, int) and value > limit:  # one rank for all: a narrow module stays dense
+            plan[name] = None
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
             raise ValueError(
                 f"Rank {value!r} for module '{name}' is out of range: it must be an integer in [1, {limit}] "
