@@ -49,7 +49,6 @@ def _logits(model):
         return model(input_ids=torch.arange(3, 15).reshape(1, 12)).logits
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_keep_one_keeps_every_module_exact_with_uniform_ranks():
     """keep=1.0 keeps every parameter: the global allocation keeps every module dense, so the uniform one must too,
     not swap in rank-48 pairs of a 64 x 256 Conv1D (lossy at 94% of its parameters; the logits moved by 0.16)."""
@@ -61,21 +60,35 @@ def test_keep_one_keeps_every_module_exact_with_uniform_ranks():
     assert report.ranks == {} and report.kept_fraction == 1.0
     assert all(m.skipped for m in report.modules)
     torch.testing.assert_close(_logits(model), ref, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="factorized no module.*keep fraction"):
+        hf_lowrank.compress_model(_gpt2(), 1.0, progress=False)
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_one_int_rank_leaves_a_narrow_module_dense():
-    """rank=8 for every target: Qwen2-MoE's 1 x 64 shared-expert gate cannot take rank 8 and no rank of it saves
-    parameters, so it stays dense and is listed as skipped (was: 'Rank 8 ... out of range', the whole call refused)."""
+def test_one_int_rank_too_large_for_a_narrow_module_names_the_fix():
+    """rank=8 for every target of Qwen2-MoE: its 1 x 64 shared-expert gate cannot take it. The refusal names the
+    module and how to go on (target_modules=, rank_pattern= for that module, or a keep fraction), and the model is
+    left untouched."""
     model = _qwen2_moe()
-    report = hf_lowrank.compress_model(model, 8, progress=False)
-    gates = [m for m in report.modules if m.name.endswith("shared_expert_gate")]
-    assert len(gates) == 2 and all(m.skipped and m.rank is None for m in gates)
-    assert all(r == 8 for r in report.ranks.values()) and len(report.ranks) == len(report.modules) - 2
-    assert isinstance(model.get_submodule("model.layers.0.mlp.shared_expert_gate"), torch.nn.Linear)
-    # a rank named for that module by a pattern key is still refused, with the module named
-    with pytest.raises(ValueError, match="shared_expert_gate"):
-        hf_lowrank.compress_model(_qwen2_moe(), rank_pattern={"shared_expert_gate": 8}, progress=False)
+    ref = _logits(model)
+    with pytest.raises(ValueError, match="shared_expert_gate") as err:
+        hf_lowrank.compress_model(model, 8, progress=False)
+    assert "target_modules=" in str(err.value) and "rank_pattern={'shared_expert_gate': 1}" in str(err.value)
+    assert "keep fraction" in str(err.value)
+    torch.testing.assert_close(_logits(model), ref, rtol=0, atol=0)
+
+
+def test_compressing_a_compressed_mixture_of_experts_again_is_not_silent():
+    """Qwen2-MoE compressed once keeps its 1-row router gates dense, so the 'already compressed' refusal (no dense
+    Linear left) does not fire on a second call: it factorized nothing and said nothing. Now a warning names the
+    earlier compression and the fix, and the model is unchanged."""
+    model = _qwen2_moe()
+    with pytest.warns(UserWarning):
+        hf_lowrank.compress_model(model, 0.8, progress=False)
+    ref = _logits(model)
+    with pytest.warns(UserWarning, match=r"factorized no module.*already holds 14 LowRankLinear.*decompress_model"):
+        report = hf_lowrank.compress_model(model, 0.8, progress=False)
+    assert report.ranks == {}
+    torch.testing.assert_close(_logits(model), ref, rtol=0, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

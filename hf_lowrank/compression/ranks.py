@@ -56,10 +56,8 @@ def plan_ranks(
 
     Returns:
         ``{name: rank}`` for the modules to compress, ``None`` where that rank would not save parameters (the module
-        stays dense): also a keep of 1.0 (all parameters kept: the exact weight, not a lossy pair of about the same
-        size) and a ``rank`` above a narrow module's smaller side (a 1 x 64 gate under ``rank=8``; a rank named for
-        that module by a pattern key is still refused). Modules neither matched by a pattern nor covered by
-        ``rank`` / ``keep`` are absent.
+        stays dense), also for a keep of 1.0 (all parameters kept: the exact weight, not a lossy pair of about the
+        same size). Modules neither matched by a pattern nor covered by ``rank`` / ``keep`` are absent.
 
     Raises:
         ValueError: no target at all, both rank and keep, a pattern key that matches no module, a rank out of range.
@@ -76,11 +74,8 @@ def plan_ranks(
         raise ValueError("No target modules matched: the model has no adapted Linear layer to compress.")
     check_pattern_keys(pattern, shapes, what)
     wanted: dict[str, int | float] = {}
-    by_rank = set()  # modules that take the one ``rank`` (no pattern key of their own)
     for name in shapes:
         key = pattern_key(pattern, name)
-        if key is None and rank is not None:
-            by_rank.add(name)
         value = _as_int(pattern[key] if key is not None else (rank if rank is not None else keep))
         if value is None:
             continue
@@ -101,13 +96,12 @@ def plan_ranks(
         if name in whole:  # keep 1.0: every parameter kept, so the exact dense weight (as the global allocation does)
             plan[name] = None
             continue
-        if name in by_rank and isinstance(value, int) and value > limit:  # one rank for all: a narrow module stays dense
-            plan[name] = None
-            continue
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
             raise ValueError(
                 f"Rank {value!r} for module '{name}' is out of range: it must be an integer in [1, {limit}] "
-                f"for its ({out_f}, {in_f}) weight."
+                f"for its ({out_f}, {in_f}) weight. Leave the module out (target_modules=), give it its own rank "
+                f"({what}={{'{name.rsplit('.', 1)[-1]}': {limit}}}; a rank that saves no parameters keeps it dense) or "
+                "pass a keep fraction (a float) instead."
             )
         plan[name] = value if value <= break_even_rank(out_f, in_f) else None
     return plan
