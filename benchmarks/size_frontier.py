@@ -19,9 +19,13 @@ training prose. Rows (``--rows``; results merged into ``--out`` by row name, so 
   ``examples/heal.py`` (imported), merged; the row keeps the curve at ``--heal-eval-at`` steps;
 - ``heal_targets``: at keep 0.6, LoRA on ``up`` + ``down``, on ``up`` only, and training the factors themselves,
   each ``--heal-steps`` steps, the prose perplexity along the way (which heal is better per step);
+- ``lowrank_b<keep>_q<bits>``: the global allocation with a byte budget (``budget_unit="bytes"``): ``keep`` of the
+  targets' bf16 bytes spent on ``bits``-bit group-64 factors, each module's rounding noise priced in (``_d8``: then
+  the targets it kept dense rounded to int8, group 128, after the fact: what quantizing them would buy);
 - ``nf4_corr<r>`` / ``nf4_loftq<r>``: NF4 plus the data-aware low-rank correction of the quantization error
   (``hf_lowrank.quantization_correction``) vs peft's data-free LoftQ initialisation (Li et al., 2023,
-  arXiv:2310.08659) at rank 16 / 64, adapter bytes (bf16) counted.
+  arXiv:2310.08659) at rank 16 / 64, adapter bytes (bf16) counted; ``int3_corr<r>`` / ``int2_corr<r>``: the same
+  data-aware correction of round-to-nearest int3 (group 128) / int2 (group 64).
 
 GPTQ (Frantar et al., 2022, arXiv:2210.17323) and AWQ (Lin et al., 2023, arXiv:2306.00978) need a GPU; none was lent
 to the session that produced the results, so they are not rows (the JSON says so).
@@ -58,8 +62,17 @@ LOWRANK = [f"lowrank_{k}{s}" for k in KEEPS for s in ("", "_q8", "_q4", "_heal")
 # uniform ranks: every block Linear factorized, so the factor bits set the bytes (the global allocation keeps some
 # modules dense, in their own dtype, which dominates the bytes of its quantized rows)
 UNIFORM = [f"lowrank_u{k}_q{b}" for k in KEEPS for b in (4, 3)]
+# the global allocation with a byte budget (``budget_unit="bytes"``, the default with factor_bits): keep = the
+# fraction of the targets' bf16 bytes
+BYTE_BUDGETS = {4: ("0.27", "0.25", "0.23", "0.21"), 3: ("0.23", "0.21", "0.19")}
+BYTES = [f"lowrank_b{k}_q{b}" for b, keeps in BYTE_BUDGETS.items() for k in keeps]
+# the same, then the targets the allocation kept dense rounded to int8 (group 128) after the fact: what quantizing
+# dense modules would buy (the allocation priced them at bf16; no checkpoint format stores them so yet)
+BYTES_D8 = [f"{r}_d8" for r in BYTES]
 CORRECTION = [f"nf4_{kind}{r}" for kind in ("corr", "loftq") for r in (16, 64)]
-ROWS = ["dense", *RTN, "nf4", "nf4_dq", *LOWRANK, *UNIFORM, "heal_targets", *CORRECTION]
+# round-to-nearest int3 (group 128) / int2 (group 64) plus the data-aware correction (adapter in bf16)
+INT_CORRECTION = ["int3_corr16", "int3_corr32", "int2_corr32", "int2_corr64"]
+ROWS = ["dense", *RTN, "nf4", "nf4_dq", *LOWRANK, *UNIFORM, *BYTES, *BYTES_D8, "heal_targets", *CORRECTION, *INT_CORRECTION]
 GPU_NOTE = ("GPTQ and AWQ rows need a GPU (their packages quantize with CUDA kernels); no GPU was lent to this "
             "session, so they are not measured here.")
 
@@ -90,7 +103,8 @@ def _rtn_(targets, bits: int, group_size: int) -> int:
     for m in targets.values():
         q = quantize_rtn(m.weight.data, bits, group_size=group_size)
         m.weight.data.copy_(dequantize_rtn(q, m.weight.dtype))
-        total += q.nbytes() + (2 * m.bias.numel() if m.bias is not None else 0)
+        m.rtn_bytes = q.nbytes() + (2 * m.bias.numel() if m.bias is not None else 0)
+        total += m.rtn_bytes
     return total
 
 
@@ -166,10 +180,12 @@ def main() -> None:
         plot(previous, args.plot)
         return
 
-    from hf_lowrank import bundled, compress_model, find_target_linears
-    from hf_lowrank.evaluation import perplexity
-    from hf_lowrank.offline import load_smollm2
-    from hf_lowrank.statistics import CalibrationGrams, calibration_grams
+    from hf_lowrank import compress_model
+    from hf_lowrank.calibration.grams import CalibrationGrams, calibration_grams
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.evaluation import perplexity
+    from hf_lowrank.demo.models import load_smollm2
+    from hf_lowrank.targets import find_target_linears
 
     logging.getLogger("hf_lowrank").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -180,7 +196,7 @@ def main() -> None:
             _bf16_(m.weight.data)
     names = list(find_target_linears(dense))
     dense_bytes = _dense_bytes(find_target_linears(dense))
-    other, prose = _other_kind_texts(tok, args.eval_windows), bundled.prose_texts("test", n=args.eval_prose)
+    other, prose = _other_kind_texts(tok, args.eval_windows), wordnet.prose_texts("test", n=args.eval_prose)
 
     def score(model) -> dict:
         return {"ppl_other_kind": round(perplexity(model, tok, other, progress=False), 3),
@@ -216,7 +232,7 @@ def main() -> None:
 
     def heal_chunks():
         # The calibration text's source, continued past the calibration tokens.
-        chunks = heal_mod.token_chunks(tok, bundled.prose_texts("train"), 128)
+        chunks = heal_mod.token_chunks(tok, wordnet.prose_texts("train"), 128)
         return chunks[-(-args.calibration_tokens // 128):]
 
     rows = {r["row"]: r for r in previous.get("rows", [])}
@@ -243,6 +259,20 @@ def main() -> None:
             nbytes = report_bytes(report, model, names)
             entry["scheme"] = f"compress_model keep {keep}, uniform ranks, {bits}-bit group-64 factors"
             entry["kept_fraction"] = round(report.kept_fraction, 4)
+            entry.update(score(model))
+        elif row in BYTES or row in BYTES_D8:
+            keep, bits, d8 = re.fullmatch(r"lowrank_b(0\.\d+)_q(\d)(_d8)?", row).groups()
+            model, report = compressed(float(keep), factor_bits=int(bits), group_size=64, budget_unit="bytes")
+            entry["scheme"] = (f"compress_model, global allocation of {keep} of the bf16 bytes, {bits}-bit group-64 "
+                               "factors (rounding noise priced in)")
+            if d8:
+                kept_dense = {n: model.get_submodule(n) for n in names if type(model.get_submodule(n)) is torch.nn.Linear}
+                entry["dense_modules_int8"] = len(kept_dense)
+                _rtn_(kept_dense, 8, 128)
+                entry["scheme"] += "; the modules kept dense then rounded to int8 group 128 (after the allocation)"
+            nbytes = report_bytes(report, model, names)
+            entry["kept_fraction"] = round(report.kept_fraction, 4)
+            entry["dense_modules"] = sum(1 for m in report.modules if m.rank is None)
             entry.update(score(model))
         elif row.startswith("lowrank_"):
             keep, suffix = re.fullmatch(r"lowrank_(0\.\d)(_q8|_q4|_heal)?", row).groups()
@@ -286,7 +316,7 @@ def main() -> None:
             entry["scheme"] = ("keep 0.6: LoRA r16 on up+down vs on up only vs training the factors themselves "
                                f"(lr {args.heal_lr}, factors lr {args.heal_lr / 10}), batch {args.heal_batch}x128")
             entry["curves"] = curves
-        else:
+        else:  # nf4_corr / nf4_loftq / int3_corr / int2_corr
             nbytes = correction_row(row, entry, dense, calibration, score, names)
         if nbytes is not None:
             entry["bytes"] = nbytes
@@ -304,13 +334,15 @@ def main() -> None:
 
 def report_bytes(report, model, names) -> int:
     """Stored bytes of the block Linears of a model with quantized factors: each layer's own ``nbytes()`` (codes,
-    scales, offsets, bias), bf16 for any target left dense."""
+    scales, offsets, bias), int8 codes for a dense target ``_rtn_`` rounded, bf16 for any other target left dense."""
     from hf_lowrank import LowRankLinear
 
     total = 0
     for name in names:
         m = model.get_submodule(name)
-        if hasattr(m, "nbytes"):
+        if getattr(m, "rtn_bytes", None) is not None:
+            total += m.rtn_bytes
+        elif hasattr(m, "nbytes"):
             total += int(m.nbytes())
         elif isinstance(m, LowRankLinear):  # a float factor pair: its ``weight`` is the product, not what is stored
             total += _lowrank_bytes(model, [name])
@@ -332,23 +364,29 @@ def correction_row(row, entry, dense, calibration, score, names) -> int:
         raise SystemExit(f"row {row} needs hf_lowrank.quantization_correction (not on this branch yet)") from None
     from transformers import BitsAndBytesConfig
 
-    kind, rank = re.fullmatch(r"nf4_(corr|loftq)(\d+)", row).groups()
+    base, kind, rank = re.fullmatch(r"(nf4|int3|int2)_(corr|loftq)(\d+)", row).groups()
     rank = int(rank)
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    if kind == "corr":
-        report = quantization_correction(dense, nf4, rank, calibration=calibration(), progress=False)
+    if base == "nf4":
+        quant, group = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"), {}
     else:
-        report = quantization_correction(dense, nf4, rank, calibration=None, weighting="none", progress=False)
+        bits, group_size = RTN[f"rtn_{base}_g{128 if base == 'int3' else 64}"]
+        quant, group = bits, {"group_size": group_size}
+    if kind == "corr":
+        report = quantization_correction(dense, quant, rank, calibration=calibration(), progress=False, **group)
+    else:
+        report = quantization_correction(dense, quant, rank, calibration=None, weighting="none", progress=False,
+                                         **group)
     model = copy.deepcopy(dense)
-    from hf_lowrank import find_target_linears
+    from hf_lowrank.targets import find_target_linears
 
     targets = find_target_linears(model)
-    nbytes = _nf4_(targets, double_quant=False)
+    nbytes = _nf4_(targets, double_quant=False) if base == "nf4" else _rtn_(targets, quant, group["group_size"])
     for name, (A, B) in report.factors.items():
         A, B = A.to(torch.bfloat16).float(), B.to(torch.bfloat16).float()
         targets[name].weight.data += (B @ A).to(targets[name].weight.dtype)
         nbytes += 2 * (A.numel() + B.numel())
-    entry["scheme"] = (f"bitsandbytes NF4 (fp32 absmax) + rank-{rank} correction, "
+    label = "bitsandbytes NF4 (fp32 absmax)" if base == "nf4" else f"round-to-nearest {base}, group {group['group_size']}"
+    entry["scheme"] = (f"{label} + rank-{rank} correction (bf16 adapter), "
                        + ("Kronecker-weighted on the calibration text" if kind == "corr"
                           else "data-free (plain SVD of W - Q(W), LoftQ's one-iteration initialisation)"))
     entry["corrected_modules"] = len(report.factors)
@@ -379,9 +417,41 @@ def _write(args, previous, rows, dense_bytes) -> dict:
         "commands": commands,
     }
     result["finite"] = all(math.isfinite(r.get("ppl_other_kind", 0.0)) for r in result["rows"])
+    result["versus_round_to_nearest"] = versus_rtn(result["rows"])
     result["not_measured"] = _not_measured(result)
     atomic_write_json(args.out, result)
     return result
+
+
+def versus_rtn(rows: list[dict]) -> list[dict]:
+    """Each byte-budget and correction row against the round-to-nearest curve at its bytes: log perplexity
+    interpolated linearly in bytes between the neighbouring points of the int2/int3/int4/int8 rows (``rtn``), and of
+    their lower envelope with NF4 (with and without double quantization; ``rtn_or_nf4``)."""
+    by_name = {r["row"]: r for r in rows if "bytes_vs_bf16" in r}
+    curves = {"rtn": [r for r in RTN if r in by_name], "rtn_or_nf4": [r for r in (*RTN, "nf4", "nf4_dq") if r in by_name]}
+    out = []
+    for name in [*BYTES, *BYTES_D8, *INT_CORRECTION, *CORRECTION]:
+        row = by_name.get(name)
+        if row is None:
+            continue
+        entry = {"row": name, "bytes_vs_bf16": row["bytes_vs_bf16"]}
+        for key in ("ppl_other_kind", "ppl_prose"):
+            entry[key] = row[key]
+            for curve, members in curves.items():
+                pts = sorted((by_name[m]["bytes_vs_bf16"], math.log(by_name[m][key])) for m in members)
+                hull = []  # the lower envelope: drop a point a cheaper one beats
+                for x, y in pts:
+                    if not hull or y < hull[-1][1]:
+                        hull.append((x, y))
+                x = row["bytes_vs_bf16"]
+                if len(hull) < 2 or not hull[0][0] <= x <= hull[-1][0]:
+                    continue
+                (x0, y0), (x1, y1) = next((a, b) for a, b in zip(hull, hull[1:]) if a[0] <= x <= b[0])
+                ref = math.exp(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+                entry[f"{key}_{curve}"] = round(ref, 3)
+                entry[f"{key}_below_{curve}"] = row[key] < ref
+        out.append(entry)
+    return out
 
 
 def _not_measured(result: dict) -> list[str]:
@@ -407,6 +477,10 @@ def plot(result: dict, out: str) -> None:
         ("hf-lowrank, 4-bit factors", [f"lowrank_{k}_q4" for k in KEEPS], "tab:purple", "s"),
         ("hf-lowrank, uniform ranks, 4-bit factors", [f"lowrank_u{k}_q4" for k in KEEPS], "tab:olive", "v"),
         ("hf-lowrank, uniform ranks, 3-bit factors", [f"lowrank_u{k}_q3" for k in KEEPS], "tab:brown", "v"),
+        ("hf-lowrank, byte budget, 4-bit factors", [r for r in BYTES if r.endswith("_q4")], "tab:pink", "P"),
+        ("hf-lowrank, byte budget, 3-bit factors", [r for r in BYTES if r.endswith("_q3")], "tab:red", "X"),
+        ("hf-lowrank, byte budget, dense modules then int8", BYTES_D8, "black", "x"),
+        ("int3 / int2 + data-aware correction", INT_CORRECTION, "tab:blue", "*"),
         ("hf-lowrank + LoRA heal", [f"lowrank_{k}_heal" for k in KEEPS], "tab:green", "^"),
         ("NF4 + data-aware correction", [f"nf4_corr{r}" for r in (16, 64)], "tab:red", "D"),
         ("NF4 + LoftQ", [f"nf4_loftq{r}" for r in (16, 64)], "tab:orange", "D"),

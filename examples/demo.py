@@ -70,7 +70,7 @@ def _save_reload_eval(name, model, tok, out: Path, texts, args, rows, extra=None
     from transformers import AutoModelForCausalLM
 
     from hf_lowrank import save_compressed
-    from hf_lowrank.evaluation import perplexity
+    from hf_lowrank.demo.evaluation import perplexity
 
     folder = save_compressed(model, out / name, tokenizer=tok)
     start = time.perf_counter()
@@ -111,9 +111,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="fine-tuning steps for the methods that train")
     parser.add_argument("--methods", default="svd,welore,calibration,fisher_lora")
     parser.add_argument("--calib-texts", type=int, default=24, help="bundled prose paragraphs for calibration")
-    parser.add_argument("--calibration-weighting", default=None, choices=["whitened", "kronecker"],
+    parser.add_argument("--calibration-weighting", default="auto", choices=["auto", "whitened", "kronecker"],
                         help="weighting of the calibration row (default: compress_model's, kronecker for a causal LM)")
-    parser.add_argument("--allocation", default=None, choices=["uniform", "global"],
+    parser.add_argument("--allocation", default="auto", choices=["auto", "uniform", "global"],
                         help="rank allocation of the calibration row (default: compress_model's, global with kronecker)")
     parser.add_argument("--fisher-allocation", default="global", choices=["uniform", "global"],
                         help="rank allocation of the Kronecker FisherLoRA row")
@@ -122,8 +122,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    from hf_lowrank import bundled
-    from hf_lowrank.offline import load_smollm2
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.models import load_smollm2
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def main() -> None:
     start = time.perf_counter()
     dense, tok = load_smollm2()
     print(f"  loaded in {time.perf_counter() - start:.1f}s")
-    texts = bundled.prose_texts("test", n=args.texts)
+    texts = wordnet.prose_texts("test", n=args.texts)
     dense_linear = _block_linear_params(dense)
     rows: list[dict] = []
     print("[dense] evaluating ...")
@@ -150,8 +150,8 @@ def main() -> None:
             del extra_model
 
     _print_table(rows, dense_linear)
+    from hf_lowrank.demo.plotting import plot_compression_summary
     from hf_lowrank.io import atomic_write_json
-    from hf_lowrank.plotting import plot_compression_summary
 
     summary = {"keep": args.keep, "texts": len(texts), "rows": rows}
     print(json.dumps(summary))
@@ -201,10 +201,12 @@ def run_welore(model, tok, args):
     from peft import get_peft_model
     from transformers import Trainer
 
-    from hf_lowrank import WeLoreLRCConfig, bundled, find_target_linears
+    from hf_lowrank import WeLoreLRCConfig
+    from hf_lowrank.demo import wordnet
     from hf_lowrank.ops.svd import break_even_rank
-    from hf_lowrank.peft_configs.welore.allocation import welore_allocation
-    from hf_lowrank.peft_configs.welore.spectra import compute_spectra
+    from hf_lowrank.targets import find_target_linears
+    from hf_lowrank.tuners.welore.allocation import welore_allocation
+    from hf_lowrank.tuners.welore.spectra import compute_spectra
 
     targets = find_target_linears(model)
     shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
@@ -225,7 +227,7 @@ def run_welore(model, tok, args):
     reduction = hi
     peft_model = get_peft_model(model, WeLoreLRCConfig(reduction=reduction))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    rows, collator = _lm_trainer_inputs(tok, bundled.prose_texts("train", n=8 * args.steps), TRAIN_MAX_LENGTH)
+    rows, collator = _lm_trainer_inputs(tok, wordnet.prose_texts("train", n=8 * args.steps), TRAIN_MAX_LENGTH)
     Trainer(model=peft_model, args=_training_args(args, "welore"), train_dataset=rows, data_collator=collator).train()
     merged = peft_model.merge_and_unload()
     return merged, {"reduction": round(reduction, 4), "trainable_params": trainable}
@@ -233,12 +235,12 @@ def run_welore(model, tok, args):
 
 def run_calibration(model, tok, args):
     """Calibration only (no training): Grams of every block Linear on bundled prose, weighted SVD."""
-    from hf_lowrank import bundled, compress_model
-    from hf_lowrank.evaluation import calibration_batches
+    from hf_lowrank import CompressionConfig, calibration_batches, compress_model
+    from hf_lowrank.demo import wordnet
 
-    batches = calibration_batches(tok, bundled.prose_texts("train", n=args.calib_texts), max_length=256)
-    report = compress_model(model, args.keep, calibration=batches, calibration_weighting=args.calibration_weighting,
-                            allocation=args.allocation)
+    batches = calibration_batches(tok, wordnet.prose_texts("train", n=args.calib_texts), max_length=256)
+    config = CompressionConfig(keep=args.keep, weighting=args.calibration_weighting, allocation=args.allocation)
+    report = compress_model(model, config, calibration=batches)
     return model, {"mean_rel_error": _mean_error(report), "calibration_tokens": report.info["calibration_tokens"],
                    "weighting": report.info["weighting"], "allocation": report.info["allocation"]}
 
@@ -250,15 +252,16 @@ def run_fisher_lora(model, tok, args):
     from datasets import Dataset
     from trl import SFTConfig
 
-    from hf_lowrank import FisherLoRAConfig, LowRankSFTTrainer, bundled
+    from hf_lowrank import CompressionConfig, FisherLoRAConfig, LowRankSFTTrainer
+    from hf_lowrank.demo import wordnet
     from hf_lowrank.precision import training_dtype_kwargs
 
     precision, why = training_dtype_kwargs()
     print(f"  training dtype: {why}")
     config = FisherLoRAConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM",
-                              compress_keep=args.keep, fisher_weighting="kronecker",
-                              compress_allocation=args.fisher_allocation,
-                              compress_loss_normalization=args.loss_normalization)
+                              fisher_weighting="kronecker",
+                              compression=CompressionConfig(keep=args.keep, allocation=args.fisher_allocation,
+                                                            loss_normalization=args.loss_normalization))
     trainer = LowRankSFTTrainer(
         model=model,
         args=SFTConfig(
@@ -269,7 +272,7 @@ def run_fisher_lora(model, tok, args):
             # them cost 30 s of the demo's SFT on a 2-core CPU
             gradient_checkpointing=False,
         ),
-        train_dataset=Dataset.from_list(bundled.sft_examples("train", n=8 * args.steps)),
+        train_dataset=Dataset.from_list(wordnet.sft_examples("train", n=8 * args.steps)),
         processing_class=tok,
         peft_config=config,
     )
@@ -280,11 +283,12 @@ def run_fisher_lora(model, tok, args):
 
     compressed = load_compressed(folder)
     report = trainer.compression_report
-    from hf_lowrank import compress_peft_model
+    from hf_lowrank import compress_model
 
     fisher = trainer.fisher_callback.collector.reduced_state()
-    diag, diag_report = compress_peft_model(trainer.model, fisher=fisher, weighting="two_sided", allocation="uniform",
-                                            progress=False)
+    diag_config = CompressionConfig(keep=args.keep, weighting="two_sided", allocation="uniform")
+    diag_report = compress_model(trainer.model, diag_config, fisher=fisher, progress=False)  # in place: the last use
+    diag = trainer.model.get_base_model()
     _EXTRA_ROWS.append(("fisher_lora_2s", diag, {"mean_rel_error": _mean_error(diag_report),
                                                  "fisher_weighting": "two_sided", "allocation": "uniform"}))
     return compressed, {"mean_rel_error": _mean_error(report), "fisher_weighting": config.fisher_weighting,

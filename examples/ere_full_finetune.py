@@ -2,7 +2,7 @@
 
 1. MiniLM classifier (default): all-MiniLM-L6-v2 with a new 6-way head, fully fine-tuned on the bundled WordNet
    category task with ``Trainer``; ``CompressOnSaveCallback(method="ere")`` writes the final model as an ERE
-   residual (a few percent of the checkpoint); ``hf_lowrank.load_residual`` rebuilds it on the base and both are
+   residual (a few percent of the checkpoint); ``load_residual`` (``hf_lowrank.compression.ere``) rebuilds it on the base and both are
    evaluated on the test split.
 2. ``--smollm2``: SmolLM2-135M-Instruct fully fine-tuned with trl's ``SFTTrainer`` on the bundled definition SFT
    pairs, saved as a residual the same way, reloaded, and compared by perplexity on held-out definitions.
@@ -52,14 +52,14 @@ def minilm(args) -> dict:
     from transformers import DataCollatorWithPadding, Trainer
 
     import hf_lowrank  # noqa: F401
-    from hf_lowrank import bundled
+    from hf_lowrank import CompressOnSaveCallback
     from hf_lowrank.compression.ere import load_residual
-    from hf_lowrank.evaluation import accuracy
-    from hf_lowrank.offline import load_minilm, minilm_dir
-    from hf_lowrank.trainer_mixins.callbacks import CompressOnSaveCallback
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.evaluation import accuracy
+    from hf_lowrank.demo.models import load_minilm, minilm_dir
 
-    train_texts, train_labels, names = bundled.category_task("train")
-    test_texts, test_labels, _ = bundled.category_task("test")
+    train_texts, train_labels, names = wordnet.category_task("train")
+    test_texts, test_labels, _ = wordnet.category_task("test")
     model, tok = load_minilm(num_labels=len(names), label_names=names)
     base, _ = load_minilm()  # the bare pre-trained encoder: the reference of the residual
     data = Dataset.from_dict({"text": train_texts, "label": train_labels}).map(
@@ -113,16 +113,16 @@ def smollm2(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     import hf_lowrank  # noqa: F401
-    from hf_lowrank import bundled
+    from hf_lowrank import CompressOnSaveCallback
     from hf_lowrank.compression.ere import load_residual
-    from hf_lowrank.evaluation import perplexity
-    from hf_lowrank.offline import load_smollm2, smollm2_dir
-    from hf_lowrank.trainer_mixins.callbacks import CompressOnSaveCallback
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.evaluation import perplexity
+    from hf_lowrank.demo.models import load_smollm2, smollm2_dir
 
     model, tok = load_smollm2()
     base, _ = load_smollm2()
-    train = Dataset.from_list(bundled.sft_examples("train", n=8 * args.sft_steps))
-    held_out = bundled.definition_texts("test", n=48)
+    train = Dataset.from_list(wordnet.sft_examples("train", n=8 * args.sft_steps))
+    held_out = wordnet.definition_texts("test", n=48)
     run = Path(args.out) / "smollm2"
     ere = CompressOnSaveCallback(method="ere", base_model=base, rank=args.rank, bits=args.bits, output_subdir="ere")
     from hf_lowrank.precision import training_dtype_kwargs

@@ -3,8 +3,9 @@
 1. all-MiniLM-L6-v2 with a new 6-way head (offline copy), wrapped by ``get_peft_model`` with
    ``SPSFTConfig(ratio=..., importance="qm_taylor", task_type="SEQ_CLS")``: every Linear of the encoder gets trainable
    rows ``W_f`` (zero init), the head is trained in full (peft's ``modules_to_save`` for sequence classification).
-2. ``hf_lowrank.spsft_importance`` re-selects the rows from calibration batches with the quantile-mean Taylor score of
-   seed 004 eq. 7 (per class: ``|W[i] . grad L(class)|``; score: mean of the 0..100% quantiles over classes).
+2. ``spsft_importance`` (``hf_lowrank.tuners.spsft``) re-selects the rows from calibration batches with the
+   quantile-mean Taylor score of seed 004 eq. 7 (per class: ``|W[i] . grad L(class)|``; score: mean of the 0..100%
+   quantiles over classes).
 3. ``transformers.Trainer`` trains for ``--steps`` steps; test accuracy before and after is printed, the adapter is
    saved (only ``W_f``, row indices and the head) and reloaded with ``PeftModel.from_pretrained``.
    ``--compare-l2`` trains a second adapter whose rows were chosen by l2 norm, on the same data, for comparison.
@@ -32,9 +33,10 @@ def train_one(importance: str, args, train_data, collator, test_texts, test_labe
     from torch.utils.data import DataLoader
     from transformers import Trainer, TrainingArguments
 
-    from hf_lowrank.evaluation import accuracy
-    from hf_lowrank.offline import load_minilm
-    from hf_lowrank.peft_configs.spsft import SPSFTConfig, spsft_importance
+    from hf_lowrank import SPSFTConfig
+    from hf_lowrank.demo.evaluation import accuracy
+    from hf_lowrank.demo.models import load_minilm
+    from hf_lowrank.tuners.spsft import spsft_importance
 
     torch.manual_seed(args.seed)
     base, tok = load_minilm(num_labels=args.num_labels, label_names=args.label_names)
@@ -105,12 +107,12 @@ def main(argv=None) -> dict:
     from datasets import Dataset
     from transformers import DataCollatorWithPadding
 
-    import hf_lowrank.peft_configs.spsft  # noqa: F401  (registers the SPSFT PEFT type)
-    from hf_lowrank import bundled
-    from hf_lowrank.offline import load_minilm
+    import hf_lowrank.tuners.spsft  # noqa: F401  (registers the SPSFT PEFT type)
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.models import load_minilm
 
-    train_texts, train_labels, names = bundled.category_task("train")
-    test_texts, test_labels, _ = bundled.category_task("test")
+    train_texts, train_labels, names = wordnet.category_task("train")
+    test_texts, test_labels, _ = wordnet.category_task("test")
     args.num_labels, args.label_names = len(names), names
     _, tok = load_minilm()
     train_data = Dataset.from_dict({"text": train_texts, "label": train_labels}).map(

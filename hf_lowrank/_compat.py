@@ -1,6 +1,6 @@
 """The private API of peft, transformers and bitsandbytes that hf-lowrank relies on, in one place.
 
-Together with :mod:`hf_lowrank.peft_configs._registry` (the ``PeftType`` extension) this is the only module that
+Together with :mod:`hf_lowrank.tuners._registry` (the ``PeftType`` extension) this is the only module that
 reaches into upstream names starting with ``_``. Each shim looks its symbol up when called and, if upstream moved or
 removed it, raises :class:`UpstreamChangedError` naming the symbol, the installed version and the versions it was
 checked against. ``tests/test_registry.py`` asserts that every symbol exists and behaves as relied on here, so an
@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .errors import UpstreamChangedError
 
 __all__ = [
     "CHECKED_VERSIONS",
@@ -41,10 +43,6 @@ CHECKED_VERSIONS: dict[str, tuple[str, ...]] = {
     "transformers": ("5",),
     "bitsandbytes": ("0.50",),
 }
-
-
-class UpstreamChangedError(RuntimeError):
-    """A private upstream symbol hf-lowrank relies on is gone or changed."""
 
 
 def installed_minor(package: str) -> str:

@@ -1,5 +1,5 @@
 """The private upstream API hf-lowrank relies on must fail loudly if peft, transformers or bitsandbytes change it: the
-PEFT-type registration (``peft_configs/_registry.py``) and every shim in ``hf_lowrank/_compat.py``, the only two
+PEFT-type registration (``tuners/_registry.py``) and every shim in ``hf_lowrank/_compat.py``, the only two
 modules that touch it. The config round trip of every registered type (PeftConfig.from_pretrained) is in
 test_peft_contract.py."""
 
@@ -19,12 +19,12 @@ from torch import nn
 import hf_lowrank
 from hf_lowrank import _compat
 from hf_lowrank.modules import dense_weight, is_quantized
-from hf_lowrank.peft_configs._registry import SUPPORTED_PEFT_VERSIONS, ensure_peft_type, register_method
+from hf_lowrank.tuners._registry import SUPPORTED_PEFT_VERSIONS, ensure_peft_type, register_method
 
 CONFIGS = {
-    "FISHER_LORA": (hf_lowrank.FisherLoRAConfig, hf_lowrank.FisherLoraModel),
-    "WELORE_LRC": (hf_lowrank.WeLoreLRCConfig, hf_lowrank.WeLoreModel),
-    "SPSFT": (hf_lowrank.SPSFTConfig, hf_lowrank.SPSFTModel),
+    "FISHER_LORA": (hf_lowrank.FisherLoRAConfig, hf_lowrank.tuners.fisher_lora.FisherLoRAModel),
+    "WELORE_LRC": (hf_lowrank.WeLoreLRCConfig, hf_lowrank.tuners.welore.WeLoreLRCModel),
+    "SPSFT": (hf_lowrank.SPSFTConfig, hf_lowrank.tuners.spsft.SPSFTModel),
 }
 
 
@@ -45,7 +45,8 @@ def test_members_behave_like_builtin_ones(name):
 def test_registration_is_idempotent():
     before = len(PeftType.__members__)
     assert ensure_peft_type("SPSFT") is PeftType.SPSFT
-    register_method(name="spsft", config_cls=hf_lowrank.SPSFTConfig, model_cls=hf_lowrank.SPSFTModel, prefix="spsft_")
+    register_method(name="spsft", config_cls=hf_lowrank.SPSFTConfig, model_cls=hf_lowrank.tuners.spsft.SPSFTModel,
+                    prefix="spsft_")
     assert len(PeftType.__members__) == before
 
 
@@ -85,7 +86,7 @@ def test_get_in_out_features():
 
 
 def _spsft_layer(base: nn.Module):
-    from hf_lowrank.peft_configs.spsft.layer import Linear
+    from hf_lowrank.tuners.spsft.layer import Linear
 
     return Linear(base, "default", hf_lowrank.SPSFTConfig(r=2), r=2)
 

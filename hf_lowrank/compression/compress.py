@@ -13,15 +13,18 @@ import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from ..calibration.grams import CalibrationGrams, check_model_ready, gram_memory_bytes, is_causal_lm
 from ..distributed import unwrap_wrappers
-from ..fisher_state import resolve_fisher
+from ..fisher.sides import fisher_sides
+from ..fisher.state import resolve_fisher
 from ..modules import set_submodule
-from ..statistics import CalibrationGrams, check_model_ready, gram_memory_bytes, is_causal_lm
 from ..targets import find_target_linears
 from .config import ALLOCATIONS, CompressionConfig
-from .fisher_sides import fisher_sides
 from .guards import (
     check_empty_sides,
     eligibility,
@@ -59,7 +62,7 @@ __all__ = [
     "set_submodule",
 ]
 
-_weighting_sides = weighting_sides  # the name peft_configs/welore/spectra.py imports
+_weighting_sides = weighting_sides  # the name tuners/welore/spectra.py imports
 
 #: Argument names of ``compress_model`` before ``CompressionConfig``, kept one release (a DeprecationWarning).
 DEPRECATED_NAMES = {
@@ -98,18 +101,22 @@ def compress_model(
 
     Args:
         model: the model to compress (modified in place). A DDP / ``torch.compile`` wrapper is unwrapped and the model
-            under it compressed (wrap the result again to train it).
+            under it compressed (wrap the result again to train it). A peft LoRA model (a ``PeftModel`` of a
+            FisherLoRA or plain LoRA adapter) is compressed from its adapted Linears' effective weights
+            ``W + s B A`` (as :func:`~hf_lowrank.tuners.fisher_lora.compress_peft_model` with ``inplace=True``,
+            the adapter's config filling what ``config_or_keep`` leaves out): afterwards ``model.get_base_model()``
+            is the compressed transformers model, without LoRA layers.
         config_or_keep: a :class:`CompressionConfig`; or a float keep fraction, an int rank or a rank-pattern dict
             (its keys then choose the targets), the rest of the config from ``overrides``.
         calibration: batches (dicts with ``input_ids``, optionally ``attention_mask`` / ``labels``; a ``DataLoader``
             works) whose Grams weigh the factorization (``config.weighting``), or a
-            :class:`~hf_lowrank.statistics.CalibrationGrams` collected earlier. Under ``torch.distributed`` each
+            :class:`~hf_lowrank.calibration.grams.CalibrationGrams` collected earlier. Under ``torch.distributed`` each
             process passes its own shard and every process calls ``compress_model``: the Grams are all-reduced, so
             every process ends with the same factors. Each full Gram is shrunk toward its diagonal by
             ``d / (d + tokens)``; fewer than 2 tokens per dimension of the widest Gram warns. A side no data reached
             is factorized unweighted and named in ``report.info['unweighted_sides']`` and a warning; when no data
             reached any module the call is refused.
-        fisher: a Fisher collected in training (a :class:`~hf_lowrank.fisher_state.FisherState`, a
+        fisher: a Fisher collected in training (a :class:`~hf_lowrank.fisher.state.FisherState`, a
             ``FisherCollector`` or ``FisherCollectorCallback``, or the path of a ``fisher_state.safetensors`` or of its
             folder), with the model's module names. Exclusive with the other data arguments.
         grams_in, grams_out: ``{name: (n, n) or (n,)}`` Grams of the modules' inputs / output gradients, given
@@ -128,8 +135,21 @@ def compress_model(
         A :class:`CompressionReport` (``info`` records the weighting, allocation, calibration tokens and any Gram
         whose factorization needed the eigendecomposition fallback).
     """
+    given = config_or_keep is not None or bool(overrides)
     config, spelled = build_config(config_or_keep, overrides)
     model = unwrap_wrappers(model)
+    if _is_lora_peft_model(model):
+        if any(x is not None for x in (row_weights, col_weights, grams_in, grams_out)):
+            raise ValueError("A LoRA model is compressed from its effective weights W + s B A: pass fisher= or "
+                             "calibration=, not row_weights=/col_weights=/grams_in=/grams_out= (collected on which "
+                             "weights?).")
+        # the LoRA weight source stand-ins (W + s B A per adapted Linear, 4-bit dequantized) go through this same
+        # function; it lives with the LoRA tuner, which imports this module
+        from ..tuners.fisher_lora.compress import compress_peft_model
+
+        _, report = compress_peft_model(model, fisher=fisher, calibration=calibration, compression=config if given
+                                        else None, inplace=True, progress=progress)
+        return report
     check_model_ready(model)  # meta weights, torch.inference_mode(): a clear error before any work
     explicit = any(x is not None for x in (row_weights, col_weights, grams_in, grams_out))
     state = None
@@ -146,6 +166,12 @@ def compress_model(
     if allocation == "auto":
         budget = config.keep is not None and not config.rank_pattern
         allocation = "global" if budget and (weighting == "kronecker" or bool(grams_out)) else "uniform"
+    if config.budget_unit == "bytes" and allocation != "global":
+        raise ValueError(
+            "budget_unit='bytes' needs the global allocation, but allocation='auto' chose 'uniform' for this weighting "
+            "(its losses do not compare across modules): pass allocation='global' (with weighting='kronecker' or "
+            "loss_normalization='relative'), or budget_unit='parameters'."
+        )
     targets = select_targets(model, config, state)
     info: dict = eligibility(model, targets)
     if state is not None:
@@ -183,8 +209,9 @@ def compress_model(
             grams_out = collected_out if kronecker else grams_out
             info["calibration_tokens"] = tokens
             log_tokens_per_dimension(tokens, shapes_of(targets), config.max_gram_dim)
-        sides = weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, config.fisher_exponent,
-                                config.fisher_eps, config.damping, tokens=info.get("calibration_tokens"))
+        sides = weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, config.damping,
+                                exponent=config.fisher_exponent, eps=config.fisher_eps,
+                                tokens=info.get("calibration_tokens"))
         if state is None:  # a useless Fisher state is named by fisher_sides and gives plain SVD, as documented there
             check_empty_sides(sides, grams_in is not None, grams_out is not None, calibration is not None)
         normalization = config.loss_normalization
@@ -196,22 +223,29 @@ def compress_model(
                 "errors across modules, which are not on the scale of the model's loss (measured worse than uniform "
                 "with whitening). Use loss_normalization='relative', allocation='uniform', or weighting='kronecker'."
             )
-        plan = plan_modules(targets, sides, config, allocation, normalization, progress)
+        built: dict = {}  # layers the byte allocation builds while measuring rounding noise
+        plan = plan_modules(targets, sides, config, allocation, normalization, progress, cache=built)
         if allocation != "global":
             warn_small_int_rank(config.rank, targets, plan)
         weighted = any(side.weighted for side in sides.values())
         label = ("kronecker" if grams_out else "whitened") if (grams_in or grams_out) else (
             "fwsvd" if weighted else "svd")
         report = CompressionReport(method=report_method or label)
-        swap_modules(model, factorize_plan(targets, plan, sides, report, allocation, config, progress))
+        swap_modules(model, factorize_plan(targets, plan, sides, report, allocation, config, progress, built))
         if allocation == "global":
-            info["loss_normalization"] = normalization
+            info.update({"loss_normalization": normalization, "budget_unit": config.budget_unit_for(allocation)})
     info.update({"allocation": allocation, "weighting": label})
     _record_sides(report, sides, info, gram_settings=bool(grams_in or grams_out), damping=config.damping)
     if not report.ranks:
         warn_nothing_factorized(model, report)
     mark(model, report, checkpoint_extra)
     return report
+
+
+def _is_lora_peft_model(model: nn.Module) -> bool:
+    """A ``PeftModel`` (or peft tuner) carrying LoRA layers; the transformers model inside it is not one, so the LoRA
+    route's own call on it takes the plain path."""
+    return isinstance(model, (PeftModel, BaseTuner)) and any(isinstance(m, LoraLayer) for m in model.modules())
 
 
 def build_config(config_or_keep, overrides: Mapping, *, caller: str = "compress_model"

@@ -15,16 +15,17 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from ..fisher_state import DEFAULT_EPS, DEFAULT_EXPONENT
+from ..fisher.state import DEFAULT_EPS, DEFAULT_EXPONENT
 from ..ops.fisher import DEFAULT_DAMPING
 from ..ops.svd import RANK_MULTIPLE
 from ..targets import check_pattern_key
 
-__all__ = ["ALLOCATIONS", "LOSS_NORMALIZATIONS", "SVD_METHODS", "WEIGHTINGS", "CompressionConfig"]
+__all__ = ["ALLOCATIONS", "BUDGET_UNITS", "LOSS_NORMALIZATIONS", "SVD_METHODS", "WEIGHTINGS", "CompressionConfig"]
 
 WEIGHTINGS = ("auto", "whitened", "kronecker", "two_sided", "row")
 ALLOCATIONS = ("auto", "uniform", "global")
 LOSS_NORMALIZATIONS = ("auto", "none", "relative")
+BUDGET_UNITS = ("auto", "parameters", "bytes")
 SVD_METHODS = ("auto", "exact", "randomized")
 
 
@@ -133,13 +134,21 @@ class CompressionConfig:
     #: Store the factors as group-wise integer codes of this many bits (2..8; 4 and 8 are usual), fitted by
     #: :func:`hf_lowrank.ops.quant_lowrank.quantize_factor_pair` (``down`` rounded, ``up`` refitted to the weighted
     #: target, then rounded) and held by :class:`hf_lowrank.quantized_modules.QuantizedLowRankLinear`, which
-    #: dequantizes them on every forward (bytes saved, not time). ``None``: float factors. Every factor shares the
-    #: bit width, so the parameter budget of the allocation is also its budget in bytes for the factors; a module
-    #: the allocation keeps dense stays in its own dtype (the report's bytes say what it costs).
+    #: dequantizes them on every forward (bytes saved, not time). ``None``: float factors. With the global
+    #: allocation, ``keep`` is then a fraction of bytes (see ``budget_unit``); a module the allocation keeps dense
+    #: stays in its own dtype, unquantized, and is priced at its bf16 bytes (the report's bytes say what it costs).
     factor_bits: int | None = None
     #: With ``factor_bits``: codes per fp16 scale and offset, along each factor's input dimension (the GEMM's
     #: reduction axis), >= 1.
     group_size: int = 64
+    #: What ``keep`` counts with ``allocation="global"``: ``"parameters"`` (``keep`` of ``sum(out * in)``),
+    #: ``"bytes"`` (``keep`` of the targets' bf16 bytes, ``2 * sum(out * in)``; each rank step costs the bytes of its
+    #: ``factor_bits`` codes plus scales at ``group_size``, a module kept dense its bf16 bytes, and the gain of a
+    #: step is the weighted loss it removes AFTER rounding: each module's rounding noise is measured at a probe
+    #: rank, :func:`hf_lowrank.ops.global_allocation.global_ranks`) or ``"auto"``: ``"bytes"`` when
+    #: ``factor_bits`` is set and the allocation is global, else ``"parameters"``. ``"bytes"`` needs ``factor_bits``
+    #: and the global allocation (uniform ranks keep ``keep`` of each module's parameters).
+    budget_unit: str = "auto"
 
     def __post_init__(self) -> None:
         self.keep = _int(self.keep)
@@ -201,6 +210,21 @@ class CompressionConfig:
         if not (isinstance(group, int) and not isinstance(group, bool) and group >= 1):
             raise ValueError(f"group_size must be an int >= 1 (codes per scale, e.g. 64), got {self.group_size!r}.")
         self.group_size = group
+        self.budget_unit = _choice(self.budget_unit, "budget_unit", BUDGET_UNITS)
+        if self.budget_unit == "bytes" and (self.factor_bits is None or self.allocation == "uniform"
+                                            or self.keep is None or self.sequential):
+            raise ValueError(
+                "budget_unit='bytes' spends keep as a fraction of the targets' bf16 bytes over quantized factors: it "
+                "needs factor_bits (e.g. 4), a float keep and the global allocation (not 'uniform', not sequential), "
+                f"got factor_bits={self.factor_bits!r}, keep={self.keep!r}, allocation={self.allocation!r}"
+                f"{', sequential=True' if self.sequential else ''}."
+            )
+
+    def budget_unit_for(self, allocation: str) -> str:
+        """``"parameters"`` or ``"bytes"``: what ``keep`` counts under the resolved ``allocation``."""
+        if self.budget_unit != "auto":
+            return self.budget_unit
+        return "bytes" if self.factor_bits is not None and allocation == "global" else "parameters"
 
     @staticmethod
     def _checked_pattern(pattern) -> dict:

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration.grams import CalibrationGrams, calibration_grams
+from ..fisher.state import DEFAULT_EPS, DEFAULT_EXPONENT
 from ..modules import LowRankLinear, dense_weight, is_conv1d, set_submodule
 from ..ops.fisher import (
     fisher_weights,
@@ -28,9 +30,9 @@ from ..ops.fisher import (
     weighted_relative_error,
     weighted_spectrum,
 )
-from ..ops.rank_allocation import global_ranks
+from ..ops.global_allocation import global_ranks
 from ..ops.svd import factorized_params, relative_error
-from ..statistics import CalibrationGrams, calibration_grams
+from ..quantized_modules import quantize_lowrank
 from ..targets import find_linears, find_target_linears, pattern_key
 from .checkpoint import mark_compressed
 from .config import CompressionConfig
@@ -63,7 +65,7 @@ def shapes_of(targets: Mapping[str, nn.Module]) -> dict[str, tuple[int, int]]:
 def calibration_statistics(model, targets, calibration, *, kronecker: bool, max_gram_dim: int | None,
                            name: str = "weighting", progress: bool = True):
     """``(input Grams, output-gradient Grams or None, tokens)`` of ``targets``, collected from calibration batches on
-    ``model`` or taken from :class:`~hf_lowrank.statistics.CalibrationGrams` (refused when ``kronecker`` needs output
+    ``model`` or taken from :class:`~hf_lowrank.calibration.grams.CalibrationGrams` (refused when ``kronecker`` needs output
     Grams they lack; ``name`` is the argument the caller's user spelled)."""
     if isinstance(calibration, CalibrationGrams):
         if kronecker and calibration.outputs is None:
@@ -118,8 +120,12 @@ class Side:
         return self.out_factor is not None or self.in_factor is not None
 
 
-def weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping, tokens=None):
+def weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, damping, *, exponent=DEFAULT_EXPONENT,
+                    eps=DEFAULT_EPS, tokens=None):
     """``{name: Side}``: each side's factor from a diagonal Fisher or a Gram (a shared Gram is factorized once).
+
+    ``exponent`` and ``eps`` shape the diagonal Fisher weights (:func:`~hf_lowrank.ops.fisher.fisher_weights`); Grams
+    do not use them.
 
     With ``tokens`` (the calibration tokens the Grams were summed over), each full Gram is shrunk toward its diagonal
     by :func:`~hf_lowrank.ops.fisher.gram_shrinkage`."""
@@ -186,12 +192,19 @@ def _lookup(weights: Mapping[str, torch.Tensor] | None, name: str, shape: tuple[
 
 # ------------------------------------------------------------------------------------------------ plan or allocate
 def plan_modules(targets, sides, config: CompressionConfig, allocation: str, loss_normalization: str,
-                 progress: bool = False) -> dict[str, int | None]:
+                 progress: bool = False, cache: dict | None = None) -> dict[str, int | None]:
     """The rank of every target (``None``: kept dense), the one place ranks are decided.
 
-    ``allocation="global"`` spends ``config.keep`` of all targets' parameters on the singular values of the weighted
-    spectra with the most loss per parameter (:func:`~hf_lowrank.ops.rank_allocation.global_ranks`); ``"uniform"``
-    plans each module from ``config.rank`` / ``keep`` / ``rank_pattern`` (:func:`~.ranks.plan_ranks`)."""
+    ``allocation="global"`` spends ``config.keep`` of all targets' parameters (or, with ``factor_bits`` and a byte
+    budget, of their bf16 bytes) on the singular values of the weighted spectra with the most loss per parameter (per
+    byte) (:func:`~hf_lowrank.ops.global_allocation.global_ranks`); ``"uniform"`` plans each module from
+    ``config.rank`` / ``keep`` / ``rank_pattern`` (:func:`~.ranks.plan_ranks`).
+
+    A byte budget sees the error after rounding: the byte allocation is run once without rounding noise, every
+    module it factorizes is built at that rank with its quantized factors (:func:`factorize`), its measured noise
+    ``(e_q^2 - e^2) / (1 - e^2)`` (relative weighted errors after and before rounding) priced in, and the allocation
+    run again. The layers built on the way go into ``cache`` (``{name: (rank, factorize's result)}``) so that
+    :func:`factorize_plan` reuses those whose rank did not change."""
     shapes = shapes_of(targets)
     if allocation != "global":
         return plan_ranks(shapes, rank=config.rank, keep=config.keep, rank_pattern=config.rank_pattern,
@@ -202,8 +215,22 @@ def plan_modules(targets, sides, config: CompressionConfig, allocation: str, los
         S = weighted_spectrum(dense_weight(targets[name]), out_factor=side.out_factor, in_factor=side.in_factor,
                               name=name)
         spectra[name] = S * math.sqrt(side.scale)  # back on the raw scale of the Grams: comparable across modules
-    return global_ranks(spectra, shapes, config.keep, normalize=loss_normalization,
-                        multiple=config.rank_multiple).ranks
+    bits = config.factor_bits if config.budget_unit_for(allocation) == "bytes" else None
+    kwargs = {"normalize": loss_normalization, "multiple": config.rank_multiple, "bits": bits,
+              "group_size": config.group_size}
+    ranks = global_ranks(spectra, shapes, config.keep, **kwargs).ranks
+    if bits is None:
+        return ranks
+    cache = {} if cache is None else cache
+    noise = {}
+    for name in tqdm([n for n, r in ranks.items() if r], desc="rounding noise (byte allocation)",
+                     disable=not progress, unit="module"):
+        cache[name] = (ranks[name], factorize(targets[name], ranks[name], sides[name], config, name=name))
+        sq = spectra[name].double().square()
+        total = float(sq.sum())
+        e2 = float(sq[ranks[name]:].sum()) / total if total > 0 else 0.0
+        noise[name] = max(0.0, (cache[name][1][2] ** 2 - e2) / (1.0 - e2)) if e2 < 1.0 else 0.0
+    return global_ranks(spectra, shapes, config.keep, noise=noise, **kwargs).ranks
 
 
 # ------------------------------------------------------------------------------------------------------- factorize
@@ -224,8 +251,6 @@ def factorize(module: nn.Module, rank: int, side: Side, config: CompressionConfi
     new = LowRankLinear.from_factors(down.to(out_dtype), up.to(out_dtype), bias, dtype=out_dtype).to(W.device)
     new.conv1d = is_conv1d(module)
     if config.factor_bits is not None:  # codes fitted to the same weighted target (the refit needs W and L_in)
-        from ..quantized_modules import quantize_lowrank
-
         new = quantize_lowrank(new, config.factor_bits, group_size=config.group_size, W=W, in_factor=side.in_factor)
     W_hat = new.up.weight.float() @ new.down.weight.float()
     err = relative_error(W.float(), W_hat)
@@ -242,8 +267,9 @@ def factorize_linear(module: nn.Module, rank: int, out_factor: torch.Tensor | No
 
 
 def factorize_plan(targets, plan, sides, report: CompressionReport, allocation: str, config: CompressionConfig,
-                   progress: bool) -> dict[str, LowRankLinear]:
-    """Factor layers of every planned module (none swapped in yet); the per-module rows go into ``report``."""
+                   progress: bool, cache: Mapping | None = None) -> dict[str, LowRankLinear]:
+    """Factor layers of every planned module (none swapped in yet); the per-module rows go into ``report``. A layer
+    :func:`plan_modules` already built at the planned rank (``cache``) is reused."""
     replacements: dict[str, LowRankLinear] = {}
     for name in tqdm(list(plan), desc=f"compress ({report.method})", disable=not progress, unit="module"):
         module, rank = targets[name], plan[name]
@@ -257,7 +283,9 @@ def factorize_plan(targets, plan, sides, report: CompressionReport, allocation: 
                                                bytes_before=size, bytes_after=size))
             continue
         side = sides[name]
-        new, err, werr = factorize(module, rank, side, config, name=name)
+        cached = (cache or {}).get(name)
+        new, err, werr = cached[1] if cached is not None and cached[0] == rank else factorize(
+            module, rank, side, config, name=name)
         new.train(module.training)
         weight = getattr(module, "weight", None)
         if weight is not None and weight.is_floating_point() and not weight.requires_grad:
@@ -271,10 +299,12 @@ def factorize_plan(targets, plan, sides, report: CompressionReport, allocation: 
     kept = [m for m in report.modules if m.skipped is not None and m.bytes_before]
     if config.factor_bits is not None and kept:
         share = sum(m.bytes_after for m in kept) / max(sum(m.bytes_after or 0 for m in report.modules), 1)
+        priced = ("the byte allocation priced them at bf16" if config.budget_unit_for(allocation) == "bytes" else
+                  "the parameter budget did not price them in bytes; budget_unit='bytes' does")
         logger.warning(
             "factor_bits=%d: %d module(s) stay dense in their own dtype (not quantized; e.g. '%s'), %.0f%% of the "
-            "targets' bytes after compression (report.bytes_after). For a budget in bytes use allocation='uniform', "
-            "which factorizes every module.", config.factor_bits, len(kept), kept[0].name, 100 * share)
+            "targets' bytes after compression (report.bytes_after); %s.", config.factor_bits, len(kept),
+            kept[0].name, 100 * share, priced)
     return replacements
 
 

@@ -3,7 +3,8 @@
 Pure functions from spectra and shapes to ``{module name: rank}`` (WeLore: Jaiswal et al., 2024, arXiv:2407.11239;
 ERE: Ryu, Seo and Yoo, 2023, arXiv:2305.18425). Spectra are
 1-D tensors of singular values (any order; they are sorted here); shapes are ``(out, in)`` tuples. WeLore's
-threshold lives in :mod:`.welore_allocation` and is re-exported here.
+threshold lives in :mod:`.welore_allocation`, the global allocation (parameters or bytes) in
+:mod:`.global_allocation`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import _check_shape, _check_spectrum
+from .global_allocation import LOSS_NORMALIZATIONS, GlobalAllocation, global_ranks
 from .svd import break_even_rank, rank_for_keep, tail_energy
 from .welore_allocation import WeLoreAllocation, normalized_spectrum, welore_ranks
 
@@ -283,154 +285,3 @@ def ere_ranks(
         fit={n: fits[n] if fits[n] is not None else (0.0, float("-inf")) for n in names},
     )
 
-
-LOSS_NORMALIZATIONS = ("none", "relative")
-
-
-@dataclass
-class GlobalAllocation:
-    """Result of :func:`global_ranks`.
-
-    Attributes:
-        ranks: ``{name: rank}``, or ``None`` for a module kept dense (its rank reached break-even).
-        budget: parameters allowed, ``keep * sum(out * in)``.
-        used: parameters the allocation spends (dense modules at ``out * in``).
-        loss: summed truncation loss of the allocation (in the units of the spectra after ``normalize``).
-    """
-
-    ranks: dict[str, int | None]
-    budget: float
-    used: int
-    loss: float
-
-
-def global_ranks(
-    spectra: Mapping[str, torch.Tensor],
-    shapes: Mapping[str, tuple[int, int]],
-    keep: float,
-    *,
-    normalize: str = "none",
-    min_rank: int = 1,
-    multiple: int = 1,
-) -> GlobalAllocation:
-    """Per-module ranks minimising the summed truncation loss under one parameter budget.
-
-    The spectra are those of the weighted weights (Kronecker-factored Fisher sides as in GFWSVD, Chekalina et al.,
-    2025, arXiv:2505.17974; or whitened inputs as in SVD-LLM, Wang et al., 2024, arXiv:2403.07378), so that a tail
-    measures the loss a truncation costs.
-
-    The loss of keeping rank ``k`` in module ``l`` is its tail ``sum_{i >= k} s_{l,i}^2``; each rank costs
-    ``out_l + in_l`` parameters. The tails are convex, so taking singular values greedily by loss removed per
-    parameter, ``s^2 / (out + in)``, is optimal for the summed loss. A module whose rank would reach break-even
-    (``k (out + in) >= out * in``) is kept dense instead: that last step costs ``out * in - k_be (out + in)``
-    parameters and removes the whole remaining tail; where it would be taken before the rank steps it follows, the
-    steps are pooled (adjacent violators) so the greedy order stays that of a concave gain. Every module keeps at
-    least ``min_rank``, except a module in which no factor pair saves parameters (rank 1 already costs
-    ``out + in >= out * in``, e.g. a ``(1, n)`` gate): it stays dense. With ``multiple > 1`` a rank step takes
-    singular values up to the next multiple of it (what is left below break-even joins the dense step), so every rank
-    above ``min_rank`` is a multiple: the optimum over those ranks (factor pairs with aligned inner dimensions run at
-    their FLOP ratio, odd ones slower).
-
-    Args:
-        spectra: ``{name: singular values}`` of the weighted matrices (full spectra; see
-            :func:`~hf_lowrank.ops.fisher.weighted_spectrum`). Their squares must be on one common scale (e.g. the
-            output error on the same calibration tokens, or the Kronecker-Fisher loss) unless ``normalize`` makes
-            them comparable.
-        shapes: ``{name: (out, in)}``.
-        keep: fraction of the summed dense parameters ``sum(out * in)`` kept, in ``(0, 1]``.
-        normalize: ``"none"`` (raw losses) or ``"relative"`` (each module's ``s^2`` divided by its total, i.e. the
-            relative error of the module).
-        min_rank: smallest rank any module gets, ``>= 1``.
-        multiple: ranks above ``min_rank`` are multiples of this, ``>= 1``.
-
-    Returns:
-        :class:`GlobalAllocation`.
-
-    Raises:
-        ValueError: empty or inconsistent inputs, a budget below ``min_rank`` everywhere.
-    """
-    if not spectra:
-        raise ValueError("spectra is empty: pass {module name: singular values} for at least one module.")
-    if not (isinstance(keep, (int, float)) and not isinstance(keep, bool) and 0 < keep <= 1):
-        raise ValueError(f"keep must be a fraction of parameters in (0, 1], got {keep!r}.")
-    if normalize not in LOSS_NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {LOSS_NORMALIZATIONS}, got {normalize!r}.")
-    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
-        raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}.")
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(f"multiple must be an int >= 1, got {multiple!r}.")
-    names = list(spectra)
-    missing = [n for n in names if n not in shapes]
-    if missing:
-        raise ValueError(f"no shape for modules {missing[:5]}: shapes must cover every module in spectra.")
-    budget = float(keep) * sum(_check_shape(n, shapes[n])[0] * _check_shape(n, shapes[n])[1] for n in names)
-    values, costs, owners, kinds = [], [], [], []  # one entry per (pooled) greedy step
-    ranks: dict[str, int] = {}
-    dense: dict[str, bool] = {}
-    used = 0.0
-    base_loss = 0.0
-    for idx, n in enumerate(names):
-        out_f, in_f = _check_shape(n, shapes[n])
-        S = _check_spectrum(n, spectra[n])
-        sq = S.square()
-        if normalize == "relative":
-            total = float(sq.sum())
-            sq = sq / total if total > 0 else sq
-        c = out_f + in_f
-        k_be = max(0, math.ceil(out_f * in_f / c) - 1)
-        if k_be == 0:  # no factor pair saves parameters (a 1 x n gate): dense, and no step to take
-            ranks[n], dense[n] = 0, True
-            used += out_f * in_f
-            continue
-        start = min(min_rank, len(sq), k_be)
-        ranks[n], dense[n] = start, False
-        used += start * c
-        base_loss += float(sq[start:].sum())
-        # steps: ranks start+1 .. top (``multiple`` at a time, ``top`` the last multiple below break-even; one
-        # singular value each when multiple == 1), then the dense step
-        top = max(start, min(k_be, len(sq)) // multiple * multiple)
-        edges = [start, *range((start // multiple + 1) * multiple, top + 1, multiple)]
-        steps = [[float(sq[a:b].sum()), float((b - a) * c), b - a] for a, b in zip(edges, edges[1:])]
-        rest = float(sq[top:].sum())
-        dense_cost = out_f * in_f - top * c
-        if k_be >= 1 and dense_cost > 0:
-            steps.append([rest, float(dense_cost), 0])  # kind 0: the dense step
-        pooled: list[list] = []  # [gain, cost, [the steps pooled]]
-        for gain, cost, is_rank in steps:
-            pooled.append([gain, cost, [(gain, cost, is_rank)]])
-            while len(pooled) > 1 and pooled[-1][0] * pooled[-2][1] > pooled[-2][0] * pooled[-1][1]:
-                g, co, parts = pooled.pop()
-                pooled[-1] = [pooled[-1][0] + g, pooled[-1][1] + co, pooled[-1][2] + parts]
-        for gain, cost, parts in pooled:
-            values.append(gain / cost)
-            costs.append(cost)
-            owners.append(idx)
-            kinds.append(parts)
-    if used > budget + 1e-6:
-        raise ValueError(
-            f"keep={keep} leaves {budget:,.0f} parameters, less than rank {min_rank} in every module needs "
-            f"({used:,.0f}); raise keep or lower min_rank."
-        )
-    loss = base_loss
-    order = sorted(range(len(values)), key=lambda i: -values[i])  # stable: per-module step order is kept
-    blocked: set[int] = set()
-    for i in order:
-        owner = owners[i]
-        if owner in blocked:
-            continue
-        fits = used + costs[i] <= budget + 1e-6
-        for gain, cost, is_rank in kinds[i]:  # a pooled block that does not fit: its rank steps while they fit
-            if not fits and (not is_rank or used + cost > budget + 1e-6):
-                blocked.add(owner)  # later steps of this module are worth less; others may still fit
-                break
-            used += cost
-            if is_rank:
-                ranks[names[owner]] += is_rank
-            else:
-                dense[names[owner]] = True
-            loss -= gain
-    result = {n: (None if dense[n] else ranks[n]) for n in names}
-    spent = sum(
-        shapes[n][0] * shapes[n][1] if result[n] is None else result[n] * (shapes[n][0] + shapes[n][1]) for n in names
-    )
-    return GlobalAllocation(ranks=result, budget=budget, used=int(spent), loss=max(loss, 0.0))

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ...cards import residual_card
+from ...errors import BaseMismatchError, ResidualError, ResidualFormatError
 from ...io import (
     atomic_directory,
     atomic_write_bytes,
@@ -31,11 +33,8 @@ from ...io import (
     recover_directory,
 )
 from ...ops.quant import QuantizedTensor, dequantize_rtn, stiefel_project
-from .card import _model_card
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from .report import ResidualReport
 
 __all__ = [
@@ -57,18 +56,6 @@ QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 UNQUANTIZED_BITS = (16, 32)
 MIN_DIM = 16  # 2-D tensors with a side below this are stored exactly
 _KINDS = ("lowrank", "sparse", "exact", "base", "alias")
-
-
-class ResidualError(ValueError):
-    """Base class of the ERE residual errors."""
-
-
-class ResidualFormatError(ResidualError):
-    """The residual folder is missing files, truncated, edited, or of an unknown format version."""
-
-
-class BaseMismatchError(ResidualError):
-    """The base model given for decoding is not the one the residual was encoded from."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -215,7 +202,7 @@ class EREResidual:
             if self.config is not None:
                 atomic_write_bytes(tmp / CONFIG_NAME, self.config.to_json_string(use_diff=False).encode())
             if card:
-                atomic_write_bytes(tmp / CARD_NAME, _model_card(self).encode())
+                atomic_write_bytes(tmp / CARD_NAME, residual_card(self).encode())
             atomic_write_json(tmp / MANIFEST_NAME, self.manifest)
         if self.report is not None:
             self.report.stored_bytes = len(data)
@@ -234,7 +221,7 @@ class EREResidual:
         path = Path(path)
         recover_directory(path)
         if not path.is_dir():
-            raise ResidualFormatError(f"'{path}' is not a folder; pass the folder encode_residual(out=...) wrote.")
+            raise ResidualFormatError(f"'{path}' is not a folder; pass the folder encode_residual(path=...) wrote.")
         mpath = path / MANIFEST_NAME
         if not mpath.is_file():
             raise ResidualFormatError(
@@ -383,12 +370,6 @@ class EREResidual:
                 out[rows] = self._dense(name, "values", dtype)
             return out
         raise ValueError(f"'{name}' is stored as {e['kind']!r}; only lowrank and sparse tensors have a delta.")
-
-    def decode(self, base_model: nn.Module, **kwargs) -> nn.Module:
-        """Same as :func:`decode_residual` ``(base_model, self, **kwargs)``."""
-        from .decode import decode_residual
-
-        return decode_residual(base_model, self, **kwargs)
 
 
 def _as_residual(path: str | os.PathLike | EREResidual) -> EREResidual:
