@@ -100,6 +100,16 @@ def test_compress_writes_a_model_card(tiny_llama, tmp_path):
     assert f"{after:,} after" in card and f"{sum(p.numel() for p in tiny_llama.parameters()):,} before" in card
 
 
+
+def test_compress_keep_one_writes_no_card_that_calls_the_dense_checkpoint_factorized(tiny_llama, tmp_path):
+    """--keep 1.0 factorizes nothing (every parameter kept): the folder is a plain dense checkpoint, so it gets no
+    card saying "factorized checkpoint" (the card said so while `inspect` called it not factorized)."""
+    tiny_llama.save_pretrained(tmp_path / "dense")
+    with pytest.warns(UserWarning, match="factorized no module"):
+        assert main(["compress", str(tmp_path / "dense"), "--keep", "1.0", "--out", str(tmp_path / "c")]) == 0
+    assert "quantization_config" not in json.loads((tmp_path / "c" / "config.json").read_text())
+    assert not (tmp_path / "c" / "README.md").exists()
+
 def _char_tokenizer():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast

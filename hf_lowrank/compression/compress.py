@@ -31,6 +31,7 @@ from .guards import (
     eligibility,
     log_tokens_per_dimension,
     statistics_memory_bytes,
+    warn_nothing_factorized,
     warn_small_int_rank,
 )
 from .pipeline import (
@@ -244,6 +245,8 @@ def compress_model(
             info.update({"loss_normalization": normalization, "budget_unit": config.budget_unit_for(allocation)})
     info.update({"allocation": allocation, "weighting": label})
     _record_sides(report, sides, info, gram_settings=bool(grams_in or grams_out), damping=config.damping)
+    if not report.ranks:
+        warn_nothing_factorized(model, report)
     mark(model, report, checkpoint_extra)
     return report
 

@@ -1,5 +1,6 @@
 """Checks around a compression that say what a number means or what fell back: tokens per Gram dimension, Grams
-that no data reached, an int rank that removes most parameters, weights that are not Linear layers."""
+that no data reached, an int rank that removes most parameters, weights that are not Linear layers, a call that
+factorized nothing."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from ..calibration.grams import gram_memory_bytes
+from ..modules import LowRankLinear
 
 logger = logging.getLogger("hf_lowrank.compression.compress")
 
@@ -75,6 +77,22 @@ def warn_small_int_rank(ranks, targets, plan) -> None:
             UserWarning,
             stacklevel=4,
         )
+
+
+def warn_nothing_factorized(model: nn.Module, report) -> None:
+    """A compression that factorized no module leaves the model as it was: say so and why (each module's
+    ``skipped`` reason), and name an earlier compression when the model already holds factor layers (a mixture of
+    experts keeps its 1-row router gates dense, so the "already compressed" refusal does not see it)."""
+    earlier = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    reason = next((m.skipped for m in report.modules if m.skipped), "no target")
+    message = (f"compress_model factorized no module: all {len(report.modules)} targets stay dense "
+               f"(e.g. {report.modules[0].name if report.modules else '-'}: {reason}); the model is unchanged.")
+    if earlier:
+        message += (f" It already holds {len(earlier)} LowRankLinear layers (e.g. '{earlier[0]}') from an earlier "
+                    "compression: compress the original model, or hf_lowrank.decompress_model(model) first.")
+    else:
+        message += " Pass a smaller keep fraction (a float below 1.0) or rank to compress it."
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def eligibility(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict:

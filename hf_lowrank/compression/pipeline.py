@@ -300,6 +300,9 @@ def factorize_plan(targets, plan, sides, report: CompressionReport, allocation: 
             module, rank, side, config, name=name)
         weighted, side.out_factor, side.in_factor = side.weighted, None, None  # freed once the last user is done
         new.train(module.training)
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.is_floating_point() and not weight.requires_grad:
+            new.requires_grad_(False)  # a frozen layer's factors stay frozen (a later Trainer must not train them)
         replacements[name] = new
         report.modules.append(
             ModuleReport(name, (out_f, in_f), rank, before, factorized_params(out_f, in_f, rank) + bias, err,

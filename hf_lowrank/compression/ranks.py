@@ -56,7 +56,8 @@ def plan_ranks(
 
     Returns:
         ``{name: rank}`` for the modules to compress, ``None`` where that rank would not save parameters (the module
-        stays dense). Modules neither matched by a pattern nor covered by ``rank`` / ``keep`` are absent.
+        stays dense), also for a keep of 1.0 (all parameters kept: the exact weight, not a lossy pair of about the
+        same size). Modules neither matched by a pattern nor covered by ``rank`` / ``keep`` are absent.
 
     Raises:
         ValueError: no target at all, both rank and keep, a pattern key that matches no module, a rank out of range.
@@ -84,6 +85,7 @@ def plan_ranks(
                 "parameters kept. Pass an int for an absolute rank."
             )
         wanted[name] = value
+    whole = {n for n, v in wanted.items() if isinstance(v, float) and v == 1.0}
     for fraction in {v for v in wanted.values() if isinstance(v, float)}:
         group = {n: shapes[n] for n, v in wanted.items() if isinstance(v, float) and v == fraction}
         wanted.update(uniform_ranks(group, fraction, multiple=multiple))
@@ -91,10 +93,15 @@ def plan_ranks(
     for name, value in wanted.items():
         out_f, in_f = shapes[name]
         limit = min(out_f, in_f)
+        if name in whole:  # keep 1.0: every parameter kept, so the exact dense weight (as the global allocation does)
+            plan[name] = None
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
             raise ValueError(
                 f"Rank {value!r} for module '{name}' is out of range: it must be an integer in [1, {limit}] "
-                f"for its ({out_f}, {in_f}) weight."
+                f"for its ({out_f}, {in_f}) weight. Leave the module out (target_modules=), give it its own rank "
+                f"({what}={{'{name.rsplit('.', 1)[-1]}': {limit}}}; a rank that saves no parameters keeps it dense) or "
+                "pass a keep fraction (a float) instead."
             )
         plan[name] = value if value <= break_even_rank(out_f, in_f) else None
     return plan

@@ -113,6 +113,8 @@ def _calibration_arg(args, tok):
 
 
 def _write_card(args, model, report) -> None:
+    if not report.ranks:  # nothing factorized: a dense checkpoint, no card that calls it a factorized one
+        return
     if args.method == "welore":
         settings = {"reduction": args.reduction}
         if args.calibration:
