@@ -105,3 +105,29 @@ def test_frozen_model_stays_frozen_after_compression():
     model = _bloom()
     hf_lowrank.compress_model(model, 0.8, progress=False)
     assert all(p.requires_grad for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters())
+
+
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    return MixtralForCausalLM(config).eval()
+
+
+def test_uniform_keep_the_ranks_cannot_reach_is_said():
+    """Uniform keep 0.8 on 64-wide attention (ranks in multiples of 8) keeps 0.75: said with the figure and the fix,
+    not only in report.kept_fraction; rank_multiple=1 reaches the budget and says nothing."""
+    model = _mixtral()
+    with pytest.warns(UserWarning, match=r"keep=0.8 asked, 0\.7\d+ of the target parameters kept.*rank_multiple=1"):
+        report = hf_lowrank.compress_model(model, 0.8, allocation="uniform", progress=False)
+    assert abs(report.kept_fraction - 0.8) > 0.02
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = hf_lowrank.compress_model(_mixtral(), 0.8, allocation="uniform", rank_multiple=1, progress=False)
+    assert abs(report.kept_fraction - 0.8) <= 0.02
+    assert not [w for w in caught if "asked" in str(w.message)]

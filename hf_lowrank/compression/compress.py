@@ -31,6 +31,7 @@ from .guards import (
     eligibility,
     log_tokens_per_dimension,
     statistics_memory_bytes,
+    warn_keep_missed,
     warn_nothing_factorized,
     warn_small_int_rank,
 )
@@ -247,6 +248,7 @@ def compress_model(
     _record_sides(report, sides, info, gram_settings=bool(grams_in or grams_out), damping=config.damping)
     if not report.ranks:
         warn_nothing_factorized(model, report)
+    warn_keep_missed(config, report, allocation)
     mark(model, report, checkpoint_extra)
     return report
 

@@ -95,6 +95,24 @@ def warn_nothing_factorized(model: nn.Module, report) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
+def warn_keep_missed(config, report, allocation: str, tolerance: float = 0.02) -> None:
+    """A keep fraction the ranks could not reach is said, with the achieved figure and the fix: ranks in multiples of
+    ``rank_multiple`` on narrow modules (64 wide: the nearest rank that saves parameters may keep 0.75 for 0.8)
+    cannot always spend the budget, and ``report.kept_fraction`` alone is easy to miss."""
+    if (config.keep is None or config.rank is not None or config.rank_pattern or not report.ranks
+            or config.budget_unit_for(allocation) != "parameters"):
+        return
+    kept = report.kept_fraction
+    if abs(kept - config.keep) <= tolerance:
+        return
+    warnings.warn(
+        f"keep={config.keep} asked, {kept:.4f} of the target parameters kept: the {allocation} ranks (multiples of "
+        f"rank_multiple={config.rank_multiple}) cannot spend this budget on these modules. Pass rank_multiple=1, "
+        "allocation='global', or a keep that the reported ranks reach.",
+        UserWarning, stacklevel=3,
+    )
+
+
 def eligibility(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict:
     """What ``keep`` refers to: the targets' parameters, and any weight that is no Linear layer and so cannot be a
     target (the fused 3-D expert tensors of a mixture of experts), named with a warning so that a keep fraction is
