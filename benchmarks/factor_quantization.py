@@ -80,21 +80,22 @@ def main() -> None:
 
     from calibration_size import _batches, _calibration_chunks, _other_kind_texts
 
-    from hf_lowrank import bundled, compress_model, find_target_linears
-    from hf_lowrank.evaluation import perplexity
+    from hf_lowrank import compress_model, find_target_linears
+    from hf_lowrank.calibration.grams import CalibrationGrams, calibration_grams
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.evaluation import perplexity
+    from hf_lowrank.demo.models import load_smollm2
     from hf_lowrank.modules import LowRankLinear, set_submodule
-    from hf_lowrank.offline import load_smollm2
     from hf_lowrank.ops.fisher import DEFAULT_DAMPING, gram_factor, gram_shrinkage, weighted_relative_error
     from hf_lowrank.ops.quant_lowrank import quantize_factor_pair
     from hf_lowrank.quantized_modules import QuantizedLowRankLinear
-    from hf_lowrank.statistics import CalibrationGrams, calibration_grams
 
     logging.getLogger("hf_lowrank").setLevel(logging.ERROR)
     torch.manual_seed(0)
     dense, tok = load_smollm2()
     targets = find_target_linears(dense)
     weights = {n: m.weight.detach().float().clone() for n, m in targets.items()}
-    other, prose = _other_kind_texts(tok, args.eval_windows), bundled.prose_texts("test", n=args.eval_prose)
+    other, prose = _other_kind_texts(tok, args.eval_windows), wordnet.prose_texts("test", n=args.eval_prose)
 
     def score(model):
         return {"ppl_other_kind": round(perplexity(model, tok, other, progress=False), 3),

@@ -116,7 +116,7 @@ def _sliced(model, keep):
     from hf_lowrank.compression.compress import set_submodule
     from hf_lowrank.modules import LowRankLinear
     from hf_lowrank.ops.svd import rank_for_keep
-    from hf_lowrank.peft_configs.fisher_lora.compress import shared_weight_copy
+    from hf_lowrank.tuners.fisher_lora.compress import shared_weight_copy
 
     out = shared_weight_copy(model)
     before = after = 0
@@ -150,7 +150,7 @@ def _levels(compressed, report, keeps, metric) -> dict:
 
 
 def _compress_levels(peft_model, fisher, source, weighting, keeps, metric):
-    from hf_lowrank.peft_configs.fisher_lora import compress_peft_model
+    from hf_lowrank.tuners.fisher_lora import compress_peft_model
 
     model, report = compress_peft_model(peft_model, fisher=fisher if source != "none" else None, fisher_source=source,
                                         weighting=weighting, keep=keeps[0], rank=None, rank_pattern=None,
@@ -176,16 +176,16 @@ def bench_classifier(quick: bool, tmp: str) -> dict:
     from peft import get_peft_model
     from transformers import DataCollatorWithPadding, Trainer
 
-    from hf_lowrank import bundled, evaluation, offline
-    from hf_lowrank.peft_configs.fisher_lora import FisherLoRAConfig
-    from hf_lowrank.peft_configs.fisher_lora.compress import shared_weight_copy
-    from hf_lowrank.trainer_mixins import FisherCollectorCallback, LowRankTrainer
+    from hf_lowrank.demo import evaluation, models, wordnet
+    from hf_lowrank.trainer import FisherCollectorCallback, LowRankTrainer
+    from hf_lowrank.tuners.fisher_lora import FisherLoRAConfig
+    from hf_lowrank.tuners.fisher_lora.compress import shared_weight_copy
 
     n_train, n_test, steps_epochs = (96, 60, 1) if quick else (512, 240, 1)
     keeps = [0.5] if quick else [0.6, 0.4, 0.2]  # highest first (lower levels slice its factors)
-    texts, labels, names = bundled.category_task("train", n=n_train)
-    test_texts, test_labels, _ = bundled.category_task("test", n=n_test)
-    _, tok = offline.load_minilm(num_labels=len(names))
+    texts, labels, names = wordnet.category_task("train", n=n_train)
+    test_texts, test_labels, _ = wordnet.category_task("test", n=n_test)
+    _, tok = models.load_minilm(num_labels=len(names))
     train_ds = evaluation.ClassificationDataset(tok, texts, labels, max_length=64)
     collator = DataCollatorWithPadding(tok)
 
@@ -198,7 +198,7 @@ def bench_classifier(quick: bool, tmp: str) -> dict:
                     "keep_levels": keeps, "rows": {}, "uncompressed": {}, "train_seconds": {}}
     for r in (8, 1):
         torch.manual_seed(0)
-        model, _ = offline.load_minilm(num_labels=len(names))
+        model, _ = models.load_minilm(num_labels=len(names))
         cfg = FisherLoRAConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, target_modules=CLS_TARGETS,
                                compress_keep=keeps[0])
         pm = get_peft_model(model, cfg)
@@ -226,7 +226,7 @@ def bench_classifier(quick: bool, tmp: str) -> dict:
 
     # The seed's FWSVD protocol: full fine-tuning with full-gradient Fisher of the FFN.
     torch.manual_seed(0)
-    model, _ = offline.load_minilm(num_labels=len(names))
+    model, _ = models.load_minilm(num_labels=len(names))
     fisher = FisherCollectorCallback("full", target_modules=CLS_TARGETS)
     args = _train_args(f"{tmp}/cls_full", per_device_train_batch_size=16, num_train_epochs=steps_epochs,
                        learning_rate=1e-4)
@@ -255,25 +255,25 @@ def bench_sft(quick: bool, tmp: str) -> dict:
     import trl
     from datasets import Dataset
 
-    from hf_lowrank import bundled, evaluation, offline
-    from hf_lowrank.peft_configs.fisher_lora import FisherLoRAConfig
-    from hf_lowrank.trainer_mixins import FisherCollectorCallback, LowRankSFTTrainer
+    from hf_lowrank.demo import evaluation, models, wordnet
+    from hf_lowrank.trainer import FisherCollectorCallback, LowRankSFTTrainer
+    from hf_lowrank.tuners.fisher_lora import FisherLoRAConfig
 
     n_train, n_eval, max_steps = (8, 4, 2) if quick else (32, 12, 8)
     keeps = [0.9] if quick else [0.95, 0.9, 0.8]  # highest first
-    data = Dataset.from_list(bundled.sft_examples("train", n=n_train))
-    eval_texts = bundled.definition_texts("test", n=n_eval)
+    data = Dataset.from_list(wordnet.sft_examples("train", n=n_train))
+    eval_texts = wordnet.definition_texts("test", n=n_eval)
     result: dict = {"task": "SmolLM2-135M-Instruct SFT on bundled definitions", "n_train_examples": n_train,
                     "steps": max_steps, "n_eval_texts": n_eval, "targets": "MLP gate/up/down_proj (90 modules)",
                     "keep_levels": keeps, "rows": {}, "uncompressed": {}, "train_seconds": {}}
-    model, tok = offline.load_smollm2()
+    model, tok = models.load_smollm2()
     result["uncompressed"]["base_model"] = round(evaluation.perplexity(model, tok, eval_texts, max_length=64,
                                                                        batch_size=8, progress=False), 3)
     del model
 
     for r in (8, 1):
         torch.manual_seed(0)
-        model, tok = offline.load_smollm2()
+        model, tok = models.load_smollm2()
         cfg = FisherLoRAConfig(r=r, lora_alpha=2 * r, target_modules=SFT_TARGETS, task_type="CAUSAL_LM",
                                compress_keep=keeps[0])
         cbs = {"lora": FisherCollectorCallback("lora")}
@@ -300,7 +300,7 @@ def bench_sft(quick: bool, tmp: str) -> dict:
             key = f"svd_r{r}" if name == "svd" else key
             result["rows"][key] = row
         if r == 8:
-            batches = [tok([e["prompt"] + e["completion"] for e in bundled.sft_examples("train", n=4)],
+            batches = [tok([e["prompt"] + e["completion"] for e in wordnet.sft_examples("train", n=4)],
                            padding=True, truncation=True, max_length=64, return_tensors="pt")]
             result["step_time"] = _step_time_ratio(pm, None, None, quick, batches=batches)
         del trainer, pm, model
@@ -311,7 +311,7 @@ def bench_sft(quick: bool, tmp: str) -> dict:
 # ------------------------------------------------------------------------------------------------ step time
 def _step_time_ratio(peft_model, dataset, collator, quick, batches=None) -> dict:
     """Median training-step time with the Fisher hooks attached vs detached, alternating step by step."""
-    from hf_lowrank.peft_configs.fisher_lora import FisherCollector
+    from hf_lowrank.tuners.fisher_lora import FisherCollector
 
     if batches is None:
         items = [dataset[i] for i in range(32)]
@@ -373,11 +373,12 @@ def memory_probe(config: str, quick: bool) -> dict:
     _quiet()
     from peft import get_peft_model
 
-    from hf_lowrank import bundled, compress_model, offline
-    from hf_lowrank.peft_configs.fisher_lora import FisherCollector, FisherLoRAConfig, compress_peft_model
+    from hf_lowrank import compress_model
+    from hf_lowrank.demo import models, wordnet
+    from hf_lowrank.tuners.fisher_lora import FisherCollector, FisherLoRAConfig, compress_peft_model
 
     idle = max(idle, _rss_mb())
-    model, tok = offline.load_smollm2()
+    model, tok = models.load_smollm2()
     with torch.no_grad():
         for p in model.parameters():  # make the weights resident (from_pretrained may leave them memory-mapped)
             p.data = p.data.clone()
@@ -385,7 +386,7 @@ def memory_probe(config: str, quick: bool) -> dict:
     loaded = _rss_mb()
     phase_peak = _reset_peak()  # from here on, VmHWM is the peak of training + compression alone
     keep, steps = 0.9, 1
-    texts = [e["prompt"] + e["completion"] for e in bundled.sft_examples("train", n=8)]
+    texts = [e["prompt"] + e["completion"] for e in wordnet.sft_examples("train", n=8)]
     batch = tok(texts[:4], padding=True, truncation=True, max_length=64, return_tensors="pt")
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     if config == "full_ft_fwsvd":

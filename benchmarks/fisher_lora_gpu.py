@@ -34,7 +34,7 @@ def _wrapper(method: str, k: int):
         from peft import LoraConfig, get_peft_model
 
         from hf_lowrank import FisherLoRAConfig
-        from hf_lowrank.peft_configs.fisher_lora import FisherCollector
+        from hf_lowrank.tuners.fisher_lora import FisherCollector
 
         if method == "fisher_lora":
             config = FisherLoRAConfig(r=k, lora_alpha=16, target_modules="all-linear", compress_keep=0.9)

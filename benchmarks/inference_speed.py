@@ -140,10 +140,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from hf_lowrank import bundled, compress_model
-    from hf_lowrank.evaluation import calibration_batches
-    from hf_lowrank.offline import load_smollm2
-    from hf_lowrank.statistics import calibration_grams
+    from hf_lowrank import calibration_batches, compress_model
+    from hf_lowrank.calibration.grams import calibration_grams
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.models import load_smollm2
     from hf_lowrank.targets import find_target_linears
 
     dense, tok = load_smollm2()
@@ -154,7 +154,7 @@ def main() -> None:
         reports[f"uniform keep {keep}"] = compress_model(model, keep, method="randomized", progress=False)
         models[f"uniform keep {keep}"] = model.eval()
     if args.global_keeps:
-        batches = calibration_batches(tok, bundled.prose_texts("train", n=args.calib_texts), batch_size=8)
+        batches = calibration_batches(tok, wordnet.prose_texts("train", n=args.calib_texts), batch_size=8)
         g_in, g_out, _ = calibration_grams(dense, find_target_linears(dense), batches, outputs=True, progress=False)
         for keep in args.global_keeps:
             model = copy.deepcopy(dense)

@@ -2,7 +2,7 @@
 
 Saves three folders (dense copy, ``compress_model(model, 0.9)``: plain SVD, uniform ranks, and the same keep fraction
 with calibration on 64 bundled train paragraphs: ``compress_model``'s default for a causal LM, Kronecker-factored
-Fisher with global rank allocation), evaluates each through ``python -m hf_lowrank.lm_eval_cli --model hf --model_args
+Fisher with global rank allocation), evaluates each through ``python -m hf_lowrank.cli.commands.lm_eval --model hf --model_args
 pretrained=<folder>`` on the bundled offline tasks, and prints a Markdown table (and the raw results as JSON to
 ``<out>/table.json``).
 
@@ -32,9 +32,9 @@ ROWS = (
 
 def _variants(out: Path) -> dict[str, Path]:
     import hf_lowrank
-    from hf_lowrank import bundled
-    from hf_lowrank.evaluation import calibration_batches
-    from hf_lowrank.offline import load_smollm2, smollm2_dir
+    from hf_lowrank import calibration_batches
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.models import load_smollm2, smollm2_dir
 
     folders = {"dense": smollm2_dir()}
     for name in ("svd 0.9", "calibrated 0.9"):
@@ -42,7 +42,7 @@ def _variants(out: Path) -> dict[str, Path]:
         model, tok = load_smollm2()
         kwargs = {}
         if name.startswith("calibrated"):
-            kwargs["calibration"] = calibration_batches(tok, bundled.prose_texts("train", n=64))
+            kwargs["calibration"] = calibration_batches(tok, wordnet.prose_texts("train", n=64))
         start = time.perf_counter()
         report = hf_lowrank.compress_model(model, 0.9, progress=False, **kwargs)
         print(f"{name}: compressed in {time.perf_counter() - start:.1f} s, kept {report.kept_fraction:.3f}")
@@ -52,11 +52,11 @@ def _variants(out: Path) -> dict[str, Path]:
 
 
 def _evaluate(folder: Path, out: Path, limit: int, batch_size: int) -> dict:
-    from hf_lowrank.lm_eval_cli import main
+    from hf_lowrank.cli.commands.lm_eval import main
 
     argv = ["--model", "hf", "--model_args", f"pretrained={folder}", "--tasks", "hf_lowrank_wordnet"]
     argv += ["--limit", str(limit), "--batch_size", str(batch_size), "--output_path", str(out)]
-    print("python -m hf_lowrank.lm_eval_cli " + " ".join(argv))
+    print("python -m hf_lowrank.cli.commands.lm_eval " + " ".join(argv))
     main(argv)
     (found,) = out.rglob("results_*.json")
     return json.loads(found.read_text())["results"]

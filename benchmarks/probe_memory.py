@@ -45,17 +45,17 @@ def _child(args) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from compression_quality import TARGETS, _probe
 
-    from hf_lowrank import bundled
-    from hf_lowrank.offline import load_smollm2
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.models import load_smollm2
 
     dense, tok = load_smollm2()
-    texts = bundled.prose_texts("train", n=max(4 * args.steps, 8))
+    texts = wordnet.prose_texts("train", n=max(4 * args.steps, 8))
     loaded = _status_mb("VmRSS")
     kind = {"kronecker_default": "kronecker_small", "kronecker_full": "kronecker"}.get(args.child, args.child)
     probe_args = argparse.Namespace(targets=args.targets, max_length=args.max_length, steps=args.steps, keep=0.8,
                                     work=args.work, kronecker_max_dim=None)
     if kind == "kronecker_small":  # the config default, kronecker_max_dim="hidden_size"
-        from hf_lowrank.peft_configs.fisher_lora.fisher import hidden_size
+        from hf_lowrank.fisher.collector import hidden_size
 
         probe_args.kronecker_max_dim = hidden_size(dense)
     model, state, step_s = _probe(dense, tok, texts, probe_args, kind=kind)

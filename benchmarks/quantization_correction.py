@@ -75,7 +75,7 @@ def _qlora(model, report, tok, texts, steps, lr):
     ``steps`` steps (AdamW, batches of 4 texts of 128 tokens): ``(peft model, per-step losses)``."""
     from peft import LoraConfig, get_peft_model
 
-    from hf_lowrank.evaluation import calibration_batches
+    from hf_lowrank import calibration_batches
 
     config = LoraConfig(r=report.rank, lora_alpha=report.rank, lora_dropout=0.0, target_modules=list(report.factors))
     peft_model = get_peft_model(model, config)
@@ -119,16 +119,16 @@ def main() -> None:
     from calibration_size import _batches, _calibration_chunks, _other_kind_texts
 
     import hf_lowrank
-    from hf_lowrank import bundled
-    from hf_lowrank.evaluation import perplexity
-    from hf_lowrank.offline import load_smollm2
-    from hf_lowrank.statistics import CalibrationGrams, calibration_grams
+    from hf_lowrank.calibration.grams import CalibrationGrams, calibration_grams
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.evaluation import perplexity
+    from hf_lowrank.demo.models import load_smollm2
 
     logging.getLogger("hf_lowrank").setLevel(logging.ERROR)
     torch.manual_seed(0)
     dense, tok = load_smollm2()
     targets = list(hf_lowrank.find_target_linears(dense))
-    other, prose = _other_kind_texts(tok, args.eval_windows), bundled.prose_texts("test", n=args.eval_prose)
+    other, prose = _other_kind_texts(tok, args.eval_windows), wordnet.prose_texts("test", n=args.eval_prose)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     _, chunk = next(_calibration_chunks(tok, [args.tokens], args.max_length))
     batches = _batches(chunk, pad)
@@ -195,7 +195,7 @@ def main() -> None:
                     entry["adapter_params"] = sum(a.numel() + b.numel() for a, b in report.factors.values())
                     if train:
                         hf_lowrank.fake_quantize(model, q, target_modules=targets, group_size=128)
-                        texts = bundled.prose_texts("train")[500 : 500 + 4 * args.train_steps]
+                        texts = wordnet.prose_texts("train")[500 : 500 + 4 * args.train_steps]
                         model, losses = _qlora(model, report, tok, texts, args.train_steps, args.lr)
                         entry.update({"train_steps": args.train_steps, "lr": args.lr,
                                       "loss_first": round(losses[0], 4),

@@ -8,7 +8,7 @@ dense):
   Fisher from bundled prose, global rank allocation: uneven ranks, some modules left dense);
 - ``uniform-0.8`` / ``uniform-0.6``: the same statistics, ``allocation="uniform"`` (the same fraction per module).
 
-The calibration statistics are collected once (:class:`hf_lowrank.statistics.CalibrationGrams`) and every row
+The calibration statistics are collected once (:class:`hf_lowrank.calibration.grams.CalibrationGrams`) and every row
 compresses a fresh copy from them. Workloads, each timed ``--repeats`` times, median reported:
 
 - ``prefill``: ``--prefill-batch`` random-token prompts of ``--prefill-tokens`` tokens, one new token
@@ -98,10 +98,10 @@ def _linear_flops(shapes: dict, ranks: dict) -> int:
 def prepare(args) -> None:
     import copy
 
-    from hf_lowrank import bundled, compress_model, save_compressed
-    from hf_lowrank.evaluation import calibration_batches
-    from hf_lowrank.offline import load_smollm2
-    from hf_lowrank.statistics import CalibrationGrams, calibration_grams
+    from hf_lowrank import calibration_batches, compress_model, save_compressed
+    from hf_lowrank.calibration.grams import CalibrationGrams, calibration_grams
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.models import load_smollm2
     from hf_lowrank.targets import find_target_linears
 
     out = Path(args.dir)
@@ -110,7 +110,7 @@ def prepare(args) -> None:
     dense.eval()
     targets = find_target_linears(dense)
     shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
-    batches = calibration_batches(tok, bundled.prose_texts("train", n=args.calib_texts), max_length=args.calib_length)
+    batches = calibration_batches(tok, wordnet.prose_texts("train", n=args.calib_texts), max_length=args.calib_length)
     t0 = time.perf_counter()
     g_in, g_out, tokens = calibration_grams(dense, targets, batches, outputs=True, progress=False)
     grams = CalibrationGrams(g_in, g_out, tokens)

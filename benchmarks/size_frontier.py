@@ -166,10 +166,11 @@ def main() -> None:
         plot(previous, args.plot)
         return
 
-    from hf_lowrank import bundled, compress_model, find_target_linears
-    from hf_lowrank.evaluation import perplexity
-    from hf_lowrank.offline import load_smollm2
-    from hf_lowrank.statistics import CalibrationGrams, calibration_grams
+    from hf_lowrank import compress_model, find_target_linears
+    from hf_lowrank.calibration.grams import CalibrationGrams, calibration_grams
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.evaluation import perplexity
+    from hf_lowrank.demo.models import load_smollm2
 
     logging.getLogger("hf_lowrank").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -180,7 +181,7 @@ def main() -> None:
             _bf16_(m.weight.data)
     names = list(find_target_linears(dense))
     dense_bytes = _dense_bytes(find_target_linears(dense))
-    other, prose = _other_kind_texts(tok, args.eval_windows), bundled.prose_texts("test", n=args.eval_prose)
+    other, prose = _other_kind_texts(tok, args.eval_windows), wordnet.prose_texts("test", n=args.eval_prose)
 
     def score(model) -> dict:
         return {"ppl_other_kind": round(perplexity(model, tok, other, progress=False), 3),
@@ -216,7 +217,7 @@ def main() -> None:
 
     def heal_chunks():
         # The calibration text's source, continued past the calibration tokens.
-        chunks = heal_mod.token_chunks(tok, bundled.prose_texts("train"), 128)
+        chunks = heal_mod.token_chunks(tok, wordnet.prose_texts("train"), 128)
         return chunks[-(-args.calibration_tokens // 128):]
 
     rows = {r["row"]: r for r in previous.get("rows", [])}

@@ -154,8 +154,8 @@ first ``--calib-batches`` training batches, through :func:`hf_lowrank.spsft_impo
 def build(method: str, targets, k: int, *, dtype=torch.float32):
     from peft import LoraConfig, get_peft_model
 
-    from hf_lowrank.offline import load_smollm2
-    from hf_lowrank.peft_configs.spsft import SPSFTConfig
+    from hf_lowrank.demo.models import load_smollm2
+    from hf_lowrank.tuners.spsft import SPSFTConfig
 
     model, _ = load_smollm2(dtype=dtype)
     if method == "spsft" and SPSFT_ROWS["importance"] != "l2":
@@ -178,11 +178,11 @@ def build(method: str, targets, k: int, *, dtype=torch.float32):
 
 
 def make_batches(tokenizer, n: int, batch: int, seq_len: int, split: str) -> list[torch.Tensor]:
-    from hf_lowrank import bundled
+    from hf_lowrank.demo import wordnet
 
     need = n * batch * seq_len
     ids: list[int] = []
-    for ex in bundled.sft_examples(split):
+    for ex in wordnet.sft_examples(split):
         ids.extend(tokenizer(ex["prompt"] + ex["completion"])["input_ids"] + [tokenizer.eos_token_id])
         if len(ids) >= need:
             break
@@ -531,7 +531,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from hf_lowrank.offline import load_smollm2
+    from hf_lowrank.demo.models import load_smollm2
 
     _, tokenizer = load_smollm2()
     result = {
@@ -581,7 +581,7 @@ def main(argv=None) -> dict:
             "batch_size": args.loss_batch_size,
             "seeds": args.loss_seeds,
             "eval_batches": args.loss_eval_batches,
-            "data": "bundled.sft_examples prompt+completion, packed with EOS; train split for training, test split "
+            "data": "wordnet.sft_examples prompt+completion, packed with EOS; train split for training, test split "
             "held out",
             "final_train_loss": f"mean of the last {FINAL_WINDOW} steps",
             "noise": "max(spread across seeds of any method, |LoRA dropout 0.1 - LoRA dropout 0|), per metric",

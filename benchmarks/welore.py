@@ -45,7 +45,7 @@ def _log(msg: str) -> None:
 
 
 def _train_chunks(tokenizer, n_texts: int, seq: int) -> torch.Tensor:
-    from hf_lowrank.bundled import prose_texts
+    from hf_lowrank.demo.wordnet import prose_texts
 
     texts = prose_texts("train", n_texts)
     ids = tokenizer("\n\n".join(texts), return_tensors="pt")["input_ids"][0]
@@ -131,7 +131,7 @@ def _state_bytes(model) -> dict:
 def _worker(args) -> None:
     """Fine-tuning cost in a fresh process: ``--worker lrc`` (PEFT, LRC factors only) or ``full``."""
     torch.set_num_threads(args.threads)
-    from hf_lowrank.offline import load_smollm2
+    from hf_lowrank.demo.models import load_smollm2
 
     workdir = Path(args.workdir)
     base, tok = load_smollm2()
@@ -141,7 +141,7 @@ def _worker(args) -> None:
     if args.worker == "lrc":
         from peft import PeftModel
 
-        import hf_lowrank.peft_configs.welore  # noqa: F401  (registers the PEFT type)
+        import hf_lowrank.tuners.welore  # noqa: F401  (registers the PEFT type)
 
         model = PeftModel.from_pretrained(base, workdir / "adapter", is_trainable=True)
     else:
@@ -254,12 +254,12 @@ def main() -> None:
     torch.manual_seed(0)  # the randomized SVD of small-rank LRC factors
     from peft import get_peft_model
 
-    from hf_lowrank.bundled import prose_texts
     from hf_lowrank.compression.compress import find_target_linears
-    from hf_lowrank.evaluation import perplexity
-    from hf_lowrank.offline import load_smollm2
+    from hf_lowrank.demo.evaluation import perplexity
+    from hf_lowrank.demo.models import load_smollm2
+    from hf_lowrank.demo.wordnet import prose_texts
     from hf_lowrank.ops.svd import full_svd
-    from hf_lowrank.peft_configs.welore import WeLoreLRCConfig, default_spectra_cache, weight_fingerprint
+    from hf_lowrank.tuners.welore import WeLoreLRCConfig, default_spectra_cache, weight_fingerprint
 
     started = time.perf_counter()
     base, tok = load_smollm2()
@@ -274,7 +274,7 @@ def main() -> None:
 
     result: dict = {
         "model": "SmolLM2-135M-Instruct" + (f" (first {args.quick_layers} blocks, --quick)" if args.quick else ""),
-        "eval": {"texts": len(texts), "max_length": args.max_length, "source": "hf_lowrank.bundled.prose_texts('test')"},
+        "eval": {"texts": len(texts), "max_length": args.max_length, "source": "hf_lowrank.demo.wordnet.prose_texts('test')"},
         "threads": args.threads,
     }
     t0 = time.perf_counter()
@@ -380,7 +380,7 @@ def main() -> None:
         "seq": args.seq,
         "lr": args.ft_lr,
         "train_tokens": args.ft_steps * args.batch * args.seq,
-        "data": "hf_lowrank.bundled.prose_texts('train') (same WordNet-prose distribution as the test split)",
+        "data": "hf_lowrank.demo.wordnet.prose_texts('train') (same WordNet-prose distribution as the test split)",
         "ppl_before": before,
         "ppl_after": after,
         "after_over_dense": after / result["dense_ppl"],

@@ -52,7 +52,7 @@ def _allocation_for_keep(spectra, shapes, keep, *, tol=0.002, steps=30):
     """The WeLore allocation (data-free or whitened, as the spectra are) whose kept parameter fraction is closest to
     ``keep``: the reduction is bisected (the kept fraction falls as the reduction rises), unreachable reductions
     skipped."""
-    from hf_lowrank.peft_configs.welore import welore_allocation
+    from hf_lowrank.tuners.welore import welore_allocation
 
     def kept(a):
         return a.params_after / a.params_before
@@ -97,12 +97,12 @@ def main() -> None:
     torch.manual_seed(0)
     started, cpu_started = time.perf_counter(), time.process_time()
 
-    from hf_lowrank import compress_model, find_target_linears
-    from hf_lowrank.bundled import prose_texts
-    from hf_lowrank.evaluation import calibration_batches, perplexity
-    from hf_lowrank.offline import load_smollm2
-    from hf_lowrank.peft_configs.welore import compute_spectra, whitening_factors
-    from hf_lowrank.statistics import calibration_grams
+    from hf_lowrank import calibration_batches, compress_model, find_target_linears
+    from hf_lowrank.calibration.grams import calibration_grams
+    from hf_lowrank.demo.evaluation import perplexity
+    from hf_lowrank.demo.models import load_smollm2
+    from hf_lowrank.demo.wordnet import prose_texts
+    from hf_lowrank.tuners.welore import compute_spectra, whitening_factors
 
     dense, tok = load_smollm2()
     dense.eval()
@@ -185,7 +185,7 @@ def main() -> None:
 
     result = {
         "command": command_line("welore_data_aware.py", args),
-        "model": "SmolLM2-135M-Instruct (fp32, CPU, hf_lowrank.offline.load_smollm2)",
+        "model": "SmolLM2-135M-Instruct (fp32, CPU, hf_lowrank.demo.models.load_smollm2)",
         "eval": f"perplexity on bundled prose_texts('test', n={args.eval_texts}), max_length {args.max_length}",
         "calibration": f"prose_texts('train', n={args.calibration_texts}), max_length {args.max_length}",
         "calibration_tokens": tokens,

@@ -70,7 +70,7 @@ def _save_reload_eval(name, model, tok, out: Path, texts, args, rows, extra=None
     from transformers import AutoModelForCausalLM
 
     from hf_lowrank import save_compressed
-    from hf_lowrank.evaluation import perplexity
+    from hf_lowrank.demo.evaluation import perplexity
 
     folder = save_compressed(model, out / name, tokenizer=tok)
     start = time.perf_counter()
@@ -122,8 +122,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    from hf_lowrank import bundled
-    from hf_lowrank.offline import load_smollm2
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.models import load_smollm2
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def main() -> None:
     start = time.perf_counter()
     dense, tok = load_smollm2()
     print(f"  loaded in {time.perf_counter() - start:.1f}s")
-    texts = bundled.prose_texts("test", n=args.texts)
+    texts = wordnet.prose_texts("test", n=args.texts)
     dense_linear = _block_linear_params(dense)
     rows: list[dict] = []
     print("[dense] evaluating ...")
@@ -150,8 +150,8 @@ def main() -> None:
             del extra_model
 
     _print_table(rows, dense_linear)
+    from hf_lowrank.demo.plotting import plot_compression_summary
     from hf_lowrank.io import atomic_write_json
-    from hf_lowrank.plotting import plot_compression_summary
 
     summary = {"keep": args.keep, "texts": len(texts), "rows": rows}
     print(json.dumps(summary))
@@ -201,10 +201,11 @@ def run_welore(model, tok, args):
     from peft import get_peft_model
     from transformers import Trainer
 
-    from hf_lowrank import WeLoreLRCConfig, bundled, find_target_linears
+    from hf_lowrank import WeLoreLRCConfig, find_target_linears
+    from hf_lowrank.demo import wordnet
     from hf_lowrank.ops.svd import break_even_rank
-    from hf_lowrank.peft_configs.welore.allocation import welore_allocation
-    from hf_lowrank.peft_configs.welore.spectra import compute_spectra
+    from hf_lowrank.tuners.welore.allocation import welore_allocation
+    from hf_lowrank.tuners.welore.spectra import compute_spectra
 
     targets = find_target_linears(model)
     shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
@@ -225,7 +226,7 @@ def run_welore(model, tok, args):
     reduction = hi
     peft_model = get_peft_model(model, WeLoreLRCConfig(reduction=reduction))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    rows, collator = _lm_trainer_inputs(tok, bundled.prose_texts("train", n=8 * args.steps), TRAIN_MAX_LENGTH)
+    rows, collator = _lm_trainer_inputs(tok, wordnet.prose_texts("train", n=8 * args.steps), TRAIN_MAX_LENGTH)
     Trainer(model=peft_model, args=_training_args(args, "welore"), train_dataset=rows, data_collator=collator).train()
     merged = peft_model.merge_and_unload()
     return merged, {"reduction": round(reduction, 4), "trainable_params": trainable}
@@ -233,10 +234,10 @@ def run_welore(model, tok, args):
 
 def run_calibration(model, tok, args):
     """Calibration only (no training): Grams of every block Linear on bundled prose, weighted SVD."""
-    from hf_lowrank import bundled, compress_model
-    from hf_lowrank.evaluation import calibration_batches
+    from hf_lowrank import calibration_batches, compress_model
+    from hf_lowrank.demo import wordnet
 
-    batches = calibration_batches(tok, bundled.prose_texts("train", n=args.calib_texts), max_length=256)
+    batches = calibration_batches(tok, wordnet.prose_texts("train", n=args.calib_texts), max_length=256)
     report = compress_model(model, args.keep, calibration=batches, calibration_weighting=args.calibration_weighting,
                             allocation=args.allocation)
     return model, {"mean_rel_error": _mean_error(report), "calibration_tokens": report.info["calibration_tokens"],
@@ -250,7 +251,8 @@ def run_fisher_lora(model, tok, args):
     from datasets import Dataset
     from trl import SFTConfig
 
-    from hf_lowrank import FisherLoRAConfig, LowRankSFTTrainer, bundled
+    from hf_lowrank import FisherLoRAConfig, LowRankSFTTrainer
+    from hf_lowrank.demo import wordnet
     from hf_lowrank.precision import training_dtype_kwargs
 
     precision, why = training_dtype_kwargs()
@@ -269,7 +271,7 @@ def run_fisher_lora(model, tok, args):
             # them cost 30 s of the demo's SFT on a 2-core CPU
             gradient_checkpointing=False,
         ),
-        train_dataset=Dataset.from_list(bundled.sft_examples("train", n=8 * args.steps)),
+        train_dataset=Dataset.from_list(wordnet.sft_examples("train", n=8 * args.steps)),
         processing_class=tok,
         peft_config=config,
     )

@@ -52,14 +52,14 @@ def minilm(args) -> dict:
     from transformers import DataCollatorWithPadding, Trainer
 
     import hf_lowrank  # noqa: F401
-    from hf_lowrank import bundled
     from hf_lowrank.compression.ere import load_residual
-    from hf_lowrank.evaluation import accuracy
-    from hf_lowrank.offline import load_minilm, minilm_dir
-    from hf_lowrank.trainer_mixins.callbacks import CompressOnSaveCallback
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.evaluation import accuracy
+    from hf_lowrank.demo.models import load_minilm, minilm_dir
+    from hf_lowrank.trainer.callbacks import CompressOnSaveCallback
 
-    train_texts, train_labels, names = bundled.category_task("train")
-    test_texts, test_labels, _ = bundled.category_task("test")
+    train_texts, train_labels, names = wordnet.category_task("train")
+    test_texts, test_labels, _ = wordnet.category_task("test")
     model, tok = load_minilm(num_labels=len(names), label_names=names)
     base, _ = load_minilm()  # the bare pre-trained encoder: the reference of the residual
     data = Dataset.from_dict({"text": train_texts, "label": train_labels}).map(
@@ -113,16 +113,16 @@ def smollm2(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     import hf_lowrank  # noqa: F401
-    from hf_lowrank import bundled
     from hf_lowrank.compression.ere import load_residual
-    from hf_lowrank.evaluation import perplexity
-    from hf_lowrank.offline import load_smollm2, smollm2_dir
-    from hf_lowrank.trainer_mixins.callbacks import CompressOnSaveCallback
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.evaluation import perplexity
+    from hf_lowrank.demo.models import load_smollm2, smollm2_dir
+    from hf_lowrank.trainer.callbacks import CompressOnSaveCallback
 
     model, tok = load_smollm2()
     base, _ = load_smollm2()
-    train = Dataset.from_list(bundled.sft_examples("train", n=8 * args.sft_steps))
-    held_out = bundled.definition_texts("test", n=48)
+    train = Dataset.from_list(wordnet.sft_examples("train", n=8 * args.sft_steps))
+    held_out = wordnet.definition_texts("test", n=48)
     run = Path(args.out) / "smollm2"
     ere = CompressOnSaveCallback(method="ere", base_model=base, rank=args.rank, bits=args.bits, output_subdir="ere")
     from hf_lowrank.precision import training_dtype_kwargs

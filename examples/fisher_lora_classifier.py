@@ -24,9 +24,9 @@ from peft import get_peft_model  # noqa: E402
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments  # noqa: E402
 
 import hf_lowrank  # noqa: E402,F401  (registers FisherLoRA and the factorized-checkpoint format)
-from hf_lowrank import bundled, evaluation, offline  # noqa: E402
-from hf_lowrank.peft_configs.fisher_lora import FisherLoRAConfig  # noqa: E402
-from hf_lowrank.trainer_mixins import LowRankTrainer  # noqa: E402
+from hf_lowrank.demo import evaluation, models, wordnet  # noqa: E402
+from hf_lowrank.trainer import LowRankTrainer  # noqa: E402
+from hf_lowrank.tuners.fisher_lora import FisherLoRAConfig  # noqa: E402
 
 FFN = r".*\.layer\.\d+\.(intermediate|output)\.dense"  # not attention.output.dense
 
@@ -43,9 +43,9 @@ def main() -> None:
     out = Path(args.out)
     torch.manual_seed(0)
 
-    texts, labels, names = bundled.category_task("train", n=192 if args.quick else 1536)
-    test_texts, test_labels, _ = bundled.category_task("test", n=120 if args.quick else None)  # None: all 378
-    model, tokenizer = offline.load_minilm(num_labels=len(names), label_names=names)
+    texts, labels, names = wordnet.category_task("train", n=192 if args.quick else 1536)
+    test_texts, test_labels, _ = wordnet.category_task("test", n=120 if args.quick else None)  # None: all 378
+    model, tokenizer = models.load_minilm(num_labels=len(names), label_names=names)
     config = FisherLoRAConfig(
         task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=FFN, compress_keep=args.keep,
         fisher_weighting=args.weighting,

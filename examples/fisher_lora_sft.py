@@ -24,9 +24,9 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
 import hf_lowrank  # noqa: E402,F401  (registers FisherLoRA and the factorized-checkpoint format)
-from hf_lowrank import bundled, evaluation, offline  # noqa: E402
-from hf_lowrank.peft_configs.fisher_lora import FisherLoRAConfig  # noqa: E402
-from hf_lowrank.trainer_mixins import LowRankSFTTrainer  # noqa: E402
+from hf_lowrank.demo import evaluation, models, wordnet  # noqa: E402
+from hf_lowrank.trainer import LowRankSFTTrainer  # noqa: E402
+from hf_lowrank.tuners.fisher_lora import FisherLoRAConfig  # noqa: E402
 
 
 def main() -> None:
@@ -42,9 +42,9 @@ def main() -> None:
     torch.manual_seed(0)
     out = Path(args.out)
 
-    model, tokenizer = offline.load_smollm2()
-    train = Dataset.from_list(bundled.sft_examples("train", n=8 * args.steps))
-    eval_texts = bundled.definition_texts("test", n=16 if args.quick else 64)
+    model, tokenizer = models.load_smollm2()
+    train = Dataset.from_list(wordnet.sft_examples("train", n=8 * args.steps))
+    eval_texts = wordnet.definition_texts("test", n=16 if args.quick else 64)
 
     def ppl(m) -> float:
         return evaluation.perplexity(m, tokenizer, eval_texts, max_length=96, batch_size=8, progress=False)

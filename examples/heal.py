@@ -195,9 +195,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hf_lowrank
-    from hf_lowrank.bundled import prose_texts
-    from hf_lowrank.evaluation import calibration_batches, perplexity
-    from hf_lowrank.offline import load_smollm2, smollm2_dir
+    from hf_lowrank import calibration_batches
+    from hf_lowrank.demo.evaluation import perplexity
+    from hf_lowrank.demo.models import load_smollm2, smollm2_dir
+    from hf_lowrank.demo.wordnet import prose_texts
 
     if args.smoke:
         tok = AutoTokenizer.from_pretrained(str(smollm2_dir()), local_files_only=True)

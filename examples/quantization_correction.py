@@ -38,21 +38,22 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     import hf_lowrank
-    from hf_lowrank import bundled
-    from hf_lowrank.evaluation import calibration_batches, perplexity
-    from hf_lowrank.offline import load_smollm2, smollm2_dir
+    from hf_lowrank import calibration_batches
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.evaluation import perplexity
+    from hf_lowrank.demo.models import load_smollm2, smollm2_dir
 
     dense, tok = load_smollm2()
     folder = smollm2_dir()  # the dense checkpoint (float32 on disk): the 4-bit base is loaded from it
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    batches = calibration_batches(tok, bundled.prose_texts("train", n=args.calibration_texts), max_length=128)
+    batches = calibration_batches(tok, wordnet.prose_texts("train", n=args.calibration_texts), max_length=128)
     report = hf_lowrank.quantization_correction(dense, bnb, args.rank, calibration=batches,
                                                 output_dir=Path(args.out) / "adapter")
     summary = report.summary()
     print(f"adapter: {report.output_dir} ({len(report.modules)} modules, rank {args.rank}); mean weighted error "
           f"{summary['mean_weighted_error_before']:.4f} -> {summary['mean_weighted_error_after']:.4f}")
 
-    texts = bundled.prose_texts("test", n=args.texts)
+    texts = wordnet.prose_texts("test", n=args.texts)
     quantized = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, device_map="cpu",
                                                      dtype=torch.float32)
     rows = {"dense": perplexity(dense, tok, texts, progress=False),

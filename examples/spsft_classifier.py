@@ -32,9 +32,9 @@ def train_one(importance: str, args, train_data, collator, test_texts, test_labe
     from torch.utils.data import DataLoader
     from transformers import Trainer, TrainingArguments
 
-    from hf_lowrank.evaluation import accuracy
-    from hf_lowrank.offline import load_minilm
-    from hf_lowrank.peft_configs.spsft import SPSFTConfig, spsft_importance
+    from hf_lowrank.demo.evaluation import accuracy
+    from hf_lowrank.demo.models import load_minilm
+    from hf_lowrank.tuners.spsft import SPSFTConfig, spsft_importance
 
     torch.manual_seed(args.seed)
     base, tok = load_minilm(num_labels=args.num_labels, label_names=args.label_names)
@@ -105,12 +105,12 @@ def main(argv=None) -> dict:
     from datasets import Dataset
     from transformers import DataCollatorWithPadding
 
-    import hf_lowrank.peft_configs.spsft  # noqa: F401  (registers the SPSFT PEFT type)
-    from hf_lowrank import bundled
-    from hf_lowrank.offline import load_minilm
+    import hf_lowrank.tuners.spsft  # noqa: F401  (registers the SPSFT PEFT type)
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.models import load_minilm
 
-    train_texts, train_labels, names = bundled.category_task("train")
-    test_texts, test_labels, _ = bundled.category_task("test")
+    train_texts, train_labels, names = wordnet.category_task("train")
+    test_texts, test_labels, _ = wordnet.category_task("test")
     args.num_labels, args.label_names = len(names), names
     _, tok = load_minilm()
     train_data = Dataset.from_dict({"text": train_texts, "label": train_labels}).map(

@@ -45,14 +45,14 @@ def main(argv=None) -> dict:
     from peft import PeftModel
     from trl import SFTConfig, SFTTrainer
 
-    from hf_lowrank import bundled
-    from hf_lowrank.evaluation import perplexity
-    from hf_lowrank.offline import load_smollm2
-    from hf_lowrank.peft_configs.spsft import SPSFTConfig, SPSFTImportanceCallback, export_spsft_as_lora
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.evaluation import perplexity
+    from hf_lowrank.demo.models import load_smollm2
+    from hf_lowrank.tuners.spsft import SPSFTConfig, SPSFTImportanceCallback, export_spsft_as_lora
 
     model, tok = load_smollm2()
-    train = Dataset.from_list(bundled.sft_examples("train", n=args.train_examples))
-    test_texts = [e["prompt"] + e["completion"] for e in bundled.sft_examples("test", n=args.eval_examples)]
+    train = Dataset.from_list(wordnet.sft_examples("train", n=args.train_examples))
+    test_texts = [e["prompt"] + e["completion"] for e in wordnet.sft_examples("test", n=args.eval_examples)]
     ppl_before = perplexity(model, tok, test_texts, max_length=128, progress=False)
 
     out = Path(args.out)

@@ -6,6 +6,9 @@ factorized-checkpoint format (``quant_method: hf_lowrank``) with transformers.
 
 from importlib import metadata as _metadata
 
+from . import _moved
+from .calibration import calibration_batches
+from .cards import write_model_card
 from .compression import (
     CompressedCheckpointError,
     CompressionConfig,
@@ -29,18 +32,19 @@ from .compression.ere import (
     save_residual_on_save,
 )
 from .distributed import gather_full_model, is_fsdp_model
-from .model_card import write_model_card
 from .modules import LowRankLinear
-from .peft_configs.fisher_lora import (
+from .quantized_modules import QuantizedLowRankLinear, dequantize_factors
+from .trainer import CompressOnSaveCallback, FisherCollectorCallback, LowRankTrainer, LowRankTrainerMixin
+from .tuners.fisher_lora import (
     FisherLoRAConfig,
     FisherLoraModel,
     FisherState,
     compress_peft_model,
 )
-from .peft_configs.spsft import SPSFTConfig, SPSFTModel, export_spsft_as_lora, spsft_importance
-from .peft_configs.welore import WeLoreLRCConfig, WeLoreModel, welore_ranks_for_model
-from .quantized_modules import QuantizedLowRankLinear, dequantize_factors
-from .trainer_mixins import CompressOnSaveCallback, FisherCollectorCallback, LowRankTrainer, LowRankTrainerMixin
+from .tuners.spsft import SPSFTConfig, SPSFTModel, export_spsft_as_lora, spsft_importance
+from .tuners.welore import WeLoreLRCConfig, WeLoreModel, welore_ranks_for_model
+
+_moved.install()
 
 try:
     __version__ = _metadata.version("hf-lowrank")
@@ -71,6 +75,7 @@ __all__ = [
     "WeLoreLRCConfig",
     "WeLoreModel",
     "__version__",
+    "calibration_batches",
     "compress_model",
     "compress_peft_model",
     "decode_residual",
@@ -97,7 +102,7 @@ __all__ = [
 def __getattr__(name: str):
     # LowRankSFTTrainer subclasses trl.SFTTrainer: trl (an extra) is imported on first use only.
     if name == "LowRankSFTTrainer":
-        from .trainer_mixins.mixins import LowRankSFTTrainer
+        from .trainer.mixins import LowRankSFTTrainer
 
         return LowRankSFTTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """The private API of peft, transformers and bitsandbytes that hf-lowrank relies on, in one place.
 
-Together with :mod:`hf_lowrank.peft_configs._registry` (the ``PeftType`` extension) this is the only module that
+Together with :mod:`hf_lowrank.tuners._registry` (the ``PeftType`` extension) this is the only module that
 reaches into upstream names starting with ``_``. Each shim looks its symbol up when called and, if upstream moved or
 removed it, raises :class:`UpstreamChangedError` naming the symbol, the installed version and the versions it was
 checked against. ``tests/test_registry.py`` asserts that every symbol exists and behaves as relied on here, so an

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ._compat import model_from_config, tied_weights_keys
+
 __all__ = [
     "all_gather_objects",
     "all_reduce_sum_",
@@ -147,8 +149,6 @@ def gather_full_model(model: nn.Module) -> nn.Module | None:
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import PreTrainedModel
-
-    from ._compat import model_from_config, tied_weights_keys
 
     cls = _original_class(model)
     config = getattr(model, "config", None)

@@ -6,6 +6,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._compat import unpack_bnb_cpu_weight
+from .ops.fisher import fwsvd
+
 __all__ = ["LowRankLinear", "dense_weight", "is_conv1d", "is_quantized", "linear_shape"]
 
 
@@ -57,8 +60,6 @@ def dense_weight(linear: nn.Module) -> torch.Tensor:
     if is_conv1d(linear):
         return weight.data.T
     from peft.utils.integrations import dequantize_module_weight
-
-    from ._compat import unpack_bnb_cpu_weight
 
     unpack_bnb_cpu_weight(linear)  # no-op unless a repacked bitsandbytes 4-bit weight
     W = dequantize_module_weight(linear)  # the weight itself when it is not quantized
@@ -227,7 +228,6 @@ class LowRankLinear(nn.Module):
         """
         W = dense_weight(linear)
         out_dtype = dtype or (W.dtype if W.is_floating_point() else torch.float32)
-        from .ops.fisher import fwsvd  # the one factorize path (plain SVD when no Fisher is given)
 
         down, up = fwsvd(
             W, rank, row_fisher=row_weights, col_fisher=col_weights, exponent=exponent, eps=eps, method=method,

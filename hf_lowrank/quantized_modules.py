@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .modules import LowRankLinear
+from .compression.checkpoint_checks import FACTOR_CODE_FORMAT
+from .modules import LowRankLinear, set_submodule
 from .ops.quant import QuantizedTensor, dequantize_rtn
-from .ops.quant_lowrank import DEFAULT_FACTOR_SCHEME, FACTOR_SCHEMES, factor_bytes
+from .ops.quant_lowrank import DEFAULT_FACTOR_SCHEME, FACTOR_SCHEMES, factor_bytes, quantize_factor_pair
 
 __all__ = [
     "QuantizedFactor",
@@ -233,8 +234,6 @@ def dequantize_factors(model: nn.Module) -> nn.Module:
     factors (in place; the values are unchanged), and record the model as a float factorized model again, so that
     its factors train, peft can wrap them, and ``save_pretrained`` writes float factors (for vLLM, which does not
     read the codes). Returns ``model``."""
-    from .modules import set_submodule
-
     names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLowRankLinear)]
     for name in names:
         set_submodule(model, name, model.get_submodule(name).to_lowrank())
@@ -256,8 +255,6 @@ def recorded_factor_quantization(model: nn.Module) -> dict | None:
         ValueError: a model mixing quantized and float factor pairs, or several bit widths / group sizes (one
             checkpoint records one factor quantization).
     """
-    from .compression.checkpoint_checks import FACTOR_CODE_FORMAT
-
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     quantized = {n: m for n, m in layers.items() if isinstance(m, QuantizedLowRankLinear)}
     if not quantized:
@@ -289,8 +286,6 @@ def quantize_lowrank(layer: LowRankLinear, bits: int, *, group_size: int = 64, s
     Returns:
         The quantized layer, computing in the factors' dtype, on their device, with the same bias and ``conv1d``.
     """
-    from .ops.quant_lowrank import quantize_factor_pair
-
     if isinstance(layer, QuantizedLowRankLinear) or not isinstance(layer, LowRankLinear):
         raise ValueError(f"quantize_lowrank needs a float LowRankLinear, got {type(layer).__name__}.")
     down, up = layer.down.weight, layer.up.weight

@@ -36,6 +36,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .modules import LowRankLinear, is_conv1d
+from .tuners._registry import peft_all_linear_names
 
 __all__ = [
     "ALL_LINEAR",
@@ -188,8 +189,6 @@ def find_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 def all_linear_names(model: nn.Module, task_type=None) -> set[str]:
     """peft's ``"all-linear"`` on ``model``: every Linear / ``Conv1D`` but the output head (see the module doc)."""
-    from .peft_configs._registry import peft_all_linear_names
-
     return peft_all_linear_names(model, task_type)
 
 

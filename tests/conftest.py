@@ -65,7 +65,7 @@ def tiny_bert_classifier():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from hf_lowrank.offline import load_smollm2
+    from hf_lowrank.demo.models import load_smollm2
 
     model, tokenizer = load_smollm2()
     model.eval()

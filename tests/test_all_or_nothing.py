@@ -11,9 +11,9 @@ from testing_common import assert_same_state, make_tiny_llama, mlp_fisher_lora, 
 
 from hf_lowrank.modules import LowRankLinear
 from hf_lowrank.ops.svd import SVDError
-from hf_lowrank.peft_configs.fisher_lora import compress_peft_model
-from hf_lowrank.peft_configs.welore import WeLoreLayer, WeLoreLRCConfig
-from hf_lowrank.peft_configs.welore import layer as welore_layer
+from hf_lowrank.tuners.fisher_lora import compress_peft_model
+from hf_lowrank.tuners.welore import WeLoreLayer, WeLoreLRCConfig
+from hf_lowrank.tuners.welore import layer as welore_layer
 
 LATE = "model.layers.1.mlp.down_proj"  # the last of the tiny Llama's 14 block Linears
 IDS = torch.arange(24).reshape(2, 12)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from tiny_models import make_tiny_llama, make_tiny_model, make_tiny_roberta_classifier
 
+from hf_lowrank.calibration.grams import calibration_grams
 from hf_lowrank.compression.compress import compress_model
-from hf_lowrank.statistics import calibration_grams
 from hf_lowrank.targets import find_target_linears
 
 
@@ -107,12 +107,12 @@ def test_t5_without_decoder_inputs_says_what_to_pass():
 
 def test_classifier_labels_under_whitening_are_named(caplog):
     batch = {"input_ids": _ids(), "labels": torch.tensor([0, 2])}
-    with caplog.at_level(logging.WARNING, logger="hf_lowrank.statistics"):
+    with caplog.at_level(logging.WARNING, logger="hf_lowrank.calibration.grams"):
         report = compress_model(make_tiny_roberta_classifier(), 0.5, calibration=[batch], progress=False)
     assert report.method == "whitened"
     assert "carry 'labels'" in caplog.text and "Pass weighting='kronecker' to compress_model" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hf_lowrank.statistics"):
+    with caplog.at_level(logging.WARNING, logger="hf_lowrank.calibration.grams"):
         report = compress_model(make_tiny_roberta_classifier(), 0.5, calibration=[batch],
                                 calibration_weighting="kronecker", progress=False)
     assert report.method == "kronecker" and "carry 'labels'" not in caplog.text

@@ -157,7 +157,7 @@ def test_compress_fwsvd_with_a_kronecker_fisher_file(tiny_llama, tmp_path):
     from tiny_models import make_tiny_fisher_lora
 
     from hf_lowrank import compress_model
-    from hf_lowrank.peft_configs.fisher_lora import FisherCollector
+    from hf_lowrank.tuners.fisher_lora import FisherCollector
 
     pm = make_tiny_fisher_lora(tiny_llama, fisher_weighting="kronecker")
     collector = FisherCollector().attach(pm)

@@ -19,7 +19,7 @@ from transformers import (
 
 from hf_lowrank import load_compressed
 from hf_lowrank.compression.compress import compress_model
-from hf_lowrank.peft_configs.welore import WeLoreLRCConfig
+from hf_lowrank.tuners.welore import WeLoreLRCConfig
 
 
 def _ids() -> torch.Tensor:

@@ -36,10 +36,10 @@ from hf_lowrank import (
 )
 from hf_lowrank.modules import dense_weight, linear_shape
 from hf_lowrank.ops.importance import l2_importance, top_rows
-from hf_lowrank.peft_configs.fisher_lora import lora_linear_modules
-from hf_lowrank.peft_configs.spsft import export_spsft_as_lora, spsft_importance, spsft_to_lora
-from hf_lowrank.peft_configs.spsft.layer import Linear as SPSFTLinear
-from hf_lowrank.peft_configs.welore import WeLoreLayer
+from hf_lowrank.tuners.fisher_lora import lora_linear_modules
+from hf_lowrank.tuners.spsft import export_spsft_as_lora, spsft_importance, spsft_to_lora
+from hf_lowrank.tuners.spsft.layer import Linear as SPSFTLinear
+from hf_lowrank.tuners.welore import WeLoreLayer
 
 CONV1D = ["c_attn", "c_proj", "c_fc"]
 

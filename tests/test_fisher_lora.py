@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from hf_lowrank import compress_model, save_compressed
 from hf_lowrank.modules import LowRankLinear, dense_weight
 from hf_lowrank.ops.fisher import fwsvd, lora_fisher_to_weights
-from hf_lowrank.peft_configs.fisher_lora import (
+from hf_lowrank.tuners.fisher_lora import (
     FISHER_STATE_NAME,
     FisherCollector,
     FisherLoRAConfig,

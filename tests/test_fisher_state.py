@@ -13,7 +13,8 @@ from peft import get_peft_model
 from testing_common import collect_lora_fisher, make_tiny_llama, mlp_fisher_lora
 from transformers import LlamaForCausalLM, TrainingArguments
 
-from hf_lowrank.peft_configs.fisher_lora import (
+from hf_lowrank.trainer import LowRankTrainer
+from hf_lowrank.tuners.fisher_lora import (
     FISHER_STATE_NAME,
     FisherCollector,
     FisherLoRAConfig,
@@ -21,7 +22,6 @@ from hf_lowrank.peft_configs.fisher_lora import (
     FisherStateError,
     compress_peft_model,
 )
-from hf_lowrank.trainer_mixins import LowRankTrainer
 
 
 class _Killed(BaseException):

@@ -14,8 +14,8 @@ import torch
 from tiny_models import make_tiny_llama
 
 from hf_lowrank import compress_model
+from hf_lowrank.calibration.grams import CalibrationGrams, calibration_grams, gram_memory_bytes
 from hf_lowrank.compression.guards import statistics_memory_bytes
-from hf_lowrank.statistics import CalibrationGrams, calibration_grams, gram_memory_bytes
 from hf_lowrank.targets import find_target_linears
 
 

@@ -1,4 +1,5 @@
-"""The package's import graph: no circle among module-level imports, ``ops`` pure torch, the core free of the demo kit.
+"""The package's import graph: no circle among module-level imports, ``ops`` pure torch, the core free of the demo kit,
+no module on a deprecated old path.
 
 Read from the source with ``ast`` (no import is executed), so a new edge fails here before it can bite at run time.
 """
@@ -9,17 +10,14 @@ import ast
 import sys
 from pathlib import Path
 
+from hf_lowrank._moved import MOVED, new_name
+
 ROOT = Path(__file__).resolve().parents[1] / "hf_lowrank"
 PACKAGE = ROOT.name
-#: the demo kit: offline model loaders, bundled data, evaluation helpers, plots and the lm-eval command
-DEMO = {f"{PACKAGE}.{m}" for m in ("offline", "bundled", "evaluation", "plotting", "lm_eval_cli")}
+#: the demo kit: offline model loaders, bundled data, evaluation helpers and plots
+DEMO = f"{PACKAGE}.demo"
 #: modules allowed to use the demo kit: the kit itself and the command line
-DEMO_USERS = DEMO | {f"{PACKAGE}.cli"}
-#: the one core use of the kit, by name: ERE resolves a residual's recorded base ``"smollm2"`` to its offline folder
-DEMO_EXCEPTIONS = {
-    (f"{PACKAGE}.compression.ere.encode", f"{PACKAGE}.offline"),
-    (f"{PACKAGE}.compression.ere.decode", f"{PACKAGE}.offline"),
-}
+DEMO_USERS = {DEMO, f"{PACKAGE}.cli"}
 STDLIB = set(sys.stdlib_module_names)
 
 
@@ -124,5 +122,18 @@ def test_the_core_does_not_import_the_demo_kit():
     for module, imports in _graph(top_level_only=False).items():
         if any(module == user or module.startswith(user + ".") for user in DEMO_USERS):
             continue
-        used = sorted(i for i in imports if i in DEMO and (module, i) not in DEMO_EXCEPTIONS)
+        used = sorted(i for i in imports if i == DEMO or i.startswith(DEMO + "."))
         assert not used, f"{module} imports the demo kit {used}: move what it needs into the core"
+
+
+def test_the_package_imports_no_deprecated_old_path():
+    for module, imports in _graph(top_level_only=False).items():
+        old = sorted(i for i in imports if new_name(i) is not None)
+        assert not old, f"{module} imports {old}: import {[new_name(i) for i in old]} instead"
+
+
+def test_every_old_path_names_a_module_that_exists():
+    modules = _modules()
+    for old, new in MOVED.items():
+        assert new in modules, f"{old} -> {new}: no such module"
+        assert old not in modules, f"{old} still exists as a module next to its new path {new}"

@@ -1,5 +1,5 @@
 """lm-evaluation-harness as a real client: dense and compressed tiny Llama folders through ``python -m
-hf_lowrank.lm_eval_cli`` on the bundled offline tasks, and the compressed folder gives exactly what lm-eval computes
+hf_lowrank.cli.commands.lm_eval`` on the bundled offline tasks, and the compressed folder gives exactly what lm-eval computes
 on the same compressed model object (``HFLM(pretrained=model)``)."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import torch
 from tiny_models import make_tiny_llama
 
 import hf_lowrank
-from hf_lowrank import bundled
-from hf_lowrank.lm_eval_cli import (
+from hf_lowrank.cli.commands.lm_eval import (
     BUNDLED_TASKS,
     CATEGORY_CHOICES,
     _requested_tasks,
@@ -20,6 +19,7 @@ from hf_lowrank.lm_eval_cli import (
     bundled_task_dir,
     main,
 )
+from hf_lowrank.demo import wordnet
 
 pytest.importorskip("lm_eval")
 
@@ -38,7 +38,7 @@ def _tiny_tokenizer():
     trainer = trainers.BpeTrainer(
         vocab_size=128, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=70, show_progress=False
     )
-    tok.train_from_iterator(bundled.prose_texts("train", n=100), trainer=trainer)
+    tok.train_from_iterator(wordnet.prose_texts("train", n=100), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
     )
@@ -83,22 +83,22 @@ def test_task_dir_is_rendered_and_reused(tmp_path):
         text = (first / f"{task}.yaml").read_text()
         assert "@DATA_DIR@" not in text and str(first) in text
     rows = [json.loads(line) for line in (first / "category_test.jsonl").read_text().splitlines()]
-    assert len(CATEGORY_CHOICES) == len(bundled.DEFAULT_CATEGORIES)
+    assert len(CATEGORY_CHOICES) == len(wordnet.DEFAULT_CATEGORIES)
     assert {r["label"] for r in rows} == set(range(len(CATEGORY_CHOICES)))
     words = [json.loads(line) for line in (first / "word_test.jsonl").read_text().splitlines()]
-    texts, candidates, labels = bundled.word_choice_task("test")
+    texts, candidates, labels = wordnet.word_choice_task("test")
     assert [(r["text"], r["choices"], r["label"]) for r in words] == list(zip(texts, candidates, labels))
     prose = (first / "prose_test.jsonl").read_text().splitlines()
-    assert json.loads(prose[0])["text"] == bundled.prose_texts("test", n=1)[0]
+    assert json.loads(prose[0])["text"] == wordnet.prose_texts("test", n=1)[0]
 
 
 def test_word_choice_task_is_a_fair_multiple_choice():
-    texts, candidates, labels = bundled.word_choice_task("test")
+    texts, candidates, labels = wordnet.word_choice_task("test")
     assert len(texts) > 1000 and len(texts) == len(candidates) == len(labels)
     words: dict[str, set[str]] = {}  # gloss -> the words of the noun synsets it defines
-    for r in bundled.load_synsets("test"):
+    for r in wordnet.load_synsets("test"):
         if r["pos"] == "noun":
-            words.setdefault(bundled._sentence(r["definition"]), set()).update(r["words"])
+            words.setdefault(wordnet._sentence(r["definition"]), set()).update(r["words"])
     counts = [0] * 4
     for text, options, label in zip(texts, candidates, labels):
         assert len(options) == len(set(options)) == 4
@@ -106,9 +106,9 @@ def test_word_choice_task_is_a_fair_multiple_choice():
         assert options[label] not in text.lower()  # and the gloss does not give it away
         counts[label] += 1
     assert min(counts) > 0.2 * len(texts)  # the answer position is balanced (chance 1/4 whatever the position)
-    assert bundled.word_choice_task("test", n=10) == tuple(x[:10] for x in (texts, candidates, labels))
+    assert wordnet.word_choice_task("test", n=10) == tuple(x[:10] for x in (texts, candidates, labels))
     with pytest.raises(ValueError, match="choices"):
-        bundled.word_choice_task("test", choices=1)
+        wordnet.word_choice_task("test", choices=1)
 
 
 def test_include_path_added_only_where_missing():

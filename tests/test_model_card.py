@@ -67,7 +67,7 @@ def test_base_model_only_for_a_hub_id(tmp_path):
 
 
 def test_hub_model_id_rules(tmp_path, monkeypatch):
-    from hf_lowrank.model_card import final_name, hub_model_id
+    from hf_lowrank.cards import final_name, hub_model_id
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "org" / "local").mkdir(parents=True)

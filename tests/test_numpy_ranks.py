@@ -12,7 +12,7 @@ from testing_common import make_tiny_llama
 import hf_lowrank
 from hf_lowrank.compression.checkpoint import LowRankConfig
 from hf_lowrank.compression.compress import resolve_ranks
-from hf_lowrank.peft_configs.welore import WeLoreLRCConfig
+from hf_lowrank.tuners.welore import WeLoreLRCConfig
 
 
 def _planted():

@@ -16,8 +16,8 @@ import torch
 from tiny_models import make_tiny_fisher_lora, make_tiny_llama
 
 from hf_lowrank import compress_model
-from hf_lowrank.peft_configs.fisher_lora import FisherCollector, compress_peft_model
-from hf_lowrank.trainer_mixins.callbacks import compress_on_save
+from hf_lowrank.trainer.callbacks import compress_on_save
+from hf_lowrank.tuners.fisher_lora import FisherCollector, compress_peft_model
 
 UP0 = "model.layers.0.mlp.up_proj"
 

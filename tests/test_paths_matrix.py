@@ -25,7 +25,7 @@ from transformers import TrainingArguments
 import hf_lowrank
 from hf_lowrank import FisherLoRAConfig, LowRankLinear, LowRankTrainer, SPSFTConfig, compress_peft_model
 from hf_lowrank.compression.ere import decode_residual, encode_residual, export_residual_as_lora
-from hf_lowrank.peft_configs.spsft import export_spsft_as_lora
+from hf_lowrank.tuners.spsft import export_spsft_as_lora
 
 CELLS = [pytest.param(kind, id=kind) for kind in KINDS]
 

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 
 from hf_lowrank import FisherLoRAConfig, SPSFTConfig, WeLoreLRCConfig
-from hf_lowrank.peft_configs.welore import DenseWeightDroppedError
+from hf_lowrank.tuners.welore import DenseWeightDroppedError
 
 KINDS = ["llama", "qwen2", "phi3", "t5", "roberta_cls", "bert_cls", "gpt2", "gpt2_cls"]
 TASKS = {

@@ -1,5 +1,5 @@
 """The private upstream API hf-lowrank relies on must fail loudly if peft, transformers or bitsandbytes change it: the
-PEFT-type registration (``peft_configs/_registry.py``) and every shim in ``hf_lowrank/_compat.py``, the only two
+PEFT-type registration (``tuners/_registry.py``) and every shim in ``hf_lowrank/_compat.py``, the only two
 modules that touch it. The config round trip of every registered type (PeftConfig.from_pretrained) is in
 test_peft_contract.py."""
 
@@ -19,7 +19,7 @@ from torch import nn
 import hf_lowrank
 from hf_lowrank import _compat
 from hf_lowrank.modules import dense_weight, is_quantized
-from hf_lowrank.peft_configs._registry import SUPPORTED_PEFT_VERSIONS, ensure_peft_type, register_method
+from hf_lowrank.tuners._registry import SUPPORTED_PEFT_VERSIONS, ensure_peft_type, register_method
 
 CONFIGS = {
     "FISHER_LORA": (hf_lowrank.FisherLoRAConfig, hf_lowrank.FisherLoraModel),
@@ -85,7 +85,7 @@ def test_get_in_out_features():
 
 
 def _spsft_layer(base: nn.Module):
-    from hf_lowrank.peft_configs.spsft.layer import Linear
+    from hf_lowrank.tuners.spsft.layer import Linear
 
     return Linear(base, "default", hf_lowrank.SPSFTConfig(r=2), r=2)
 

@@ -408,7 +408,7 @@ def test_full_finetune_with_trainer_then_save_residual_on_save(tmp_path):
 
 
 def test_trainer_compress_on_save_callback(tmp_path):
-    from hf_lowrank.trainer_mixins.callbacks import CompressOnSaveCallback
+    from hf_lowrank.trainer.callbacks import CompressOnSaveCallback
 
     make_tiny_llama().save_pretrained(tmp_path / "base")
     cb = CompressOnSaveCallback(method="ere", rank=16, bits=8)
@@ -426,7 +426,7 @@ def test_trainer_compress_on_save_callback(tmp_path):
 
 
 def test_cli_encode_info_decode_export(tmp_path, capsys):
-    from hf_lowrank.cli.residual import add_parser
+    from hf_lowrank.cli.commands.residual import add_parser
 
     base = make_tiny_llama()
     base.save_pretrained(tmp_path / "base")

@@ -13,9 +13,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
-import hf_lowrank.peft_configs.spsft as spsft
+import hf_lowrank.tuners.spsft as spsft
 from hf_lowrank.ops.importance import quantile_mean_taylor_importance, top_rows
-from hf_lowrank.peft_configs.spsft import (
+from hf_lowrank.tuners.spsft import (
     QuantizedMergeError,
     SPSFTConfig,
     export_spsft_as_lora,

@@ -9,10 +9,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from hf_lowrank import FisherLoRAConfig, SPSFTConfig, find_target_linears, welore_ranks_for_model
-from hf_lowrank.peft_configs.fisher_lora import plan_ranks
-from hf_lowrank.peft_configs.spsft.model import _block_linear_leaf_names
-from hf_lowrank.peft_configs.welore.allocation import match_rank_pattern
-from hf_lowrank.plotting import _block_and_kind
+from hf_lowrank.demo.plotting import _block_and_kind
 from hf_lowrank.targets import (
     PEFT_PREFIX,
     all_linear_names,
@@ -26,6 +23,9 @@ from hf_lowrank.targets import (
     resolve_name,
     strip_peft_prefix,
 )
+from hf_lowrank.tuners.fisher_lora import plan_ranks
+from hf_lowrank.tuners.spsft.model import _block_linear_leaf_names
+from hf_lowrank.tuners.welore.allocation import match_rank_pattern
 
 NAMES = [
     "model.embed_tokens",

@@ -11,18 +11,18 @@ from tiny_models import TINY_MLP, make_tiny_fisher_lora
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from hf_lowrank.modules import LowRankLinear
-from hf_lowrank.peft_configs.fisher_lora import (
+from hf_lowrank.trainer import (
+    CompressOnSaveCallback,
+    FisherCollectorCallback,
+    LowRankTrainer,
+)
+from hf_lowrank.tuners.fisher_lora import (
     FISHER_STATE_NAME,
     FisherLoRAConfig,
     FisherState,
     FisherStateError,
     compress_peft_model,
     lora_linear_modules,
-)
-from hf_lowrank.trainer_mixins import (
-    CompressOnSaveCallback,
-    FisherCollectorCallback,
-    LowRankTrainer,
 )
 
 
@@ -228,7 +228,7 @@ def _sft_data():
 @pytest.mark.parametrize("use_mixin", [True, False], ids=["LowRankSFTTrainer", "SFTTrainer+callback"])
 def test_sft_trainer_paths(tiny_llama_config, tmp_path, use_mixin):
     trl = pytest.importorskip("trl")
-    from hf_lowrank.trainer_mixins import LowRankSFTTrainer
+    from hf_lowrank.trainer import LowRankSFTTrainer
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config)

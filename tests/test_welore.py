@@ -11,10 +11,10 @@ from peft import PeftModel, get_peft_model
 from tiny_models import CallCounter
 from torch import nn
 
-import hf_lowrank.peft_configs.welore as welore
+import hf_lowrank.tuners.welore as welore
 from hf_lowrank.modules import LowRankLinear
 from hf_lowrank.ops.svd import full_svd
-from hf_lowrank.peft_configs.welore import (
+from hf_lowrank.tuners.welore import (
     DenseWeightDroppedError,
     SpectraCache,
     WeLoreLinear,
@@ -22,8 +22,8 @@ from hf_lowrank.peft_configs.welore import (
     compute_spectra,
     welore_ranks_for_model,
 )
-from hf_lowrank.peft_configs.welore import layer as welore_layer
-from hf_lowrank.peft_configs.welore import spectra as welore_spectra
+from hf_lowrank.tuners.welore import layer as welore_layer
+from hf_lowrank.tuners.welore import spectra as welore_spectra
 
 LLAMA_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -525,7 +525,7 @@ def _png_size(path) -> tuple[int, int]:
 
 def test_plots_and_cli(planted, tmp_path):
     from hf_lowrank.cli import main
-    from hf_lowrank.plotting import plot_spectra, ranks_from_adapter
+    from hf_lowrank.demo.plotting import plot_spectra, ranks_from_adapter
 
     model = get_peft_model(planted(), _cfg(reduction=0.3, nlrc="truncate"))
     model.save_pretrained(tmp_path / "adapter")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_lowrank.ops.rank_allocation import normalized_spectrum, welore_ranks
-from hf_lowrank.peft_configs.welore import welore_allocation
+from hf_lowrank.tuners.welore import welore_allocation
 
 
 def _synthetic(seed: int, n: int = 24):

@@ -12,10 +12,11 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from tiny_models import CallCounter, make_tiny_llama
 from torch import nn
 
+import hf_lowrank.calibration.grams as statistics
 import hf_lowrank.ops.fisher as ops_fisher
-import hf_lowrank.statistics as statistics
 from hf_lowrank.ops.welore_allocation import welore_ranks
-from hf_lowrank.peft_configs.welore import (
+from hf_lowrank.targets import find_target_linears
+from hf_lowrank.tuners.welore import (
     SpectraCache,
     WeLoreLRCConfig,
     WhitenedFactorsNeedCalibrationError,
@@ -23,9 +24,8 @@ from hf_lowrank.peft_configs.welore import (
     compute_spectra,
     welore_ranks_for_model,
 )
-from hf_lowrank.peft_configs.welore import layer as welore_layer
-from hf_lowrank.peft_configs.welore import spectra as welore_spectra
-from hf_lowrank.targets import find_target_linears
+from hf_lowrank.tuners.welore import layer as welore_layer
+from hf_lowrank.tuners.welore import spectra as welore_spectra
 
 
 def _batches(n: int = 4, batch: int = 4, length: int = 16, seed: int = 1) -> list[dict[str, torch.Tensor]]:
@@ -263,9 +263,8 @@ def test_invalid_data_aware_configs_are_refused():
 def test_cli_compress_welore_with_calibration_is_data_aware(tiny_llama, tmp_path, capsys):
     from test_cli import _char_tokenizer
 
-    from hf_lowrank import load_compressed
+    from hf_lowrank import calibration_batches, load_compressed
     from hf_lowrank.cli import main
-    from hf_lowrank.evaluation import calibration_batches
 
     tiny_llama.save_pretrained(tmp_path / "dense")
     tok = _char_tokenizer()

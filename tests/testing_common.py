@@ -210,9 +210,9 @@ def mlp_fisher_lora(model: PreTrainedModel, **overrides: Any) -> PeftModel:
 
 
 def collect_lora_fisher(peft_model: PeftModel, n: int = 2):
-    """A :class:`~hf_lowrank.peft_configs.fisher_lora.FisherCollector` over ``n`` backward passes of random tokens
+    """A :class:`~hf_lowrank.tuners.fisher_lora.FisherCollector` over ``n`` backward passes of random tokens
     (gradients cleared afterwards, the model left in eval mode)."""
-    from hf_lowrank.peft_configs.fisher_lora import FisherCollector
+    from hf_lowrank.tuners.fisher_lora import FisherCollector
 
     collector = FisherCollector("lora").attach(peft_model)
     peft_model.train()

@@ -133,13 +133,13 @@ def smollm2_folder(folder, *, default: bool = False, texts: int = 16, max_length
     tests use plain SVD with ``allocation="global"`` and the default is run by hand
     (``python tests_vllm/parity.py smollm2-default DIR``).
     """
-    from hf_lowrank import bundled, compress_model, save_compressed
-    from hf_lowrank.evaluation import calibration_batches
-    from hf_lowrank.offline import load_smollm2
+    from hf_lowrank import calibration_batches, compress_model, save_compressed
+    from hf_lowrank.demo import wordnet
+    from hf_lowrank.demo.models import load_smollm2
 
     model, tok = load_smollm2()
     if default:
-        batches = calibration_batches(tok, bundled.prose_texts("train", n=texts), max_length=max_length)
+        batches = calibration_batches(tok, wordnet.prose_texts("train", n=texts), max_length=max_length)
         report = compress_model(model, 0.8, calibration=batches, progress=False)
     else:
         report = compress_model(model, 0.8, allocation="global", target_modules=SMOLLM2_CI_TARGETS, progress=False)

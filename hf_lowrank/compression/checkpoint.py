@@ -30,7 +30,11 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .._compat import add_keys_to_ignore_on_load_unexpected
+from ..cards import write_model_card_for
+from ..fisher.state import FISHER_STATE_NAME
+from ..io import atomic_directory
 from ..modules import LowRankLinear, is_conv1d, linear_shape, set_submodule
+from ..quantized_modules import QuantizedLowRankLinear, recorded_factor_quantization
 from ..targets import is_linear, resolve_name
 from .checkpoint_checks import (
     FORMAT_VERSION,
@@ -45,6 +49,7 @@ from .checkpoint_checks import (
     checked_factor_quantization,
     checked_fields,
 )
+from .parallel import factor_parallel_plan, unhook_factorized
 
 __all__ = [
     "FORMAT_VERSION",
@@ -104,8 +109,6 @@ class LowRankConfig(QuantizationConfigMixin):
 
 
 def _replace_with_factorized(model: nn.Module, ranks: dict[str, int], factor_quantization: dict | None = None) -> None:
-    from ..quantized_modules import QuantizedLowRankLinear
-
     names, prefixes = dict(model.named_modules()), [getattr(model, "base_model_prefix", "") or ""]
     for recorded, rank in ranks.items():
         name = resolve_name(recorded, names, prefixes)  # also when saved with / loaded without the task head
@@ -195,8 +198,6 @@ class LowRankHfQuantizer(HfQuantizer):
     def update_parallel_plan(self, model, plan: dict[str, str]):
         """Give the factors of every factorized module the split its dense entry in ``plan`` asks for
         (:mod:`.parallel`), so ``from_pretrained(..., tp_plan="auto")`` shards the factors."""
-        from .parallel import factor_parallel_plan
-
         super().update_parallel_plan(model, plan)
         if getattr(self.quantization_config, "factor_quantization", None) is None:  # codes are not split (below)
             self._tp_moved |= factor_parallel_plan(model, plan)
@@ -205,10 +206,7 @@ class LowRankHfQuantizer(HfQuantizer):
         return _with_stock_guard(model), {"hf_lowrank": STOCK_GUARD_NOTE}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from .parallel import unhook_factorized
-
         unhook_factorized(model, self._tp_moved)  # the factors' own tensor-parallel hooks do the communication
-        from ..quantized_modules import QuantizedLowRankLinear
 
         model.is_quantized = False  # ordinary float factors: .half() / .float() cast them (module docstring)
         for name, module in model.named_modules():  # loading assigned new (row-major) tensors to the factors
@@ -287,7 +285,6 @@ def mark_compressed(model: nn.Module, ranks: dict[str, int], *, method: str = "s
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
-    from ..quantized_modules import recorded_factor_quantization
 
     previous = getattr(model, "hf_quantizer", None)
     merged: dict[str, int] = {}
@@ -367,19 +364,16 @@ def save_compressed(
         tokenizer: optional tokenizer/processor saved beside the weights.
         report: optional :class:`~hf_lowrank.compression.compress.CompressionReport`, saved as
             ``compression_report.json``.
-        fisher_state: optional :class:`~hf_lowrank.fisher_state.FisherState` the compression was weighted by, saved
+        fisher_state: optional :class:`~hf_lowrank.fisher.state.FisherState` the compression was weighted by, saved
             as ``fisher_state.safetensors`` (``compress_model(..., fisher=path)`` reads it back).
         base_model: the base model's Hub id for the model card (default: the model's ``name_or_path`` when it is a
             Hub id the model was downloaded from; a local path is never written as ``base_model``).
         license: licence identifier for the model card (default: the base model's, when known).
         **kwargs: passed to ``save_pretrained``.
 
-    A compressed model also gets a ``README.md`` model card (:func:`hf_lowrank.model_card.write_model_card_for`)
+    A compressed model also gets a ``README.md`` model card (:func:`hf_lowrank.cards.write_model_card_for`)
     that names ``path``'s folder, valid Hub metadata, so that ``push_to_hub`` of the folder uploads a usable repo.
     """
-    from ..fisher_state import FISHER_STATE_NAME
-    from ..io import atomic_directory
-
     if (Path(path) / "adapter_config.json").exists():
         raise ValueError(
             f"'{path}' already holds a PEFT adapter (adapter_config.json); saving a model there would mix the two "
@@ -393,7 +387,6 @@ def save_compressed(
             report.save(Path(tmp) / "compression_report.json")
         if fisher_state is not None:
             fisher_state.save(Path(tmp) / FISHER_STATE_NAME)
-        from ..model_card import write_model_card_for
 
         write_model_card_for(model, tmp, report, name=Path(path).name, base_model=base_model, license=license)
     return Path(path)

@@ -15,13 +15,13 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from ..calibration.grams import CalibrationGrams, check_model_ready, gram_memory_bytes, is_causal_lm
 from ..distributed import unwrap_wrappers
-from ..fisher_state import resolve_fisher
+from ..fisher.sides import fisher_sides
+from ..fisher.state import resolve_fisher
 from ..modules import set_submodule
-from ..statistics import CalibrationGrams, check_model_ready, gram_memory_bytes, is_causal_lm
 from ..targets import find_target_linears
 from .config import ALLOCATIONS, CompressionConfig
-from .fisher_sides import fisher_sides
 from .guards import (
     check_empty_sides,
     eligibility,
@@ -58,7 +58,7 @@ __all__ = [
     "set_submodule",
 ]
 
-_weighting_sides = weighting_sides  # the name peft_configs/welore/spectra.py imports
+_weighting_sides = weighting_sides  # the name tuners/welore/spectra.py imports
 
 #: Argument names of ``compress_model`` before ``CompressionConfig``, kept one release (a DeprecationWarning).
 DEPRECATED_NAMES = {
@@ -102,13 +102,13 @@ def compress_model(
             (its keys then choose the targets), the rest of the config from ``overrides``.
         calibration: batches (dicts with ``input_ids``, optionally ``attention_mask`` / ``labels``; a ``DataLoader``
             works) whose Grams weigh the factorization (``config.weighting``), or a
-            :class:`~hf_lowrank.statistics.CalibrationGrams` collected earlier. Under ``torch.distributed`` each
+            :class:`~hf_lowrank.calibration.grams.CalibrationGrams` collected earlier. Under ``torch.distributed`` each
             process passes its own shard and every process calls ``compress_model``: the Grams are all-reduced, so
             every process ends with the same factors. Each full Gram is shrunk toward its diagonal by
             ``d / (d + tokens)``; fewer than 2 tokens per dimension of the widest Gram warns. A side no data reached
             is factorized unweighted and named in ``report.info['unweighted_sides']`` and a warning; when no data
             reached any module the call is refused.
-        fisher: a Fisher collected in training (a :class:`~hf_lowrank.fisher_state.FisherState`, a
+        fisher: a Fisher collected in training (a :class:`~hf_lowrank.fisher.state.FisherState`, a
             ``FisherCollector`` or ``FisherCollectorCallback``, or the path of a ``fisher_state.safetensors`` or of its
             folder), with the model's module names. Exclusive with the other data arguments.
         grams_in, grams_out: ``{name: (n, n) or (n,)}`` Grams of the modules' inputs / output gradients, given

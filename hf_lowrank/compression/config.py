@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from ..fisher_state import DEFAULT_EPS, DEFAULT_EXPONENT
+from ..fisher.state import DEFAULT_EPS, DEFAULT_EXPONENT
 from ..ops.fisher import DEFAULT_DAMPING
 from ..ops.svd import RANK_MULTIPLE
 from ..targets import check_pattern_key

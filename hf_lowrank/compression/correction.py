@@ -29,14 +29,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration_inputs import check_model_ready, is_causal_lm
+from ..calibration.grams import CalibrationGrams
+from ..calibration.inputs import check_model_ready, is_causal_lm
 from ..distributed import unwrap_wrappers
 from ..io import atomic_directory, atomic_save_safetensors, atomic_write_json
 from ..modules import LowRankLinear, dense_weight, is_conv1d
 from ..ops.fisher import DEFAULT_DAMPING, weighted_lowrank, weighted_relative_error
 from ..ops.quant import dequantize_rtn, quantize_rtn
 from ..ops.svd import relative_error
-from ..statistics import CalibrationGrams
 from ..targets import find_target_linears
 from .guards import check_empty_sides
 from .pipeline import calibration_statistics, weighting_sides
@@ -300,7 +300,7 @@ def quantization_correction(
             model and load the adapter on that (``PeftModel.from_pretrained(fake_quantized, adapter)``).
         rank: the correction's rank, ``1 <= rank < min(out, in)`` of every target.
         calibration: batches (dicts with ``input_ids``, optionally ``attention_mask``; a ``DataLoader`` works), or a
-            :class:`~hf_lowrank.statistics.CalibrationGrams` collected earlier. ``None`` only with
+            :class:`~hf_lowrank.calibration.grams.CalibrationGrams` collected earlier. ``None`` only with
             ``weighting="none"``.
         output_dir: the adapter folder to write (atomically: safetensors weights and ``adapter_config.json``);
             ``None`` writes nothing.
@@ -339,7 +339,7 @@ def quantization_correction(
     if calibration is None and weighting != "none":
         raise ValueError(
             f"weighting={weighting!r} fits the correction to calibration data: pass calibration= (batches of "
-            "input_ids, e.g. hf_lowrank.evaluation.calibration_batches(tokenizer, texts)), or weighting='none' for "
+            "input_ids, e.g. hf_lowrank.calibration_batches(tokenizer, texts)), or weighting='none' for "
             "the data-free correction (plain SVD of W - Q(W), LoftQ's).")
     if calibration is not None and weighting == "none":
         raise ValueError("weighting='none' is the data-free correction: it uses no calibration; pass "

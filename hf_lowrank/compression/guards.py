@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from ..statistics import gram_memory_bytes
+from ..calibration.grams import gram_memory_bytes
 
 logger = logging.getLogger("hf_lowrank.compression.compress")
 
@@ -102,7 +102,7 @@ def eligibility(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict:
 def statistics_memory_bytes(shapes: Mapping[str, tuple[int, int]], *, outputs: bool, max_dim: int | None) -> int:
     """Upper bound on the bytes the calibration statistics of a compression hold besides the model.
 
-    The float32 Grams (:func:`~hf_lowrank.statistics.gram_memory_bytes`, shared Grams counted once per module, so
+    The float32 Grams (:func:`~hf_lowrank.calibration.grams.gram_memory_bytes`, shared Grams counted once per module, so
     an over-count), plus the float64 Cholesky factor of every full Gram, which the weighting sides keep until the last
     module is factorized (twice the Gram's bytes), plus the float64 temporaries of factorizing the widest full Gram
     (about five ``n x n`` matrices).

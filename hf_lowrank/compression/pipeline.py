@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibration.grams import CalibrationGrams, calibration_grams
 from ..modules import LowRankLinear, dense_weight, is_conv1d, set_submodule
 from ..ops.fisher import (
     fisher_weights,
@@ -30,7 +31,7 @@ from ..ops.fisher import (
 )
 from ..ops.rank_allocation import global_ranks
 from ..ops.svd import factorized_params, relative_error
-from ..statistics import CalibrationGrams, calibration_grams
+from ..quantized_modules import quantize_lowrank
 from ..targets import find_linears, find_target_linears, pattern_key
 from .checkpoint import mark_compressed
 from .config import CompressionConfig
@@ -63,7 +64,7 @@ def shapes_of(targets: Mapping[str, nn.Module]) -> dict[str, tuple[int, int]]:
 def calibration_statistics(model, targets, calibration, *, kronecker: bool, max_gram_dim: int | None,
                            name: str = "weighting", progress: bool = True):
     """``(input Grams, output-gradient Grams or None, tokens)`` of ``targets``, collected from calibration batches on
-    ``model`` or taken from :class:`~hf_lowrank.statistics.CalibrationGrams` (refused when ``kronecker`` needs output
+    ``model`` or taken from :class:`~hf_lowrank.calibration.grams.CalibrationGrams` (refused when ``kronecker`` needs output
     Grams they lack; ``name`` is the argument the caller's user spelled)."""
     if isinstance(calibration, CalibrationGrams):
         if kronecker and calibration.outputs is None:
@@ -224,7 +225,6 @@ def factorize(module: nn.Module, rank: int, side: Side, config: CompressionConfi
     new = LowRankLinear.from_factors(down.to(out_dtype), up.to(out_dtype), bias, dtype=out_dtype).to(W.device)
     new.conv1d = is_conv1d(module)
     if config.factor_bits is not None:  # codes fitted to the same weighted target (the refit needs W and L_in)
-        from ..quantized_modules import quantize_lowrank
 
         new = quantize_lowrank(new, config.factor_bits, group_size=config.group_size, W=W, in_factor=side.in_factor)
     W_hat = new.up.weight.float() @ new.down.weight.float()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..statistics import (
+from ..calibration.grams import (
     GRAM_IN,
     GramHooks,
     _batch_inputs,

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import QuantizedTensor, dequantize_rtn, quantize_rtn
+from .quant import QuantizedTensor, dequantize_rtn, pack_bits, quantize_rtn
 
 __all__ = [
     "DEFAULT_FACTOR_SCHEME",
@@ -167,8 +167,6 @@ def gptq_round(X: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, *, 
         The codes (scales and offsets fp16). Codes are clamped to the group's grid, so a column moved by the
         updates beyond its group's range is saturated.
     """
-    from .quant import pack_bits
-
     rows, cols = X.shape
     W = X.detach().double().clone()
     Hd = H.detach().to(device=W.device, dtype=torch.float64)

@@ -3,7 +3,7 @@
 WeLore: Jaiswal, Yin, Zhang, Liu, Zhao, Tian and Wang, 2024, "From GaLore to WeLore: How Low-Rank Weights
 Non-uniformly Emerge from Low-Rank Gradients", arXiv:2407.11239.
 
-Pure functions from spectra to ``{module name: rank}``; :mod:`hf_lowrank.peft_configs.welore` computes the spectra
+Pure functions from spectra to ``{module name: rank}``; :mod:`hf_lowrank.tuners.welore` computes the spectra
 of a model and builds the PEFT method on :func:`welore_ranks`. Also reachable from :mod:`.rank_allocation`.
 """
 

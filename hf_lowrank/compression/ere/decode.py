@@ -12,7 +12,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..._compat import model_from_config
-from ...offline import resolve_model_alias
 from .fingerprint import verified_base_tensors
 from .format import EREResidual, ResidualError, _architecture_class, _as_residual, _compute_dtype, _dtype_of
 
@@ -135,8 +134,9 @@ def load_residual(
     """Load the base checkpoint and decode an ERE residual into it in place: the fine-tuned transformers model.
 
     Args:
-        base_name_or_path: folder or Hub id of the base (``"smollm2"`` / ``"minilm"`` for the embedded offline
-            models), a base model already in memory (then :func:`decode_residual` on a copy), or None for the base
+        base_name_or_path: folder or Hub id of the base (the command line resolves ``"smollm2"`` / ``"minilm"``,
+            the embedded offline models, before calling), a base model already in memory (then
+            :func:`decode_residual` on a copy), or None for the base
             path recorded in the manifest.
         path: the residual folder.
         model_class: a transformers class or auto class; default the fine-tuned architecture recorded in the
@@ -170,7 +170,7 @@ def load_residual(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized" heads are expected: the residual holds them
     try:
-        model = model_class.from_pretrained(resolve_model_alias(str(base_name_or_path)), **kwargs)
+        model = model_class.from_pretrained(str(base_name_or_path), **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     return decode_residual(model, res, in_place=True, progress=progress)

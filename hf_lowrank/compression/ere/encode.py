@@ -16,7 +16,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...io import read_safetensors_header
-from ...offline import resolve_model_alias
 from ...ops.quant import QuantizedTensor, dequantize_rtn, quantize_rtn, stiefel_project
 from ...ops.rank_allocation import ere_ranks
 from ...ops.svd import singular_values, truncated_svd
@@ -455,7 +454,7 @@ def save_residual_on_save(
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            base_model = cls.from_pretrained(resolve_model_alias(str(base_model)), dtype=first.dtype)
+            base_model = cls.from_pretrained(str(base_model), dtype=first.dtype)
         finally:
             hf_logging.set_verbosity(verbosity)
         base_model.eval()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ...cards import residual_card
 from ...io import (
     atomic_directory,
     atomic_write_bytes,
@@ -31,7 +32,6 @@ from ...io import (
     recover_directory,
 )
 from ...ops.quant import QuantizedTensor, dequantize_rtn, stiefel_project
-from .card import _model_card
 
 if TYPE_CHECKING:
     from torch import nn
@@ -215,7 +215,7 @@ class EREResidual:
             if self.config is not None:
                 atomic_write_bytes(tmp / CONFIG_NAME, self.config.to_json_string(use_diff=False).encode())
             if card:
-                atomic_write_bytes(tmp / CARD_NAME, _model_card(self).encode())
+                atomic_write_bytes(tmp / CARD_NAME, residual_card(self).encode())
             atomic_write_json(tmp / MANIFEST_NAME, self.manifest)
         if self.report is not None:
             self.report.stored_bytes = len(data)

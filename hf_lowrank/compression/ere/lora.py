@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...cards import residual_adapter_card
 from ...io import atomic_directory, atomic_write_bytes
-from .card import _adapter_card
 from .fingerprint import verified_base_tensors
 from .format import CARD_NAME, EREResidual, _as_residual, _dtype_of, _module_of
 
@@ -186,7 +186,7 @@ def export_residual_as_lora(
     with atomic_directory(out) as tmp:
         cfg.save_pretrained(str(tmp))
         atomic_write_bytes(Path(tmp) / "adapter_model.safetensors", st_save(state, metadata={"format": "pt"}))
-        atomic_write_bytes(Path(tmp) / CARD_NAME, _adapter_card(res, cfg).encode())
+        atomic_write_bytes(Path(tmp) / CARD_NAME, residual_adapter_card(res, cfg).encode())
     return out
 
 

@@ -1,0 +1,1 @@
+"""One module per ``hf-lowrank`` subcommand: ``compress``, ``inspect``, ``residual``, ``plot``, ``lm-eval``."""
