@@ -30,6 +30,8 @@ from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 
 from hf_lowrank import FisherLoRAConfig, SPSFTConfig, WeLoreLRCConfig
+from hf_lowrank.tuners.fisher_lora import export_lora_adapter
+from hf_lowrank.tuners.spsft import export_spsft_as_lora
 from hf_lowrank.tuners.welore import DenseWeightDroppedError
 
 KINDS = ["llama", "qwen2", "phi3", "t5", "roberta_cls", "bert_cls", "gpt2", "gpt2_cls"]
@@ -529,6 +531,7 @@ def test_merge_twice_and_safe_merge(kind, method):
     out = _out(model, kind)
     model.merge_adapter()
     merged_out = _out(model, kind)
+    assert _close(merged_out, out)
     with pytest.warns(UserWarning, match="already merged"):
         model.merge_adapter()
     assert torch.equal(_out(model, kind), merged_out)
@@ -557,6 +560,15 @@ def test_inputs_embeds_equal_input_ids(kind, method):
         assert _close(model(inputs_embeds=embeds, **batch).logits, _out(model, kind))
 
 
+def _export_as_lora(model, path):
+    """This library's exporter of an adapter as a vanilla LoRA folder (SPSFT from the model, FisherLoRA from its
+    saved folder)."""
+    if isinstance(model.peft_config["default"], FisherLoRAConfig):
+        model.save_pretrained(path.with_name("saved"))
+        return export_lora_adapter(path.with_name("saved"), path)
+    return export_spsft_as_lora(model, path)
+
+
 @pytest.mark.parametrize("kind, method", CELLS)
 def test_lora_conversion(tmp_path, kind, method):
     """peft's ``_test_lora_conversion`` through this library's exporter: the adapter written as a vanilla LoRA
@@ -578,7 +590,14 @@ def test_lora_conversion(tmp_path, kind, method):
     assert type(lora.peft_config["default"]) is LoraConfig
     assert _close(_out(lora, kind), out)
     assert model.supports_lora_conversion()
+    # peft limitation: convert_to_lora names a modules_to_save parameter "<module>.<last name segment>", so the
+    # two Linears of RobertaClassificationHead (classifier.dense, classifier.out_proj) collapse into one key and
+    # set_peft_model_state_dict misses classifier.dense.weight. The exporter above has no such problem.
     config, state = convert_to_lora(model, rank=4)
+    if kind == "roberta_cls":
+        with pytest.raises(KeyError, match="classifier.dense.weight"):
+            set_peft_model_state_dict(get_peft_model(make_tiny_model(kind), config), state)
+        return
     peft_lora = get_peft_model(make_tiny_model(kind), config).eval()
     result = set_peft_model_state_dict(peft_lora, state)
     assert not result.unexpected_keys
