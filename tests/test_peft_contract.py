@@ -10,7 +10,21 @@ test per check:
 - ``test_peft_config_from_pretrained_keeps_every_field``: ``PeftConfig.from_pretrained`` gives the same ``to_dict()``;
 - ``test_merge_equals_unmerged``: ``merge_adapter`` / ``unmerge_adapter`` / ``merge_and_unload`` keep the outputs;
 - ``test_disable_adapter_is_the_base_model``: ``with model.disable_adapter():`` runs the base model;
-- ``test_merged_model_saves_and_reloads``: ``merge_and_unload`` -> ``save_pretrained`` -> ``AutoModel*.from_pretrained``.
+- ``test_merged_model_saves_and_reloads``: ``merge_and_unload`` -> ``save_pretrained`` -> ``AutoModel*.from_pretrained``;
+- ``test_add_set_delete_adapter``: a second adapter, ``set_adapter``, ``disable_adapter`` with two loaded,
+  ``delete_adapter`` of the inactive, the active, an unknown and the last adapter (WeLore refuses a second one);
+- ``test_two_adapters_save_and_reload``: both adapters through ``save_pretrained`` / ``load_adapter``;
+- ``test_merge_and_unload_in_half_precision``: float16 and bfloat16 models, merged vs unmerged outputs;
+- ``test_unload_gives_the_base_model_back``: ``unload()`` without merging;
+- ``test_generate_with_adapter_equals_after_merge``: greedy ``generate`` (generative kinds);
+- ``test_gradient_checkpointing_gives_the_same_loss_and_grads``: re-entrant and not;
+- ``test_modules_to_save``: an extra trained-and-saved norm layer per architecture;
+- ``test_merge_twice_and_safe_merge``: a second merge is a no-op, ``safe_merge`` refuses a NaN adapter;
+- ``test_inputs_embeds_equal_input_ids``: ``inputs_embeds`` through the adapter;
+- ``test_lora_conversion``: the exporter to a vanilla LoRA folder, and peft's ``convert_to_lora``;
+- ``test_rank_pattern_means_the_same_on_lora_and_plain_models``: one ``rank_pattern`` meaning per architecture.
+
+The save test also checks peft's safetensors layout (``_test_save_pretrained``).
 
 Each adapter is trained a few steps first (an untrained LoRA is the base model, which would make several checks
 vacuous), and every check asserts the adapter did move the outputs away from the base.
@@ -30,6 +44,7 @@ from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 
 from hf_lowrank import FisherLoRAConfig, SPSFTConfig, WeLoreLRCConfig
+from hf_lowrank.trainer.callbacks import compress_on_save
 from hf_lowrank.tuners.fisher_lora import export_lora_adapter
 from hf_lowrank.tuners.spsft import export_spsft_as_lora
 from hf_lowrank.tuners.welore import DenseWeightDroppedError
@@ -602,3 +617,28 @@ def test_lora_conversion(tmp_path, kind, method):
     result = set_peft_model_state_dict(peft_lora, state)
     assert not result.unexpected_keys
     assert _close(_out(peft_lora, kind), out, 1e-4)
+
+
+MLP_IN = {
+    "llama": "up_proj", "qwen2": "up_proj", "phi3": "gate_up_proj", "t5": "wi", "roberta_cls": "intermediate.dense",
+    "bert_cls": "intermediate.dense", "gpt2": "c_fc", "gpt2_cls": "c_fc",
+}
+"""Each architecture's MLP input projection, as a ``rank_pattern`` key (peft's end-of-name pattern)."""
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rank_pattern_means_the_same_on_lora_and_plain_models(tmp_path, kind):
+    """The ``rank_pattern`` divergence of the two compression entry points, per architecture (``test_one_pipeline``
+    has the tiny Llama and the NaN-Gram one): ``compress_on_save`` with ``rank_pattern={<MLP input>: 8}`` compresses
+    the same modules to rank 8 on a FisherLoRA model and on the plain model (it once read the keys as exact module
+    names on the plain path)."""
+    base = make_tiny_model(kind)
+    plain = make_tiny_model(kind)
+    pm = get_peft_model(base, FisherLoRAConfig(r=4, target_modules="all-linear", task_type=TASKS[kind]))
+    pattern = {MLP_IN[kind]: 8}
+    _, lora_report = compress_on_save(pm, tmp_path / "lora", fisher_source="none", rank_pattern=pattern,
+                                      progress=False)
+    _, plain_report = compress_on_save(plain, tmp_path / "plain", rank_pattern=pattern, progress=False)
+    leaf = MLP_IN[kind]
+    assert plain_report.ranks and all(n.endswith("." + leaf) for n in plain_report.ranks)
+    assert set(plain_report.ranks.values()) == {8} and plain_report.ranks == lora_report.ranks
