@@ -33,19 +33,29 @@ vacuous), and every check asserts the adapter did move the outputs away from the
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 import transformers
-from peft import LoraConfig, PeftConfig, PeftModel, convert_to_lora, get_peft_model, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    convert_to_lora,
+    get_base_model_state_dict,
+    get_peft_model,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict
 from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 
-from hf_lowrank import FisherLoRAConfig, SPSFTConfig, WeLoreLRCConfig
+from hf_lowrank import FisherLoRAConfig, SPSFTConfig, WeLoreLRCConfig, compress_model
 from hf_lowrank.trainer.callbacks import compress_on_save
-from hf_lowrank.tuners.fisher_lora import export_lora_adapter
+from hf_lowrank.tuners.fisher_lora import FisherCollector, compress_peft_model, export_lora_adapter
 from hf_lowrank.tuners.spsft import export_spsft_as_lora
 from hf_lowrank.tuners.welore import DenseWeightDroppedError
 
@@ -642,3 +652,70 @@ def test_rank_pattern_means_the_same_on_lora_and_plain_models(tmp_path, kind):
     leaf = MLP_IN[kind]
     assert plain_report.ranks and all(n.endswith("." + leaf) for n in plain_report.ranks)
     assert set(plain_report.ranks.values()) == {8} and plain_report.ranks == lora_report.ranks
+
+
+@pytest.mark.parametrize("kind, method", CELLS)
+def test_adapter_name_and_low_cpu_mem_usage(tmp_path, kind, method):
+    """peft's ``_test_adapter_name`` and ``_test_load_model_low_cpu_mem_usage``: an adapter created under another
+    name carries it in its parameters and saves to its own subfolder; ``from_pretrained(..., low_cpu_mem_usage=True)``
+    (the adapter built on the meta device, the checkpoint assigned into it) gives the outputs bit for bit, with no
+    parameter left on the meta device."""
+    base = make_tiny_model(kind)
+    model = get_peft_model(base, METHODS[method](TASKS[kind]), adapter_name="test-adapter")
+    assert any("test-adapter" in n for n, p in model.named_parameters() if p.requires_grad)
+    _train(model, kind, [p for p in model.parameters() if p.requires_grad])
+    out = _out(model, kind)
+    model.save_pretrained(tmp_path)
+    folder = tmp_path / "test-adapter"
+    assert (folder / "adapter_model.safetensors").exists()
+    reloaded = PeftModel.from_pretrained(make_tiny_model(kind), folder, adapter_name="test-adapter",
+                                         low_cpu_mem_usage=True).eval()
+    assert {p.device.type for p in reloaded.parameters()} == {"cpu"}
+    assert torch.equal(_out(reloaded, kind), out)
+
+
+@pytest.mark.parametrize("kind, method", CELLS)
+def test_get_base_model_state_dict(kind, method):
+    """peft's ``_test_get_base_model_state_dict``: the base model's keys and values from a PEFT model, and
+    ``set_base_model_state_dict`` puts them back after the base weights were perturbed. WeLore keeps only the dense
+    weights it did not drop (``keep_dense=False``: exactly those of its low-rank components are missing)."""
+    original = {k: v.clone() for k, v in make_tiny_model(kind).state_dict().items()}
+    model = get_peft_model(make_tiny_model(kind), METHODS[method](TASKS[kind]))
+    dropped = {f"{n}.weight" for n in model.welore_allocation.lrc} if method == "welore_dropped" else set()
+    extracted = get_base_model_state_dict(model)
+    assert set(extracted) == set(original) - dropped, sorted(set(extracted) ^ (set(original) - dropped))[:3]
+    assert all(torch.equal(extracted[k], original[k]) for k in extracted)
+    with torch.no_grad():
+        for p in model.get_base_model().parameters():
+            if not p.requires_grad:
+                p.add_(0.1)
+    result = set_base_model_state_dict(model, {k: original[k] for k in extracted}, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys, (result.missing_keys[:3], result.unexpected_keys[:3])
+    assert all(torch.equal(v, original[k]) for k, v in get_base_model_state_dict(model).items())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_finite_fisher_grams_mean_the_same_on_lora_and_plain_models(kind):
+    """The NaN-Gram divergence of the two compression entry points, per architecture (``test_one_pipeline`` has the
+    tiny Llama): a Kronecker Fisher state collected through FisherLoRA with a NaN in one module's input Gram is
+    zeroed and named by ``compress_peft_model`` and by ``compress_model(plain, fisher=state)`` alike, with the same
+    ranks (``compress_model`` once refused the state that the LoRA path accepted)."""
+    plain = make_tiny_model(kind)
+    pm = get_peft_model(make_tiny_model(kind), FisherLoRAConfig(r=4, target_modules=[MLP_IN[kind]],
+                                                                 task_type=TASKS[kind], init_lora_weights=False,
+                                                                 fisher_weighting="kronecker"))
+    collector = FisherCollector("lora").attach(pm)
+    _train(pm, kind, [p for p in pm.parameters() if p.requires_grad])
+    collector.detach()
+    state = collector.snapshot()
+    name = sorted(k.removesuffix(".gram_in") for k in state.tensors if k.endswith(".gram_in"))[0]
+    state.tensors[name + ".gram_in"][0, 0] = float("nan")
+    with pytest.warns(UserWarning, match=rf"NaN/inf Fisher entries, treated as zero.*{re.escape(name)}"):
+        _, lora_report = compress_peft_model(pm, fisher=state, weighting="kronecker", rank=8, merge=False,
+                                             progress=False)
+    with pytest.warns(UserWarning, match=rf"NaN/inf Fisher entries, treated as zero.*{re.escape(name)}"):
+        plain_report = compress_model(plain, {MLP_IN[kind]: 8}, fisher=state, fisher_weighting="kronecker",
+                                      progress=False)
+    for report in (lora_report, plain_report):
+        assert report.info["non_finite_fisher"] == [name]
+    assert plain_report.ranks == lora_report.ranks and set(plain_report.ranks.values()) == {8}
