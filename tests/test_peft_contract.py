@@ -22,7 +22,10 @@ test per check:
 - ``test_merge_twice_and_safe_merge``: a second merge is a no-op, ``safe_merge`` refuses a NaN adapter;
 - ``test_inputs_embeds_equal_input_ids``: ``inputs_embeds`` through the adapter;
 - ``test_lora_conversion``: the exporter to a vanilla LoRA folder, and peft's ``convert_to_lora``;
-- ``test_rank_pattern_means_the_same_on_lora_and_plain_models``: one ``rank_pattern`` meaning per architecture.
+- ``test_adapter_name_and_low_cpu_mem_usage``, ``test_get_base_model_state_dict``, ``test_mixed_adapter_batches``;
+- ``test_rank_pattern_means_the_same_on_lora_and_plain_models`` and
+  ``test_non_finite_fisher_grams_mean_the_same_on_lora_and_plain_models``: the two compression entry points agree,
+  per architecture.
 
 The save test also checks peft's safetensors layout (``_test_save_pretrained``).
 
@@ -719,3 +722,29 @@ def test_non_finite_fisher_grams_mean_the_same_on_lora_and_plain_models(kind):
     for report in (lora_report, plain_report):
         assert report.info["non_finite_fisher"] == [name]
     assert plain_report.ranks == lora_report.ranks and set(plain_report.ranks.values()) == {8}
+
+
+@pytest.mark.parametrize("kind, method", CELLS)
+def test_mixed_adapter_batches(kind, method):
+    """peft's ``_test_mixed_adapter_batches``: FisherLoRA's LoRA layers run each row of a batch with the adapter
+    ``adapter_names`` names for it (``"__base__"``: none). SPSFT and WeLore refuse ``adapter_names`` with an error
+    that names the fix (peft drops the argument before the base model, so their layers once ignored it silently)."""
+    base_out, model = _trained(kind, method)
+    batch = _inputs(kind)
+    if method != "fisher_lora":
+        with pytest.raises(ValueError, match="does not support mixed adapter batches"):
+            model(**batch, adapter_names=["default", "__base__"])
+        return
+    out = _out(model, kind)
+    model.add_adapter("other", SECOND[method](TASKS[kind]))
+    model.set_adapter("other")
+    other = _out(model, kind)
+    if kind == "roberta_cls":  # peft limitation: its modules_to_save head (RobertaClassificationHead) is no Linear
+        with pytest.raises(TypeError, match="Mixed batching is only supported for the following modules"):
+            model(**batch, adapter_names=["default", "other"])
+        return
+    with torch.no_grad():
+        mixed = model(**batch, adapter_names=["default", "other"]).logits
+        mixed_base = model(**batch, adapter_names=["__base__", "default"]).logits
+    assert _close(mixed[0], out[0]) and _close(mixed[1], other[1])
+    assert _close(mixed_base[0], base_out[0]) and _close(mixed_base[1], out[1])

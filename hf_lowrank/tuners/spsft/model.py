@@ -17,7 +17,7 @@ from ..._compat import get_in_out_features
 from ...io import atomic_directory, atomic_save_safetensors
 from ...modules import is_conv1d
 from ...targets import PEFT_PREFIX, all_linear_names, in_block, is_linear, module_matches, strip_peft_prefix
-from .._tuner import KeepUnloadedModules
+from .._tuner import KeepUnloadedModules, RefuseMixedBatches
 from .config import SPSFTConfig
 from .layer import Linear, SPSFTLayer
 
@@ -26,7 +26,7 @@ __all__ = ["SPSFTModel", "export_spsft_as_lora", "spsft_to_lora"]
 _PEFT_WRAPPER_SEGMENT = re.compile(r"\.(?:original_module|modules_to_save\.[^.]+)(?=\.|$)")
 
 
-class SPSFTModel(KeepUnloadedModules, BaseTuner):
+class SPSFTModel(RefuseMixedBatches, KeepUnloadedModules, BaseTuner):
     """Injects SPSFT layers into a model (called by ``peft.get_peft_model`` with an :class:`SPSFTConfig`).
 
     Example::

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ...compression.checkpoint import mark_compressed
 from ...modules import LowRankLinear, linear_shape
 from ...targets import find_target_linears
-from .._tuner import KeepUnloadedModules
+from .._tuner import KeepUnloadedModules, RefuseMixedBatches
 from .allocation import WeLoreLRCAllocation, calibration_whitening, welore_allocation_for_targets
 from .config import WeLoreLRCConfig
 from .layer import DenseWeightDroppedError, WeLoreLayer, WeLoreLinear, _dropped_message, welore_factors
@@ -41,7 +41,7 @@ def _find_targets(model: nn.Module, target_modules, task_type=None) -> dict[str,
 logger = logging.getLogger(__name__)
 
 
-class WeLoreModel(KeepUnloadedModules, BaseTuner):
+class WeLoreModel(RefuseMixedBatches, KeepUnloadedModules, BaseTuner):
     """Replaces WeLore's low-rank components by trainable factor pairs (see :class:`WeLoreLRCConfig`).
 
     Created by ``peft.get_peft_model(model, WeLoreLRCConfig(...))`` (or ``PeftModel.from_pretrained``). After
