@@ -87,11 +87,12 @@ def main() -> None:
 
     from tqdm.auto import tqdm
 
-    from hf_lowrank import compress_model, find_target_linears
+    from hf_lowrank import compress_model
     from hf_lowrank.calibration.grams import CalibrationGrams, calibration_grams
     from hf_lowrank.demo import wordnet
     from hf_lowrank.demo.evaluation import perplexity
     from hf_lowrank.demo.models import load_smollm2
+    from hf_lowrank.targets import find_target_linears
 
     logging.getLogger("hf_lowrank").setLevel(logging.ERROR)
     torch.manual_seed(0)

@@ -129,9 +129,10 @@ def main() -> None:
     torch.manual_seed(0)
     t_run, cpu_run = time.perf_counter(), time.process_time()
 
-    from hf_lowrank import compress_model, compress_peft_model
+    from hf_lowrank import compress_model
     from hf_lowrank.demo import evaluation, models, wordnet
     from hf_lowrank.modules import LowRankLinear
+    from hf_lowrank.tuners.fisher_lora import compress_peft_model
 
     train = wordnet.category_task("train", n=args.train_texts)
     test_texts, test_labels, _ = wordnet.category_task("test", n=args.test_texts or None)

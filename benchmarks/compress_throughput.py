@@ -37,9 +37,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from hf_lowrank import compress_model, find_target_linears
+    from hf_lowrank import compress_model
     from hf_lowrank.demo.models import load_smollm2
     from hf_lowrank.ops.svd import relative_error, split_factors, truncated_svd
+    from hf_lowrank.targets import find_target_linears
 
     model, _ = load_smollm2()
     if args.quick:

@@ -97,11 +97,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from hf_lowrank import calibration_batches, compress_model, compress_peft_model
+    from hf_lowrank import calibration_batches, compress_model
     from hf_lowrank.calibration.grams import calibration_grams
     from hf_lowrank.demo import wordnet
     from hf_lowrank.demo.evaluation import perplexity
     from hf_lowrank.demo.models import load_smollm2
+    from hf_lowrank.tuners.fisher_lora import compress_peft_model
 
     dense, tok = load_smollm2()
     dense.eval()

@@ -214,7 +214,7 @@ def main(argv=None) -> int:
             out = Path(tmp) / f"{method}-{rank}-{bits}"
             t = time.perf_counter()
             res = encode_residual(
-                base, model, rank=rank, bits=bits, alpha=alpha, progress=False, out=out, **encode_kwargs
+                base, model, rank=rank, bits=bits, alpha=alpha, progress=False, path=out, **encode_kwargs
             )
             seconds = time.perf_counter() - t
             nbytes = (out / "residual.safetensors").stat().st_size

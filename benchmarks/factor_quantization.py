@@ -80,7 +80,7 @@ def main() -> None:
 
     from calibration_size import _batches, _calibration_chunks, _other_kind_texts
 
-    from hf_lowrank import compress_model, find_target_linears
+    from hf_lowrank import compress_model
     from hf_lowrank.calibration.grams import CalibrationGrams, calibration_grams
     from hf_lowrank.demo import wordnet
     from hf_lowrank.demo.evaluation import perplexity
@@ -89,6 +89,7 @@ def main() -> None:
     from hf_lowrank.ops.fisher import DEFAULT_DAMPING, gram_factor, gram_shrinkage, weighted_relative_error
     from hf_lowrank.ops.quant_lowrank import quantize_factor_pair
     from hf_lowrank.quantized_modules import QuantizedLowRankLinear
+    from hf_lowrank.targets import find_target_linears
 
     logging.getLogger("hf_lowrank").setLevel(logging.ERROR)
     torch.manual_seed(0)

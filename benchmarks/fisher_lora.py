@@ -28,7 +28,7 @@ reports the peak resident set size of training + compression (the kernel's count
 loaded) and ``workload``, that peak minus the RSS with the model loaded (activations, gradients, optimizer state,
 Fisher, new factors). Configurations: plain LoRA
 training; FisherLoRA train + compress, on a copy (``save_model``'s default: the trained model stays usable) and in
-place (``LowRankTrainer(compress_inplace=True)``); full-gradient FWSVD on the LoRA run; the seed's FWSVD (full
+place (``LowRankTrainer(inplace=True)``); full-gradient FWSVD on the LoRA run; the seed's FWSVD (full
 fine-tuning with AdamW and full-gradient Fisher, then compression). Goals: FisherLoRA <= 0.8x full-gradient FWSVD,
 <= 1.05x plain LoRA.
 
@@ -418,7 +418,7 @@ def memory_probe(config: str, quick: bool) -> dict:
             compress_model(trained, keep, fisher=collector, fisher_weighting="row", progress=False)
         else:
             # "fisher_lora": on a copy, as LowRankTrainer.save_model does by default (the trained model stays usable);
-            # "fisher_lora_inplace": LowRankTrainer(compress_inplace=True)
+            # "fisher_lora_inplace": LowRankTrainer(inplace=True)
             compress_peft_model(pm, fisher=collector, fisher_source=collector.source,
                                 inplace=config in ("fisher_lora_inplace", "fwsvd_full_grad"), progress=False)
     peak = _peak_mb()

@@ -18,7 +18,7 @@ bundled prose. Calibration: ``--tokens`` tokens of the bundled prose (``prose_te
   calibration's): the training loss along the way and the perplexities after.
 
 Every corrected row runs the dense model with each target weight replaced by ``Q(W) + B A``
-(``hf_lowrank.fake_quantize``), what ``PeftModel.from_pretrained(bnb_base, adapter)`` computes (tests/
+(``compression.correction.fake_quantize``), what ``PeftModel.from_pretrained(bnb_base, adapter)`` computes (tests/
 test_correction.py checks that equality on a real 4-bit base).
 
 Run: ``python benchmarks/quantization_correction.py --out benchmarks/results/quantization_correction.json``
@@ -120,6 +120,7 @@ def main() -> None:
 
     import hf_lowrank
     from hf_lowrank.calibration.grams import CalibrationGrams, calibration_grams
+    from hf_lowrank.compression.correction import fake_quantize
     from hf_lowrank.demo import wordnet
     from hf_lowrank.demo.evaluation import perplexity
     from hf_lowrank.demo.models import load_smollm2
@@ -127,7 +128,7 @@ def main() -> None:
     logging.getLogger("hf_lowrank").setLevel(logging.ERROR)
     torch.manual_seed(0)
     dense, tok = load_smollm2()
-    targets = list(hf_lowrank.find_target_linears(dense))
+    targets = list(hf_lowrank.targets.find_target_linears(dense))
     other, prose = _other_kind_texts(tok, args.eval_windows), wordnet.prose_texts("test", n=args.eval_prose)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     _, chunk = next(_calibration_chunks(tok, [args.tokens], args.max_length))
@@ -147,7 +148,7 @@ def main() -> None:
                 if saved["tokens_asked"] == args.tokens:
                     grams["dense"] = CalibrationGrams(saved["inputs"], saved["outputs"], saved["tokens"])
             if "dense" not in grams:
-                g_in, g_out, n = calibration_grams(dense, hf_lowrank.find_target_linears(dense), batches,
+                g_in, g_out, n = calibration_grams(dense, hf_lowrank.targets.find_target_linears(dense), batches,
                                                    outputs=True, progress=False)
                 grams["dense"] = CalibrationGrams(g_in, g_out, n)
                 torch.save({"inputs": g_in, "outputs": g_out, "tokens": n, "tokens_asked": args.tokens}, cache)
@@ -176,7 +177,7 @@ def main() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if len(parts) == 1:
-                    hf_lowrank.fake_quantize(model, q, target_modules=targets, group_size=128)
+                    fake_quantize(model, q, target_modules=targets, group_size=128)
                 else:
                     rank = int(parts[-1][1:])
                     if parts[1] == "loftq":
@@ -194,7 +195,7 @@ def main() -> None:
                         entry["calibration_tokens"] = summary.get("calibration_tokens")
                     entry["adapter_params"] = sum(a.numel() + b.numel() for a, b in report.factors.values())
                     if train:
-                        hf_lowrank.fake_quantize(model, q, target_modules=targets, group_size=128)
+                        fake_quantize(model, q, target_modules=targets, group_size=128)
                         texts = wordnet.prose_texts("train")[500 : 500 + 4 * args.train_steps]
                         model, losses = _qlora(model, report, tok, texts, args.train_steps, args.lr)
                         entry.update({"train_steps": args.train_steps, "lr": args.lr,
@@ -202,7 +203,7 @@ def main() -> None:
                                       "loss_last5_mean": round(sum(losses[-5:]) / len(losses[-5:]), 4),
                                       "losses": [round(v, 4) for v in losses]})
                     else:
-                        hf_lowrank.fake_quantize(model, q, group_size=128, correction=report)
+                        fake_quantize(model, q, group_size=128, correction=report)
             entry.update(score(model))
             del model
         entry["seconds"] = round(time.perf_counter() - start, 1)

@@ -166,11 +166,12 @@ def main() -> None:
         plot(previous, args.plot)
         return
 
-    from hf_lowrank import compress_model, find_target_linears
+    from hf_lowrank import compress_model
     from hf_lowrank.calibration.grams import CalibrationGrams, calibration_grams
     from hf_lowrank.demo import wordnet
     from hf_lowrank.demo.evaluation import perplexity
     from hf_lowrank.demo.models import load_smollm2
+    from hf_lowrank.targets import find_target_linears
 
     logging.getLogger("hf_lowrank").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -341,7 +342,7 @@ def correction_row(row, entry, dense, calibration, score, names) -> int:
     else:
         report = quantization_correction(dense, nf4, rank, calibration=None, weighting="none", progress=False)
     model = copy.deepcopy(dense)
-    from hf_lowrank import find_target_linears
+    from hf_lowrank.targets import find_target_linears
 
     targets = find_target_linears(model)
     nbytes = _nf4_(targets, double_quant=False)

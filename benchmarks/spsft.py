@@ -148,7 +148,7 @@ def categorize(module_name: str) -> str:
 # ---------------------------------------------------------------------------------------------------- models, data
 SPSFT_ROWS = {"importance": "l2", "calib": None}
 """How SPSFT selects its rows (``--spsft-importance``): ``l2`` (data-free) or ``taylor`` (scored on ``calib``, the
-first ``--calib-batches`` training batches, through :func:`hf_lowrank.spsft_importance`)."""
+first ``--calib-batches`` training batches, through :func:`hf_lowrank.tuners.spsft.spsft_importance`)."""
 
 
 def build(method: str, targets, k: int, *, dtype=torch.float32):
@@ -159,7 +159,7 @@ def build(method: str, targets, k: int, *, dtype=torch.float32):
 
     model, _ = load_smollm2(dtype=dtype)
     if method == "spsft" and SPSFT_ROWS["importance"] != "l2":
-        from hf_lowrank import spsft_importance
+        from hf_lowrank.tuners.spsft import spsft_importance
 
         model = get_peft_model(model, SPSFTConfig(r=2 * k, target_modules=targets, importance="taylor"))
         spsft_importance(model, [{"input_ids": ids, "labels": ids} for ids in SPSFT_ROWS["calib"]], progress=False)

@@ -97,11 +97,12 @@ def main() -> None:
     torch.manual_seed(0)
     started, cpu_started = time.perf_counter(), time.process_time()
 
-    from hf_lowrank import calibration_batches, compress_model, find_target_linears
+    from hf_lowrank import calibration_batches, compress_model
     from hf_lowrank.calibration.grams import calibration_grams
     from hf_lowrank.demo.evaluation import perplexity
     from hf_lowrank.demo.models import load_smollm2
     from hf_lowrank.demo.wordnet import prose_texts
+    from hf_lowrank.targets import find_target_linears
     from hf_lowrank.tuners.welore import compute_spectra, whitening_factors
 
     dense, tok = load_smollm2()

@@ -111,9 +111,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="fine-tuning steps for the methods that train")
     parser.add_argument("--methods", default="svd,welore,calibration,fisher_lora")
     parser.add_argument("--calib-texts", type=int, default=24, help="bundled prose paragraphs for calibration")
-    parser.add_argument("--calibration-weighting", default=None, choices=["whitened", "kronecker"],
+    parser.add_argument("--calibration-weighting", default="auto", choices=["auto", "whitened", "kronecker"],
                         help="weighting of the calibration row (default: compress_model's, kronecker for a causal LM)")
-    parser.add_argument("--allocation", default=None, choices=["uniform", "global"],
+    parser.add_argument("--allocation", default="auto", choices=["auto", "uniform", "global"],
                         help="rank allocation of the calibration row (default: compress_model's, global with kronecker)")
     parser.add_argument("--fisher-allocation", default="global", choices=["uniform", "global"],
                         help="rank allocation of the Kronecker FisherLoRA row")
@@ -201,9 +201,10 @@ def run_welore(model, tok, args):
     from peft import get_peft_model
     from transformers import Trainer
 
-    from hf_lowrank import WeLoreLRCConfig, find_target_linears
+    from hf_lowrank import WeLoreLRCConfig
     from hf_lowrank.demo import wordnet
     from hf_lowrank.ops.svd import break_even_rank
+    from hf_lowrank.targets import find_target_linears
     from hf_lowrank.tuners.welore.allocation import welore_allocation
     from hf_lowrank.tuners.welore.spectra import compute_spectra
 
@@ -234,12 +235,12 @@ def run_welore(model, tok, args):
 
 def run_calibration(model, tok, args):
     """Calibration only (no training): Grams of every block Linear on bundled prose, weighted SVD."""
-    from hf_lowrank import calibration_batches, compress_model
+    from hf_lowrank import CompressionConfig, calibration_batches, compress_model
     from hf_lowrank.demo import wordnet
 
     batches = calibration_batches(tok, wordnet.prose_texts("train", n=args.calib_texts), max_length=256)
-    report = compress_model(model, args.keep, calibration=batches, calibration_weighting=args.calibration_weighting,
-                            allocation=args.allocation)
+    config = CompressionConfig(keep=args.keep, weighting=args.calibration_weighting, allocation=args.allocation)
+    report = compress_model(model, config, calibration=batches)
     return model, {"mean_rel_error": _mean_error(report), "calibration_tokens": report.info["calibration_tokens"],
                    "weighting": report.info["weighting"], "allocation": report.info["allocation"]}
 
@@ -251,16 +252,16 @@ def run_fisher_lora(model, tok, args):
     from datasets import Dataset
     from trl import SFTConfig
 
-    from hf_lowrank import FisherLoRAConfig, LowRankSFTTrainer
+    from hf_lowrank import CompressionConfig, FisherLoRAConfig, LowRankSFTTrainer
     from hf_lowrank.demo import wordnet
     from hf_lowrank.precision import training_dtype_kwargs
 
     precision, why = training_dtype_kwargs()
     print(f"  training dtype: {why}")
     config = FisherLoRAConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM",
-                              compress_keep=args.keep, fisher_weighting="kronecker",
-                              compress_allocation=args.fisher_allocation,
-                              compress_loss_normalization=args.loss_normalization)
+                              fisher_weighting="kronecker",
+                              compression=CompressionConfig(keep=args.keep, allocation=args.fisher_allocation,
+                                                            loss_normalization=args.loss_normalization))
     trainer = LowRankSFTTrainer(
         model=model,
         args=SFTConfig(
@@ -282,11 +283,12 @@ def run_fisher_lora(model, tok, args):
 
     compressed = load_compressed(folder)
     report = trainer.compression_report
-    from hf_lowrank import compress_peft_model
+    from hf_lowrank import compress_model
 
     fisher = trainer.fisher_callback.collector.reduced_state()
-    diag, diag_report = compress_peft_model(trainer.model, fisher=fisher, weighting="two_sided", allocation="uniform",
-                                            progress=False)
+    diag_config = CompressionConfig(keep=args.keep, weighting="two_sided", allocation="uniform")
+    diag_report = compress_model(trainer.model, diag_config, fisher=fisher, progress=False)  # in place: the last use
+    diag = trainer.model.get_base_model()
     _EXTRA_ROWS.append(("fisher_lora_2s", diag, {"mean_rel_error": _mean_error(diag_report),
                                                  "fisher_weighting": "two_sided", "allocation": "uniform"}))
     return compressed, {"mean_rel_error": _mean_error(report), "fisher_weighting": config.fisher_weighting,

@@ -2,7 +2,7 @@
 
 1. MiniLM classifier (default): all-MiniLM-L6-v2 with a new 6-way head, fully fine-tuned on the bundled WordNet
    category task with ``Trainer``; ``CompressOnSaveCallback(method="ere")`` writes the final model as an ERE
-   residual (a few percent of the checkpoint); ``hf_lowrank.load_residual`` rebuilds it on the base and both are
+   residual (a few percent of the checkpoint); ``load_residual`` (``hf_lowrank.compression.ere``) rebuilds it on the base and both are
    evaluated on the test split.
 2. ``--smollm2``: SmolLM2-135M-Instruct fully fine-tuned with trl's ``SFTTrainer`` on the bundled definition SFT
    pairs, saved as a residual the same way, reloaded, and compared by perplexity on held-out definitions.
@@ -52,11 +52,11 @@ def minilm(args) -> dict:
     from transformers import DataCollatorWithPadding, Trainer
 
     import hf_lowrank  # noqa: F401
+    from hf_lowrank import CompressOnSaveCallback
     from hf_lowrank.compression.ere import load_residual
     from hf_lowrank.demo import wordnet
     from hf_lowrank.demo.evaluation import accuracy
     from hf_lowrank.demo.models import load_minilm, minilm_dir
-    from hf_lowrank.trainer.callbacks import CompressOnSaveCallback
 
     train_texts, train_labels, names = wordnet.category_task("train")
     test_texts, test_labels, _ = wordnet.category_task("test")
@@ -113,11 +113,11 @@ def smollm2(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     import hf_lowrank  # noqa: F401
+    from hf_lowrank import CompressOnSaveCallback
     from hf_lowrank.compression.ere import load_residual
     from hf_lowrank.demo import wordnet
     from hf_lowrank.demo.evaluation import perplexity
     from hf_lowrank.demo.models import load_smollm2, smollm2_dir
-    from hf_lowrank.trainer.callbacks import CompressOnSaveCallback
 
     model, tok = load_smollm2()
     base, _ = load_smollm2()

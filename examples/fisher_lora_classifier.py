@@ -24,9 +24,8 @@ from peft import get_peft_model  # noqa: E402
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments  # noqa: E402
 
 import hf_lowrank  # noqa: E402,F401  (registers FisherLoRA and the factorized-checkpoint format)
+from hf_lowrank import CompressionConfig, FisherLoRAConfig, LowRankTrainer  # noqa: E402
 from hf_lowrank.demo import evaluation, models, wordnet  # noqa: E402
-from hf_lowrank.trainer import LowRankTrainer  # noqa: E402
-from hf_lowrank.tuners.fisher_lora import FisherLoRAConfig  # noqa: E402
 
 FFN = r".*\.layer\.\d+\.(intermediate|output)\.dense"  # not attention.output.dense
 
@@ -47,7 +46,7 @@ def main() -> None:
     test_texts, test_labels, _ = wordnet.category_task("test", n=120 if args.quick else None)  # None: all 378
     model, tokenizer = models.load_minilm(num_labels=len(names), label_names=names)
     config = FisherLoRAConfig(
-        task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=FFN, compress_keep=args.keep,
+        task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=FFN, compression=CompressionConfig(keep=args.keep),
         fisher_weighting=args.weighting,
     )
     peft_model = get_peft_model(model, config)

@@ -24,9 +24,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
 import hf_lowrank  # noqa: E402,F401  (registers FisherLoRA and the factorized-checkpoint format)
+from hf_lowrank import CompressionConfig, FisherLoRAConfig, LowRankSFTTrainer  # noqa: E402
 from hf_lowrank.demo import evaluation, models, wordnet  # noqa: E402
-from hf_lowrank.trainer import LowRankSFTTrainer  # noqa: E402
-from hf_lowrank.tuners.fisher_lora import FisherLoRAConfig  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +51,7 @@ def main() -> None:
     base_ppl = ppl(model)
     config = FisherLoRAConfig(
         r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM",
-        compress_keep=args.keep, fisher_weighting=args.weighting,
+        compression=CompressionConfig(keep=args.keep), fisher_weighting=args.weighting,
     )
     from hf_lowrank.precision import training_dtype_kwargs
 

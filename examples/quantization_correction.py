@@ -1,7 +1,7 @@
 """Correct a 4-bit model with a data-aware low-rank adapter, then load it with stock transformers + peft.
 
 1. ``hf_lowrank.quantization_correction(dense_folder, BitsAndBytesConfig(load_in_4bit=True, nf4), rank,
-   calibration=batches, output_dir=adapter)`` fits, per block Linear, the rank-``r`` correction of the NF4 error
+   calibration=batches, path=adapter)`` fits, per block Linear, the rank-``r`` correction of the NF4 error
    ``W - Q(W)`` that minimises the layer's output error weighted by the calibration data (input and output-gradient
    Grams), and writes it as a plain LoRA adapter.
 2. The corrected model is then an ordinary QLoRA model: ``PeftModel.from_pretrained(AutoModelForCausalLM.
@@ -48,7 +48,7 @@ def main() -> None:
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     batches = calibration_batches(tok, wordnet.prose_texts("train", n=args.calibration_texts), max_length=128)
     report = hf_lowrank.quantization_correction(dense, bnb, args.rank, calibration=batches,
-                                                output_dir=Path(args.out) / "adapter")
+                                                path=Path(args.out) / "adapter")
     summary = report.summary()
     print(f"adapter: {report.output_dir} ({len(report.modules)} modules, rank {args.rank}); mean weighted error "
           f"{summary['mean_weighted_error_before']:.4f} -> {summary['mean_weighted_error_after']:.4f}")

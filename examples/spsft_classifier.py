@@ -3,8 +3,9 @@
 1. all-MiniLM-L6-v2 with a new 6-way head (offline copy), wrapped by ``get_peft_model`` with
    ``SPSFTConfig(ratio=..., importance="qm_taylor", task_type="SEQ_CLS")``: every Linear of the encoder gets trainable
    rows ``W_f`` (zero init), the head is trained in full (peft's ``modules_to_save`` for sequence classification).
-2. ``hf_lowrank.spsft_importance`` re-selects the rows from calibration batches with the quantile-mean Taylor score of
-   seed 004 eq. 7 (per class: ``|W[i] . grad L(class)|``; score: mean of the 0..100% quantiles over classes).
+2. ``spsft_importance`` (``hf_lowrank.tuners.spsft``) re-selects the rows from calibration batches with the
+   quantile-mean Taylor score of seed 004 eq. 7 (per class: ``|W[i] . grad L(class)|``; score: mean of the 0..100%
+   quantiles over classes).
 3. ``transformers.Trainer`` trains for ``--steps`` steps; test accuracy before and after is printed, the adapter is
    saved (only ``W_f``, row indices and the head) and reloaded with ``PeftModel.from_pretrained``.
    ``--compare-l2`` trains a second adapter whose rows were chosen by l2 norm, on the same data, for comparison.
@@ -32,9 +33,10 @@ def train_one(importance: str, args, train_data, collator, test_texts, test_labe
     from torch.utils.data import DataLoader
     from transformers import Trainer, TrainingArguments
 
+    from hf_lowrank import SPSFTConfig
     from hf_lowrank.demo.evaluation import accuracy
     from hf_lowrank.demo.models import load_minilm
-    from hf_lowrank.tuners.spsft import SPSFTConfig, spsft_importance
+    from hf_lowrank.tuners.spsft import spsft_importance
 
     torch.manual_seed(args.seed)
     base, tok = load_minilm(num_labels=args.num_labels, label_names=args.label_names)

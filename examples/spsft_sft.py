@@ -45,10 +45,11 @@ def main(argv=None) -> dict:
     from peft import PeftModel
     from trl import SFTConfig, SFTTrainer
 
+    from hf_lowrank import SPSFTConfig, save_as_lora
     from hf_lowrank.demo import wordnet
     from hf_lowrank.demo.evaluation import perplexity
     from hf_lowrank.demo.models import load_smollm2
-    from hf_lowrank.tuners.spsft import SPSFTConfig, SPSFTImportanceCallback, export_spsft_as_lora
+    from hf_lowrank.tuners.spsft import SPSFTImportanceCallback
 
     model, tok = load_smollm2()
     train = Dataset.from_list(wordnet.sft_examples("train", n=args.train_examples))
@@ -91,7 +92,7 @@ def main(argv=None) -> dict:
     ppl_after = perplexity(peft_model, tok, test_texts, max_length=128, progress=False)
 
     peft_model.save_pretrained(out / "adapter")
-    export_spsft_as_lora(peft_model, out / "lora")
+    save_as_lora(out / "lora", peft_model)
     ids = tok(test_texts[:4], return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = peft_model(**ids).logits

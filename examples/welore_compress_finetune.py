@@ -45,13 +45,13 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     import hf_lowrank  # noqa: F401  (registers the factorized-checkpoint format)
-    from hf_lowrank.compression.compress import find_target_linears
+    from hf_lowrank import WeLoreLRCConfig
     from hf_lowrank.demo.evaluation import perplexity
     from hf_lowrank.demo.models import load_smollm2
     from hf_lowrank.demo.plotting import plot_ranks
     from hf_lowrank.demo.wordnet import prose_texts
     from hf_lowrank.ops.svd import split_factors, truncated_svd
-    from hf_lowrank.tuners.welore import WeLoreLRCConfig
+    from hf_lowrank.targets import find_target_linears
 
     out = Path(args.out)
     base, tok = load_smollm2()

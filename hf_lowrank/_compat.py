@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UpstreamChangedError
+
 __all__ = [
     "CHECKED_VERSIONS",
     "BufferDict",
@@ -41,10 +43,6 @@ CHECKED_VERSIONS: dict[str, tuple[str, ...]] = {
     "transformers": ("5",),
     "bitsandbytes": ("0.50",),
 }
-
-
-class UpstreamChangedError(RuntimeError):
-    """A private upstream symbol hf-lowrank relies on is gone or changed."""
 
 
 def installed_minor(package: str) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._deprecation import renamed_keywords
 from .io import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -157,8 +158,9 @@ def _ranks_summary(ranks: Mapping[str, int]) -> str:
     return "\n".join(lines)
 
 
+@renamed_keywords(folder="path")
 def write_model_card(
-    folder: str | os.PathLike,
+    path: str | os.PathLike,
     *,
     base_model: str | None,
     method: str | None,
@@ -170,7 +172,7 @@ def write_model_card(
     license: str | None = None,
     name: str | None = None,
 ) -> Path:
-    """Write ``folder/README.md``: what the checkpoint is, how it was made and how to load it, with Hub metadata.
+    """Write ``path/README.md``: what the checkpoint is, how it was made and how to load it, with Hub metadata.
 
     The front matter is valid Hub metadata (built with ``huggingface_hub.ModelCardData``): ``library_name:
     transformers``, the ``pipeline_tag`` of the architecture, tags ``hf-lowrank``, ``low-rank`` and the method, the
@@ -178,7 +180,7 @@ def write_model_card(
     (a local path is named in the text only).
 
     Args:
-        folder: the saved compressed checkpoint (must exist).
+        path: the folder of the saved compressed checkpoint (must exist).
         base_model: the base model's Hub id or local folder (``None`` when unknown).
         method: compression method (``"svd"``, ``"kronecker"``, ``"welore"``, ...). The method recorded in the
             folder's ``config.json`` (``quantization_config.method``) wins when there is one, so that the card and
@@ -195,7 +197,7 @@ def write_model_card(
     Returns:
         The path of the card.
     """
-    folder = Path(folder)
+    folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"write_model_card: '{folder}' is not a folder; save the checkpoint there first.")
     if params_before <= 0 or params_after <= 0:
@@ -285,16 +287,17 @@ def _downloaded_from_hub(name: str | None) -> str | None:
     return repo if isinstance(cached, str) else None
 
 
+@renamed_keywords(folder="path")
 def write_model_card_for(
     model: Any,
-    folder: str | os.PathLike,
+    path: str | os.PathLike,
     report: Any = None,
     *,
     name: str | None = None,
     base_model: str | None = None,
     license: str | None = None,
 ) -> Path | None:
-    """The card of a compressed transformers ``model`` saved in ``folder`` (``None`` for a model not compressed).
+    """The card of a compressed transformers ``model`` saved in the folder ``path`` (``None`` for a model not compressed).
 
     One writer for ``save_compressed``, ``LowRankTrainer.save_model`` and the CLI: method, ranks and settings come
     from the model's hf-lowrank ``quantization_config`` and, when given, the :class:`CompressionReport`. The base
@@ -313,7 +316,7 @@ def write_model_card_for(
         settings.update({k: v for k, v in report.info.items() if isinstance(v, (str, int, float, bool)) or v is None})
     source = getattr(getattr(model, "config", None), "name_or_path", None) or None
     return write_model_card(
-        folder, base_model=base_model or _downloaded_from_hub(source) or source,
+        path, base_model=base_model or _downloaded_from_hub(source) or source,
         method=getattr(qconfig, "method", None) or (report.method if report is not None else "svd"),
         settings=settings, ranks=ranks, params_before=after + removed, params_after=after, license=license,
         name=name,

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .errors import SaveConflictError
+
 __all__ = [
     "SaveConflictError",
     "atomic_directory",
@@ -216,10 +218,6 @@ def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-class SaveConflictError(RuntimeError):
-    """Another writer saves to the same folder at the same time, or the destination cannot take a folder."""
 
 
 # Files of a previous save that a new save into the same folder must not inherit: whatever transformers, peft or

@@ -50,8 +50,9 @@ def _groups(grams: dict) -> list[list[str]]:
 
 def run(rank: int, world: int) -> dict:
     """The record of one process (``world`` > 1: under an initialised process group)."""
-    from hf_lowrank import LowRankLinear, compress_model, find_target_linears
+    from hf_lowrank import LowRankLinear, compress_model
     from hf_lowrank.calibration.grams import calibration_grams
+    from hf_lowrank.targets import find_target_linears
 
     def model():
         m = make_tiny_llama(seed=0)

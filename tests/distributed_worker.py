@@ -124,7 +124,8 @@ def run_trainer_gpu(method: str, out: Path, grad_accum: int) -> dict:
     plain-SVD compression on save from the gathered weights."""
     from transformers import Trainer
 
-    from hf_lowrank import CompressOnSaveCallback, is_fsdp_model
+    from hf_lowrank import CompressOnSaveCallback
+    from hf_lowrank.distributed import is_fsdp_model
 
     extra = {"use_cpu": False, "bf16": False}
     if method == "trainer_fsdp":
@@ -146,7 +147,8 @@ def run_fsdp(out: Path, args, record: dict) -> dict:
     per step, then the compress-on-save callbacks (plain SVD and ERE), which gather the sharded weights first."""
     import torch.distributed as dist
 
-    from hf_lowrank import CompressOnSaveCallback, FisherCollectorCallback, is_fsdp_model
+    from hf_lowrank import CompressOnSaveCallback, FisherCollectorCallback
+    from hf_lowrank.distributed import is_fsdp_model
 
     world, rank = args.world_size, args.process_index
     model = base_model()

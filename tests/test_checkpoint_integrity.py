@@ -136,7 +136,7 @@ def residual(tmp_path_factory):
     base = make_tiny_llama(seed=0)
     ft = make_finetuned_copy(base, seed=1)
     out = tmp_path_factory.mktemp("res") / "residual"
-    hf_lowrank.encode_residual(base, ft, rank=4, out=out, progress=False)
+    hf_lowrank.encode_residual(base, ft, rank=4, path=out, progress=False)
     return base, out
 
 
@@ -201,7 +201,7 @@ def test_load_compressed_resolves_a_hub_id_from_the_cache(saved, tmp_path):
         "    save_file({'logits': model(torch.arange(20).reshape(2, 10)).logits}, sys.argv[1])\n"
         "try:\n"
         "    hf_lowrank.load_compressed('org/not-in-the-cache')\n"
-        "except hf_lowrank.CompressedCheckpointError as exc:\n"
+        "except hf_lowrank.errors.CompressedCheckpointError as exc:\n"
         "    print('REFUSED', exc)\n"
     )
     root = str(Path(__file__).resolve().parents[1])

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 import hf_lowrank
-from hf_lowrank import CompressedCheckpointError, LowRankLinear, compress_model, find_target_linears, load_compressed
+from hf_lowrank import LowRankLinear, compress_model, load_compressed
+from hf_lowrank.errors import CompressedCheckpointError
 from hf_lowrank.ops.svd import break_even_rank, tail_energy
+from hf_lowrank.targets import find_target_linears
 
 
 def _ids(vocab=128, shape=(2, 12)):

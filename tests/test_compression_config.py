@@ -147,7 +147,7 @@ def _fisher_lora_config(**kwargs):
 def test_fisher_lora_compression_sub_config_survives_save_and_load(tmp_path):
     from peft import PeftModel, get_peft_model
 
-    from hf_lowrank import compress_peft_model
+    from hf_lowrank.tuners.fisher_lora import compress_peft_model
 
     base = make_tiny_llama(seed=0)
     compression = CompressionConfig(keep=0.5, svd_method="exact", dtype=torch.float32)

@@ -29,17 +29,16 @@ from hf_lowrank import (
     SPSFTConfig,
     WeLoreLRCConfig,
     compress_model,
-    compress_peft_model,
-    find_target_linears,
     load_compressed,
-    welore_ranks_for_model,
+    save_as_lora,
 )
 from hf_lowrank.modules import dense_weight, linear_shape
 from hf_lowrank.ops.importance import l2_importance, top_rows
-from hf_lowrank.tuners.fisher_lora import lora_linear_modules
-from hf_lowrank.tuners.spsft import export_spsft_as_lora, spsft_importance, spsft_to_lora
+from hf_lowrank.targets import find_target_linears
+from hf_lowrank.tuners.fisher_lora import compress_peft_model, lora_linear_modules
+from hf_lowrank.tuners.spsft import spsft_importance, spsft_to_lora
 from hf_lowrank.tuners.spsft.layer import Linear as SPSFTLinear
-from hf_lowrank.tuners.welore import WeLoreLayer
+from hf_lowrank.tuners.welore import WeLoreLayer, welore_ranks_for_model
 
 CONV1D = ["c_attn", "c_proj", "c_fc"]
 
@@ -456,14 +455,14 @@ def test_spsft_gpt2_merges_into_the_conv1d_columns_and_stays_stock(tmp_path):
 
 @pytest.mark.parametrize("kwargs", [{"r": 4}, {"ratio": 0.1}])
 def test_spsft_gpt2_exports_as_a_fan_in_fan_out_lora(tmp_path, kwargs):
-    """export_spsft_as_lora on GPT-2: a LoRA with fan_in_fan_out=True (peft's setting for Conv1D, so peft loads it
+    """save_as_lora of SPSFT on GPT-2: a LoRA with fan_in_fan_out=True (peft's setting for Conv1D, so peft loads it
     without flipping it), the same outputs in vanilla peft, and peft's own merge of it gives them too."""
     pm, _ = _spsft_pair(seed=12, init_weights=False, **kwargs)
     x = _tokens(seed=13)
     out = _logits(pm, x)
     lora_config, _ = spsft_to_lora(pm)
     assert lora_config.fan_in_fan_out is True
-    export_spsft_as_lora(pm, tmp_path / "lora")
+    save_as_lora(tmp_path / "lora", pm)
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
 
         base = make_tiny_llama(seed=0)
         ft = make_finetuned_copy(base, seed=seed)
-        save = lambda: hf_lowrank.encode_residual(base, ft, rank=4, out=path, progress=False)
+        save = lambda: hf_lowrank.encode_residual(base, ft, rank=4, path=path, progress=False)
     elif what == "compressed":
         model = make_tiny_llama(seed=seed)
         hf_lowrank.compress_model(model, 0.4, progress=False)
@@ -176,7 +176,7 @@ def test_kill_between_the_two_renames_is_recovered(tmp_path):
 
     assert torch.equal(_logits(target), ref)  # the load restored the previous checkpoint
     assert _digest(target) == before
-    with pytest.raises(hf_lowrank.ResidualError, match="not an ERE residual"):
+    with pytest.raises(hf_lowrank.errors.ResidualError, match="not an ERE residual"):
         EREResidual.load(target)  # (a residual load restores too; this folder is a model, so it is refused)
 
     killed = _run("between-renames", target, 2)  # again, and this time a save recovers

@@ -12,12 +12,14 @@ import torch
 from peft import get_peft_model
 from tiny_models import make_tiny_llama
 
-from hf_lowrank import FisherLoRAConfig, compress_model, compress_peft_model, find_target_linears
+from hf_lowrank import FisherLoRAConfig, compress_model
 from hf_lowrank.calibration.grams import CalibrationGrams, calibration_grams
 from hf_lowrank.fisher.collector import FisherCollector, FisherState
 from hf_lowrank.ops.fisher import fwsvd, gram_factor, weighted_lowrank, weighted_relative_error, weighted_spectrum
 from hf_lowrank.ops.rank_allocation import global_ranks
 from hf_lowrank.ops.svd import SVDError, split_factors, truncated_svd
+from hf_lowrank.targets import find_target_linears
+from hf_lowrank.tuners.fisher_lora import compress_peft_model
 
 
 def _objective(W, W_hat, X=None, Gout_root=None):

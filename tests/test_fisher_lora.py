@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import TINY_MLP, make_tiny_fisher_lora
 from transformers import AutoModelForCausalLM
 
-from hf_lowrank import compress_model, save_compressed
+from hf_lowrank import compress_model, save_as_lora, save_compressed
 from hf_lowrank.modules import LowRankLinear, dense_weight
 from hf_lowrank.ops.fisher import fwsvd, lora_fisher_to_weights
 from hf_lowrank.tuners.fisher_lora import (
@@ -21,7 +21,6 @@ from hf_lowrank.tuners.fisher_lora import (
     FisherState,
     FisherStateError,
     compress_peft_model,
-    export_lora_adapter,
     plan_ranks,
     save_compressed_model,
 )
@@ -55,7 +54,7 @@ def test_vanilla_lora_loads_the_adapter(tiny_llama, tmp_path):
     x = _batches(1)[0]
     ref = _logits(pm.eval(), x)
     pm.save_pretrained(tmp_path / "ad")
-    export_lora_adapter(tmp_path / "ad", tmp_path / "lora")
+    save_as_lora(tmp_path / "lora", tmp_path / "ad")
     saved = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA" and "compress_rank" not in saved
     vanilla = PeftModel.from_pretrained(fresh, tmp_path / "lora")

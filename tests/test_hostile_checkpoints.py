@@ -41,7 +41,7 @@ def originals(tmp_path_factory):
         logits = model(IDS).logits
     base = make_tiny_llama(seed=0)
     ft = make_finetuned_copy(base, seed=1)
-    hf_lowrank.encode_residual(base, ft, rank=4, out=root / "residual", progress=False)
+    hf_lowrank.encode_residual(base, ft, rank=4, path=root / "residual", progress=False)
     decoded = hf_lowrank.decode_residual(base, root / "residual", progress=False).state_dict()
     return {"root": root, "logits": logits, "base": base, "decoded": decoded}
 

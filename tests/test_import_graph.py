@@ -19,6 +19,8 @@ DEMO = f"{PACKAGE}.demo"
 #: modules allowed to use the demo kit: the kit itself and the command line
 DEMO_USERS = {DEMO, f"{PACKAGE}.cli"}
 STDLIB = set(sys.stdlib_module_names)
+#: the error classes: a leaf (standard library only) that every layer, ops included, may import
+ERRORS = f"{PACKAGE}.errors"
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
@@ -114,8 +116,14 @@ def test_ops_imports_torch_and_the_standard_library_only():
         if not module.startswith(f"{PACKAGE}.ops"):
             continue
         foreign = sorted(i for i in imports if i.split(".")[0] not in STDLIB | {"torch"}
-                         and not i.startswith(f"{PACKAGE}.ops"))
+                         and not i.startswith(f"{PACKAGE}.ops") and i != ERRORS)
         assert not foreign, f"{module} imports {foreign}: hf_lowrank.ops is pure torch"
+
+
+def test_errors_is_a_leaf_that_imports_the_standard_library_only():
+    # ops may raise the package's errors because errors.py imports nothing else
+    imports = _graph(top_level_only=False)[ERRORS]
+    assert all(i.split(".")[0] in STDLIB for i in imports), imports
 
 
 def test_the_core_does_not_import_the_demo_kit():
@@ -124,6 +132,14 @@ def test_the_core_does_not_import_the_demo_kit():
             continue
         used = sorted(i for i in imports if i == DEMO or i.startswith(DEMO + "."))
         assert not used, f"{module} imports the demo kit {used}: move what it needs into the core"
+
+
+def test_the_pipeline_imports_the_package_at_module_level_only():
+    # no circle needs a function-local import in the pipeline: every package module it uses is a module-level edge
+    path = ROOT / "compression" / "pipeline.py"
+    local = _graph(top_level_only=False)[f"{PACKAGE}.compression.pipeline"] - _graph(top_level_only=True)[
+        f"{PACKAGE}.compression.pipeline"]
+    assert not {i for i in local if i.startswith(PACKAGE)}, f"function-local package imports in {path}: {local}"
 
 
 def test_the_package_imports_no_deprecated_old_path():

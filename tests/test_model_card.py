@@ -114,7 +114,7 @@ def test_write_model_card_refuses_a_path_as_base_model(tmp_path):
     model = make_tiny_llama()
     compress_model(model, 8, progress=False)
     model.save_pretrained(tmp_path / "m")
-    hf_lowrank.write_model_card(tmp_path / "m", base_model="/abs/local/base", method="svd", settings={},
+    hf_lowrank.cards.write_model_card(tmp_path / "m", base_model="/abs/local/base", method="svd", settings={},
                                 ranks=model.config.quantization_config.ranks, params_before=10, params_after=5)
     card, _ = _card(tmp_path / "m")
     assert card.data.base_model is None

@@ -25,7 +25,7 @@ def _planted():
 
 def test_numpy_integer_ranks_are_ranks():
     model = make_tiny_llama(seed=0)
-    targets = hf_lowrank.find_target_linears(model)
+    targets = hf_lowrank.targets.find_target_linears(model)
     assert set(resolve_ranks(targets, np.int64(4)).values()) == {4}
     name = next(iter(targets))
     assert resolve_ranks(targets, {name: np.int32(4)}) == {name: 4}

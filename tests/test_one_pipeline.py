@@ -15,7 +15,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_fisher_lora, make_tiny_llama
 
-from hf_lowrank import compress_model
+from hf_lowrank import CompressionConfig, compress_model
 from hf_lowrank.trainer.callbacks import compress_on_save
 from hf_lowrank.tuners.fisher_lora import FisherCollector, compress_peft_model
 
@@ -97,3 +97,65 @@ def test_rank_pattern_overrides_a_rank_alike_on_both_paths(tmp_path):
     assert plain_report.ranks["model.layers.1.mlp.up_proj"] == 4 and plain_report.ranks[UP0] == 8
     with pytest.raises(ValueError, match="rank_pattern key 'q_prj' matches no target module"):
         compress_model(copy.deepcopy(plain), {"q_prj": 4}, progress=False)
+
+
+def _lora_model(seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(make_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return pm.eval()
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model.eval()(input_ids=x).logits
+
+
+def test_compress_model_takes_a_lora_peft_model_as_compress_peft_model_does():
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    pm = _lora_model()
+    reference, ref_report = compress_peft_model(copy.deepcopy(pm), keep=0.5, progress=False)
+    report = compress_model(pm, 0.5, progress=False)
+    compressed = pm.get_base_model()
+    assert report.ranks == ref_report.ranks and set(report.ranks) == {
+        f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("up_proj", "down_proj")}
+    assert not any("lora" in n for n, _ in compressed.named_modules())
+    torch.testing.assert_close(_logits(compressed, x), _logits(reference, x), atol=1e-5, rtol=1e-4)
+
+
+def test_compress_model_with_calibration_on_a_lora_model_is_the_merged_models_compression():
+    # the weight source of a LoRA model is W + s B A: compressing it equals compressing the merged model, calibration
+    # Grams included (both collected on the same effective weights)
+    g = torch.Generator().manual_seed(4)
+    batches = [{"input_ids": torch.randint(0, 128, (2, 16), generator=g)} for _ in range(4)]
+    x = torch.randint(0, 128, (2, 12), generator=g)
+    pm = _lora_model()
+    merged = copy.deepcopy(pm).merge_and_unload()
+    ref_report = compress_model(merged, CompressionConfig(keep=0.5, target_modules=["up_proj", "down_proj"]),
+                                calibration=batches, progress=False)
+    report = compress_model(pm, 0.5, calibration=batches, progress=False)
+    assert report.ranks == ref_report.ranks and report.method == ref_report.method == "kronecker"
+    torch.testing.assert_close(_logits(pm.get_base_model(), x), _logits(merged, x), atol=1e-4, rtol=1e-3)
+
+
+def test_compress_model_on_a_lora_model_refuses_grams_given_by_hand():
+    with pytest.raises(ValueError, match="effective weights W \\+ s B A"):
+        compress_model(_lora_model(), 0.5, grams_in={}, progress=False)
+
+
+def test_compress_model_on_a_fisher_lora_model_with_a_fisher_and_a_config_weighting():
+    # the demo's diagonal row: a Kronecker-trained FisherLoRA adapter compressed with the two-sided Fisher
+    pm = make_tiny_fisher_lora(make_tiny_llama(), fisher_weighting="kronecker", compress_rank=None)
+    state = _kronecker_state(pm)
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    reference, ref_report = compress_peft_model(copy.deepcopy(pm), fisher=state, keep=0.5, weighting="row",
+                                                allocation="uniform", progress=False)
+    report = compress_model(pm, CompressionConfig(keep=0.5, weighting="row", allocation="uniform"), fisher=state,
+                            progress=False)
+    assert report.ranks == ref_report.ranks and report.info["fisher_weighting"] == "row"
+    torch.testing.assert_close(_logits(pm.get_base_model(), x), _logits(reference, x), atol=1e-5, rtol=1e-4)

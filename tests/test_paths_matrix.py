@@ -6,8 +6,8 @@ reload by the stock ``from_pretrained`` (or vanilla ``PeftModel.from_pretrained`
   ``decompress_model`` -> ``save_pretrained``: a stock checkpoint of the same function;
 - FisherLoRA trained by ``LowRankTrainer`` -> ``save_model`` (compress on save) -> ``from_pretrained``: bit-identical
   to ``compress_peft_model`` of the trained adapter, and a classifier keeps its trained head;
-- SPSFT trained -> ``export_spsft_as_lora`` -> vanilla peft ``LoraConfig`` adapter: the SPSFT model's outputs;
-- ERE of a full fine-tune -> ``decode_residual`` (within the quantization fidelity) and ``export_residual_as_lora``
+- SPSFT trained -> ``save_as_lora`` -> vanilla peft ``LoraConfig`` adapter: the SPSFT model's outputs;
+- ERE of a full fine-tune -> ``decode_residual`` (within the quantization fidelity) and ``save_as_lora``
   -> vanilla ``PeftModel.from_pretrained``: the decoded model's outputs.
 
 (WeLore merge, SPSFT merge and PEFT save/load on the same models: ``test_peft_contract.py``.)
@@ -23,9 +23,9 @@ from tiny_models import make_tiny_model
 from transformers import TrainingArguments
 
 import hf_lowrank
-from hf_lowrank import FisherLoRAConfig, LowRankLinear, LowRankTrainer, SPSFTConfig, compress_peft_model
-from hf_lowrank.compression.ere import decode_residual, encode_residual, export_residual_as_lora
-from hf_lowrank.tuners.spsft import export_spsft_as_lora
+from hf_lowrank import FisherLoRAConfig, LowRankLinear, LowRankTrainer, SPSFTConfig, save_as_lora
+from hf_lowrank.compression.ere import decode_residual, encode_residual
+from hf_lowrank.tuners.fisher_lora import compress_peft_model
 
 CELLS = [pytest.param(kind, id=kind) for kind in KINDS]
 
@@ -115,7 +115,7 @@ def test_spsft_lora_export_loads_in_vanilla_peft(tmp_path, kind):
     model.eval()
     trained = _out(model, kind)
     assert _rel(trained, _out(make_tiny_model(kind), kind)) > 1e-4
-    export_spsft_as_lora(model, tmp_path / "lora")
+    save_as_lora(tmp_path / "lora", model)
     loaded = PeftModel.from_pretrained(make_tiny_model(kind), tmp_path / "lora").eval()
     assert _close(_out(loaded, kind), trained, 1e-5)
 
@@ -132,10 +132,10 @@ def test_ere_decodes_a_full_fine_tune_and_its_lora_export_loads_in_vanilla_peft(
             p += scale * torch.randn(p.shape[0], 4, generator=g) @ torch.randn(4, p.shape[1], generator=g) / 4
     reference = _out(ft, kind)
     assert _rel(_out(base, kind), reference) > 0.01  # the fine-tune did change the outputs
-    encode_residual(base, ft, rank=32, bits=8, out=tmp_path / "r", progress=False)
+    encode_residual(base, ft, rank=32, bits=8, path=tmp_path / "r", progress=False)
     decoded = decode_residual(base, tmp_path / "r", progress=False).eval()
     got = _out(decoded, kind)
     assert _rel(got, reference) < 0.02  # within the ERE quantization fidelity
-    export_residual_as_lora(tmp_path / "r", tmp_path / "lora", base_model=base, progress=False)
+    save_as_lora(tmp_path / "lora", tmp_path / "r", base_model=base)
     peft_model = PeftModel.from_pretrained(make_tiny_model(kind), tmp_path / "lora").eval()
     assert _close(_out(peft_model, kind), got, 1e-5)

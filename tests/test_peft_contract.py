@@ -56,10 +56,9 @@ from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict
 from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 
-from hf_lowrank import FisherLoRAConfig, SPSFTConfig, WeLoreLRCConfig, compress_model
+from hf_lowrank import FisherLoRAConfig, SPSFTConfig, WeLoreLRCConfig, compress_model, save_as_lora
 from hf_lowrank.trainer.callbacks import compress_on_save
-from hf_lowrank.tuners.fisher_lora import FisherCollector, compress_peft_model, export_lora_adapter
-from hf_lowrank.tuners.spsft import export_spsft_as_lora
+from hf_lowrank.tuners.fisher_lora import FisherCollector, compress_peft_model
 from hf_lowrank.tuners.welore import DenseWeightDroppedError
 
 KINDS = ["llama", "qwen2", "phi3", "t5", "roberta_cls", "bert_cls", "gpt2", "gpt2_cls"]
@@ -588,19 +587,10 @@ def test_inputs_embeds_equal_input_ids(kind, method):
         assert _close(model(inputs_embeds=embeds, **batch).logits, _out(model, kind))
 
 
-def _export_as_lora(model, path):
-    """This library's exporter of an adapter as a vanilla LoRA folder (SPSFT from the model, FisherLoRA from its
-    saved folder)."""
-    if isinstance(model.peft_config["default"], FisherLoRAConfig):
-        model.save_pretrained(path.with_name("saved"))
-        return export_lora_adapter(path.with_name("saved"), path)
-    return export_spsft_as_lora(model, path)
-
-
 @pytest.mark.parametrize("kind, method", CELLS)
 def test_lora_conversion(tmp_path, kind, method):
-    """peft's ``_test_lora_conversion`` through this library's exporter: the adapter written as a vanilla LoRA
-    folder, loaded by peft alone on a fresh base, gives the adapter's outputs (exact conversions: within ``RTOL``),
+    """peft's ``_test_lora_conversion`` through this library's exporter (``save_as_lora``): the adapter written as a
+    vanilla LoRA folder, loaded by peft alone on a fresh base, gives the adapter's outputs (exact conversions: within ``RTOL``),
     and peft's own ``convert_to_lora`` at the adapter's rank agrees. WeLore is not a delta on the base weight (its
     factors replace the weight): both refuse with an error that says so."""
     _, model = _trained(kind, method)
@@ -610,9 +600,9 @@ def test_lora_conversion(tmp_path, kind, method):
         with pytest.raises(TypeError, match="do not support LoRA conversion"):
             convert_to_lora(model, rank=4)
         with pytest.raises(ValueError, match="WeLore"):
-            _export_as_lora(model, tmp_path / "lora")
+            save_as_lora(tmp_path / "lora", model)
         return
-    _export_as_lora(model, tmp_path / "lora")
+    save_as_lora(tmp_path / "lora", model)
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     lora = PeftModel.from_pretrained(make_tiny_model(kind), tmp_path / "lora").eval()
     assert type(lora.peft_config["default"]) is LoraConfig

@@ -8,7 +8,8 @@ import torch
 from tiny_models import make_tiny_llama
 
 import hf_lowrank
-from hf_lowrank import CompressedCheckpointError, decompress_model, load_compressed
+from hf_lowrank import decompress_model, load_compressed
+from hf_lowrank.errors import CompressedCheckpointError
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -22,9 +22,9 @@ from hf_lowrank.modules import dense_weight, is_quantized
 from hf_lowrank.tuners._registry import SUPPORTED_PEFT_VERSIONS, ensure_peft_type, register_method
 
 CONFIGS = {
-    "FISHER_LORA": (hf_lowrank.FisherLoRAConfig, hf_lowrank.FisherLoraModel),
-    "WELORE_LRC": (hf_lowrank.WeLoreLRCConfig, hf_lowrank.WeLoreModel),
-    "SPSFT": (hf_lowrank.SPSFTConfig, hf_lowrank.SPSFTModel),
+    "FISHER_LORA": (hf_lowrank.FisherLoRAConfig, hf_lowrank.tuners.fisher_lora.FisherLoRAModel),
+    "WELORE_LRC": (hf_lowrank.WeLoreLRCConfig, hf_lowrank.tuners.welore.WeLoreLRCModel),
+    "SPSFT": (hf_lowrank.SPSFTConfig, hf_lowrank.tuners.spsft.SPSFTModel),
 }
 
 
@@ -45,7 +45,8 @@ def test_members_behave_like_builtin_ones(name):
 def test_registration_is_idempotent():
     before = len(PeftType.__members__)
     assert ensure_peft_type("SPSFT") is PeftType.SPSFT
-    register_method(name="spsft", config_cls=hf_lowrank.SPSFTConfig, model_cls=hf_lowrank.SPSFTModel, prefix="spsft_")
+    register_method(name="spsft", config_cls=hf_lowrank.SPSFTConfig, model_cls=hf_lowrank.tuners.spsft.SPSFTModel,
+                    prefix="spsft_")
     assert len(PeftType.__members__) == before
 
 

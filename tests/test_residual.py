@@ -10,13 +10,13 @@ import pytest
 import torch
 from tiny_models import make_tiny_bert_config, make_tiny_llama
 
+from hf_lowrank import save_as_lora
 from hf_lowrank.compression.ere import (
     BaseMismatchError,
     EREResidual,
     ResidualFormatError,
     decode_residual,
     encode_residual,
-    export_residual_as_lora,
     load_residual,
     save_residual_on_save,
 )
@@ -159,7 +159,7 @@ def test_what_is_stored_how(tmp_path):
     ft = _finetune_like(base)
     with torch.no_grad():
         ft.model.layers[0].input_layernorm.weight += 0.1
-    res = encode_residual(base, ft, rank=8, bits=4, out=tmp_path / "r", progress=False)
+    res = encode_residual(base, ft, rank=8, bits=4, path=tmp_path / "r", progress=False)
     kinds = {n: e["kind"] for n, e in res.entries.items()}
     assert kinds["model.embed_tokens.weight"] == "sparse"  # 4 rows changed: cheaper than any factorization
     assert res.entries["model.embed_tokens.weight"]["rank"] == 4
@@ -201,14 +201,14 @@ def test_decode_does_not_touch_the_base_unless_in_place(llama_pair):
     dec = decode_residual(base, res, progress=False)
     assert dec is not base
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
-    same = decode_residual(base, res, in_place=True, progress=False)
+    same = decode_residual(base, res, inplace=True, progress=False)
     assert same is base
     assert torch.equal(base.model.layers[0].mlp.up_proj.weight, dec.model.layers[0].mlp.up_proj.weight)
 
 
 def test_fingerprint_mismatch_is_refused(tmp_path, llama_pair):
     base, ft = llama_pair
-    encode_residual(base, ft, rank=4, bits=4, out=tmp_path / "r", progress=False)
+    encode_residual(base, ft, rank=4, bits=4, path=tmp_path / "r", progress=False)
     other = make_tiny_llama()
     with torch.no_grad():
         other.model.layers[1].mlp.down_proj.weight.mul_(1.001)
@@ -224,7 +224,7 @@ def test_fingerprint_mismatch_is_refused(tmp_path, llama_pair):
 def test_damaged_or_edited_residuals_are_detected(tmp_path, llama_pair):
     base, ft = llama_pair
     good = tmp_path / "r"
-    encode_residual(base, ft, rank=4, bits=4, out=good, progress=False)
+    encode_residual(base, ft, rank=4, bits=4, path=good, progress=False)
     weights = (good / "residual.safetensors").read_bytes()
     manifest = json.loads((good / "residual_manifest.json").read_text())
 
@@ -303,10 +303,10 @@ def test_export_lora_loads_in_vanilla_peft_and_matches_decode(tmp_path, tied):
         ft.model.norm.weight += 0.05
         if tied:  # a dense embedding change: stored low-rank, exported as LoRA on embed_tokens and lm_head
             ft.model.embed_tokens.weight += 0.01 * torch.randn(128, 3) @ torch.randn(3, 64)
-    res = encode_residual(base, ft, rank=8, bits=4, out=tmp_path / "r", progress=False)
+    res = encode_residual(base, ft, rank=8, bits=4, path=tmp_path / "r", progress=False)
     emb_kind = res.entries["model.embed_tokens.weight"]["kind"]
     assert emb_kind == ("lowrank" if tied else "sparse")
-    export_residual_as_lora(tmp_path / "r", tmp_path / "lora", base_model=base, progress=False)
+    save_as_lora(tmp_path / "lora", tmp_path / "r", base_model=base)
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA"
     from huggingface_hub import ModelCard
@@ -321,7 +321,7 @@ def test_export_lora_loads_in_vanilla_peft_and_matches_decode(tmp_path, tied):
     if not tied:  # row-sparse embeddings travel as trainable tokens, which store the new rows: base needed
         assert cfg["trainable_token_indices"] == {"model.embed_tokens": [3, 7, 9, 40]}
         with pytest.raises(ValueError, match="base_model="):
-            export_residual_as_lora(tmp_path / "r", tmp_path / "lora2", progress=False)
+            save_as_lora(tmp_path / "lora2", tmp_path / "r")
 
 
 def test_classifier_from_backbone_base_roundtrip_and_peft(tmp_path):
@@ -340,7 +340,7 @@ def test_classifier_from_backbone_base_roundtrip_and_peft(tmp_path):
         ft.bert.encoder.layer[0].output.dense.bias += 0.02
         ft.bert.encoder.layer[1].output.LayerNorm.weight += 0.1
         ft.bert.embeddings.position_embeddings.weight[:12] += 0.03
-    res = encode_residual(base, ft, rank=16, bits=8, out=tmp_path / "r", progress=False)
+    res = encode_residual(base, ft, rank=16, bits=8, path=tmp_path / "r", progress=False)
     kinds = {n: e["kind"] for n, e in res.entries.items()}
     assert kinds["classifier.weight"] == kinds["classifier.bias"] == "exact"  # no base counterpart
     assert kinds["bert.embeddings.token_type_embeddings.weight"] == "base"
@@ -356,7 +356,7 @@ def test_classifier_from_backbone_base_roundtrip_and_peft(tmp_path):
         ref, got, got2 = ft(x).logits, loaded(x).logits, decoded(x).logits
     assert torch.allclose(got, got2, atol=1e-6)
     assert float((got - ref).norm() / ref.norm()) < 0.01
-    export_residual_as_lora(tmp_path / "r", tmp_path / "lora", base_model=base, progress=False)
+    save_as_lora(tmp_path / "lora", tmp_path / "r", base_model=base)
     cfg_l = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert cfg_l["bias"] == "all" and "classifier" in cfg_l["modules_to_save"]
     peft_base = BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3).eval()

@@ -14,8 +14,8 @@ from tiny_models import make_tiny_roberta_classifier
 from transformers import AutoModelForSequenceClassification
 from transformers.models.roberta.modeling_roberta import RobertaClassificationHead
 
-from hf_lowrank import SPSFTConfig, WeLoreLRCConfig
-from hf_lowrank.compression.ere import decode_residual, encode_residual, export_residual_as_lora
+from hf_lowrank import SPSFTConfig, WeLoreLRCConfig, save_as_lora
+from hf_lowrank.compression.ere import decode_residual, encode_residual
 
 
 def _batch():
@@ -108,9 +108,9 @@ def test_ere_export_of_a_roberta_classifier_loads_in_vanilla_peft(tmp_path):
             scale = 0.3 if name.startswith("classifier") else 0.02
             p += scale * torch.randn(p.shape[0], 4, generator=g) @ torch.randn(4, p.shape[1], generator=g) / 4
     res_dir = tmp_path / "r"
-    encode_residual(base, ft, rank=32, bits=8, out=res_dir, progress=False)
+    encode_residual(base, ft, rank=32, bits=8, path=res_dir, progress=False)
     decoded = decode_residual(base, res_dir, progress=False).eval()
-    export_residual_as_lora(res_dir, tmp_path / "lora", base_model=base, progress=False)
+    save_as_lora(tmp_path / "lora", res_dir, base_model=base)
 
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert cfg["task_type"] == "SEQ_CLS"

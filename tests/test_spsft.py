@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import hf_lowrank.tuners.spsft as spsft
+from hf_lowrank import save_as_lora
 from hf_lowrank.ops.importance import quantile_mean_taylor_importance, top_rows
 from hf_lowrank.tuners.spsft import (
     QuantizedMergeError,
     SPSFTConfig,
-    export_spsft_as_lora,
     spsft_importance,
 )
 
@@ -281,7 +281,7 @@ def test_lora_export_loads_in_vanilla_peft_identically(tiny_llama_config, tmp_pa
     model = get_peft_model(make(), SPSFTConfig(init_weights=False, **kwargs))
     ids = torch.randint(0, 128, (2, 10))
     out = model(ids).logits
-    export_spsft_as_lora(model, tmp_path / "lora")
+    save_as_lora(tmp_path / "lora", model)
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["lora_dropout"] == 0.0
     if "ratio" in kwargs:
@@ -309,7 +309,7 @@ def test_lora_export_keeps_modules_to_save(tiny_bert_classifier, tmp_path):
     ids = torch.randint(0, 128, (3, 9))
     out = model(input_ids=ids).logits
     model.save_pretrained(tmp_path / "spsft")
-    export_spsft_as_lora(model, tmp_path / "lora")
+    save_as_lora(tmp_path / "lora", model)
     torch.testing.assert_close(PeftModel.from_pretrained(make(), tmp_path / "spsft").eval()(input_ids=ids).logits, out)
     lora = PeftModel.from_pretrained(make(), tmp_path / "lora").eval()
     torch.testing.assert_close(lora(input_ids=ids).logits, out, rtol=1e-5, atol=1e-5)

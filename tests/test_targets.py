@@ -8,13 +8,14 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from hf_lowrank import FisherLoRAConfig, SPSFTConfig, find_target_linears, welore_ranks_for_model
+from hf_lowrank import FisherLoRAConfig, SPSFTConfig
 from hf_lowrank.demo.plotting import _block_and_kind
 from hf_lowrank.targets import (
     PEFT_PREFIX,
     all_linear_names,
     block_index,
     check_pattern_key,
+    find_target_linears,
     in_block,
     is_all_linear,
     module_matches,
@@ -25,6 +26,7 @@ from hf_lowrank.targets import (
 )
 from hf_lowrank.tuners.fisher_lora import plan_ranks
 from hf_lowrank.tuners.spsft.model import _block_linear_leaf_names
+from hf_lowrank.tuners.welore import welore_ranks_for_model
 from hf_lowrank.tuners.welore.allocation import match_rank_pattern
 
 NAMES = [
@@ -167,8 +169,8 @@ def test_public_find_target_linears_is_the_rule_compress_model_applies(tiny_llam
     import hf_lowrank
     from hf_lowrank import targets
 
-    assert hf_lowrank.find_target_linears is targets.find_target_linears
-    expected = set(hf_lowrank.find_target_linears(tiny_llama, target_modules))
+    assert hf_lowrank.targets.find_target_linears is targets.find_target_linears
+    expected = set(hf_lowrank.targets.find_target_linears(tiny_llama, target_modules))
     with pytest.warns(UserWarning, match="absolute rank"):
         report = hf_lowrank.compress_model(tiny_llama, 4, target_modules=target_modules, progress=False)
     assert {m.name for m in report.modules} == expected

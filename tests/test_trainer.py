@@ -264,17 +264,17 @@ def test_sft_trainer_paths(tiny_llama_config, tmp_path, use_mixin):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=0, atol=0)
 
 
-def test_compress_inplace_and_svd_on_save(tiny_llama_config, tmp_path):
+def test_inplace_compression_and_svd_on_save(tiny_llama_config, tmp_path):
     model = _peft_model(tiny_llama_config, fisher_source="none", compress_rank=6)
     saver = CompressOnSaveCallback("svd", rank=4)
     trainer = LowRankTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_Tokens(),
-                             callbacks=[saver], compress_inplace=True)
+                             callbacks=[saver], inplace=True)
     assert trainer.fisher_callback is None  # plain SVD needs no Fisher
     trainer.train()
     svd_report = json.loads((tmp_path / "run" / "compressed" / "compression_report.json").read_text())
     assert svd_report["method"] == "svd" and {m["rank"] for m in svd_report["modules"]} == {4}
     trainer.save_model(str(tmp_path / "out"))
-    assert not isinstance(trainer.model, PeftModel)  # compress_inplace: the trainer's model became the compressed one
+    assert not isinstance(trainer.model, PeftModel)  # inplace: the trainer's model became the compressed one
     assert trainer.model.model.layers[0].mlp.up_proj.rank == 6
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     x = _Tokens().data[:2]

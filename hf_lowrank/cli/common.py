@@ -10,6 +10,7 @@ import os
 
 from ..compression.checkpoint import load_compressed
 from ..demo.models import resolve_model_alias
+from ..errors import CliError
 
 __all__ = ["CliError", "load_model_for_cli", "load_tokenizer", "resolve_model_class"]
 
@@ -21,10 +22,6 @@ _MODEL_CLASSES = {
     "base": "AutoModel",
 }
 """Short names for ``--model-class``; any transformers class name (``RobertaForSequenceClassification``) works too."""
-
-
-class CliError(Exception):
-    """A problem the command reports as one line on stderr with exit status 2 (as argparse does for bad usage)."""
 
 
 def _model_path(model: str) -> str:

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import CompressedCheckpointError
 from ..io import check_plain_name, read_json, read_safetensors_header, recover_directory
 
 __all__ = [
@@ -35,10 +36,6 @@ codes); a checkpoint without it is written as version 1, the layout every earlie
 FACTOR_CODE_FORMAT = "rtn-affine-v1"
 """The code layout of quantized factors: :func:`hf_lowrank.ops.quant.quantize_rtn` (packed little-endian bit stream,
 fp16 scale and offset per group along the factor's last dimension)."""
-
-
-class CompressedCheckpointError(ValueError):
-    """A factorized checkpoint is missing, truncated, inconsistent or from an incompatible format."""
 
 
 # the key every save adds so that stock transformers refuses the checkpoint (see checkpoint.py, "guard against

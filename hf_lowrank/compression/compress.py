@@ -13,6 +13,9 @@ import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ..calibration.grams import CalibrationGrams, check_model_ready, gram_memory_bytes, is_causal_lm
@@ -97,7 +100,11 @@ def compress_model(
 
     Args:
         model: the model to compress (modified in place). A DDP / ``torch.compile`` wrapper is unwrapped and the model
-            under it compressed (wrap the result again to train it).
+            under it compressed (wrap the result again to train it). A peft LoRA model (a ``PeftModel`` of a
+            FisherLoRA or plain LoRA adapter) is compressed from its adapted Linears' effective weights
+            ``W + s B A`` (as :func:`~hf_lowrank.tuners.fisher_lora.compress_peft_model` with ``inplace=True``,
+            the adapter's config filling what ``config_or_keep`` leaves out): afterwards ``model.get_base_model()``
+            is the compressed transformers model, without LoRA layers.
         config_or_keep: a :class:`CompressionConfig`; or a float keep fraction, an int rank or a rank-pattern dict
             (its keys then choose the targets), the rest of the config from ``overrides``.
         calibration: batches (dicts with ``input_ids``, optionally ``attention_mask`` / ``labels``; a ``DataLoader``
@@ -127,8 +134,21 @@ def compress_model(
         A :class:`CompressionReport` (``info`` records the weighting, allocation, calibration tokens and any Gram
         whose factorization needed the eigendecomposition fallback).
     """
+    given = config_or_keep is not None or bool(overrides)
     config, spelled = build_config(config_or_keep, overrides)
     model = unwrap_wrappers(model)
+    if _is_lora_peft_model(model):
+        if any(x is not None for x in (row_weights, col_weights, grams_in, grams_out)):
+            raise ValueError("A LoRA model is compressed from its effective weights W + s B A: pass fisher= or "
+                             "calibration=, not row_weights=/col_weights=/grams_in=/grams_out= (collected on which "
+                             "weights?).")
+        # the LoRA weight source stand-ins (W + s B A per adapted Linear, 4-bit dequantized) go through this same
+        # function; it lives with the LoRA tuner, which imports this module
+        from ..tuners.fisher_lora.compress import compress_peft_model
+
+        _, report = compress_peft_model(model, fisher=fisher, calibration=calibration, compression=config if given
+                                        else None, inplace=True, progress=progress)
+        return report
     check_model_ready(model)  # meta weights, torch.inference_mode(): a clear error before any work
     explicit = any(x is not None for x in (row_weights, col_weights, grams_in, grams_out))
     state = None
@@ -182,8 +202,9 @@ def compress_model(
             grams_out = collected_out if kronecker else grams_out
             info["calibration_tokens"] = tokens
             log_tokens_per_dimension(tokens, shapes_of(targets), config.max_gram_dim)
-        sides = weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, config.fisher_exponent,
-                                config.fisher_eps, config.damping, tokens=info.get("calibration_tokens"))
+        sides = weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, config.damping,
+                                exponent=config.fisher_exponent, eps=config.fisher_eps,
+                                tokens=info.get("calibration_tokens"))
         if state is None:  # a useless Fisher state is named by fisher_sides and gives plain SVD, as documented there
             check_empty_sides(sides, grams_in is not None, grams_out is not None, calibration is not None)
         normalization = config.loss_normalization
@@ -209,6 +230,12 @@ def compress_model(
     _record_sides(report, sides, info, gram_settings=bool(grams_in or grams_out), damping=config.damping)
     mark(model, report, checkpoint_extra)
     return report
+
+
+def _is_lora_peft_model(model: nn.Module) -> bool:
+    """A ``PeftModel`` (or peft tuner) carrying LoRA layers; the transformers model inside it is not one, so the LoRA
+    route's own call on it takes the plain path."""
+    return isinstance(model, (PeftModel, BaseTuner)) and any(isinstance(m, LoraLayer) for m in model.modules())
 
 
 def build_config(config_or_keep, overrides: Mapping, *, caller: str = "compress_model"

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._deprecation import renamed_keywords
 from ..calibration.grams import CalibrationGrams
 from ..calibration.inputs import check_model_ready, is_causal_lm
 from ..distributed import unwrap_wrappers
@@ -255,7 +256,7 @@ def _sides(model, targets, calibration, weighting, grams_on, spec, damping, max_
                                                          max_gram_dim=max_gram_dim, progress=progress)
     info["grams_on"] = "given" if given else grams_on
     info["calibration_tokens"] = tokens
-    sides = weighting_sides(targets, None, None, grams_in, grams_out, 0.5, 1e-6, damping, tokens=tokens)
+    sides = weighting_sides(targets, None, None, grams_in, grams_out, damping, tokens=tokens)
     check_empty_sides(sides, True, kronecker, not given)
     empty = {n: list(s.empty) for n, s in sides.items() if s.empty}
     if empty:
@@ -265,6 +266,7 @@ def _sides(model, targets, calibration, weighting, grams_on, spec, damping, max_
     return sides
 
 
+@renamed_keywords(output_dir="path")
 @torch.no_grad()
 def quantization_correction(
     model_or_path: nn.Module | str | os.PathLike,
@@ -272,7 +274,7 @@ def quantization_correction(
     rank: int,
     *,
     calibration: Iterable[Mapping[str, torch.Tensor]] | CalibrationGrams | None,
-    output_dir: str | os.PathLike | None = None,
+    path: str | os.PathLike | None = None,
     weighting: str = "auto",
     target_modules: str | Sequence[str] | None = None,
     group_size: int = 128,
@@ -302,7 +304,7 @@ def quantization_correction(
         calibration: batches (dicts with ``input_ids``, optionally ``attention_mask``; a ``DataLoader`` works), or a
             :class:`~hf_lowrank.calibration.grams.CalibrationGrams` collected earlier. ``None`` only with
             ``weighting="none"``.
-        output_dir: the adapter folder to write (atomically: safetensors weights and ``adapter_config.json``);
+        path: the adapter folder to write (atomically: safetensors weights and ``adapter_config.json``);
             ``None`` writes nothing.
         weighting: ``"kronecker"`` (input and output-gradient Grams: a forward and backward pass per batch, the
             weights frozen), ``"whitened"`` (input Grams, forwards only), ``"none"`` (plain SVD of the residual,
@@ -363,12 +365,13 @@ def quantization_correction(
             weighted_relative_error(W, Q, out_factor, in_factor) if weighted else None,
             weighted_relative_error(W, corrected, out_factor, in_factor) if weighted else None))
         report.factors[name] = (A, B)
-    if output_dir is not None:
-        report.output_dir = write_adapter(report, output_dir, model=model, base_name_or_path=source)
+    if path is not None:
+        report.output_dir = write_adapter(report, path, model=model, base_name_or_path=source)
     return report
 
 
-def write_adapter(report: CorrectionReport, output_dir: str | os.PathLike, *, model: nn.Module | None = None,
+@renamed_keywords(output_dir="path")
+def write_adapter(report: CorrectionReport, path: str | os.PathLike, *, model: nn.Module | None = None,
                   base_name_or_path: str | None = None) -> Path:
     """Write ``report``'s factors as a standard peft LoRA adapter folder (atomically): ``lora_A = A``,
     ``lora_B = B``, ``r = lora_alpha = rank`` (scale 1), ``target_modules`` the exact module names, no dropout, no
@@ -386,7 +389,7 @@ def write_adapter(report: CorrectionReport, output_dir: str | os.PathLike, *, mo
     for name, (A, B) in report.factors.items():
         state[f"base_model.model.{name}.lora_A.weight"] = A
         state[f"base_model.model.{name}.lora_B.weight"] = B
-    path = Path(output_dir)
+    path = Path(path)
     with atomic_directory(path) as tmp:
         atomic_save_safetensors(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         atomic_write_json(tmp / "adapter_config.json", config_dict)

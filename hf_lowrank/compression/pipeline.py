@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.grams import CalibrationGrams, calibration_grams
+from ..fisher.state import DEFAULT_EPS, DEFAULT_EXPONENT
 from ..modules import LowRankLinear, dense_weight, is_conv1d, set_submodule
 from ..ops.fisher import (
     fisher_weights,
@@ -119,8 +120,12 @@ class Side:
         return self.out_factor is not None or self.in_factor is not None
 
 
-def weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, exponent, eps, damping, tokens=None):
+def weighting_sides(targets, row_weights, col_weights, grams_in, grams_out, damping, *, exponent=DEFAULT_EXPONENT,
+                    eps=DEFAULT_EPS, tokens=None):
     """``{name: Side}``: each side's factor from a diagonal Fisher or a Gram (a shared Gram is factorized once).
+
+    ``exponent`` and ``eps`` shape the diagonal Fisher weights (:func:`~hf_lowrank.ops.fisher.fisher_weights`); Grams
+    do not use them.
 
     With ``tokens`` (the calibration tokens the Grams were summed over), each full Gram is shrunk toward its diagonal
     by :func:`~hf_lowrank.ops.fisher.gram_shrinkage`."""
@@ -225,7 +230,6 @@ def factorize(module: nn.Module, rank: int, side: Side, config: CompressionConfi
     new = LowRankLinear.from_factors(down.to(out_dtype), up.to(out_dtype), bias, dtype=out_dtype).to(W.device)
     new.conv1d = is_conv1d(module)
     if config.factor_bits is not None:  # codes fitted to the same weighted target (the refit needs W and L_in)
-
         new = quantize_lowrank(new, config.factor_bits, group_size=config.group_size, W=W, in_factor=side.in_factor)
     W_hat = new.up.weight.float() @ new.down.weight.float()
     err = relative_error(W.float(), W_hat)

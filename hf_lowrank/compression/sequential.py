@@ -150,8 +150,9 @@ def compress_sequential(model, targets, plan, calibration, report: CompressionRe
                 store, _ = reduce_grams(hooks.store, device=param.device if param is not None else None, error=error)
                 grams = {n: store[n + GRAM_IN] for n in names if n + GRAM_IN in store}
                 block_sides = weighting_sides(sub, _only(row_weights, names), _only(col_weights, names), grams,
-                                              _only(grams_out, names), config.fisher_exponent, config.fisher_eps,
-                                              config.damping, tokens=stream.tokens)
+                                              _only(grams_out, names), config.damping,
+                                              exponent=config.fisher_exponent, eps=config.fisher_eps,
+                                              tokens=stream.tokens)
                 sides.update(block_sides)
                 replacements = factorize_plan(sub, {n: plan[n] for n in names}, block_sides, report, "uniform",
                                               config, progress=False)

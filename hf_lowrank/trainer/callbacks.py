@@ -17,6 +17,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .._deprecation import renamed_keywords
 from ..compression.checkpoint import save_compressed
 from ..compression.compress import CompressionReport, compress_model
 from ..compression.config import CompressionConfig
@@ -175,7 +176,7 @@ class CompressOnSaveCallback(TrainerCallback):
     (full fine-tuning with ``FisherCollectorCallback(source="full")``) through :func:`~hf_lowrank.compress_model`.
 
     ``method="ere"`` writes an efficient residual encoding of the fine-tuned weights instead (Ryu, Seo and Yoo 2023,
-    arXiv:2305.18425), delegated to ``hf_lowrank.compression.ere.save_residual_on_save(model, output_dir,
+    arXiv:2305.18425), delegated to ``hf_lowrank.compression.ere.save_residual_on_save(model, path,
     base_model=..., **kwargs)``; it encodes ``W_finetuned - W_base`` and therefore needs the base weights
     (``base_model=``, or see that function for how it finds them).
 
@@ -290,9 +291,10 @@ def reduced_fisher(fisher, global_step: int | None = None) -> FisherState | None
     return state
 
 
+@renamed_keywords(output_dir="path")
 def compress_on_save(
     model: nn.Module,
-    output_dir: str | os.PathLike,
+    path: str | os.PathLike,
     *,
     config: CompressionConfig | None = None,
     fisher=None,
@@ -308,7 +310,7 @@ def compress_on_save(
     weighting: str | None = None,
     **method_kwargs,
 ) -> tuple[nn.Module | None, CompressionReport | None]:
-    """Compress a trained model and write it to ``output_dir``: the one compress-on-save path.
+    """Compress a trained model and write it to ``path``: the one compress-on-save path.
 
     :class:`CompressOnSaveCallback` (``"fwsvd"`` / ``"svd"``) and ``LowRankTrainer.save_model`` both call it. Every
     process calls it: the Fisher reduction over processes and the FSDP gather are collectives. In order:
@@ -326,7 +328,7 @@ def compress_on_save(
 
     Args:
         model: the trained model (a ``PeftModel``, a model with LoRA layers, or a plain model), wrapped or not.
-        output_dir: the folder to write.
+        path: the folder to write.
         config: the compression (:class:`~hf_lowrank.CompressionConfig`); for a FisherLoRA model it replaces the
             adapter config's ``compression``; a plain model needs it (or ``rank`` / ``keep`` / ``rank_pattern``).
         fisher: ``FisherCollectorCallback`` / ``FisherCollector`` / ``FisherState`` / path, or None (plain SVD).
@@ -364,8 +366,8 @@ def compress_on_save(
                 given = {"rank": rank, "keep": keep, **given}
             compressed = shared_weight_copy(unwrap_model(gathered))
             report = compress_model(compressed, config, fisher=state, progress=progress, **given, **method_kwargs)
-        save_compressed(compressed, output_dir, tokenizer=tokenizer, report=report, fisher_state=state)
-        logger.info("Compressed model saved to %s: %s", output_dir, report.summary())
+        save_compressed(compressed, path, tokenizer=tokenizer, report=report, fisher_state=state)
+        logger.info("Compressed model saved to %s: %s", path, report.summary())
         if not inplace:
             compressed = None  # the copy's new factors are freed before the other processes are released
     barrier()

@@ -17,6 +17,7 @@ from pathlib import Path
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .._deprecation import renamed_keywords
 from ..distributed import is_fsdp_model
 from ..fisher.state import FISHER_STATE_NAME
 from ..io import atomic_directory
@@ -41,7 +42,7 @@ class LowRankTrainerMixin:
       atomically: the factorized model (``AutoModelFor*.from_pretrained(out)`` reloads it once ``hf_lowrank`` is
       imported), the tokenizer, ``compression_report.json`` and ``fisher_state.safetensors``. ``trainer.model``
       keeps its adapter and can go on training; the copy costs the memory of the new factors (plus one dense
-      weight at a time). ``LowRankTrainer(..., compress_inplace=True)`` compresses the trained model itself instead
+      weight at a time). ``LowRankTrainer(..., inplace=True)`` compresses the trained model itself instead
       (no extra memory; ``trainer.model`` becomes the compressed model). The report is kept as
       ``trainer.compression_report``.
 
@@ -54,9 +55,10 @@ class LowRankTrainerMixin:
     fisher_callback: FisherCollectorCallback | None = None
     compression_report = None
 
-    def __init__(self, *args, compress_inplace: bool = False, **kwargs):
+    @renamed_keywords(compress_inplace="inplace")
+    def __init__(self, *args, inplace: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.compress_inplace = compress_inplace
+        self.inplace = inplace
         warn_if_slow_bf16(self.args)
         self._setup_low_rank()
 
@@ -141,11 +143,11 @@ class LowRankTrainerMixin:
             return None
         compressed, report = compress_on_save(
             self.model, output_dir, fisher=self.fisher_callback, tokenizer=self.processing_class,
-            should_save=self.args.should_save, progress=not self.args.disable_tqdm, inplace=self.compress_inplace,
+            should_save=self.args.should_save, progress=not self.args.disable_tqdm, inplace=self.inplace,
             global_step=self.state.global_step,
         )
         if report is not None:
-            if self.compress_inplace:
+            if self.inplace:
                 self.model = self.model_wrapped = compressed
             self.compression_report = report
         return None

@@ -11,9 +11,10 @@ import json
 import time
 from pathlib import Path
 
-from ...compression.ere import EREResidual, encode_residual, export_residual_as_lora, load_residual
+from ...compression.ere import EREResidual, encode_residual, load_residual
 from ...demo.models import resolve_model_alias
 from ...io import atomic_directory
+from ...lora_export import save_as_lora
 from ...targets import TARGETS_HELP, parse_targets
 from ..common import load_tokenizer
 
@@ -68,7 +69,7 @@ def _cmd_encode(args) -> int:
         refit=args.refit,
         store_exact=args.store_exact.split(",") if args.store_exact else None,
         progress=not args.quiet,
-        out=args.out,
+        path=args.out,
     )
     tok = _tokenizer(args.finetuned, args.base)
     if tok is not None:
@@ -110,7 +111,7 @@ def _cmd_export(args) -> int:
     if args.base:
         arch = EREResidual.load(args.residual).manifest.get("architecture")
         base, _ = _load(args.base, arch, args.dtype)
-    out = export_residual_as_lora(args.residual, args.out, base_model=base, progress=not args.quiet)
+    out = save_as_lora(args.out, args.residual, base_model=base, progressbar=not args.quiet)
     cfg = json.loads((Path(out) / "adapter_config.json").read_text())
     size = (Path(out) / "adapter_model.safetensors").stat().st_size
     print(

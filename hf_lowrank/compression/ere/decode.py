@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..._compat import model_from_config
+from ..._deprecation import renamed_keywords
 from .fingerprint import verified_base_tensors
 from .format import EREResidual, ResidualError, _architecture_class, _as_residual, _compute_dtype, _dtype_of
 
@@ -45,12 +46,13 @@ def _copy_config(model: nn.Module, res: EREResidual) -> None:
             setattr(target, key, copy.deepcopy(getattr(config, key)))
 
 
+@renamed_keywords(in_place="inplace")
 @torch.no_grad()
 def decode_residual(
     base_model: nn.Module,
     path: str | os.PathLike | EREResidual,
     *,
-    in_place: bool = False,
+    inplace: bool = False,
     stiefel: bool = True,
     progress: bool = True,
 ) -> nn.Module:
@@ -58,11 +60,11 @@ def decode_residual(
 
     Args:
         base_model: the base the residual was encoded against (verified by fingerprint). Either the fine-tuned
-            architecture (then a deep copy of it is decoded, or the model itself with ``in_place=True``) or another
+            architecture (then a deep copy of it is decoded, or the model itself with ``inplace=True``) or another
             architecture sharing the backbone (then the fine-tuned architecture is rebuilt from the stored
             ``config.json`` and filled from the base and the residual).
         path: the residual folder, or an :class:`EREResidual` in memory.
-        in_place: decode into ``base_model`` itself (saves a copy; the base is modified). Only possible when it has
+        inplace: decode into ``base_model`` itself (saves a copy; the base is modified). Only possible when it has
             the fine-tuned architecture and shapes.
         stiefel: project dequantized factors onto the Stiefel manifold (the ERE decoder; False only for ablations).
         progress: show a tqdm bar.
@@ -81,10 +83,10 @@ def decode_residual(
         name in base_sd and list(base_sd[name].shape) == e["shape"] for name, e in spec.items() if e["kind"] != "alias"
     )
     if same:
-        model = base_model if in_place else copy.deepcopy(base_model)
+        model = base_model if inplace else copy.deepcopy(base_model)
         fresh = False
     else:
-        if in_place:
+        if inplace:
             logger.info("the base has another architecture than the residual: decoding into a new model")
         model = _build_model(res, base_model)
         fresh = True
@@ -173,4 +175,4 @@ def load_residual(
         model = model_class.from_pretrained(str(base_name_or_path), **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
-    return decode_residual(model, res, in_place=True, progress=progress)
+    return decode_residual(model, res, inplace=True, progress=progress)

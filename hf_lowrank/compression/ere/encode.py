@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..._deprecation import renamed_keywords
 from ...io import read_safetensors_header
 from ...ops.quant import QuantizedTensor, dequantize_rtn, quantize_rtn, stiefel_project
 from ...ops.rank_allocation import ere_ranks
@@ -122,6 +123,7 @@ def _encode_rows(values: torch.Tensor, bits: int, group_size: int, prefix: str) 
     return {k: v.cpu() for k, v in q.to_dict(prefix + ".").items()}
 
 
+@renamed_keywords(out="path")
 @torch.no_grad()
 def encode_residual(
     base_model: nn.Module,
@@ -137,7 +139,7 @@ def encode_residual(
     store_exact: Sequence[str] | None = None,
     embeddings: str = "auto",
     progress: bool = True,
-    out: str | os.PathLike | None = None,
+    path: str | os.PathLike | None = None,
 ) -> EREResidual:
     """Encode ``finetuned_model`` as an ERE residual over ``base_model`` (scheme in :mod:`hf_lowrank.compression.ere`).
 
@@ -161,7 +163,7 @@ def encode_residual(
         embeddings: how embedding residuals are stored: ``"auto"`` (row-sparse or rank-``rank``, whichever takes
             fewer bytes), ``"sparse"`` or ``"lowrank"``.
         progress: show tqdm bars.
-        out: when given, the residual folder is written there (see :meth:`EREResidual.save`).
+        path: when given, the residual folder is written there (see :meth:`EREResidual.save`).
 
     Returns:
         :class:`EREResidual` (``.report`` is a :class:`ResidualReport`).
@@ -390,8 +392,8 @@ def encode_residual(
     )
     cfg = copy.deepcopy(config) if config is not None and hasattr(config, "to_json_string") else None
     res = EREResidual(tensors, manifest, config=cfg, report=report)
-    if out is not None:
-        res.save(out)  # sets report.stored_bytes to the file size
+    if path is not None:
+        res.save(path)  # sets report.stored_bytes to the file size
     else:
         report.stored_bytes = len(res.serialize())
     report.seconds = time.perf_counter() - started
@@ -412,9 +414,10 @@ def _name_or_path(model: nn.Module) -> str | None:
     return str(value) if value else None
 
 
+@renamed_keywords(output_dir="path")
 def save_residual_on_save(
     model: nn.Module,
-    output_dir: str | os.PathLike,
+    path: str | os.PathLike,
     *,
     base_model: nn.Module | str | os.PathLike | None = None,
     tokenizer: Any = None,
@@ -424,7 +427,7 @@ def save_residual_on_save(
 
     Args:
         model: the fine-tuned model (unwrapped; not modified).
-        output_dir: folder to write (residual files are written atomically, the manifest last; other files already
+        path: folder to write (residual files are written atomically, the manifest last; other files already
             there are left alone).
         base_model: the base as a model, or a folder / Hub id to load it from. None: the model's own
             ``config.name_or_path`` (what ``from_pretrained`` recorded), loaded on the CPU with the model's class
@@ -458,7 +461,7 @@ def save_residual_on_save(
         finally:
             hf_logging.set_verbosity(verbosity)
         base_model.eval()
-    res = encode_residual(base_model, model, out=output_dir, **kwargs)
+    res = encode_residual(base_model, model, path=path, **kwargs)
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(output_dir))
+        tokenizer.save_pretrained(str(path))
     return res.report

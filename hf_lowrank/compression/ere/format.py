@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...cards import residual_card
+from ...errors import BaseMismatchError, ResidualError, ResidualFormatError
 from ...io import (
     atomic_directory,
     atomic_write_bytes,
@@ -34,8 +35,6 @@ from ...io import (
 from ...ops.quant import QuantizedTensor, dequantize_rtn, stiefel_project
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from .report import ResidualReport
 
 __all__ = [
@@ -57,18 +56,6 @@ QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 UNQUANTIZED_BITS = (16, 32)
 MIN_DIM = 16  # 2-D tensors with a side below this are stored exactly
 _KINDS = ("lowrank", "sparse", "exact", "base", "alias")
-
-
-class ResidualError(ValueError):
-    """Base class of the ERE residual errors."""
-
-
-class ResidualFormatError(ResidualError):
-    """The residual folder is missing files, truncated, edited, or of an unknown format version."""
-
-
-class BaseMismatchError(ResidualError):
-    """The base model given for decoding is not the one the residual was encoded from."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -234,7 +221,7 @@ class EREResidual:
         path = Path(path)
         recover_directory(path)
         if not path.is_dir():
-            raise ResidualFormatError(f"'{path}' is not a folder; pass the folder encode_residual(out=...) wrote.")
+            raise ResidualFormatError(f"'{path}' is not a folder; pass the folder encode_residual(path=...) wrote.")
         mpath = path / MANIFEST_NAME
         if not mpath.is_file():
             raise ResidualFormatError(
@@ -383,12 +370,6 @@ class EREResidual:
                 out[rows] = self._dense(name, "values", dtype)
             return out
         raise ValueError(f"'{name}' is stored as {e['kind']!r}; only lowrank and sparse tensors have a delta.")
-
-    def decode(self, base_model: nn.Module, **kwargs) -> nn.Module:
-        """Same as :func:`decode_residual` ``(base_model, self, **kwargs)``."""
-        from .decode import decode_residual
-
-        return decode_residual(base_model, self, **kwargs)
 
 
 def _as_residual(path: str | os.PathLike | EREResidual) -> EREResidual:

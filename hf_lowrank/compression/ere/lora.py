@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from ...io import atomic_directory, atomic_write_bytes
 from .fingerprint import verified_base_tensors
 from .format import CARD_NAME, EREResidual, _as_residual, _dtype_of, _module_of
 
-__all__ = ["export_residual_as_lora"]
+__all__ = ["export_residual_as_lora", "residual_to_lora"]
 
 _HEAD_NAMES = ("classifier", "score")  # what peft's PeftModelForSequence/TokenClassification add to modules_to_save
 
@@ -33,8 +34,15 @@ def _task_type(arch: str | None) -> str | None:
     return None
 
 
+def export_residual_as_lora(path: str | os.PathLike | EREResidual, out: str | os.PathLike, **kwargs) -> Path:
+    """Deprecated: ``hf_lowrank.save_as_lora(out, path, base_model=base_model)`` (peft's argument order)."""
+    warnings.warn("export_residual_as_lora(path, out, base_model=) is deprecated; use hf_lowrank.save_as_lora(out, "
+                  "residual, base_model=) (peft's argument order).", DeprecationWarning, stacklevel=2)
+    return residual_to_lora(path, out, **kwargs)
+
+
 @torch.no_grad()
-def export_residual_as_lora(
+def residual_to_lora(
     path: str | os.PathLike | EREResidual,
     out: str | os.PathLike,
     *,
@@ -42,6 +50,8 @@ def export_residual_as_lora(
     progress: bool = True,
 ) -> Path:
     """Write a residual as a standard PEFT LoRA adapter that plain ``PeftModel.from_pretrained(base, out)`` loads.
+
+    The implementation behind :func:`hf_lowrank.save_as_lora` for a residual.
 
     Mapping: a low-rank ``nn.Linear`` weight becomes ``lora_A = sqrt|S| Vh``, ``lora_B = U sign(S) sqrt|S|`` with
     ``rank_pattern[m] = alpha_pattern[m] = r`` (scaling 1) from the decoded (dequantized, Stiefel-projected)
@@ -87,7 +97,7 @@ def export_residual_as_lora(
         if base_model is None or base_of.get(name) is None:
             raise ValueError(
                 f"exporting '{name}' as a PEFT adapter needs the base weights ({why}); pass "
-                "export_residual_as_lora(path, out, base_model=<the base model>)."
+                "save_as_lora(out, residual, base_model=<the base model>)."
             )
         return base_of[name]
 

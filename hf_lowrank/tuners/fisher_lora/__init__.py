@@ -14,11 +14,11 @@ from ...fisher.walk import lora_linear_modules
 from .._registry import register_method
 from .compress import compress_peft_model, plan_ranks, resolve_fisher
 from .config import FISHER_SOURCES, FISHER_WEIGHTINGS, FisherLoRAConfig
-from .model import FisherLoraModel
+from .model import FisherLoRAModel, FisherLoraModel
 from .save import export_lora_adapter, save_compressed_model
 from .unload import shared_weight_copy
 
-PEFT_TYPE = register_method(name="fisher_lora", config_cls=FisherLoRAConfig, model_cls=FisherLoraModel, prefix="lora_")
+PEFT_TYPE = register_method(name="fisher_lora", config_cls=FisherLoRAConfig, model_cls=FisherLoRAModel, prefix="lora_")
 
 __all__ = [
     "FISHER_SOURCES",
@@ -27,6 +27,7 @@ __all__ = [
     "PEFT_TYPE",
     "FisherCollector",
     "FisherLoRAConfig",
+    "FisherLoRAModel",
     "FisherLoraModel",
     "FisherState",
     "FisherStateError",

@@ -83,8 +83,12 @@ def compress_peft_model(
     inplace: bool = False,
     progress: bool = True,
     compression: CompressionConfig | None = None,
+    calibration=None,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress every LoRA-adapted Linear of ``peft_model`` by (Fisher-weighted) truncated SVD.
+
+    :func:`hf_lowrank.compress_model` on a LoRA ``PeftModel`` calls this with ``inplace=True``; call it directly for a
+    compressed copy (the ``PeftModel`` stays trainable) or the per-argument overrides below.
 
     Per adapted module: ``W_eff = W + s B A`` (``merge``; else ``W``; a 4-bit ``W`` is dequantized), row / column
     Fisher from the collected state (``weighting``), then ``LowRankLinear`` factors from
@@ -114,6 +118,9 @@ def compress_peft_model(
         progress: show a progress bar.
         compression: a :class:`~hf_lowrank.CompressionConfig` used instead of the adapter config's
             ``compression`` (the arguments above still override single fields).
+        calibration: calibration batches (or :class:`~hf_lowrank.calibration.grams.CalibrationGrams`) that weigh the
+            factorization of the effective weights as :func:`~hf_lowrank.compress_model` does (``compression``'s
+            weighting); instead of a Fisher (``fisher_source`` is then ``"none"``).
 
     Returns:
         ``(model, report)``: the compressed transformers model (``save_pretrained`` writes a factorized checkpoint
@@ -139,11 +146,19 @@ def compress_peft_model(
             return value
         return getattr(cfg, attr) if cfg is not None else NO_CONFIG_DEFAULTS[attr]
 
+    if calibration is not None:
+        if fisher is not None or fisher_source not in (None, "none"):
+            raise ValueError("Pass calibration= or fisher= (a Fisher source), not both: each gives the weighting.")
+        fisher_source = "none"
     if fisher_source is None and cfg is None:
         fisher_source = "lora" if fisher is not None else "none"
     source = pick(fisher_source, "fisher_source")
+    if weighting is None and compression is not None and compression.weighting in FISHER_WEIGHTINGS:
+        weighting = compression.weighting  # a Fisher weighting asked for by the config given here
     weighting = pick(weighting, "fisher_weighting")
-    if compression is not None:  # given here: its "auto"s resolved as the adapter config resolves its own
+    if compression is not None and calibration is not None:  # its "auto"s resolved by compress_model, as for any model
+        base = compression
+    elif compression is not None:  # given here: its "auto"s resolved as the adapter config resolves its own
         if compression.weighting != "auto" and weighting != compression.weighting:
             raise ValueError(f"compression.weighting={compression.weighting!r} but weighting={weighting!r}: pass "
                              "one weighting (the Fisher's).")
@@ -177,7 +192,7 @@ def compress_peft_model(
         raise ValueError(f"fisher_source must be 'lora', 'full' or 'none', got {source!r}.")
     if weighting not in FISHER_WEIGHTINGS:
         raise ValueError(f"weighting must be 'row', 'two_sided' or 'kronecker', got {weighting!r}.")
-    if allocation not in ("uniform", "global"):
+    if allocation not in ("uniform", "global") and not (allocation == "auto" and calibration is not None):
         raise ValueError(f"allocation must be 'uniform' or 'global', got {allocation!r}.")
 
     shapes = {n: (m.out_features, m.in_features) for n, m in modules.items()}
@@ -215,15 +230,17 @@ def compress_peft_model(
                 "SVD. Train with FisherCollectorCallback attached (LowRankTrainer attaches it).",
                 stacklevel=2,
             )
+    planned = base  # the CompressionConfig resolved above
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     base = unwrap_model(base)
     work = base if inplace else shared_weight_copy(base)
     out_dtype = dtype or _float_dtype(work)
-    config = CompressionConfig(
-        rank=rank, keep=keep, rank_pattern=rank_pattern, target_modules=list(shapes),
-        weighting=weighting if state is not None else "auto", allocation=allocation,
-        loss_normalization=loss_normalization, damping=damping, svd_method=svd_method, fisher_exponent=exponent,
-        fisher_eps=eps, dtype=out_dtype,
+    # the base config's other fields (max_gram_dim, factor_bits, ...) carry over; the targets are the adapted Linears
+    config = dataclasses.replace(
+        planned, rank=rank, keep=keep, rank_pattern=rank_pattern, target_modules=list(shapes),
+        weighting=weighting if state is not None else (planned.weighting if calibration is not None else "auto"),
+        allocation=allocation, loss_normalization=loss_normalization, damping=damping, svd_method=svd_method,
+        fisher_exponent=exponent, fisher_eps=eps, dtype=out_dtype,
     )
 
     quantized = any(is_quantized(m) for m in work.modules())
@@ -240,7 +257,8 @@ def compress_peft_model(
         with warnings.catch_warnings():  # `rank` is unambiguous here, unlike compress_model's int-or-float argument
             warnings.filterwarnings("ignore", message=r"ranks=\d+ is an absolute rank", category=UserWarning)
             report = compress_model(
-                work, config, fisher=state, report_method=_REPORT_METHOD[source], progress=progress,
+                work, config, fisher=state, calibration=calibration, progress=progress,
+                report_method=_REPORT_METHOD[source] if calibration is None else None,
                 checkpoint_extra={"fisher_source": source, "fisher_weighting": weighting if source != "none" else None,
                                   "merged": merge},
             )
@@ -275,7 +293,7 @@ def compress_peft_model(
         "fisher_weighting": weighting if source != "none" else None,
         "fisher_exponent": exponent,
         "fisher_eps": eps,
-        "allocation": allocation,
+        "allocation": report.info.get("allocation", allocation),
         "merge_before_compress": merge,
         "adapter_name": adapter,
         "adapter_rank": adapter_rank,

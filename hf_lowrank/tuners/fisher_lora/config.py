@@ -11,7 +11,7 @@ from types import MappingProxyType
 
 from peft import LoraConfig
 
-from ...compression.config import CompressionConfig
+from ...compression.config import SVD_METHODS, CompressionConfig
 from ...fisher.state import DEFAULT_EPS, DEFAULT_EXPONENT, DEFAULT_LORA_WEIGHTING, DEFAULT_WEIGHTING
 from ...ops.fisher import DEFAULT_DAMPING
 from ...targets import check_pattern_key
@@ -68,7 +68,6 @@ _LEGACY_FIELDS = {
     "fisher_exponent": ("fisher_exponent", DEFAULT_EXPONENT, False),
     "fisher_eps": ("fisher_eps", DEFAULT_EPS, False),
 }
-_SVD_METHODS = ("auto", "exact", "randomized")
 _DTYPES = ("float32", "float16", "bfloat16")
 
 # Registered here as well as in __init__ so that the config class can set its peft_type on its own.
@@ -336,8 +335,8 @@ class FisherLoRAConfig(LoraConfig):
             raise ValueError(f"fisher_eps must be a finite number > 0 (default 1e-6), got {self.fisher_eps!r}.")
         if self.compress_dtype is not None and self.compress_dtype not in _DTYPES:
             raise ValueError(f"compress_dtype must be None or one of {_DTYPES}, got {self.compress_dtype!r}.")
-        if self.compress_svd_method not in _SVD_METHODS:
-            raise ValueError(f"compress_svd_method must be one of {_SVD_METHODS}, got {self.compress_svd_method!r}.")
+        if self.compress_svd_method not in SVD_METHODS:
+            raise ValueError(f"compress_svd_method must be one of {SVD_METHODS}, got {self.compress_svd_method!r}.")
         self._merge_compression(legacy)
         if self.use_dora:
             raise ValueError(
@@ -424,7 +423,7 @@ class FisherLoRAConfig(LoraConfig):
 
         The adapter weights are peft LoRA weights (``lora_A`` / ``lora_B`` with the same names and shapes), so
         ``PeftModel.from_pretrained(base, folder, config=cfg.to_lora_config())`` loads a FisherLoRA adapter folder
-        with plain peft; :func:`~hf_lowrank.tuners.fisher_lora.export_lora_adapter` writes such a folder.
+        with plain peft; :func:`hf_lowrank.save_as_lora` writes such a folder.
         """
         names = {f.name for f in fields(LoraConfig) if f.init}
         kwargs = {k: v for k, v in self.to_dict().items() if k in names and k != "peft_type"}

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from peft.tuners.lora import LoraModel
 
-__all__ = ["FisherLoraModel"]
+__all__ = ["FisherLoRAModel", "FisherLoraModel"]
 
 
-class FisherLoraModel(LoraModel):
+class FisherLoRAModel(LoraModel):
     """``LoraModel`` for :class:`FisherLoRAConfig` adapters (parameter prefix ``lora_``, as vanilla LoRA)."""
 
     prefix: str = "lora_"
+
+
+FisherLoraModel = FisherLoRAModel
+"""Deprecated name of :class:`FisherLoRAModel` (named like its config); removed in the next release."""

@@ -15,7 +15,7 @@ from ...fisher.state import FisherState
 from ...io import atomic_directory, atomic_write_json, read_json
 from .config import FISHER_FIELDS
 
-__all__ = ["export_lora_adapter", "save_compressed_model"]
+__all__ = ["copy_as_lora_adapter", "export_lora_adapter", "save_compressed_model"]
 
 
 def save_compressed_model(
@@ -33,7 +33,16 @@ def save_compressed_model(
 
 
 def export_lora_adapter(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Deprecated: ``hf_lowrank.save_as_lora(dst, src)`` (peft's argument order)."""
+    warnings.warn("export_lora_adapter(src, dst) is deprecated; use hf_lowrank.save_as_lora(path, model_or_folder) "
+                  "(peft's argument order).", DeprecationWarning, stacklevel=2)
+    return copy_as_lora_adapter(src, dst)
+
+
+def copy_as_lora_adapter(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy a saved FisherLoRA adapter folder as a vanilla LoRA adapter (loadable without hf-lowrank).
+
+    The implementation behind :func:`hf_lowrank.save_as_lora` for a FisherLoRA model or adapter folder.
 
     ``adapter_config.json`` is rewritten with ``peft_type: "LORA"`` and without the FisherLoRA fields; the weights
     file is copied unchanged (the tensor names and shapes are LoRA's).

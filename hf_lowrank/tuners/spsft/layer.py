@@ -25,14 +25,11 @@ from torch import nn
 from hf_lowrank.ops.importance import l2_importance, top_rows
 
 from ..._compat import BufferDict, get_in_out_features, move_adapter_to_device_of_base_layer
+from ...errors import QuantizedMergeError
 from ...modules import dense_weight, is_conv1d
 from .config import SPSFTConfig
 
 __all__ = ["Linear", "QuantizedMergeError", "SPSFTLayer", "SelectedRowsAdd", "selected_rows_add"]
-
-
-class QuantizedMergeError(ValueError):
-    """Raised when asked to merge SPSFT rows into a quantized (e.g. bitsandbytes 4-bit) weight in place."""
 
 
 class SelectedRowsAdd(torch.autograd.Function):
@@ -292,7 +289,7 @@ class SPSFTLayer(BaseTunerLayer):
         return self.get_base_layer()
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        # Exactly a LoRA with one-hot B and A = W_f: see hf_lowrank.tuners.spsft.export_spsft_as_lora.
+        # Exactly a LoRA with one-hot B and A = W_f: see hf_lowrank.save_as_lora.
         return True
 
 

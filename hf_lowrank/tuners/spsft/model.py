@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from .._tuner import KeepUnloadedModules, RefuseMixedBatches
 from .config import SPSFTConfig
 from .layer import Linear, SPSFTLayer
 
-__all__ = ["SPSFTModel", "export_spsft_as_lora", "spsft_to_lora"]
+__all__ = ["SPSFTModel", "export_spsft_as_lora", "spsft_to_lora", "write_spsft_as_lora"]
 
 _PEFT_WRAPPER_SEGMENT = re.compile(r"\.(?:original_module|modules_to_save\.[^.]+)(?=\.|$)")
 
@@ -228,23 +229,25 @@ def spsft_to_lora(peft_model: nn.Module, adapter_name: str = "default") -> tuple
 
 
 def export_spsft_as_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Write the SPSFT adapter as a vanilla PEFT LoRA adapter directory (``adapter_config.json`` +
-    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, out_dir)`` loads with identical outputs,
-    without hf_lowrank.
+    """Deprecated: ``hf_lowrank.save_as_lora(out_dir, peft_model, adapter_name)`` (peft's argument order)."""
+    warnings.warn("export_spsft_as_lora(model, out_dir, adapter_name) is deprecated; use hf_lowrank.save_as_lora("
+                  "path, model, adapter_name) (peft's argument order).", DeprecationWarning, stacklevel=2)
+    return write_spsft_as_lora(out_dir, peft_model, adapter_name)
 
-    The folder is written through :func:`hf_lowrank.io.atomic_directory` (a temporary sibling swapped into place;
-    files of an earlier save that are not part of a model, such as a README, are kept).
 
-    Args:
-        peft_model: a ``PeftModel`` wrapping an SPSFT adapter.
-        out_dir: target directory (created if missing; existing adapter files are replaced).
-        adapter_name: the SPSFT adapter to export.
+def write_spsft_as_lora(path: str | os.PathLike, peft_model: nn.Module, adapter_name: str = "default") -> Path:
+    """Write the SPSFT adapter as a vanilla PEFT LoRA adapter folder (``adapter_config.json`` +
+    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, path)`` loads with identical outputs,
+    without hf_lowrank. The implementation behind :func:`hf_lowrank.save_as_lora` for an SPSFT model.
+
+    The folder is written atomically (:func:`hf_lowrank.io.atomic_directory`): files of an earlier save that are not
+    part of an adapter (a tokenizer) are kept, an earlier adapter is replaced whole.
 
     Returns:
-        ``out_dir`` as a ``Path``.
+        ``path`` as a ``Path``.
     """
     lora_config, state = spsft_to_lora(peft_model, adapter_name)
-    out = Path(out_dir)
+    out = Path(path)
     with atomic_directory(out) as tmp:
         lora_config.save_pretrained(str(tmp))
         atomic_save_safetensors(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})

@@ -16,10 +16,10 @@ from .._registry import register_method
 from .allocation import WeLoreLRCAllocation, calibration_whitening, welore_allocation, welore_ranks_for_model
 from .config import WeLoreLRCConfig
 from .layer import DenseWeightDroppedError, WeLoreLayer, WeLoreLinear, WhitenedFactorsNeedCalibrationError
-from .model import WeLoreModel
+from .model import WeLoreLRCModel, WeLoreModel
 from .spectra import SpectraCache, compute_spectra, default_spectra_cache, weight_fingerprint, whitening_factors
 
-register_method(name="welore_lrc", config_cls=WeLoreLRCConfig, model_cls=WeLoreModel, prefix="welore_")
+register_method(name="welore_lrc", config_cls=WeLoreLRCConfig, model_cls=WeLoreLRCModel, prefix="welore_")
 
 __all__ = [
     "DenseWeightDroppedError",
@@ -28,6 +28,7 @@ __all__ = [
     "WeLoreLRCConfig",
     "WeLoreLayer",
     "WeLoreLinear",
+    "WeLoreLRCModel",
     "WeLoreModel",
     "WhitenedFactorsNeedCalibrationError",
     "calibration_whitening",

@@ -13,13 +13,13 @@ from typing import Union
 import torch
 from peft.config import PeftConfig
 
+from ...compression.config import SVD_METHODS
 from ...ops.fisher import DEFAULT_DAMPING
 from ...targets import check_pattern_key
 from .._registry import ensure_peft_type
 
 __all__ = ["WeLoreLRCConfig"]
 
-_SVD_METHODS = ("auto", "exact", "randomized")
 SPECTRA = ("weights", "whitened")
 """What WeLore thresholds: the singular values of the weights (data-free, the paper) or of the whitened weights."""
 
@@ -186,8 +186,8 @@ class WeLoreLRCConfig(PeftConfig):
             )
         if self.nlrc not in ("keep", "truncate"):
             raise ValueError(f"nlrc must be 'keep' or 'truncate', got {self.nlrc!r}.")
-        if self.svd_method not in _SVD_METHODS:
-            raise ValueError(f"svd_method must be one of {_SVD_METHODS}, got {self.svd_method!r}.")
+        if self.svd_method not in SVD_METHODS:
+            raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}.")
         if self.spectra not in SPECTRA:
             raise ValueError(
                 f"spectra must be 'weights' (data-free WeLore) or 'whitened' (data-aware: spectra of the weights "

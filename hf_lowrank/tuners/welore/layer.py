@@ -28,6 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..._compat import cast_input_dtype
+from ...errors import DenseWeightDroppedError, WhitenedFactorsNeedCalibrationError
 from ...modules import LowRankLinear, dense_weight, is_conv1d, linear_shape
 from ...ops.fisher import fwsvd, weighted_lowrank
 
@@ -37,10 +38,6 @@ __all__ = ["DenseWeightDroppedError", "WeLoreLayer", "WeLoreLinear", "WhitenedFa
 logger = logging.getLogger(__name__)
 
 ROLES = ("lrc", "nlrc")
-
-
-class DenseWeightDroppedError(ValueError):
-    """The operation needs the dense weight of a layer that WeLore replaced with ``keep_dense=False``."""
 
 
 def _dropped_message(what: str) -> str:
@@ -59,10 +56,6 @@ class _PendingInit(NamedTuple):
     col_fisher: torch.Tensor | None = None
     in_factor: torch.Tensor | None = None
     whitened: bool = False
-
-
-class WhitenedFactorsNeedCalibrationError(ValueError):
-    """A data-aware (whitened) WeLore adapter has neither loaded weights nor the calibration to compute its factors."""
 
 
 class WeLoreLayer(BaseTunerLayer):
@@ -314,7 +307,7 @@ class WeLoreLayer(BaseTunerLayer):
             safe_merge: refuse factors with NaN/inf.
             adapter_names: ignored beyond the single WeLore adapter (checked by the tuner).
         """
-        prepared = self.__dict__.pop("_welore_unloaded", None)  # computed up front by WeLoreModel (all or nothing)
+        prepared = self.__dict__.pop("_welore_unloaded", None)  # computed up front by WeLoreLRCModel (all or nothing)
         if self.merged:
             self.unmerge()
         if merge and prepared is not None:

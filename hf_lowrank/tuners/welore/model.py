@@ -1,4 +1,4 @@
-"""``WeLoreModel``: the peft tuner that applies a :class:`WeLoreLRCConfig` to a model."""
+"""``WeLoreLRCModel``: the peft tuner that applies a :class:`WeLoreLRCConfig` to a model."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .config import WeLoreLRCConfig
 from .layer import DenseWeightDroppedError, WeLoreLayer, WeLoreLinear, _dropped_message, welore_factors
 from .spectra import default_spectra_cache
 
-__all__ = ["WeLoreModel"]
+__all__ = ["WeLoreLRCModel", "WeLoreModel"]
 
 
 def _find_targets(model: nn.Module, target_modules, task_type=None) -> dict[str, nn.Module]:
@@ -41,7 +41,7 @@ def _find_targets(model: nn.Module, target_modules, task_type=None) -> dict[str,
 logger = logging.getLogger(__name__)
 
 
-class WeLoreModel(RefuseMixedBatches, KeepUnloadedModules, BaseTuner):
+class WeLoreLRCModel(RefuseMixedBatches, KeepUnloadedModules, BaseTuner):
     """Replaces WeLore's low-rank components by trainable factor pairs (see :class:`WeLoreLRCConfig`).
 
     Created by ``peft.get_peft_model(model, WeLoreLRCConfig(...))`` (or ``PeftModel.from_pretrained``). After
@@ -75,7 +75,7 @@ class WeLoreModel(RefuseMixedBatches, KeepUnloadedModules, BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: WeLoreLRCConfig, adapter_name: str) -> None:
         self._check_new_adapter_config(config)
         if not isinstance(config, WeLoreLRCConfig):
-            raise ValueError(f"WeLoreModel needs a WeLoreLRCConfig, got {type(config).__name__}.")
+            raise ValueError(f"WeLoreLRCModel needs a WeLoreLRCConfig, got {type(config).__name__}.")
         row_fisher, col_fisher = getattr(config, "_welore_fisher", (None, None))
         whitened = config.spectra == "whitened"
         calibration, grams_in = getattr(config, "_welore_calibration", (None, None))
@@ -410,3 +410,7 @@ class WeLoreModel(RefuseMixedBatches, KeepUnloadedModules, BaseTuner):
                 m._materialize()
             state_dict = model.state_dict()
         return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+
+
+WeLoreModel = WeLoreLRCModel
+"""Deprecated name of :class:`WeLoreLRCModel` (named like its config); removed in the next release."""

@@ -213,7 +213,7 @@ def whitening_factors(
         ValueError: Grams of non-targets or of the wrong shape, non-finite Grams, bad damping.
     """
     damping = DEFAULT_DAMPING if damping is None else damping
-    sides = _weighting_sides(targets, None, None, grams_in, None, 0.5, 1e-6, damping)
+    sides = _weighting_sides(targets, None, None, grams_in, None, damping)
     factors = {n: side.in_factor for n, side in sides.items() if side.in_factor is not None}
     return factors, sorted(n for n, side in sides.items() if side.fallback)
 
