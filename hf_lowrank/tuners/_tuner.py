@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-__all__ = ["KeepUnloadedModules"]
+__all__ = ["KeepUnloadedModules", "RefuseMixedBatches"]
+
+
+class RefuseMixedBatches:
+    """``BaseTuner`` mixin: ``model(..., adapter_names=[...])`` (peft's mixed adapter batches, a LoRA feature) is
+    refused instead of ignored.
+
+    ``PeftModel.forward`` / ``generate`` drop ``adapter_names`` before calling the base model and leave it to the
+    tuner's ``_enable_peft_forward_hooks``; a tuner without one would run every row of the batch with the active
+    adapter, silently.
+    """
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                f"{type(self).__name__} does not support mixed adapter batches (adapter_names=...): its layers would "
+                "run every row with the active adapter. Run one batch per adapter after model.set_adapter(name), or "
+                "export the adapter as a LoRA one, which supports adapter_names."
+            )
+        yield
 
 
 class KeepUnloadedModules:

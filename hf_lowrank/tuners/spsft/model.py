@@ -18,7 +18,7 @@ from ..._compat import get_in_out_features
 from ...io import atomic_directory, atomic_save_safetensors
 from ...modules import is_conv1d
 from ...targets import PEFT_PREFIX, all_linear_names, in_block, is_linear, module_matches, strip_peft_prefix
-from .._tuner import KeepUnloadedModules
+from .._tuner import KeepUnloadedModules, RefuseMixedBatches
 from .config import SPSFTConfig
 from .layer import Linear, SPSFTLayer
 
@@ -27,7 +27,7 @@ __all__ = ["SPSFTModel", "export_spsft_as_lora", "spsft_to_lora", "write_spsft_a
 _PEFT_WRAPPER_SEGMENT = re.compile(r"\.(?:original_module|modules_to_save\.[^.]+)(?=\.|$)")
 
 
-class SPSFTModel(KeepUnloadedModules, BaseTuner):
+class SPSFTModel(RefuseMixedBatches, KeepUnloadedModules, BaseTuner):
     """Injects SPSFT layers into a model (called by ``peft.get_peft_model`` with an :class:`SPSFTConfig`).
 
     Example::
@@ -126,11 +126,14 @@ def _check_names_exist(model: nn.Module, names) -> None:
     layer untrained; SPSFT refuses it instead. Names are read as in the base model: a module that peft already
     wrapped (``x.original_module.dense`` / ``x.modules_to_save.<adapter>.dense`` of a ``modules_to_save`` head, as
     when a second adapter is loaded) still answers to ``x.dense``, the name the resolved config of the first adapter
-    saved for it.
+    saved for it. The names themselves are read the same way: peft's ``'all-linear'`` on a model whose head is
+    already wrapped lists the wrapper's inner Linears (``x.original_module``, ``x.modules_to_save.<adapter>``, which
+    it does not adapt) and saves them in the second adapter's config.
     """
     modules = [_PEFT_WRAPPER_SEGMENT.sub("", n) for n, _ in model.named_modules() if n]
     for entry in names:
-        if not any(module_matches(n, [entry]) for n in modules):
+        key = _PEFT_WRAPPER_SEGMENT.sub("", entry) if isinstance(entry, str) else entry
+        if not any(module_matches(n, [key]) for n in modules):
             leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
             raise ValueError(
                 f"SPSFTConfig.target_modules names {entry!r}, but no module of the model is called so or ends with "

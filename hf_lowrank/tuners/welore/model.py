@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ...compression.checkpoint import mark_compressed
 from ...modules import LowRankLinear, linear_shape
 from ...targets import find_target_linears
-from .._tuner import KeepUnloadedModules
+from .._tuner import KeepUnloadedModules, RefuseMixedBatches
 from .allocation import WeLoreLRCAllocation, calibration_whitening, welore_allocation_for_targets
 from .config import WeLoreLRCConfig
 from .layer import DenseWeightDroppedError, WeLoreLayer, WeLoreLinear, _dropped_message, welore_factors
@@ -41,7 +41,7 @@ def _find_targets(model: nn.Module, target_modules, task_type=None) -> dict[str,
 logger = logging.getLogger(__name__)
 
 
-class WeLoreLRCModel(KeepUnloadedModules, BaseTuner):
+class WeLoreLRCModel(RefuseMixedBatches, KeepUnloadedModules, BaseTuner):
     """Replaces WeLore's low-rank components by trainable factor pairs (see :class:`WeLoreLRCConfig`).
 
     Created by ``peft.get_peft_model(model, WeLoreLRCConfig(...))`` (or ``PeftModel.from_pretrained``). After
@@ -240,13 +240,16 @@ class WeLoreLRCModel(KeepUnloadedModules, BaseTuner):
         setattr(parent, target_name, new)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        """peft's injection, all or nothing: if it fails part way, every replaced layer gets its Linear back."""
+        """peft's injection, all or nothing: if it fails part way, every layer it replaced gets its Linear back.
+
+        Only the layers this call created: a refused second adapter must leave the first one's layers in place."""
+        existing = {id(m) for m in model.modules() if isinstance(m, WeLoreLayer)}
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except BaseException:
             self._welore_factors = {}
             for name, module in list(model.named_modules()):
-                if isinstance(module, WeLoreLayer) and not module._dense_dropped:
+                if isinstance(module, WeLoreLayer) and id(module) not in existing and not module._dense_dropped:
                     parent_name, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_layer)
             raise
@@ -385,7 +388,8 @@ class WeLoreLRCModel(KeepUnloadedModules, BaseTuner):
             raise
 
     def unload(self) -> nn.Module:
-        """The original dense model (needs ``keep_dense=True``); ``modules_to_save`` get their original modules."""
+        """The original dense model (needs ``keep_dense=True``); as in peft, a ``modules_to_save`` module stays the
+        trained copy of the active adapter."""
         if any(m._dense_dropped for _, m in self._welore_layers()):
             raise DenseWeightDroppedError(_dropped_message("unload()"))  # before any layer is replaced
         return super().unload()
