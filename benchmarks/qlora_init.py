@@ -180,6 +180,10 @@ def main() -> None:
             print(init, "final", entry["final"], "losses", losses[:3], "...", losses[-3:], flush=True)
             result["inits"][init] = entry
             del model, base, optimizer
+            if args.out:  # each finished initialisation survives an interrupted run
+                from hf_lowrank.io import atomic_write_json
+
+                atomic_write_json(args.out, {**result, "partial": True})
     result["comparison"] = _compare(result["inits"])
     result["command"] = command_line("qlora_init.py", args)
     result["torch_threads"] = torch.get_num_threads()
