@@ -118,6 +118,12 @@ def main() -> None:
               "evaluation": {"other_kind": f"pydoc_data.topics, {args.eval_windows} windows of 256 tokens",
                              "prose": f"prose_texts('test', n={args.eval_prose})"},
               "dense": score(dense), "float_factors": score(model), "rows": []}
+    lowrank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    dense_bytes = sum(2 * w.numel() for w in weights.values())  # every block Linear in bf16
+    float_bytes = sum(2 * (m.up.weight.numel() + m.down.weight.numel()) for m in lowrank.values()) + sum(
+        2 * w.numel() for n, w in weights.items() if n not in lowrank)
+    result["dense"].update(bytes=dense_bytes, bytes_vs_bf16=1.0)
+    result["float_factors"].update(bytes=float_bytes, bytes_vs_bf16=round(float_bytes / dense_bytes, 4))
     print("dense", result["dense"], "float factors", result["float_factors"], flush=True)
 
     factors: dict[int, torch.Tensor] = {}
@@ -128,7 +134,7 @@ def main() -> None:
             factors[id(G)] = gram_factor(G, damping=DEFAULT_DAMPING, shrinkage=shrink, name=name).L
         return factors[id(G)]
 
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    layers = lowrank
     float_err = {}
     for bits in args.bits:
         for scheme in args.schemes:
@@ -151,14 +157,14 @@ def main() -> None:
                 for name, new in new_layers.items():
                     set_submodule(quantized, name, new)
                 errs = list(errors.values())
-                dense_bytes = sum(2 * w.numel() for w in weights.values())  # every block Linear in bf16
                 kept_dense = sum(2 * w.numel() for n, w in weights.items() if n not in layers)  # left dense, bf16
                 row = {"bits": bits, "scheme": scheme, "quantize_s": round(time.perf_counter() - start, 1),
                        "weighted_rel_error_mean": round(statistics.fmean(errs), 5),
                        "weighted_rel_error_median": round(statistics.median(errs), 5),
                        "float_factor_weighted_rel_error_mean": round(statistics.fmean(float_err.values()), 5),
-                       "factor_bytes": nbytes, "dense_kept_bf16_bytes": kept_dense,
-                       "bytes_vs_bf16_dense": round((nbytes + kept_dense) / dense_bytes, 4), **score(quantized)}
+                       "factor_bytes": nbytes, "dense_kept_bf16_bytes": kept_dense, "bytes": nbytes + kept_dense,
+                       "dense_bf16_bytes": dense_bytes,
+                       "bytes_vs_bf16": round((nbytes + kept_dense) / dense_bytes, 4), **score(quantized)}
                 result["rows"].append(row)
                 result.setdefault("_errors", {})[(bits, scheme)] = errors
                 print(row, flush=True)
