@@ -82,6 +82,17 @@ def _fine_tune(args, tok, train):
     return dense, int(out.global_step)
 
 
+def _calibration_batches(tok, train, args) -> list[dict]:
+    """The first ``--calib-texts`` training texts in batches of 16, with their class labels (the Kronecker loss)."""
+    calib_texts, calib_labels = train[0][: args.calib_texts], train[1][: args.calib_texts]
+    batches = []
+    for i in range(0, len(calib_texts), 16):
+        enc = tok(calib_texts[i : i + 16], padding=True, truncation=True, max_length=args.max_length,
+                  return_tensors="pt")
+        batches.append({**enc, "labels": torch.tensor(calib_labels[i : i + 16])})
+    return batches
+
+
 def _probe(dense, tok, train, args, *, weighting):
     """A ``--probe-steps`` FisherLoRA pass on the training split (every block Linear, the head as modules_to_save)."""
     from peft import get_peft_model
@@ -150,12 +161,7 @@ def main() -> None:
     print(json.dumps({"method": "dense", "accuracy": dense_acc, "fine_tune_s": round(fine_tune_s, 1)}), flush=True)
 
     # calibration batches: the first --calib-texts training texts, with their class labels (the Kronecker loss)
-    calib_texts, calib_labels = train[0][: args.calib_texts], train[1][: args.calib_texts]
-    batches = []
-    for i in range(0, len(calib_texts), 16):
-        enc = tok(calib_texts[i : i + 16], padding=True, truncation=True, max_length=args.max_length,
-                  return_tensors="pt")
-        batches.append({**enc, "labels": torch.tensor(calib_labels[i : i + 16])})
+    batches = _calibration_batches(tok, train, args)
     calib_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
 
     rows: list[dict] = []
@@ -239,7 +245,7 @@ def main() -> None:
         "dense_fine_tune_cpu_s": round(fine_tune_cpu_s, 1),
         "dense_accuracy": dense_acc,
         "targets": "the 36 block Linears of bert.encoder.layer.N (pooler and classifier dense)",
-        "calibration": {"texts": len(calib_texts), "tokens": calib_tokens, "batches": len(batches),
+        "calibration": {"texts": sum(len(b["labels"]) for b in batches), "tokens": calib_tokens, "batches": len(batches),
                         "source": "training split (first texts), with labels", "max_length": args.max_length},
         "fisher_lora_probe": {"steps": args.probe_steps, "batch": 16, "lr": 1e-3, "r": 8,
                               "targets": "the 36 block Linears", "source": "training split",

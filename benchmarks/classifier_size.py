@@ -55,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
-    from classifier_quality import _fine_tune
+    from classifier_quality import _calibration_batches, _fine_tune
     from size_frontier import _dense_bytes, _factors_to_bf16_, _lowrank_bytes, _nf4_, _rtn_, report_bytes
     from transformers import BitsAndBytesConfig
 
@@ -81,12 +81,7 @@ def main() -> None:
         raise SystemExit(f"expected the 36 encoder block Linears, found {len(names)}: {names[:4]}...")
     dense_bytes = _dense_bytes(find_target_linears(dense))
 
-    calib_texts, calib_labels = train[0][: args.calib_texts], train[1][: args.calib_texts]
-    batches = []
-    for i in range(0, len(calib_texts), 16):
-        enc = tok(calib_texts[i : i + 16], padding=True, truncation=True, max_length=args.max_length,
-                  return_tensors="pt")
-        batches.append({**enc, "labels": torch.tensor(calib_labels[i : i + 16])})
+    batches = _calibration_batches(tok, train, args)
     g_in, g_out, tokens = calibration_grams(dense, find_target_linears(dense), batches, outputs=True,
                                             progress=False)
     grams = CalibrationGrams(g_in, g_out, tokens)
@@ -156,7 +151,7 @@ def main() -> None:
         "targets": "the 36 block Linears of bert.encoder.layer.N (pooler and classifier dense, not counted)",
         "bytes": "stored bytes of the 36 block Linears (codes, scales, offsets, codebooks, biases bf16) / bf16",
         "dense_bf16_bytes": dense_bytes,
-        "calibration": {"texts": len(calib_texts), "tokens": tokens, "source": "training split, with labels"},
+        "calibration": {"texts": sum(len(b["labels"]) for b in batches), "tokens": tokens, "source": "training split, with labels"},
         "rows": rows,
         "command": command_line("classifier_size.py", args, skip=("out", "work")),
     }
