@@ -108,7 +108,7 @@ def warn_keep_missed(config, report, allocation: str, tolerance: float = 0.02) -
     warnings.warn(
         f"keep={config.keep} asked, {kept:.4f} of the target parameters kept: the {allocation} ranks (multiples of "
         f"rank_multiple={config.rank_multiple}) cannot spend this budget on these modules. Pass rank_multiple=1, "
-        "allocation='global', or a keep that the reported ranks reach.",
+        + ("" if allocation == "global" else "allocation='global', ") + "or a keep that the reported ranks reach.",
         UserWarning, stacklevel=3,
     )
 
